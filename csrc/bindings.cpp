@@ -1,0 +1,127 @@
+// pyhwp._C: the only file that includes pybind11. Thin wrappers over the torch-free kernels:
+// tensors arrive as raw addresses (tensor.data_ptr()) plus sizes and strides, already validated
+// by the Python layer; the kernels re-check sizes and throw std::invalid_argument -> ValueError.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/cpu_features.h"
+#include "common/dense.h"
+#include "csr/csr_matmul.h"
+#ifdef PYHWP_WITH_CUDA
+#include "csr/csr_cuda.h"
+#endif
+
+namespace py = pybind11;
+using pyhwp::CsrMatrix;
+using pyhwp::DenseIn;
+using pyhwp::DenseOut;
+using Addr = std::uintptr_t;
+
+namespace {
+
+template <typename T>
+T* ptr(Addr a) {
+  return reinterpret_cast<T*>(a);
+}
+
+CsrMatrix make_csr(int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices,
+                   Addr values) {
+  return CsrMatrix{rows, cols, nnz, ptr<const int64_t>(row_offsets),
+                   ptr<const int32_t>(col_indices), ptr<const float>(values)};
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["compiler"] = PYHWP_COMPILER;
+#ifdef _OPENMP
+  d["openmp"] = _OPENMP;
+#endif
+  d["omp_max_threads"] = omp_get_max_threads();
+#ifdef PYHWP_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = PYHWP_CUDA_ARCHS;
+  d["cuda_version"] = PYHWP_CUDA_VERSION;
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = "";
+  d["cuda_version"] = "";
+#endif
+#ifdef __SANITIZE_ADDRESS__
+  d["sanitize"] = true;
+#else
+  d["sanitize"] = false;
+#endif
+  return d;
+}
+
+py::dict cpu_features() {
+  const auto& f = pyhwp::cpu_features();
+  py::dict d;
+  d["avx2"] = f.avx2;
+  d["avx512"] = f.avx512;
+  d["avx512_bf16"] = f.avx512_bf16;
+  d["amx_bf16"] = f.amx_bf16;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyhwp compiled kernels (torch-free; pointers are passed as integers)";
+  m.def("build_info", &build_info, "Compiler, OpenMP and CUDA facts of this build");
+  m.def("cpu_features", &cpu_features, "ISA extensions the running CPU supports");
+  m.def("active_isa", [] { return std::string(pyhwp::isa_name(pyhwp::active_isa())); },
+        "ISA the CPU kernels use now");
+  m.def(
+      "set_isa_cap",
+      [](const std::string& name) {
+        return std::string(pyhwp::isa_name(pyhwp::set_isa_cap(pyhwp::isa_from_name(name))));
+      },
+      py::arg("isa"), "Cap the kernels' ISA ('scalar', 'avx2', 'avx512'); returns the one in use");
+
+  m.def(
+      "csr_validate",
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values) {
+        pyhwp::csr_validate(make_csr(rows, cols, nnz, row_offsets, col_indices, values));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"),
+      py::arg("col_indices"), py::arg("values"), py::call_guard<py::gil_scoped_release>(),
+      "Check CSR invariants (host arrays: int64 offsets, int32 indices, float32 values)");
+
+  m.def(
+      "csr_matmul",
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
+         Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads) {
+        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values);
+        const DenseIn xin{ptr<const float>(x), cols, p, x_stride_k, x_stride_p};
+        const DenseOut yout{ptr<float>(y), rows, p, y_stride_n, y_stride_p};
+        pyhwp::csr_matmul(w, xin, ptr<const float>(bias), yout, num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"),
+      py::arg("col_indices"), py::arg("values"), py::arg("x"), py::arg("p"),
+      py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
+      py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Y (rows x p) = W X + bias with W CSR (rows x cols) and X (cols x p), host float32; "
+      "element strides for X (k, p) and Y (n, p); bias address 0 for none");
+
+#ifdef PYHWP_WITH_CUDA
+  m.def(
+      "csr_to_dense_cuda",
+      [](int64_t rows, int64_t cols, Addr row_offsets, Addr col_indices, Addr values, Addr dense,
+         Addr stream) {
+        pyhwp::csr_to_dense_cuda(rows, cols, ptr<const int64_t>(row_offsets),
+                                 ptr<const int32_t>(col_indices), ptr<const float>(values),
+                                 ptr<float>(dense), ptr<void>(stream));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("row_offsets"), py::arg("col_indices"),
+      py::arg("values"), py::arg("dense"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Scatter a CSR matrix into a zero-filled dense row-major buffer (device pointers)");
+#endif
+}

@@ -1,0 +1,61 @@
+// CPU instruction-set detection (gcc/clang builtins over cpuid) and the ISA cap.
+#include "common/cpu_features.h"
+
+#include <atomic>
+
+#include "common/checks.h"
+
+namespace pyhwp {
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures r;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    r.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    r.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    r.avx512_bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+    r.amx_bf16 = __builtin_cpu_supports("amx-bf16");
+#endif
+#endif
+    return r;
+  }();
+  return f;
+}
+
+static Isa best_isa() {
+  const CpuFeatures& f = cpu_features();
+  if (f.avx512) return Isa::kAvx512;
+  if (f.avx2) return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
+static std::atomic<int> g_isa{static_cast<int>(best_isa())};
+
+Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
+
+Isa set_isa_cap(Isa cap) {
+  const Isa best = best_isa();
+  const Isa isa = static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+  g_isa.store(static_cast<int>(isa));
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+Isa isa_from_name(const std::string& name) {
+  if (name == "avx512") return Isa::kAvx512;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "scalar") return Isa::kScalar;
+  fail("unknown ISA '", name, "': expected 'scalar', 'avx2' or 'avx512'");
+}
+
+}  // namespace pyhwp

@@ -1,0 +1,30 @@
+// CPU instruction-set detection and the one switch that selects a kernel's ISA variant.
+#pragma once
+#include <string>
+
+namespace pyhwp {
+
+// Kernel variants, from the most portable to the fastest.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct CpuFeatures {
+  bool avx2 = false;        // AVX2 + FMA
+  bool avx512 = false;      // AVX-512 F/VL/BW/DQ
+  bool avx512_bf16 = false;
+  bool amx_bf16 = false;
+};
+
+// What the CPU running this process supports (cpuid, queried once).
+const CpuFeatures& cpu_features();
+
+// The ISA the kernels use: the best one the CPU supports, unless capped by set_isa_cap.
+Isa active_isa();
+
+// Caps the kernels to `cap` (for tests and benchmarks of the fallbacks); never raises the ISA
+// above what the CPU supports. Returns the ISA now active.
+Isa set_isa_cap(Isa cap);
+
+const char* isa_name(Isa isa);
+Isa isa_from_name(const std::string& name);  // throws std::invalid_argument on unknown names
+
+}  // namespace pyhwp

@@ -1,0 +1,50 @@
+// Strided views of the dense operands of y = W x, and the helpers every sparse matmul shares:
+// packing x so its batch dimension is contiguous, and dense-exact NaN/Inf propagation.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace pyhwp {
+
+// The dense right-hand side X (K x P) of Y = W X: element (k, p) at data[k*stride_k + p*stride_p].
+// For linear, x (P, K) row-major gives stride_k = 1, stride_p = K; for a conv image, X is the
+// (C*kh*kw, H*W) patch matrix with stride_k = P, stride_p = 1. Host memory, float32.
+struct DenseIn {
+  const float* data = nullptr;
+  int64_t rows = 0;  // K
+  int64_t cols = 0;  // P
+  int64_t stride_k = 0;
+  int64_t stride_p = 0;
+};
+
+// The output Y (N x P): element (n, p) at data[n*stride_n + p*stride_p]. Host memory, float32.
+struct DenseOut {
+  float* data = nullptr;
+  int64_t rows = 0;  // N
+  int64_t cols = 0;  // P
+  int64_t stride_n = 0;
+  int64_t stride_p = 0;
+};
+
+// A per-thread scratch buffer that grows and is never shrunk (no allocation per call in the
+// steady state). Valid until the next call from the same thread with the same slot.
+float* scratch(int slot, int64_t count);
+
+// Copies X into a K x P buffer with p contiguous (row stride `ld`, a multiple of 16 >= P).
+// Runs on `num_threads` threads; returns the buffer (a scratch slot of the calling thread).
+const float* pack_p_contiguous(const DenseIn& x, int64_t* ld, int num_threads);
+
+// True when some element of X is NaN or +-Inf (a vectorisable pass over X).
+bool any_nonfinite(const DenseIn& x);
+
+// Dense y = W x gives NaN at (n, p) whenever X(k, p) is NaN/Inf for some k where W(n, k) == 0,
+// since 0 * Inf = NaN. A sparse kernel that skips W's zeros does not see those terms, so after it
+// ran, this sets Y(n, p) = NaN wherever some non-finite X(k, p) meets a position k that row n
+// does not store. `stored_count(n, flags)` returns how many of row n's stored positions k have
+// flags[k] != 0. Slow path, only taken when any_nonfinite(x).
+template <typename StoredCount>
+void propagate_nonfinite(const DenseIn& x, const DenseOut& y, StoredCount stored_count);
+
+}  // namespace pyhwp
+
+#include "common/dense_inl.h"

@@ -1,0 +1,26 @@
+"""The `pyhwp` command line: one subcommand per job, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyhwp", description="Hardware-aware pruning with fast sparse kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="build facts, CPU ISA, threads and the kernel table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        from pyhwp.info import main as info_main
+
+        return info_main()
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""CSR storage: kept values, int32 column indices and int64 row offsets of the GEMM-form weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pyhwp.formats.base import SparseWeight, register_pattern
+from pyhwp.kernels import _cuda_built
+
+_INT32_MAX = 2**31 - 1
+
+
+@register_pattern
+@dataclass(frozen=True, eq=False)
+class CSRWeight(SparseWeight):
+    """Compressed sparse rows of the (out, in_features) matrix.
+
+    row_offsets: int64 (out + 1,), from 0 to nnz, non-decreasing.
+    col_indices: int32 (nnz,), strictly increasing within a row, each in [0, in_features).
+    values: (nnz,), the kept weights (zeros allowed: a kept weight may be zero).
+    """
+
+    row_offsets: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    pattern = "csr"
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight:
+        shape = tuple(weight.shape)
+        w2 = weight.reshape(shape[0], -1)
+        if w2.shape[1] > _INT32_MAX:
+            raise ValueError(f"weight has {w2.shape[1]} input features; CSR column indices are int32")
+        keep = (w2 != 0) if mask is None else mask.reshape(w2.shape)
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major order: sorted within each row
+        counts = torch.bincount(rows, minlength=shape[0])
+        row_offsets = torch.zeros(shape[0] + 1, dtype=torch.int64, device=weight.device)
+        torch.cumsum(counts, 0, out=row_offsets[1:])
+        values = w2[rows, cols].contiguous()
+        return cls(shape, row_offsets, cols.to(torch.int32).contiguous(), values)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        if self.device.type == "cuda" and self.dtype == torch.float32 and _cuda_built():
+            from pyhwp._ext import _C
+
+            dense = torch.empty((n, k), dtype=self.dtype, device=self.device)
+            _C.csr_to_dense_cuda(n, k, self.row_offsets.data_ptr(), self.col_indices.data_ptr(),
+                                 self.values.data_ptr(), dense.data_ptr(),
+                                 torch.cuda.current_stream(self.device).cuda_stream)
+            return dense.reshape(self.shape)
+        dense = torch.zeros(n * k, dtype=self.dtype, device=self.device)
+        if self.nnz:
+            rows = torch.repeat_interleave(
+                torch.arange(n, device=self.device), self.row_offsets.diff(), output_size=self.nnz
+            )
+            dense[rows * k + self.col_indices.long()] = self.values
+        return dense.reshape(self.shape)
+
+    def validate(self) -> None:
+        n, k = self.out_features, self.in_features
+        ro, ci, v = self.row_offsets, self.col_indices, self.values
+        for name, t, dt in (("row_offsets", ro, torch.int64), ("col_indices", ci, torch.int32)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dt or t.dim() != 1:
+                raise ValueError(f"CSR {name} must be a 1-D {dt} tensor")
+        if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+            raise ValueError("CSR values must be a 1-D floating-point tensor")
+        if ro.numel() != n + 1:
+            raise ValueError(f"CSR row_offsets has {ro.numel()} entries, expected out + 1 = {n + 1}")
+        if ci.numel() != v.numel():
+            raise ValueError(f"CSR col_indices has {ci.numel()} entries but values has {v.numel()}")
+        if k > _INT32_MAX:
+            raise ValueError(f"CSR in_features {k} does not fit int32 column indices")
+        if not (ro.device == ci.device == v.device):
+            raise ValueError("CSR arrays are on different devices")
+        if ro.device.type == "cpu":
+            from pyhwp._ext import _C
+
+            ro, ci, v = ro.contiguous(), ci.contiguous(), v.contiguous()
+            _C.csr_validate(n, k, v.numel(), ro.data_ptr(), ci.data_ptr(), v.data_ptr())
+            return
+        if int(ro[0]) != 0 or int(ro[-1]) != v.numel() or bool((ro.diff() < 0).any()):
+            raise ValueError("CSR row_offsets must rise from 0 to nnz")
+        if ci.numel() and (int(ci.min()) < 0 or int(ci.max()) >= k):
+            raise ValueError(f"CSR column index outside [0, {k})")
+        if ci.numel() > 1:
+            starts = torch.zeros(ci.numel(), dtype=torch.bool, device=ci.device)
+            first = ro[:-1]
+            starts[first[first < ci.numel()]] = True
+            if bool(((ci[1:] <= ci[:-1]) & ~starts[1:]).any()):
+                raise ValueError("CSR column indices must strictly increase within each row")

@@ -1,0 +1,89 @@
+"""Kernel capabilities as data: which kernel serves which op, pattern, device and dtype.
+
+Each entry declares what it supports; `unsupported_reasons` turns a request into the list of
+reasons a kernel cannot serve it. The same strings feed the errors of pyhwp.linear and the
+table of `pyhwp info`, and the selector reads the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str  # one name per concept: csrc function, op, tests and bench all use it
+    pattern: str  # storage pattern it consumes ("dense" for baselines on the dense weight)
+    ops: tuple[str, ...]
+    device: str  # "cpu" or "cuda"
+    dtypes: tuple[torch.dtype, ...]
+    provider: str = "pyhwp"  # "pyhwp" for ours, "torch" for baselines we can also pick
+    needs_cuda_build: bool = False
+    min_cuda_arch: tuple[int, int] | None = None
+    note: str = ""
+
+    def unsupported_reasons(self, op: str, device: torch.device | str, dtype: torch.dtype) -> list[str]:
+        """Why this kernel cannot run `op` on `device` in `dtype` (empty when it can)."""
+        device = torch.device(device)
+        reasons = []
+        if op not in self.ops:
+            reasons.append(f"{self.name} does not implement {op}")
+        if device.type != self.device:
+            reasons.append(f"{self.name} runs on {self.device}, not {device.type}")
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"{self.name} supports dtypes {names}, not {str(dtype).removeprefix('torch.')}")
+        if not reasons:
+            reasons.extend(self.build_reasons(device))
+        return reasons
+
+    def build_reasons(self, device: torch.device | None = None) -> list[str]:
+        """Reasons this build or machine cannot run the kernel at all."""
+        if self.needs_cuda_build and not _cuda_built():
+            return [f"{self.name}: pyhwp was built without CUDA kernels (nvcc not found at build time)"]
+        if self.device == "cuda":
+            if not torch.cuda.is_available():
+                return [f"{self.name}: torch sees no CUDA device"]
+            if self.min_cuda_arch is not None:
+                cap = torch.cuda.get_device_capability(device if device and device.index is not None else None)
+                if cap < self.min_cuda_arch:
+                    return [f"{self.name}: needs compute capability >= {self.min_cuda_arch}, device has {cap}"]
+        return []
+
+
+@cache
+def _cuda_built() -> bool:
+    from pyhwp._ext import _C
+
+    return bool(_C.build_info()["cuda"])
+
+
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("csr_matmul", "csr", ("linear",), "cpu", (torch.float32,),
+           note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch"),
+    Kernel("torch_dense", "dense", ("linear",), "cpu", (torch.float32, torch.float64, torch.bfloat16),
+           provider="torch", note="torch.nn.functional.linear on the dense weight (MKL/oneDNN)"),
+    Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),
+           provider="torch", note="torch.sparse.mm on a torch CSR tensor"),
+    Kernel("torch_dense_cuda", "dense", ("linear",), "cuda", (torch.float32, torch.float16, torch.bfloat16),
+           provider="torch", note="cuBLAS through torch"),
+)
+
+
+def find_kernel(op: str, pattern: str, device: torch.device, dtype: torch.dtype) -> Kernel:
+    """The pyhwp kernel that runs `op` on a `pattern` weight; TypeError/ValueError with every reason."""
+    candidates = [k for k in KERNELS if k.provider == "pyhwp" and k.pattern == pattern]
+    reasons: list[str] = []
+    for k in candidates:
+        r = k.unsupported_reasons(op, device, dtype)
+        if not r:
+            return k
+        reasons.extend(r)
+    if not candidates:
+        reasons.append(f"no pyhwp kernel implements the {pattern!r} pattern yet")
+    dtype_only = candidates and all("supports dtypes" in r for r in reasons)
+    msg = f"pyhwp.{op}: no kernel for a {pattern!r} weight on {device} in {dtype}: " + "; ".join(reasons)
+    raise (TypeError if dtype_only else ValueError)(msg)

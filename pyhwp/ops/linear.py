@@ -1,0 +1,64 @@
+"""pyhwp.linear: validation and dispatch of y = x @ W.T + b to the kernel of W's pattern."""
+
+from __future__ import annotations
+
+import torch
+
+from pyhwp.formats import SparseWeight
+from pyhwp.kernels import find_kernel
+from pyhwp.ops import csr as _csr  # noqa: F401  (registers torch.ops.pyhwp.csr_matmul)
+
+
+def _csr(x2, w, bias):
+    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.col_indices, w.values, bias)
+
+
+# kernel name -> how to call it on a 2-D input; every kernel in pyhwp.kernels with provider
+# "pyhwp" and op "linear" has an entry.
+_IMPLS = {"csr_matmul": _csr}
+
+
+def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"pyhwp.{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != (weight.out_features,):
+        raise ValueError(f"pyhwp.{op}: bias has shape {tuple(bias.shape)}, expected ({weight.out_features},)")
+    if bias.dtype != like.dtype:
+        raise TypeError(f"pyhwp.{op}: bias has dtype {bias.dtype}, input has {like.dtype}")
+    if bias.device != like.device:
+        raise ValueError(f"pyhwp.{op}: bias is on {bias.device}, input on {like.device}")
+
+
+def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias with a pruned weight, equal to F.linear on weight.to_dense().
+
+    Args:
+        x: (..., in_features) tensor, any leading dims and strides; float32.
+        weight: a 2-D SparseWeight from pyhwp.to_sparse (shape (out_features, in_features)).
+        bias: optional (out_features,) tensor, same dtype and device as x.
+    Returns:
+        (..., out_features) tensor, contiguous, dtype and device of x. NaN/Inf in x propagate
+        exactly as in the dense product.
+    """
+    if not isinstance(weight, SparseWeight):
+        raise TypeError(f"pyhwp.linear: weight must be a pyhwp.SparseWeight (from pyhwp.to_sparse), "
+                        f"got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"pyhwp.linear: x must be a torch.Tensor, got {type(x).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"pyhwp.linear: weight has conv shape {weight.shape}; use pyhwp.conv2d")
+    if x.dim() == 0 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"pyhwp.linear: x has shape {tuple(x.shape)}, expected (..., {weight.in_features})")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"pyhwp.linear: x has dtype {x.dtype} but weight has {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"pyhwp.linear: x is on {x.device} but weight on {weight.device}")
+    check_bias(bias, weight, x, "linear")
+    kernel = find_kernel("linear", weight.pattern, x.device, x.dtype)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    x2 = x.reshape(-1, weight.in_features)
+    y = _IMPLS[kernel.name](x2, weight, bias)
+    return y.reshape(*x.shape[:-1], weight.out_features)

@@ -1,0 +1,44 @@
+"""The build: no libtorch link, build info, ISA switch, and the `pyhwp info` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pyhwp._ext import _C
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ldd is Linux-only")
+def test_extension_does_not_link_libtorch():
+    out = subprocess.run(["ldd", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libtorch" not in out and "libc10" not in out
+
+
+def test_build_info_fields():
+    b = _C.build_info()
+    assert {"compiler", "cuda", "cuda_archs", "omp_max_threads"} <= set(b)
+    assert b["omp_max_threads"] >= 1
+
+
+def test_isa_cap_round_trip():
+    best = _C.active_isa()
+    try:
+        assert _C.set_isa_cap("scalar") == "scalar"
+        assert _C.active_isa() == "scalar"
+    finally:
+        _C.set_isa_cap(best)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        _C.set_isa_cap("sse9")
+
+
+def test_kernel_rejects_mismatched_sizes():
+    with pytest.raises(ValueError, match="csr_matmul"):
+        _C.csr_matmul(2, 3, 0, 0, 0, 0, 0, 1, 1, 3, 0, 0, 1, 2, 1)
+
+
+@pytest.mark.parametrize("argv", [["pyhwp", "info"], [sys.executable, "-m", "pyhwp", "info"]])
+def test_info_command(argv):
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "csr_matmul" in out and "isa" in out and "cuda kernels" in out

@@ -46,6 +46,16 @@ class SparseWeight:
         object.__setattr__(self, "shape", tuple(int(s) for s in shape))
         self.validate()
 
+    @classmethod
+    def _unchecked(cls, shape: tuple[int, ...], **arrays: torch.Tensor) -> SparseWeight:
+        """Build without validate(): for arrays valid by construction (from_dense, modules
+        rebuilding a weight from their parameters every forward). Callers own the invariants."""
+        self = object.__new__(cls)
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        for name, value in arrays.items():
+            object.__setattr__(self, name, value)
+        return self
+
     # -- the API every pattern implements -------------------------------------------------
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> SparseWeight:

@@ -39,7 +39,8 @@ class CSRWeight(SparseWeight):
         row_offsets = torch.zeros(shape[0] + 1, dtype=torch.int64, device=weight.device)
         torch.cumsum(counts, 0, out=row_offsets[1:])
         values = w2[rows, cols].contiguous()
-        return cls(shape, row_offsets, cols.to(torch.int32).contiguous(), values)
+        return cls._unchecked(shape, row_offsets=row_offsets, col_indices=cols.to(torch.int32).contiguous(),
+                              values=values)
 
     @property
     def nnz(self) -> int:

@@ -9,13 +9,14 @@ from pyhwp.kernels import find_kernel
 from pyhwp.ops import csr as _csr  # noqa: F401  (registers torch.ops.pyhwp.csr_matmul)
 
 
-def _csr(x2, w, bias):
-    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.col_indices, w.values, bias)
+def _csr(x2, w, bias, transpose_out=False):
+    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.col_indices, w.values, bias, transpose_out)
 
 
-# kernel name -> how to call it on a 2-D input; every kernel in pyhwp.kernels with provider
-# "pyhwp" and op "linear" has an entry.
-_IMPLS = {"csr_matmul": _csr}
+# Kernel name -> fn(x2, weight, bias, transpose_out): y (P, N) = x2 (P, K) @ W.T + bias for x2 of
+# any strides, or its transpose (N, P) contiguous when transpose_out. Every pyhwp kernel in
+# pyhwp.kernels.KERNELS has an entry; conv2d runs its GEMMs through the same table.
+MATMULS = {"csr_matmul": _csr}
 
 
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
@@ -60,5 +61,5 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     x2 = x.reshape(-1, weight.in_features)
-    y = _IMPLS[kernel.name](x2, weight, bias)
+    y = MATMULS[kernel.name](x2, weight, bias)
     return y.reshape(*x.shape[:-1], weight.out_features)

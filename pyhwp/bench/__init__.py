@@ -1,0 +1,1 @@
+"""Benchmark machinery shared by `pyhwp bench`, `pyhwp profile` and bench/ (timing, cases)."""

@@ -1,0 +1,45 @@
+"""Interleaved timing: every contender timed in the same run, A B C A B C ..., medians compared.
+
+Absolute times on shared machines drift from run to run; ratios measured this way hold.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 3,
+                        min_reps: int = 5, max_reps: int = 200, budget_s: float = 1.0,
+                        device: str = "cpu") -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin.
+
+    Each round calls every function once (each call timed alone). Rounds continue until
+    `budget_s` of total time is spent, at least `min_reps` and at most `max_reps` rounds.
+    """
+    if not fns:
+        raise ValueError("fns must name at least one function to time")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        _sync(device)
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        start = time.perf_counter()
+        reps = 0
+        while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                _sync(device)
+                samples[k].append(time.perf_counter() - t0)
+            reps += 1
+    return {k: statistics.median(v) for k, v in samples.items()}

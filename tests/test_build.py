@@ -44,6 +44,8 @@ def test_kernel_rejects_mismatched_sizes():
         shutil.which("pyhwp") is None, reason="console script not installed (source checkout)")),
     [sys.executable, "-m", "pyhwp", "info"],
 ], ids=["console-script", "python-m"])
-def test_info_command(argv):
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout
+def test_info_command(argv, tmp_path):
+    # Run outside the checkout so `python -m` imports the installed package, not ./pyhwp.
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120,
+                         cwd=tmp_path).stdout
     assert "csr_matmul" in out and "isa" in out and "cuda kernels" in out

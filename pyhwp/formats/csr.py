@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ class CSRWeight(SparseWeight):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight:
         shape = tuple(weight.shape)
-        w2 = weight.reshape(shape[0], -1)
+        w2 = weight.reshape(shape[0], math.prod(shape[1:]))  # -1 is ambiguous for 0 rows
         if w2.shape[1] > _INT32_MAX:
             raise ValueError(f"weight has {w2.shape[1]} input features; CSR column indices are int32")
         keep = (w2 != 0) if mask is None else mask.reshape(w2.shape)
@@ -45,6 +46,13 @@ class CSRWeight(SparseWeight):
     @property
     def nnz(self) -> int:
         return self.values.numel()
+
+    def _row_slice(self, start: int, stop: int) -> CSRWeight:
+        # O(stop - start): values and indices are views; only the offsets are rebased.
+        ro = self.row_offsets[start:stop + 1]
+        a, b = (int(v) for v in self.row_offsets[[start, stop]].tolist())
+        return CSRWeight._unchecked((stop - start, *self.shape[1:]), row_offsets=ro - a,
+                                    col_indices=self.col_indices[a:b], values=self.values[a:b])
 
     def to_dense(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features

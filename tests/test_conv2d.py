@@ -194,6 +194,30 @@ def test_csr_row_slice_views_the_arrays():
             empty.validate()
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_kernel_taps_are_the_weight_at_each_tap(pattern):
+    g_ = torch.Generator().manual_seed(603)
+    w, sw = make_weight((20, 8, 3, 5), pattern, g_)
+    taps = sw.kernel_taps()
+    if taps is None:
+        pytest.skip(f"{pattern} does not split into kernel taps (conv2d uses im2col)")
+    assert len(taps) == 15
+    for t, wt in enumerate(taps):
+        assert wt.pattern == pattern and wt.shape == (20, 8)
+        wt.validate()
+        assert torch.equal(wt.to_dense(), w[:, :, t // 5, t % 5])
+
+
+def test_tap_cache_follows_in_place_weight_changes():
+    g_ = torch.Generator().manual_seed(604)
+    w = random_sparse((6, 4, 3, 3), 0.5, g_)
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(1, 4, 8, 8, generator=g_)
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=1), x, w, padding=1)
+    sw.values.mul_(-2.0)  # e.g. an optimizer step on the stored values
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=1), x, -2.0 * w, padding=1)
+
+
 @pytest.mark.parametrize("start, stop", [(-1, 2), (3, 2), (0, 11), (0.0, 2)])
 def test_row_slice_bad_range(start, stop):
     sw = pyhwp.to_sparse(random_sparse((10, 12), 0.5, torch.Generator().manual_seed(602)), "csr")

@@ -89,6 +89,17 @@ class SparseWeight:
     def _row_slice(self, start: int, stop: int) -> SparseWeight:
         return type(self).from_dense(self.to_dense()[start:stop])
 
+    def kernel_taps(self) -> tuple[SparseWeight, ...] | None:
+        """For a 4-D weight (out, in/groups, kh, kw): the kh*kw weights W[:, :, r, s], each 2-D
+        (out, in/groups) in this pattern, in row-major (r, s) order; None when the pattern cannot
+        split its storage this way cheaply.
+
+        conv2d with stride 1 then runs one GEMM per tap on shifted views of the padded input
+        (no im2col copy) and sums them. Patterns whose storage groups run across taps (2:4
+        groups along in/groups*kh*kw) return None and get im2col.
+        """
+        return None
+
     # -- shared properties ----------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +64,8 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     X_g (C/groups*kh*kw, L), L = H_out*W_out, run by the kernel of W's pattern with
     transpose_out=True so Y_g is already the NCHW output plane. X_g is x itself for 1x1 convs
     (subsampled for stride > 1) and torch's im2col (F.unfold) otherwise; W_g = weight.row_slice.
+    Stride-1 convs with groups == 1 whose pattern implements `kernel_taps` (CSR) skip im2col:
+    one GEMM per kernel tap on a shifted view of the padded input, summed (see _shifted_conv).
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight:
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.
@@ -124,6 +128,51 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     return y.squeeze(0) if unbatched else y
 
 
+# weight -> (version of its tensors, its kernel_taps()): splitting a weight into taps costs a sort
+# of its nnz, so it is done once per weight and redone only after an in-place change.
+_TAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kernel_taps(weight: SparseWeight):
+    tensors = weight._tensors().values()
+    if any(torch.is_inference(t) for t in tensors):  # no version counter to detect changes
+        return weight.kernel_taps()
+    version = tuple(t._version for t in tensors)
+    hit = _TAPS.get(weight)
+    if hit is None or hit[0] != version:
+        hit = (version, weight.kernel_taps())
+        _TAPS[weight] = hit
+    return hit[1]
+
+
+def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
+    """Stride-1 conv as the sum over kernel taps (r, s) of W_rs (out, C) X_rs, X_rs a view.
+
+    In padded image i flattened to (C, Hp*Wp), tap (r, s) of output pixel (a, b) reads the
+    element at r*d*Wp + s*d + (a*Wp + b): X_rs is the (C, H_out*Wp) window from that offset, one
+    strided view, no copy. Outputs come out Wp wide; the Wp - W_out columns past each row's end
+    (which wrap into the next row) are computed and dropped. One extra zero row per channel
+    keeps the last window inside its channel.
+    """
+    n, c, _, _ = x.shape
+    pt, pb, pl, pr = pads
+    kw, (ho, wo) = kernel[1], out_hw
+    xp = F.pad(x, (pl, pr, pt, pb + 1)).contiguous()
+    hp1, wp = xp.shape[2], xp.shape[3]
+    plane, wide = hp1 * wp, ho * wp
+    ys = []
+    for i in range(n):
+        y = None
+        for t, wt in enumerate(taps):
+            r, s = divmod(t, kw)
+            offset = xp.storage_offset() + i * c * plane + r * dilation[0] * wp + s * dilation[1]
+            x2 = xp.as_strided((wide, c), (1, plane), offset)
+            part = matmul(x2, wt, bias if t == 0 else None, True)
+            y = part if y is None else y.add_(part)
+        ys.append(y.view(-1, ho, wp)[:, :, :wo])
+    return torch.stack(ys)
+
+
 def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last):
     """(N, out, H_out, W_out): one `matmul` (a MATMULS entry) per image and group."""
     n, c, _, _ = x.shape
@@ -131,6 +180,10 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     ho, wo = out_hw
     pt, pb, pl, pr = pads
     pointwise = kh == kw == 1 and pads == (0, 0, 0, 0)
+    if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
+        taps = _kernel_taps(weight)
+        if taps is not None:
+            return _shifted_conv(matmul, taps, x, bias, pads, dilation, (kh, kw), out_hw)
     if pointwise and stride != (1, 1):
         x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
 

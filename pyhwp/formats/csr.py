@@ -31,7 +31,7 @@ class CSRWeight(SparseWeight):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight:
         shape = tuple(weight.shape)
-        w2 = weight.reshape(shape[0], math.prod(shape[1:]))  # -1 is ambiguous for 0 rows
+        w2 = weight.reshape(shape[0], math.prod(shape[1:]))
         if w2.shape[1] > _INT32_MAX:
             raise ValueError(f"weight has {w2.shape[1]} input features; CSR column indices are int32")
         keep = (w2 != 0) if mask is None else mask.reshape(w2.shape)
@@ -67,7 +67,7 @@ class CSRWeight(SparseWeight):
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=taps * out).view(taps, out)
         offsets = torch.zeros(taps, out + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(counts, 1, out=offsets[:, 1:])
+        offsets[:, 1:] = counts.cumsum(1)
         channels = (cols[order] // taps).to(torch.int32)
         values = self.values[order]
         bounds = [0, *offsets[:, -1].cumsum(0).tolist()]

@@ -3,11 +3,11 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from pyhwp.formats import CSRWeight, SparseWeight, to_sparse
-from pyhwp.ops import linear
+from pyhwp.ops import conv2d, linear
 
 try:
     __version__ = version("pyhwp")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["CSRWeight", "SparseWeight", "__version__", "linear", "to_sparse"]
+__all__ = ["CSRWeight", "SparseWeight", "__version__", "conv2d", "linear", "to_sparse"]

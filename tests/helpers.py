@@ -35,3 +35,44 @@ def random_sparse(shape, sparsity, generator=None, dtype=torch.float32):
         idx = torch.randperm(numel, generator=generator)[:k]
         w.view(-1)[idx] = 0
     return w
+
+
+def assert_conv_close(y, x, dense_w, bias=None, stride=1, padding=0, dilation=1, groups=1, terms=None):
+    """y must equal F.conv2d(x, dense_w, bias, ...) within the summation bound of its dtype.
+
+    `terms` is the most products any output sums; default in/groups * kh * kw.
+    """
+    import warnings
+
+    xd, wd = x.detach().double().cpu(), dense_w.detach().double().cpu()
+    bd = None if bias is None else bias.detach().double().cpu()
+    with warnings.catch_warnings():  # torch warns that even kernels with padding="same" copy x
+        warnings.simplefilter("ignore", UserWarning)
+        ref = torch.nn.functional.conv2d(xd, wd, bd, stride, padding, dilation, groups)
+        mag = torch.nn.functional.conv2d(xd.abs(), wd.abs(), None if bd is None else bd.abs(),
+                                         stride, padding, dilation, groups)
+    assert y.dtype == x.dtype and y.shape == ref.shape, f"shape {tuple(y.shape)} != {tuple(ref.shape)}"
+    n = (terms if terms is not None else dense_w[0].numel()) + 2
+    tol = n * UNIT_ROUNDOFF[y.dtype] * mag + 1e-30
+    err = (y.double().cpu() - ref).abs()
+    worst = (err - tol).max().item() if err.numel() else 0.0
+    assert worst <= 0, f"max error {err.max().item():.3e} exceeds bound by {worst:.3e}"
+
+
+def pattern_weight(shape, pattern, sparsity=0.6, generator=None, dtype=torch.float32):
+    """A random weight that `pattern` can store: for "N:M" patterns, the N largest of every M
+    consecutive weights along the flattened input dimension kept (a partial last group too);
+    otherwise round(sparsity * numel) zeros at random positions (random_sparse)."""
+    import re
+
+    match = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if match is None:
+        return random_sparse(shape, sparsity, generator, dtype)
+    keep, group = int(match[1]), int(match[2])
+    w = torch.randn(shape, generator=generator, dtype=dtype)
+    w2 = w.reshape(shape[0], -1)
+    k = w2.shape[1]
+    padded = torch.nn.functional.pad(w2, (0, -k % group)).reshape(shape[0], -1, group)
+    top = padded.abs().topk(min(keep, group), dim=-1).indices
+    mask = torch.zeros_like(padded, dtype=torch.bool).scatter_(-1, top, True)
+    return (padded * mask).reshape(shape[0], -1)[:, :k].reshape(shape).contiguous()

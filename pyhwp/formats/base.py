@@ -74,6 +74,32 @@ class SparseWeight:
         """Number of stored (kept) weights."""
         raise NotImplementedError
 
+    def row_slice(self, start: int, stop: int) -> SparseWeight:
+        """Output rows [start, stop) as a weight of shape (stop - start, *shape[1:]), same pattern.
+
+        Grouped conv2d runs group g's GEMM on rows [g*out/groups, (g+1)*out/groups) of the GEMM
+        form. Patterns override `_row_slice` with a cheap slice of their arrays (CSR: a view of
+        the values and indices plus rebased row offsets); the generic fallback rebuilds the rows
+        from the dense weight (same products; kept zeros are dropped, which changes no result).
+        """
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= self.shape[0]):
+            raise ValueError(f"row_slice: need 0 <= start <= stop <= {self.shape[0]}, got [{start}, {stop})")
+        return self._row_slice(start, stop)
+
+    def _row_slice(self, start: int, stop: int) -> SparseWeight:
+        return type(self).from_dense(self.to_dense()[start:stop])
+
+    def kernel_taps(self) -> tuple[SparseWeight, ...] | None:
+        """For a 4-D weight (out, in/groups, kh, kw): the kh*kw weights W[:, :, r, s], each 2-D
+        (out, in/groups) in this pattern, in row-major (r, s) order; None when the pattern cannot
+        split its storage this way cheaply.
+
+        conv2d with stride 1 then runs one GEMM per tap on shifted views of the padded input
+        (no im2col copy) and sums them. Patterns whose storage groups run across taps (2:4
+        groups along in/groups*kh*kw) return None and get im2col.
+        """
+        return None
+
     # -- shared properties ----------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}

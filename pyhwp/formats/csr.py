@@ -47,6 +47,34 @@ class CSRWeight(SparseWeight):
     def nnz(self) -> int:
         return self.values.numel()
 
+    def _row_slice(self, start: int, stop: int) -> CSRWeight:
+        # O(stop - start): values and indices are views; only the offsets are rebased.
+        ro = self.row_offsets[start:stop + 1]
+        a, b = (int(v) for v in self.row_offsets[[start, stop]].tolist())
+        return CSRWeight._unchecked((stop - start, *self.shape[1:]), row_offsets=ro - a,
+                                    col_indices=self.col_indices[a:b], values=self.values[a:b])
+
+    def kernel_taps(self) -> tuple[CSRWeight, ...]:
+        if len(self.shape) != 4:
+            raise ValueError(f"kernel_taps needs a 4-D conv weight, this one has shape {self.shape}")
+        out, in_g, kh, kw = self.shape
+        taps = kh * kw
+        rows = torch.repeat_interleave(torch.arange(out, device=self.device), self.row_offsets.diff(),
+                                       output_size=self.nnz)
+        cols = self.col_indices.long()
+        key = (cols % taps) * out + rows  # column c*kh*kw + tap goes to row `rows` of tap's weight
+        # Stable: entries of one (tap, row) keep their column order, so channels stay increasing.
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=taps * out).view(taps, out)
+        offsets = torch.zeros(taps, out + 1, dtype=torch.int64, device=self.device)
+        offsets[:, 1:] = counts.cumsum(1)
+        channels = (cols[order] // taps).to(torch.int32)
+        values = self.values[order]
+        bounds = [0, *offsets[:, -1].cumsum(0).tolist()]
+        return tuple(CSRWeight._unchecked((out, in_g), row_offsets=offsets[t],
+                                          col_indices=channels[bounds[t]:bounds[t + 1]],
+                                          values=values[bounds[t]:bounds[t + 1]]) for t in range(taps))
+
     def to_dense(self) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         if self.device.type == "cuda" and self.dtype == torch.float32 and _cuda_built():

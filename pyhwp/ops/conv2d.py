@@ -1,0 +1,217 @@
+"""pyhwp.conv2d: sparse 2-D convolution as per-image, per-group GEMMs over the MATMULS kernels."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from pyhwp.formats import SparseWeight
+from pyhwp.kernels import find_kernel
+from pyhwp.ops.linear import MATMULS, check_bias
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(value):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"pyhwp.conv2d: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def _resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int],
+                     dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding, with torch's rules for "same" and "valid"."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"pyhwp.conv2d: padding='same' is not supported for strided convolutions "
+                                 f"(stride={stride}), as in torch")
+            # torch puts the odd element of an odd total on the bottom/right.
+            th, tw = (d * (k - 1) for d, k in zip(dilation, kernel))
+            return th // 2, th - th // 2, tw // 2, tw - tw // 2
+        raise ValueError(f"pyhwp.conv2d: padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"pyhwp.conv2d: padding must be non-negative, got {padding!r}")
+    return ph, ph, pw, pw
+
+
+def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    """2-D convolution with a pruned weight, equal to F.conv2d on weight.to_dense().
+
+    Args:
+        x: (N, C, H, W) or unbatched (C, H, W) input, float32, any strides; channels_last inputs
+            are served natively by the 1x1 path and converted elsewhere.
+        weight: a 4-D SparseWeight (out, C/groups, kh, kw) from pyhwp.to_sparse(conv.weight, pattern).
+        bias: optional (out,) tensor, dtype and device of x.
+        stride, dilation: int or (h, w) pair, >= 1.
+        padding: int, (h, w) pair (>= 0), "valid" or "same" (stride 1 only, as in torch).
+        groups: positive int dividing C and out; C/groups == 1 (depthwise) included.
+    Returns:
+        (N, out, H_out, W_out) (or (out, H_out, W_out) for an unbatched x), dtype and device of x,
+        contiguous, or channels_last when x is channels_last (torch's convention). NaN/Inf in x
+        propagate as in the dense convolution.
+
+    Each image and group is one GEMM Y_g (out/groups, L) = W_g (out/groups, C/groups*kh*kw)
+    X_g (C/groups*kh*kw, L), L = H_out*W_out, run by the kernel of W's pattern with
+    transpose_out=True so Y_g is already the NCHW output plane. X_g is x itself for 1x1 convs
+    (subsampled for stride > 1) and torch's im2col (F.unfold) otherwise; W_g = weight.row_slice.
+    Stride-1 convs with groups == 1 whose pattern implements `kernel_taps` (CSR) skip im2col:
+    one GEMM per kernel tap on a shifted view of the padded input, summed (see _shifted_conv).
+    Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight:
+    their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
+    input for a weight of a few hundred values.
+    """
+    if not isinstance(weight, SparseWeight):
+        raise TypeError(f"pyhwp.conv2d: weight must be a pyhwp.SparseWeight (from pyhwp.to_sparse), "
+                        f"got {type(weight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"pyhwp.conv2d: x must be a torch.Tensor, got {type(x).__name__}")
+    if len(weight.shape) != 4:
+        raise ValueError(f"pyhwp.conv2d: weight has shape {weight.shape}, expected a 4-D conv weight "
+                         f"(out, in/groups, kh, kw); use pyhwp.linear for 2-D weights")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"pyhwp.conv2d: x has shape {tuple(x.shape)}, expected (N, C, H, W) or (C, H, W)")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"pyhwp.conv2d: groups must be a positive int, got {groups!r}")
+    out_c, in_g, kh, kw = weight.shape
+    c = x.shape[-3]
+    if c % groups or out_c % groups:
+        raise ValueError(f"pyhwp.conv2d: groups={groups} must divide x's {c} channels and the weight's "
+                         f"{out_c} output channels")
+    if c != in_g * groups:
+        raise ValueError(f"pyhwp.conv2d: x has {c} channels, expected weight.shape[1] * groups = "
+                         f"{in_g} * {groups} = {in_g * groups}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"pyhwp.conv2d: x has dtype {x.dtype} but weight has {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"pyhwp.conv2d: x is on {x.device} but weight on {weight.device}")
+    check_bias(bias, weight, x, "conv2d")
+    st, dl = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(st) < 1 or min(dl) < 1:
+        raise ValueError(f"pyhwp.conv2d: stride and dilation must be >= 1, got stride={stride!r}, "
+                         f"dilation={dilation!r}")
+    pt, pb, pl, pr = _resolve_padding(padding, (kh, kw), st, dl)
+    kernel = find_kernel("conv2d", weight.pattern, x.device, x.dtype)
+
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    n, _, h, w = x.shape
+    eh, ew = dl[0] * (kh - 1) + 1, dl[1] * (kw - 1) + 1
+    hp, wp = h + pt + pb, w + pl + pr
+    if hp < eh or wp < ew:
+        raise ValueError(f"pyhwp.conv2d: x's padded size ({hp}, {wp}) is smaller than the dilated kernel "
+                         f"({eh}, {ew})")
+    ho, wo = (hp - eh) // st[0] + 1, (wp - ew) // st[1] + 1
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+
+    if groups > 1 and in_g == 1:
+        y = F.conv2d(x, weight.to_dense(), bias, st, padding if isinstance(padding, str) else (pt, pl), dl, groups)
+    elif n == 0 or out_c == 0:
+        y = x.new_empty((n, out_c, ho, wo))
+    else:
+        y = _gemm_conv(MATMULS[kernel.name], x, weight, bias, st, (pt, pb, pl, pr), dl, groups, (ho, wo),
+                       channels_last)
+        if channels_last:
+            y = y.contiguous(memory_format=torch.channels_last)
+    return y.squeeze(0) if unbatched else y
+
+
+# weight -> (version of its tensors, its kernel_taps()): splitting a weight into taps costs a sort
+# of its nnz, so it is done once per weight and redone only after an in-place change.
+_TAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _kernel_taps(weight: SparseWeight):
+    tensors = weight._tensors().values()
+    if any(torch.is_inference(t) for t in tensors):  # no version counter to detect changes
+        return weight.kernel_taps()
+    version = tuple(t._version for t in tensors)
+    hit = _TAPS.get(weight)
+    if hit is None or hit[0] != version:
+        hit = (version, weight.kernel_taps())
+        _TAPS[weight] = hit
+    return hit[1]
+
+
+def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
+    """Stride-1 conv as the sum over kernel taps (r, s) of W_rs (out, C) X_rs, X_rs a view.
+
+    In padded image i flattened to (C, Hp*Wp), tap (r, s) of output pixel (a, b) reads the
+    element at r*d*Wp + s*d + (a*Wp + b): X_rs is the (C, H_out*Wp) window from that offset, one
+    strided view, no copy. Outputs come out Wp wide; the Wp - W_out columns past each row's end
+    (which wrap into the next row) are computed and dropped. One extra zero row per channel
+    keeps the last window inside its channel.
+    """
+    n, c, _, _ = x.shape
+    pt, pb, pl, pr = pads
+    kw, (ho, wo) = kernel[1], out_hw
+    xp = F.pad(x, (pl, pr, pt, pb + 1)).contiguous()
+    hp1, wp = xp.shape[2], xp.shape[3]
+    plane, wide = hp1 * wp, ho * wp
+    ys = []
+    for i in range(n):
+        y = None
+        for t, wt in enumerate(taps):
+            r, s = divmod(t, kw)
+            offset = xp.storage_offset() + i * c * plane + r * dilation[0] * wp + s * dilation[1]
+            x2 = xp.as_strided((wide, c), (1, plane), offset)
+            part = matmul(x2, wt, bias if t == 0 else None, True)
+            y = part if y is None else y.add_(part)
+        ys.append(y.view(-1, ho, wp)[:, :, :wo])
+    return torch.stack(ys)
+
+
+def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last):
+    """(N, out, H_out, W_out): one `matmul` (a MATMULS entry) per image and group."""
+    n, c, _, _ = x.shape
+    out_c, in_g, kh, kw = weight.shape
+    ho, wo = out_hw
+    pt, pb, pl, pr = pads
+    pointwise = kh == kw == 1 and pads == (0, 0, 0, 0)
+    if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
+        taps = _kernel_taps(weight)
+        if taps is not None:
+            return _shifted_conv(matmul, taps, x, bias, pads, dilation, (kh, kw), out_hw)
+    if pointwise and stride != (1, 1):
+        x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
+
+    if pointwise and channels_last and groups == 1:
+        # NHWC memory is already the (N*H*W, C) row-major matrix of a linear layer; y comes back
+        # as (N*H_out*W_out, out), i.e. channels_last, with no transposes.
+        y2 = matmul(x.permute(0, 2, 3, 1).reshape(-1, c), weight, bias, False)
+        return y2.view(n, ho, wo, out_c).permute(0, 3, 1, 2)
+
+    out_g, k_g = out_c // groups, in_g * kh * kw
+    if groups == 1:
+        parts = [(weight, bias)]
+    else:
+        parts = [(weight.row_slice(g * out_g, (g + 1) * out_g),
+                  None if bias is None else bias[g * out_g:(g + 1) * out_g]) for g in range(groups)]
+    if not pointwise and (pt, pl) != (pb, pr):
+        x = F.pad(x, (pl, pr, pt, pb))  # asymmetric "same": F.unfold only pads symmetrically
+        pt = pl = 0
+
+    ys = []
+    for i in range(n):
+        if pointwise:
+            cols = x[i].reshape(c, ho * wo)  # a view for stride 1 (no copy); the subsample otherwise
+        else:
+            cols = F.unfold(x[i:i + 1], (kh, kw), dilation=dilation, padding=(pt, pl), stride=stride)[0]
+        for g, (wg, bg) in enumerate(parts):
+            # The contract takes x2 (P, K); X_g.t() has P = L contiguous, so Y_g = W_g X_g runs
+            # on the kernel's p-contiguous path with no packing.
+            ys.append(matmul(cols[g * k_g:(g + 1) * k_g].t(), wg, bg, True))
+    y = ys[0] if len(ys) == 1 else torch.cat(ys)
+    return y.view(n, out_c, ho, wo)

@@ -1,0 +1,268 @@
+"""pyhwp.conv2d for every storage pattern: float64 references over a grid of conv configurations."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyhwp
+from pyhwp.formats import SparseWeight, patterns
+from pyhwp.ops import conv2d_reference
+from helpers import assert_conv_close, pattern_weight, random_sparse
+
+PATTERNS = patterns()
+
+
+def make_weight(shape, pattern, generator, sparsity=0.6):
+    """(dense, sparse) weights of `shape` in `pattern`; skips when the pattern cannot store it."""
+    w = pattern_weight(shape, pattern, sparsity, generator)
+    try:
+        sw = pyhwp.to_sparse(w, pattern)
+    except ValueError as e:
+        pytest.skip(f"{pattern} cannot store a {tuple(shape)} weight: {e}")
+    return w, sw
+
+
+def _case_id(case):
+    k, s, d, g, pad = case
+    return f"k{k}-s{s}-d{d}-g{g}-p{pad}".replace(" ", "")
+
+
+def _grid():
+    """Every kernel x stride x dilation x groups, with the padding cycling through its forms."""
+    paddings = [0, 1, (2, 1), "same", "valid", (0, 3)]
+    cases = []
+    for i, (k, s, d, g) in enumerate(itertools.product((1, 3, 5, 7), (1, 2), (1, 2), (1, 2, "dw"))):
+        pad = paddings[i % len(paddings)]
+        if pad == "same" and s != 1:
+            pad = k // 2
+        cases.append((k, s, d, g, pad))
+    return cases
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("case", _grid(), ids=_case_id)
+def test_conv2d_grid(pattern, case):
+    k, s, d, g, pad = case
+    c_in = 8
+    groups, c_out = (8, 8) if g == "dw" else (g, 6)
+    g_ = torch.Generator().manual_seed(hash(case) % 2**31)
+    w, sw = make_weight((c_out, c_in // groups, k, k), pattern, g_)
+    bias = torch.randn(c_out, generator=g_)
+    for batch in (1, 3):
+        x = torch.randn(batch, c_in, 15, 13, generator=g_)
+        for b in (None, bias):
+            y = pyhwp.conv2d(x, sw, b, s, pad, d, groups)
+            assert y.is_contiguous()
+            assert_conv_close(y, x, w, b, s, pad, d, groups)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k, dilation", [(2, 1), (4, 1), (4, 3), (6, 2)])
+def test_same_padding_with_even_kernels_is_asymmetric(pattern, k, dilation):
+    g_ = torch.Generator().manual_seed(k * 10 + dilation)
+    w, sw = make_weight((6, 4, k, k), pattern, g_)
+    x = torch.randn(2, 4, 11, 9, generator=g_)
+    y = pyhwp.conv2d(x, sw, None, 1, "same", dilation)
+    assert y.shape == (2, 6, 11, 9)
+    assert_conv_close(y, x, w, None, 1, "same", dilation)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k, stride, padding, groups", [
+    (1, 1, 0, 1), (1, 2, 0, 1), (1, 1, 1, 2), (3, 1, 1, 1), (3, 2, 1, 2), (3, 1, "same", 24),
+], ids=str)
+def test_every_isa(isa, pattern, k, stride, padding, groups):
+    # Channels and sizes wide enough for the kernels' 16-row blocks and 64-column tiles, and
+    # batch-1 images small enough (P < 8) for their gather paths.
+    g_ = torch.Generator().manual_seed(k + 7 * stride + groups)
+    c_in, c_out = 24, 40 if groups != 24 else 24
+    w, sw = make_weight((c_out, c_in // groups, k, k), pattern, g_, sparsity=0.8)
+    bias = torch.randn(c_out, generator=g_)
+    for batch, hw in ((1, (2, 3)), (2, (17, 19))):
+        x = torch.randn(batch, c_in, *hw, generator=g_)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            y = pyhwp.conv2d(xin, sw, bias, stride, padding, 1, groups)
+            assert_conv_close(y, x, w, bias, stride, padding, 1, groups)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k, stride, groups", [(1, 1, 1), (1, 2, 1), (1, 1, 2), (3, 1, 1), (3, 2, 2), (3, 1, 8)],
+                         ids=str)
+def test_channels_last_input(pattern, k, stride, groups):
+    g_ = torch.Generator().manual_seed(100 + k + stride + groups)
+    w, sw = make_weight((8, 8 // groups, k, k), pattern, g_)
+    bias = torch.randn(8, generator=g_)
+    x = torch.randn(3, 8, 9, 7, generator=g_).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    y = pyhwp.conv2d(x, sw, bias, stride, k // 2, 1, groups)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # as torch returns it
+    assert_conv_close(y, x, w, bias, stride, k // 2, 1, groups)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("make", [
+    lambda g: torch.randn(2, 8, 18, 13, generator=g)[:, :, ::2],             # strided rows
+    lambda g: torch.randn(2, 8, 13, 9, generator=g).transpose(2, 3),         # W before H in memory
+    lambda g: torch.randn(2, 12, 9, 13, generator=g)[:, 2:10],               # channel slice
+    lambda g: torch.randn(1, 8, 9, 13, generator=g).expand(3, 8, 9, 13),     # stride-0 batch
+    lambda g: torch.randn(9, 13, 8, 2, generator=g).permute(3, 2, 0, 1),     # batch innermost
+], ids=["strided", "transposed", "channel-slice", "expanded", "batch-innermost"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_non_contiguous_input(pattern, make, k):
+    g_ = torch.Generator().manual_seed(200 + k)
+    w, sw = make_weight((6, 8, k, k), pattern, g_)
+    x = make(g_)
+    assert not x.is_contiguous()
+    for stride in (1, 2):
+        assert_conv_close(pyhwp.conv2d(x, sw, None, stride, k // 2), x, w, None, stride, k // 2)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_unbatched_input_and_empty_batch(pattern):
+    g_ = torch.Generator().manual_seed(300)
+    w, sw = make_weight((6, 8, 3, 3), pattern, g_)
+    bias = torch.randn(6, generator=g_)
+    x = torch.randn(8, 7, 9, generator=g_)
+    y = pyhwp.conv2d(x, sw, bias, padding=1)
+    assert y.shape == (6, 7, 9)
+    assert_conv_close(y.unsqueeze(0), x.unsqueeze(0), w, bias, padding=1)
+    assert pyhwp.conv2d(torch.randn(0, 8, 7, 9), sw, bias, padding=1).shape == (0, 6, 7, 9)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k, groups", [(1, 1), (3, 1), (3, 2)])
+def test_nonfinite_inputs_propagate_like_dense(pattern, k, groups):
+    g_ = torch.Generator().manual_seed(400 + k)
+    w, sw = make_weight((6, 8 // groups, k, k), pattern, g_, sparsity=0.8)
+    x = torch.randn(2, 8, 7, 6, generator=g_)
+    x[0, 1, 3, 2] = float("nan")
+    x[1, 6, 0, 5] = float("inf")
+    x[1, 2, 6, 0] = float("-inf")
+    y = pyhwp.conv2d(x, sw, None, 1, k // 2, 1, groups)
+    ref = F.conv2d(x, w, None, 1, k // 2, 1, groups)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_reference_is_dense_conv():
+    g_ = torch.Generator().manual_seed(500)
+    w = random_sparse((6, 4, 3, 3), 0.5, g_)
+    sw = pyhwp.to_sparse(w, "csr")
+    x, b = torch.randn(2, 8, 9, 9, generator=g_), torch.randn(6, generator=g_)
+    ref = conv2d_reference(x, sw, b, 2, 1, 2, 2)
+    assert ref.dtype == torch.float64
+    torch.testing.assert_close(ref, F.conv2d(x.double(), w.double(), b.double(), 2, 1, 2, 2))
+
+
+def test_conv2d_capability_is_declared():
+    from pyhwp.kernels import KERNELS
+
+    serving = {k.pattern for k in KERNELS if k.provider == "pyhwp" and "conv2d" in k.ops}
+    assert "csr" in serving
+
+
+# -- row_slice: group g's GEMM weight ----------------------------------------------------
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("start, stop", [(0, 20), (3, 11), (19, 20)])
+def test_row_slice_matches_dense_rows(pattern, start, stop):
+    g_ = torch.Generator().manual_seed(600)
+    w, sw = make_weight((20, 4, 3, 3), pattern, g_)
+    part = sw.row_slice(start, stop)
+    assert part.pattern == sw.pattern and part.shape == (stop - start, 4, 3, 3)
+    assert torch.equal(part.to_dense(), w[start:stop])
+    fallback = SparseWeight._row_slice(sw, start, stop)  # the generic path new patterns inherit
+    assert torch.equal(fallback.to_dense(), w[start:stop])
+
+
+def test_csr_row_slice_views_the_arrays():
+    sw = pyhwp.to_sparse(random_sparse((10, 12), 0.5, torch.Generator().manual_seed(601)), "csr")
+    part = sw.row_slice(2, 6)
+    part.validate()
+    a = int(sw.row_offsets[2])
+    assert part.values.data_ptr() == sw.values.data_ptr() + a * 4
+    assert int(part.row_offsets[0]) == 0 and part.nnz == int(sw.row_offsets[6]) - a
+    for start in (0, 7, 10):  # empty slices, through the CSR path and the generic fallback
+        for empty in (sw.row_slice(start, start), SparseWeight._row_slice(sw, start, start)):
+            assert empty.shape == (0, 12) and empty.nnz == 0
+            empty.validate()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_kernel_taps_are_the_weight_at_each_tap(pattern):
+    g_ = torch.Generator().manual_seed(603)
+    w, sw = make_weight((20, 8, 3, 5), pattern, g_)
+    taps = sw.kernel_taps()
+    if taps is None:
+        pytest.skip(f"{pattern} does not split into kernel taps (conv2d uses im2col)")
+    assert len(taps) == 15
+    for t, wt in enumerate(taps):
+        assert wt.pattern == pattern and wt.shape == (20, 8)
+        wt.validate()
+        assert torch.equal(wt.to_dense(), w[:, :, t // 5, t % 5])
+
+
+def test_tap_cache_follows_in_place_weight_changes():
+    g_ = torch.Generator().manual_seed(604)
+    w = random_sparse((6, 4, 3, 3), 0.5, g_)
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(1, 4, 8, 8, generator=g_)
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=1), x, w, padding=1)
+    sw.values.mul_(-2.0)  # e.g. an optimizer step on the stored values
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=1), x, -2.0 * w, padding=1)
+
+
+@pytest.mark.parametrize("start, stop", [(-1, 2), (3, 2), (0, 11), (0.0, 2)])
+def test_row_slice_bad_range(start, stop):
+    sw = pyhwp.to_sparse(random_sparse((10, 12), 0.5, torch.Generator().manual_seed(602)), "csr")
+    with pytest.raises(ValueError, match="row_slice"):
+        sw.row_slice(start, stop)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+@pytest.fixture
+def csr_conv():
+    return pyhwp.to_sparse(random_sparse((6, 4, 3, 3), 0.5, torch.Generator().manual_seed(700)), "csr")
+
+
+X = torch.randn(2, 4, 9, 9)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda sw: pyhwp.conv2d(X, torch.randn(6, 4, 3, 3)), TypeError, "weight must be a pyhwp.SparseWeight"),
+    (lambda sw: pyhwp.conv2d(X.tolist(), sw), TypeError, "x must be a torch.Tensor"),
+    (lambda sw: pyhwp.conv2d(X, pyhwp.to_sparse(torch.randn(6, 36), "csr")), ValueError, "4-D conv weight"),
+    (lambda sw: pyhwp.conv2d(X[0, 0], sw), ValueError, r"x has shape \(9, 9\)"),
+    (lambda sw: pyhwp.conv2d(torch.randn(2, 5, 9, 9), sw), ValueError, "x has 5 channels, expected"),
+    (lambda sw: pyhwp.conv2d(torch.randn(2, 8, 9, 9), sw), ValueError, "x has 8 channels"),
+    (lambda sw: pyhwp.conv2d(X, sw, groups=4), ValueError, "groups=4 must divide"),
+    (lambda sw: pyhwp.conv2d(X, sw, groups=0), ValueError, "groups must be a positive int"),
+    (lambda sw: pyhwp.conv2d(X, sw, groups=2.0), ValueError, "groups must be a positive int"),
+    (lambda sw: pyhwp.conv2d(X, sw, padding=-1), ValueError, "padding must be non-negative"),
+    (lambda sw: pyhwp.conv2d(X, sw, padding=(1, -2)), ValueError, "padding must be non-negative"),
+    (lambda sw: pyhwp.conv2d(X, sw, padding="full"), ValueError, "'same' or 'valid'"),
+    (lambda sw: pyhwp.conv2d(X, sw, padding=(1, 1, 1)), TypeError, "padding must be an int or a pair"),
+    (lambda sw: pyhwp.conv2d(X, sw, stride=2, padding="same"), ValueError, "'same' is not supported for strided"),
+    (lambda sw: pyhwp.conv2d(X, sw, stride=0), ValueError, "stride and dilation must be >= 1"),
+    (lambda sw: pyhwp.conv2d(X, sw, dilation=(1, 0)), ValueError, "stride and dilation must be >= 1"),
+    (lambda sw: pyhwp.conv2d(X, sw, stride=1.5), TypeError, "stride must be an int or a pair"),
+    (lambda sw: pyhwp.conv2d(X[:, :, :2, :2], sw), ValueError, "smaller than the dilated kernel"),
+    (lambda sw: pyhwp.conv2d(X, sw, dilation=5), ValueError, "smaller than the dilated kernel"),
+    (lambda sw: pyhwp.conv2d(X.double(), sw), TypeError, "x has dtype torch.float64"),
+    (lambda sw: pyhwp.conv2d(X.to("meta"), sw), ValueError, "x is on meta"),
+    (lambda sw: pyhwp.conv2d(X, sw, torch.randn(4)), ValueError, r"bias has shape \(4,\)"),
+    (lambda sw: pyhwp.conv2d(X, sw, torch.randn(6).double()), TypeError, "bias has dtype"),
+    (lambda sw: pyhwp.conv2d(X, sw, [0.0] * 6), TypeError, "bias must be a torch.Tensor"),
+    (lambda sw: pyhwp.conv2d(X.double(), SparseWeight.to(pyhwp.to_sparse(torch.randn(6, 4, 3, 3).double(), "csr"),
+                                                         "cpu")), TypeError, "csr_matmul supports dtypes float32"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_conv2d_bad_input(csr_conv, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(csr_conv)

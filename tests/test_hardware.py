@@ -159,6 +159,7 @@ def test_bandwidth_size_rule():
     assert bandwidth_array_bytes(torch.device("cpu"), 1 * MiB, None)[0] == 64 * MiB
     size, why = bandwidth_array_bytes(torch.device("cpu"), 480 * MiB, 2 * 2**30)
     assert size == 256 * MiB and "capped" in why
+    assert bandwidth_array_bytes(torch.device("cuda", 0), 50 * MiB, 80 * 2**30)[0] == 2**30
 
 
 # -- power ---------------------------------------------------------------------------------------
@@ -254,6 +255,16 @@ def test_unavailable_kernels_are_skipped_with_reasons(tmp_path, monkeypatch):
     assert {"torch_dense", "csr_matmul"} <= set(r.timings)
 
 
+def test_new_pyhwp_kernel_needs_no_runner(tmp_path, monkeypatch):
+    from pyhwp.ops.linear import MATMULS
+
+    alt = Kernel("csr_matmul_alt", "csr", ("linear",), "cpu", (torch.float32,))
+    monkeypatch.setattr(lat, "KERNELS", (*KERNELS, alt))
+    monkeypatch.setitem(MATMULS, "csr_matmul_alt", MATMULS["csr_matmul"])
+    r = kernel_latency("linear", (32, 24), 3, "csr", 0.6, cache_dir=tmp_path, budget_s=0.01)
+    assert {"csr_matmul", "csr_matmul_alt", "torch_dense"} <= set(r.timings)
+
+
 @pytest.mark.parametrize("op,shape,batch", [("linear", (37, 29), 5), ("linear", (8, 64), 1),
                                             ("conv2d", (6, 4, 3, 3, 7, 9), 2)])
 def test_runners_compute_the_pruned_product(op, shape, batch):
@@ -295,6 +306,20 @@ def test_pruning_masks():
     assert (groups.masked_fill(~keep, float("inf")).amin(-1) >= groups.masked_fill(keep, -1).amax(-1)).all()
     with pytest.raises(ValueError, match="multiple of 4"):
         lat.nm_mask(torch.randn(4, 6), "2:4")
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (40, 37), (8, 2, 3, 3)])
+def test_block_mask(shape):
+    w = torch.randn(shape)
+    m = lat.prune_mask(w, "masked", 0.5)
+    assert m.shape == w.shape
+    flat, keep = w.reshape(shape[0], -1).abs(), m.reshape(shape[0], -1)
+    blocks = [(r, c) for r in range(0, flat.shape[0], 16) for c in range(0, flat.shape[1], 16)]
+    kept = [keep[r:r + 16, c:c + 16] for r, c in blocks]
+    assert all(b.all() or not b.any() for b in kept)  # whole blocks only
+    assert sum(not b.any() for b in kept) == round(0.5 * len(blocks))
+    scores = [flat[r:r + 16, c:c + 16].sum() for r, c in blocks]
+    assert min(s for s, b in zip(scores, kept) if b.any()) > max(s for s, b in zip(scores, kept) if not b.any())
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -368,6 +393,5 @@ def test_cli_profile_quick_end_to_end(tmp_path):
     import subprocess
 
     out = subprocess.run([sys.executable, "-m", "pyhwp", "profile", "--quick", "--cache-dir", str(tmp_path)],
-                         capture_output=True, text=True, check=True, timeout=600, cwd=tmp_path,
-                         env={**__import__("os").environ}).stdout
+                         capture_output=True, text=True, check=True, timeout=600, cwd=tmp_path).stdout
     assert "ridge point" in out and "beats dense from" in out

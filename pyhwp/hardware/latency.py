@@ -3,8 +3,9 @@
 A case is (op, shape, batch, pattern, sparsity, dtype, device). Its candidates are the kernels of
 pyhwp.kernels.KERNELS on that device whose pattern is the case's or "dense" (the baselines).
 Each kernel name maps to a runner that builds the case for it; pyhwp kernels share one runner
-(pyhwp.to_sparse + pyhwp.linear / pyhwp.conv2d), so a new pyhwp kernel needs no entry here. A
-kernel that cannot run the case is skipped with its reason, never an error.
+(pyhwp.to_sparse + pyhwp.linear / pyhwp.conv2d), so a new pyhwp kernel needs no entry here,
+and a new pattern needs at most a PRUNERS entry saying how a weight is pruned into it. A kernel
+that cannot run the case is skipped with its reason, never an error.
 """
 
 from __future__ import annotations
@@ -96,13 +97,34 @@ def nm_mask(w: torch.Tensor, pattern: str) -> torch.Tensor:
     return keep.reshape(w.shape)
 
 
+def block_mask(w: torch.Tensor, sparsity: float, block: tuple[int, int] = (16, 16)) -> torch.Tensor:
+    """Prune whole blocks of the GEMM form (out, in*kh*kw): the round(sparsity * blocks) blocks of
+    least total |w| (edge blocks are partial). The weight sparsity equals `sparsity` when the
+    sizes are multiples of the block."""
+    flat = w.reshape(w.shape[0], -1)
+    br, bc = block
+    rows, cols = -(-flat.shape[0] // br), -(-flat.shape[1] // bc)
+    padded = F.pad(flat.abs(), (0, cols * bc - flat.shape[1], 0, rows * br - flat.shape[0]))
+    scores = padded.reshape(rows, br, cols, bc).sum((1, 3))
+    keep = magnitude_mask(scores, sparsity)
+    full = keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    return full[: flat.shape[0], : flat.shape[1]].reshape(w.shape)
+
+
+# Pattern -> fn(w, sparsity) -> keep mask, for patterns that prune other than unstructured by
+# magnitude. "masked" is the tile-skipping pattern: 16x16 blocks, the case of BENCHMARKS.md.
+PRUNERS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "masked": block_mask,
+}
+
+
 def prune_mask(w: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
-    """Magnitude pruning of `w` into `pattern` at `sparsity`: N:M groups or unstructured."""
+    """Magnitude pruning of `w` into `pattern` at `sparsity`: N:M groups, a PRUNERS entry, or unstructured."""
     if nm_sparsity(pattern) is not None:
         return nm_mask(w, pattern)
     if pattern == "dense":
         return torch.ones_like(w, dtype=torch.bool)
-    return magnitude_mask(w, sparsity)
+    return PRUNERS.get(pattern, magnitude_mask)(w, sparsity)
 
 
 # -- runners: kernel name -> fn(case, pruned weight, mask, x, kernel) -> Prepared -------------

@@ -63,14 +63,17 @@ def gemm_gflops(device: torch.device, dtypes: list[str], sizes: tuple[int, ...],
 def bandwidth_array_bytes(device: torch.device, largest_cache: int | None, available: int | None) -> tuple[int, str]:
     """Bytes per array for the bandwidth test and the reason for that size.
 
-    Two arrays of this size stream through memory; each is twice the largest cache (at least
-    64 MiB), so that a cyclic sweep finds nothing of it cached. The size is capped at 1/8 of
-    the available memory so the test cannot push a shared machine into swapping.
+    Two arrays of this size stream through memory; each is twice the largest cache, so that a
+    cyclic sweep finds nothing of it cached, and at least 64 MiB on a CPU, 1 GiB on a GPU (where
+    each call is timed with a synchronize, whose ~10 us must stay small next to the transfer).
+    The size is capped at 1/8 of the available memory so the test cannot push a shared machine
+    into swapping.
     """
     cache = largest_cache or 0
-    want = max(2 * cache, 64 * MiB)
-    reason = (f"2x the largest cache ({cache // MiB} MiB)" if 2 * cache >= 64 * MiB
-              else "64 MiB (larger than any cache reported)")
+    floor = 2**30 if device.type == "cuda" else 64 * MiB
+    want = max(2 * cache, floor)
+    reason = (f"2x the largest cache ({cache // MiB} MiB)" if 2 * cache >= floor
+              else f"{floor // MiB} MiB, the floor for {device.type} (more than 2x any cache reported)")
     if available is not None and want > available // 8:
         capped = max(available // 8 // MiB * MiB, MiB)
         return capped, (f"{capped // MiB} MiB: capped at 1/8 of the available memory "

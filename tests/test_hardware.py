@@ -226,6 +226,25 @@ def test_kernel_latency_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert stamp["fingerprint"] == "another-machine" and stamp["pyhwp"] == "999.0"
 
 
+def test_cache_dir_default(monkeypatch, tmp_path):
+    from pyhwp.hardware.cache import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "pyhwp"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "pyhwp"
+    assert cache_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_damaged_cache_is_remeasured(tmp_path):
+    path = lat.cache_path(torch.device("cpu"), tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    r = kernel_latency("linear", (16, 16), 1, "csr", 0.5, cache_dir=tmp_path, budget_s=0.01)
+    assert not r.cached and kernel_latency("linear", (16, 16), 1, "csr", 0.5, cache_dir=tmp_path).cached
+
+
 def test_profile_kernel_latency_method(small_profile):
     r = small_profile.kernel_latency("linear", (24, 16), 1, "csr", 0.75, torch.float32, budget_s=0.01)
     assert r.device == "cpu" and r.dtype == "float32" and r.fastest("dense").kernel == "torch_dense"

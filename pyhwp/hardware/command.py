@@ -65,7 +65,8 @@ def summary(prof, crossovers, sweep_dtype: str, cached: bool) -> str:
         lines.append("  caches " + ", ".join(f"{k} {_size(v['size_bytes'])}" for k, v in prof.caches.items()))
     how = f"cached, measured {prof.measured_at}" if cached else f"measured now{', quick' if prof.quick else ''}"
     lines += ["", f"ceilings ({how})"]
-    peaks = "   ".join(f"{k} {v:,.1f}" for k, v in prof.peak_gflops.items())
+    dtypes = sorted(prof.peak_gflops, key=lambda k: (k != "float32", k))
+    peaks = "   ".join(f"{k} {prof.peak_gflops[k]:,.1f}" for k in dtypes)
     lines.append(f"  dense GEMM    {peaks} GFLOP/s")
     for key, why in prof.missing.items():
         if key.startswith("peak_gflops."):
@@ -73,7 +74,7 @@ def summary(prof, crossovers, sweep_dtype: str, cached: bool) -> str:
     bw = prof.bandwidth_gbps
     lines.append(f"  bandwidth     read {bw['read']:.1f}   write {bw['write']:.1f}   copy {bw['copy']:.1f} GB/s   "
                  f"(arrays of {_size(prof.method['bandwidth_array_bytes'])}: {prof.method['bandwidth_array_reason']})")
-    ridges = "   ".join(f"{k} {prof.ridge_point(k):.1f}" for k in prof.peak_gflops)
+    ridges = "   ".join(f"{k} {prof.ridge_point(k):.1f}" for k in dtypes)
     lines.append(f"  ridge point   {ridges} flop/byte (peak / copy bandwidth)")
     if prof.power:
         lines.append(f"  power         {prof.power['source']}: idle {prof.power['idle_w']:.1f} W, "

@@ -426,7 +426,10 @@ def kernel_latency(op: str, shape, batch: int, pattern: str, sparsity: float, dt
     if not refresh:
         hit = cache.load(path, fp, version).get(case.key)
         if hit is not None:
-            return LatencyResult.from_dict(hit, cached=True)
+            try:
+                return LatencyResult.from_dict(hit, cached=True)
+            except (TypeError, KeyError, ValueError):
+                pass  # an entry of another layout: measure again
     result = measure_case(case, budget_s=budget_s)
     entries = cache.load(path, fp, version)  # re-read: another process may have added cases
     entries[case.key] = result.to_dict()

@@ -10,6 +10,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyhwp", description="Hardware-aware pruning with fast sparse kernels.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build facts, CPU ISA, threads and the kernel table")
+    from pyhwp.hardware.command import add_arguments as profile_arguments
+
+    profile_arguments(sub.add_parser("profile", help="measure this machine: ceilings, bandwidth, power, "
+                                     "kernel latency tables and where each sparse pattern beats dense"))
     return p
 
 
@@ -19,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from pyhwp.info import main as info_main
 
         return info_main()
+    if args.command == "profile":
+        from pyhwp.hardware.command import main as profile_main
+
+        return profile_main(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

@@ -68,8 +68,13 @@ KERNELS: tuple[Kernel, ...] = (
            provider="torch", note="torch.nn.functional.linear / conv2d on the dense weight (MKL/oneDNN)"),
     Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),
            provider="torch", note="torch.sparse.mm on a torch CSR tensor"),
-    Kernel("torch_dense_cuda", "dense", ("linear",), "cuda", (torch.float32, torch.float16, torch.bfloat16),
-           provider="torch", note="cuBLAS through torch"),
+    Kernel("torch_dense_cuda", "dense", ("linear", "conv2d"), "cuda", (torch.float32, torch.float16, torch.bfloat16),
+           provider="torch", note="cuBLAS / cuDNN through torch"),
+    Kernel("torch_csr_cuda", "csr", ("linear",), "cuda", (torch.float32, torch.float16, torch.bfloat16),
+           provider="torch", note="torch.sparse.mm on a CUDA CSR tensor (cuSPARSE)"),
+    Kernel("torch_sparse24_cuda", "2:4", ("linear",), "cuda", (torch.float16, torch.bfloat16),
+           provider="torch", min_cuda_arch=(8, 0),
+           note="torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS)"),
 )
 
 

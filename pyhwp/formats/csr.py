@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ class CSRWeight(SparseWeight):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight:
         shape = tuple(weight.shape)
-        w2 = weight.reshape(shape[0], -1)
+        w2 = weight.reshape(shape[0], math.prod(shape[1:]))  # -1 is ambiguous for 0 rows
         if w2.shape[1] > _INT32_MAX:
             raise ValueError(f"weight has {w2.shape[1]} input features; CSR column indices are int32")
         keep = (w2 != 0) if mask is None else mask.reshape(w2.shape)

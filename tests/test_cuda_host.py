@@ -99,3 +99,73 @@ def test_masked_op_refuses_cpu_tensors():
     w = torch.randn(20, 32)
     with pytest.raises(ValueError, match="runs on CUDA"):
         torch.ops.pyhwp.masked_matmul_cuda(torch.randn(3, 32), w, tile_flags(w), None, False)
+
+
+# -- host-side planning of the CUDA entry points (pure arithmetic: fake device addresses) -----
+
+needs_cuda_build = pytest.mark.skipif(not __import__("pyhwp._ext", fromlist=["_C"])._C.build_info()["cuda"],
+                                      reason="pyhwp built without the CUDA kernels")
+F32, F16 = 0, 1
+X, Y, W = 0x10000, 0x20000, 0x30000  # 16-byte aligned fake addresses
+
+
+@needs_cuda_build
+def test_csr_workspace_plan():
+    from pyhwp._ext import _C
+    ws = _C.csr_matmul_cuda_workspace
+    # (rows, cols, nnz, dtype, x, p, x_stride_k, x_stride_p, y, y_stride_n, y_stride_p)
+    assert ws(100, 64, 10, F16, X, 8, 1, 64, Y, 1, 100) == 256             # gather: record only
+    assert ws(100, 64, 10, F16, X, 64, 64, 1, Y, 64, 1) == 512             # conv layout in place
+    assert ws(100, 64, 10, F16, X, 64, 1, 64, Y, 1, 100) == 512 + 64 * 64 * 2 + 100 * 64 * 2  # linear: copies
+    assert ws(100, 64, 10, F16, X + 2, 64, 64, 1, Y, 64, 1) == 512 + 64 * 64 * 2  # misaligned x: copied
+    assert ws(100, 64, 10, F32, X, 62, 62, 1, Y, 62, 1) == 256 + 64 * 64 * 4 + 100 * 64 * 4  # P % 4 != 0
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ws(100, 64, 10, 7, X, 8, 1, 64, Y, 1, 100)
+
+
+@needs_cuda_build
+def test_masked_workspace_plan():
+    from pyhwp._ext import _C
+    ws = _C.masked_matmul_cuda_workspace
+    # (rows, cols, values, ld, dtype, x, p, x_stride_k, x_stride_p, y, y_stride_n, y_stride_p)
+    assert ws(40, 64, W, 64, F16, X, 30, 1, 64, Y, 1, 40) == 256                # linear form in place
+    assert ws(40, 64, W, 64, F16, X, 30, 32, 1, Y, 30, 1) == 256                # conv form in place
+    # K = 37: x and W copied with rows padded to 40, each copy rounded up to 256 bytes
+    assert ws(40, 37, W, 37, F16, X, 30, 1, 37, Y, 1, 40) == 256 + 2560 + 3328
+    assert ws(40, 37, W, 37, F32, X, 30, 1, 37, Y, 1, 40) == 256                # SIMT reads any strides
+    with pytest.raises(ValueError, match="row stride"):
+        ws(40, 64, W, 60, F16, X, 30, 1, 64, Y, 1, 40)
+
+
+@needs_cuda_build
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+def test_cuda_failures_become_runtime_errors():
+    from pyhwp._ext import _C
+    import os
+    if os.path.exists("/dev/nvidia0"):
+        pytest.skip("a GPU device node exists: fake addresses must not reach a real device")
+    # Valid sizes and a large enough workspace: the first CUDA call (the memset) fails for lack of
+    # a device, and its status must arrive as RuntimeError, not a crash.
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        _C.csr_matmul_cuda(100, 64, 0, W, 0, 0, 0, F16, X, 8, 1, 64, 0, Y, 1, 100, 0x40000, 1 << 20, 0)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        _C.masked_matmul_cuda(40, 64, W, 64, W + 0x1000, F16, X, 30, 1, 64, 0, Y, 1, 40, 0x40000, 1 << 20, 0)
+
+
+@needs_cuda_build
+def test_cuda_entry_points_reject_bad_arguments_before_any_cuda_call():
+    from pyhwp._ext import _C
+    with pytest.raises(ValueError, match="workspace of 16 bytes"):
+        _C.csr_matmul_cuda(100, 64, 0, W, 0, 0, 0, F16, X, 8, 1, 64, 0, Y, 1, 100, 0x40000, 16, 0)
+    with pytest.raises(ValueError, match="row_offsets is null"):
+        _C.csr_matmul_cuda(100, 64, 0, 0, 0, 0, 0, F16, X, 8, 1, 64, 0, Y, 1, 100, 0x40000, 1 << 20, 0)
+    with pytest.raises(ValueError, match="not 256-byte aligned"):
+        _C.csr_matmul_cuda(100, 64, 0, W, 0, 0, 0, F16, X, 8, 1, 64, 0, Y, 1, 100, 0x40010, 1 << 20, 0)
+    with pytest.raises(ValueError, match="workspace"):
+        _C.masked_matmul_cuda(40, 64, W, 64, W, F16, X, 30, 1, 64, 0, Y, 1, 40, 0x40000, 8, 0)
+
+
+def test_cuda_timer_needs_functions():
+    from pyhwp.bench.timing import interleaved_cuda_medians
+    with pytest.raises(ValueError, match="at least one"):
+        interleaved_cuda_medians({})

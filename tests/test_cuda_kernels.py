@@ -386,3 +386,10 @@ def test_masked_cuda_bad_input():
         masked_matmul_cuda(x.double(), w.double(), flags, None)
 
 
+
+
+def test_interleaved_cuda_medians_reports_every_function():
+    from pyhwp.bench.timing import interleaved_cuda_medians
+    a = torch.randn(256, 256, device="cuda")
+    t = interleaved_cuda_medians({"mm": lambda: a @ a, "add": lambda: a + a}, min_reps=3, max_reps=5)
+    assert set(t) == {"mm", "add"} and all(v > 0 for v in t.values())

@@ -327,28 +327,29 @@ void run(const CsrCudaMatrix& w, const DeviceDenseIn& xv, const T* bias, const D
   PYHWP_CUDA_CHECK(cudaGetLastError());
 }
 
-void check_args(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x, const DeviceDenseOut& y) {
+// Sizes and dtype only: the workspace query passes no arrays.
+void check_sizes(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x, const DeviceDenseOut& y) {
   PYHWP_CHECK(dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16,
               "csr_matmul_cuda: unknown dtype code ", static_cast<int>(dtype));
   PYHWP_CHECK(w.rows >= 0 && w.cols >= 0 && w.nnz >= 0 && x.cols >= 0, "csr_matmul_cuda: negative size");
   PYHWP_CHECK(x.rows == w.cols, "csr_matmul_cuda: x has ", x.rows, " rows, W has ", w.cols, " columns");
   PYHWP_CHECK(y.rows == w.rows && y.cols == x.cols, "csr_matmul_cuda: y is ", y.rows, "x", y.cols,
               ", expected ", w.rows, "x", x.cols);
-  PYHWP_CHECK(w.row_offsets != nullptr, "csr_matmul_cuda: row_offsets is null");
-  PYHWP_CHECK(w.nnz == 0 || (w.col_indices && w.values), "csr_matmul_cuda: null CSR array");
 }
 
 }  // namespace
 
 size_t csr_matmul_cuda_workspace(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x,
                                  const DeviceDenseOut& y) {
-  check_args(w, dtype, x, y);
+  check_sizes(w, dtype, x, y);
   return make_plan(dtype, x, y).bytes;
 }
 
 void csr_matmul_cuda(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x, const void* bias,
                      const DeviceDenseOut& y, void* workspace, size_t workspace_bytes, void* stream) {
-  check_args(w, dtype, x, y);
+  check_sizes(w, dtype, x, y);
+  PYHWP_CHECK(w.row_offsets != nullptr, "csr_matmul_cuda: row_offsets is null");
+  PYHWP_CHECK(w.nnz == 0 || (w.col_indices && w.values), "csr_matmul_cuda: null CSR array");
   const Plan pl = make_plan(dtype, x, y);
   if (w.rows == 0 || x.cols == 0) return;
   PYHWP_CHECK(y.data != nullptr && (x.data != nullptr || x.rows == 0), "csr_matmul_cuda: null x or y");

@@ -228,6 +228,14 @@ def main(argv=None) -> int:
     print("ceilings", {k: round(v, 1) for k, v in meta["ceilings"].items()})
     shapes = LINEAR_SHAPES[:2] if args.quick else LINEAR_SHAPES
     results = []
+
+    def save(final=False):
+        # Rewritten after every case: a run cut short by its time limit still leaves its results.
+        meta["seconds"] = time.time() - t0
+        meta["complete"] = final
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results, "targets": check_targets(results)}, f, indent=1)
+
     for dname, dt in DTYPES.items():
         for (n, k) in shapes:
             for batch in CSR_BATCHES:
@@ -238,6 +246,7 @@ def main(argv=None) -> int:
                 print(f"csr    {dname:8s} {n:5d}x{k:<5d} b={batch:<5d} vs dense {sp['pyhwp_csr']:6.2f}x "
                       f"(conv layout {sp['pyhwp_csr_conv_layout']:6.2f}x)  vs torch csr {tc:6.2f}x  "
                       f"err {r['rel_err_vs_dense']['pyhwp_csr']:.1e}", flush=True)
+                save()
                 torch.cuda.empty_cache()
             for batch in MASKED_BATCHES:
                 for zt in (0.0, 0.75):
@@ -247,11 +256,10 @@ def main(argv=None) -> int:
                     print(f"masked {dname:8s} {n:5d}x{k:<5d} b={batch:<5d} zero tiles {zt:.2f} vs dense "
                           f"{sp['pyhwp_masked']:6.2f}x (conv layout {sp['pyhwp_masked_conv_layout']:6.2f}x)  "
                           f"err {r['rel_err_vs_dense']['pyhwp_masked']:.1e}", flush=True)
+                    save()
                     torch.cuda.empty_cache()
+    save(final=True)
     checks = check_targets(results)
-    meta["seconds"] = time.time() - t0
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results, "targets": checks}, f, indent=1)
     passed = sum(c["pass"] for c in checks)
     print(f"\ntargets: {passed}/{len(checks)} met")
     for c in checks:

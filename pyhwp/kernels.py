@@ -70,7 +70,7 @@ KERNELS: tuple[Kernel, ...] = (
            provider="torch", note="torch.sparse.mm on a torch CSR tensor"),
     Kernel("torch_dense_cuda", "dense", ("linear",), "cuda", (torch.float32, torch.float16, torch.bfloat16),
            provider="torch", note="cuBLAS through torch"),
-    Kernel("csr_matmul_cuda", "csr", ("linear",), "cuda", (torch.float32, torch.float16, torch.bfloat16),
+    Kernel("csr_matmul_cuda", "csr", ("linear", "conv2d"), "cuda", (torch.float32, torch.float16, torch.bfloat16),
            needs_cuda_build=True, min_cuda_arch=(8, 0),
            note="Sputnik-style SpMM: rows by length, 16-byte vector loads, subwarps; float32 accumulation"),
 )

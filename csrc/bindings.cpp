@@ -12,7 +12,10 @@
 #include "common/dense.h"
 #include "csr/csr_matmul.h"
 #ifdef PYHWP_WITH_CUDA
+#include "common/dense_cuda.h"
+#include "common/dtype.h"
 #include "csr/csr_cuda.h"
+#include "masked/masked_matmul_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -123,5 +126,77 @@ PYBIND11_MODULE(_C, m) {
       py::arg("values"), py::arg("dense"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>(),
       "Scatter a CSR matrix into a zero-filled dense row-major buffer (device pointers)");
+
+  // CUDA matmuls: every address is a device pointer; dtype is pyhwp::DType (0 float32,
+  // 1 float16, 2 bfloat16); X (K x P) and Y (N x P) come as element strides (k, p) and (n, p).
+  // The *_workspace functions take the same operands and return the scratch bytes the call needs.
+  m.def(
+      "csr_matmul_cuda_workspace",
+      [](int64_t rows, int64_t cols, int64_t nnz, int dtype, Addr x, int64_t p, int64_t x_stride_k,
+         int64_t x_stride_p, Addr y, int64_t y_stride_n, int64_t y_stride_p) {
+        const pyhwp::CsrCudaMatrix w{rows, cols, nnz, nullptr, nullptr, nullptr, nullptr};
+        return pyhwp::csr_matmul_cuda_workspace(
+            w, static_cast<pyhwp::DType>(dtype),
+            pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
+            pyhwp::DeviceDenseOut{ptr<void>(y), rows, p, y_stride_n, y_stride_p});
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("dtype"), py::arg("x"), py::arg("p"),
+      py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("y"), py::arg("y_stride_n"),
+      py::arg("y_stride_p"), "Scratch bytes csr_matmul_cuda needs for these operands");
+  m.def(
+      "csr_matmul_cuda",
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
+         Addr row_order, int dtype, Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p,
+         Addr bias, Addr y, int64_t y_stride_n, int64_t y_stride_p, Addr workspace,
+         size_t workspace_bytes, Addr stream) {
+        const pyhwp::CsrCudaMatrix w{rows, cols, nnz, ptr<const int64_t>(row_offsets),
+                                     ptr<const int32_t>(col_indices), ptr<const void>(values),
+                                     ptr<const int32_t>(row_order)};
+        pyhwp::csr_matmul_cuda(
+            w, static_cast<pyhwp::DType>(dtype),
+            pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
+            ptr<const void>(bias), pyhwp::DeviceDenseOut{ptr<void>(y), rows, p, y_stride_n, y_stride_p},
+            ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"),
+      py::arg("col_indices"), py::arg("values"), py::arg("row_order"), py::arg("dtype"),
+      py::arg("x"), py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"),
+      py::arg("y"), py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Y (rows x p) = W X + bias on the GPU, W CSR (row_order address 0 = identity order), "
+      "bias address 0 for none; asynchronous on `stream`");
+  m.def(
+      "masked_matmul_cuda_workspace",
+      [](int64_t rows, int64_t cols, Addr values, int64_t ld, int dtype, Addr x, int64_t p,
+         int64_t x_stride_k, int64_t x_stride_p, Addr y, int64_t y_stride_n, int64_t y_stride_p) {
+        const pyhwp::MaskedCudaWeight w{rows, cols, ptr<const void>(values), ld, nullptr};
+        return pyhwp::masked_matmul_cuda_workspace(
+            w, static_cast<pyhwp::DType>(dtype),
+            pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
+            pyhwp::DeviceDenseOut{ptr<void>(y), rows, p, y_stride_n, y_stride_p});
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("ld"), py::arg("dtype"),
+      py::arg("x"), py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("y"),
+      py::arg("y_stride_n"), py::arg("y_stride_p"), "Scratch bytes masked_matmul_cuda needs");
+  m.def(
+      "masked_matmul_cuda",
+      [](int64_t rows, int64_t cols, Addr values, int64_t ld, Addr tile_flags, int dtype, Addr x,
+         int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y, int64_t y_stride_n,
+         int64_t y_stride_p, Addr workspace, size_t workspace_bytes, Addr stream) {
+        const pyhwp::MaskedCudaWeight w{rows, cols, ptr<const void>(values), ld,
+                                        ptr<const uint8_t>(tile_flags)};
+        pyhwp::masked_matmul_cuda(
+            w, static_cast<pyhwp::DType>(dtype),
+            pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
+            ptr<const void>(bias), pyhwp::DeviceDenseOut{ptr<void>(y), rows, p, y_stride_n, y_stride_p},
+            ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("ld"), py::arg("tile_flags"),
+      py::arg("dtype"), py::arg("x"), py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"),
+      py::arg("bias"), py::arg("y"), py::arg("y_stride_n"), py::arg("y_stride_p"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Y (rows x p) = W X + bias on the GPU, W dense (row stride ld) with uint8 flags per 16x16 "
+      "tile (0 = all zero, may be skipped); asynchronous on `stream`");
 #endif
 }

@@ -75,6 +75,9 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("torch_sparse24_cuda", "2:4", ("linear",), "cuda", (torch.float16, torch.bfloat16),
            provider="torch", min_cuda_arch=(8, 0),
            note="torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS)"),
+    Kernel("csr_matmul_cuda", "csr", ("linear", "conv2d"), "cuda", (torch.float32, torch.float16, torch.bfloat16),
+           needs_cuda_build=True, min_cuda_arch=(8, 0),
+           note="Sputnik-style SpMM: rows by length, 16-byte vector loads, subwarps; float32 accumulation"),
 )
 
 
@@ -89,6 +92,9 @@ def find_kernel(op: str, pattern: str, device: torch.device, dtype: torch.dtype)
         reasons.extend(r)
     if not candidates:
         reasons.append(f"no pyhwp kernel implements the {pattern!r} pattern yet")
-    dtype_only = candidates and all("supports dtypes" in r for r in reasons)
+    # A dtype problem is a TypeError when every kernel for this device rejects only the dtype.
+    on_device = [k for k in candidates if k.device == torch.device(device).type]
+    dtype_only = bool(on_device) and all(
+        all("supports dtypes" in r for r in k.unsupported_reasons(op, device, dtype)) for k in on_device)
     msg = f"pyhwp.{op}: no kernel for a {pattern!r} weight on {device} in {dtype}: " + "; ".join(reasons)
     raise (TypeError if dtype_only else ValueError)(msg)

@@ -76,3 +76,23 @@ def pattern_weight(shape, pattern, sparsity=0.6, generator=None, dtype=torch.flo
     top = padded.abs().topk(min(keep, group), dim=-1).indices
     mask = torch.zeros_like(padded, dtype=torch.bool).scatter_(-1, top, True)
     return (padded * mask).reshape(shape[0], -1)[:, :k].reshape(shape).contiguous()
+
+
+def assert_linear_close_accum(y, x, dense_w, bias=None, terms=None, accum=torch.float32, slack=4.0):
+    """Like assert_linear_close, for kernels that sum in `accum` and round once to y's dtype.
+
+    Bound: slack * (terms + 2) * u(accum) * sum|terms| (the summation, with `slack` for tensor
+    cores, whose float32 accumulation may truncate) + 2 * u(y.dtype) * |exact| (the final
+    rounding). For float16/bfloat16 outputs this is far tighter than assert_linear_close, so a
+    single dropped or doubled product shows.
+    """
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], dense_w.shape[0])
+    xd, wd = x.detach().double().cpu(), dense_w.detach().double().cpu()
+    bd = None if bias is None else bias.detach().double().cpu()
+    ref = torch.nn.functional.linear(xd, wd, bd)
+    mag = torch.nn.functional.linear(xd.abs(), wd.abs(), None if bd is None else bd.abs())
+    n = (terms if terms is not None else dense_w.shape[1]) + 2
+    tol = slack * n * UNIT_ROUNDOFF[accum] * mag + 2 * UNIT_ROUNDOFF[y.dtype] * ref.abs() + 1e-30
+    err = (y.double().cpu() - ref).abs()
+    worst = (err - tol).max().item() if err.numel() else 0.0
+    assert worst <= 0, f"max error {err.max().item():.3e} exceeds bound by {worst:.3e}"

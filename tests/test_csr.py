@@ -75,7 +75,7 @@ def test_round_trip_and_properties():
     assert sw.pattern == "csr" and sw.shape == (33, 70) and sw.nnz == nnz
     assert sw.dtype == torch.float32 and sw.device == torch.device("cpu")
     assert sw.density == pytest.approx(nnz / w.numel())
-    assert sw.nbytes == nnz * 4 + nnz * 4 + 34 * 8
+    assert sw.nbytes == nnz * 4 + nnz * 4 + 34 * 8 + 33 * 4  # values, col_indices, row_offsets, row_order
     assert "CSRWeight" in repr(sw)
 
 

@@ -43,3 +43,39 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 3
                 samples[k].append(time.perf_counter() - t0)
             reps += 1
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def interleaved_cuda_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 3,
+                             min_reps: int = 10, max_reps: int = 200, budget_s: float = 0.5,
+                             lead_cycles: int = 2_000_000) -> dict[str, float]:
+    """Median GPU seconds per call of each function, from CUDA events, timed round-robin.
+
+    Each round first queues a spin kernel of `lead_cycles` clock cycles so that the host has
+    enqueued the whole round before the GPU reaches it: the events then bracket device time
+    only, not Python launch overhead. Functions must run on the current stream.
+    """
+    if not fns:
+        raise ValueError("fns must name at least one function to time")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        torch.cuda.synchronize()
+        samples: dict[str, list[float]] = {k: [] for k in fns}
+        start = time.perf_counter()
+        reps = 0
+        while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+            torch.cuda._sleep(lead_cycles)
+            marks = []
+            for k, f in fns.items():
+                e0 = torch.cuda.Event(enable_timing=True)
+                e1 = torch.cuda.Event(enable_timing=True)
+                e0.record()
+                f()
+                e1.record()
+                marks.append((k, e0, e1))
+            torch.cuda.synchronize()
+            for k, e0, e1 in marks:
+                samples[k].append(e0.elapsed_time(e1) / 1e3)
+            reps += 1
+    return {k: statistics.median(v) for k, v in samples.items()}

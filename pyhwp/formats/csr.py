@@ -13,6 +13,16 @@ from pyhwp.kernels import _cuda_built
 _INT32_MAX = 2**31 - 1
 
 
+def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:
+    """The rows of a CSR matrix, longest first (equal lengths in row order), as int32 (out,).
+
+    The CUDA kernels walk rows in this order: neighbouring thread groups get rows of nearly equal
+    length and the longest rows start first (Sputnik's row swizzle). Runs on row_offsets' device.
+    """
+    return torch.argsort(row_offsets.diff(), descending=True, stable=True).to(torch.int32)
+
+
+
 @register_pattern
 @dataclass(frozen=True, eq=False)
 class CSRWeight(SparseWeight):
@@ -21,17 +31,26 @@ class CSRWeight(SparseWeight):
     row_offsets: int64 (out + 1,), from 0 to nnz, non-decreasing.
     col_indices: int32 (nnz,), strictly increasing within a row, each in [0, in_features).
     values: (nnz,), the kept weights (zeros allowed: a kept weight may be zero).
+    row_order: int32 (out,), a permutation of the rows, longest first (row_order_by_length):
+        the schedule of the CUDA kernels, computed once here on the weight's device. Built from
+        raw arrays without it, it is computed at construction.
     """
 
     row_offsets: torch.Tensor
     col_indices: torch.Tensor
     values: torch.Tensor
+    row_order: torch.Tensor | None = None
     pattern = "csr"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.row_order is None:
+            object.__setattr__(self, "row_order", row_order_by_length(self.row_offsets))
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight:
         shape = tuple(weight.shape)
-        w2 = weight.reshape(shape[0], math.prod(shape[1:]))
+        w2 = weight.reshape(shape[0], math.prod(shape[1:]))  # -1 is ambiguous for 0 rows
         if w2.shape[1] > _INT32_MAX:
             raise ValueError(f"weight has {w2.shape[1]} input features; CSR column indices are int32")
         keep = (w2 != 0) if mask is None else mask.reshape(w2.shape)
@@ -41,7 +60,7 @@ class CSRWeight(SparseWeight):
         torch.cumsum(counts, 0, out=row_offsets[1:])
         values = w2[rows, cols].contiguous()
         return cls._unchecked(shape, row_offsets=row_offsets, col_indices=cols.to(torch.int32).contiguous(),
-                              values=values)
+                              values=values, row_order=row_order_by_length(row_offsets))
 
     @property
     def nnz(self) -> int:
@@ -109,6 +128,14 @@ class CSRWeight(SparseWeight):
             raise ValueError(f"CSR in_features {k} does not fit int32 column indices")
         if not (ro.device == ci.device == v.device):
             raise ValueError("CSR arrays are on different devices")
+        order = self.row_order
+        if order is not None:
+            if not isinstance(order, torch.Tensor) or order.dtype != torch.int32 or order.shape != (n,):
+                raise ValueError(f"CSR row_order must be a 1-D int32 tensor of out = {n} entries")
+            if order.device != ro.device:
+                raise ValueError("CSR row_order is on a different device than the other arrays")
+            if n and not torch.equal(torch.sort(order).values, torch.arange(n, dtype=torch.int32, device=order.device)):
+                raise ValueError("CSR row_order must be a permutation of the rows 0..out-1")
         if ro.device.type == "cpu":
             from pyhwp._ext import _C
 

@@ -1,24 +1,72 @@
-"""torch.library custom ops over the CSR kernels (csrc/csr)."""
+"""torch.library custom ops over the CSR kernels (csrc/csr): CPU and CUDA behind one op."""
 
 from __future__ import annotations
 
 import torch
 
 from pyhwp._ext import _C
+from pyhwp.formats.csr import row_order_by_length
+
+# pyhwp::DType codes of the CUDA kernels (csrc/common/dtype.h).
+CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def cuda_dtype_code(dtype: torch.dtype, op: str) -> int:
+    """The csrc DType code of `dtype`, or a TypeError naming the CUDA dtypes."""
+    if dtype not in CUDA_DTYPE_CODES:
+        raise TypeError(f"pyhwp::{op}: CUDA kernels take float32, float16 or bfloat16, not {dtype}")
+    return CUDA_DTYPE_CODES[dtype]
+
+
+def cuda_workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """Scratch bytes from torch's caching allocator (blocks are 512-byte aligned), stream-ordered
+    on the current stream like the op's output."""
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+
+
+def _csr_matmul_cuda(x, row_offsets, col_indices, values, bias, row_order, y, y_stride_n, y_stride_p):
+    p, k = x.shape
+    n = row_offsets.shape[0] - 1
+    code = cuda_dtype_code(x.dtype, "csr_matmul")
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"pyhwp::csr_matmul: values {values.dtype}, bias and x {x.dtype} must share a dtype")
+    if row_order is None:  # weights rebuilt without one (SparseWeight._unchecked) still run
+        row_order = row_order_by_length(row_offsets)
+    with torch.cuda.device(x.device):
+        nbytes = _C.csr_matmul_cuda_workspace(n, k, values.numel(), code, x.data_ptr(), p, x.stride(1),
+                                              x.stride(0), y.data_ptr(), y_stride_n, y_stride_p)
+        ws = cuda_workspace(nbytes, x.device)
+        _C.csr_matmul_cuda(
+            n, k, values.numel(), row_offsets.data_ptr(), col_indices.data_ptr(), values.data_ptr(),
+            row_order.data_ptr(), code, x.data_ptr(), p, x.stride(1), x.stride(0),
+            0 if bias is None else bias.data_ptr(), y.data_ptr(), y_stride_n, y_stride_p,
+            ws.data_ptr(), ws.numel(), torch.cuda.current_stream(x.device).cuda_stream,
+        )
 
 
 @torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())
 def csr_matmul(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
-               values: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False) -> torch.Tensor:
+               values: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False,
+               row_order: torch.Tensor | None = None) -> torch.Tensor:
     """x (P, K) @ W.T + bias with W (N, K) in CSR; x may have any strides.
 
     Returns y (P, N), or with transpose_out=True its transpose Y = W @ x.T + bias[:, None] as a
-    contiguous (N, P) tensor (the layout of a conv output image).
+    contiguous (N, P) tensor (the layout of a conv output image). On CUDA tensors it runs the
+    CUDA kernels (float32, float16, bfloat16; float32 accumulation) on the current stream, rows in
+    `row_order` (int32 permutation, longest rows first; computed when None); the CPU kernels
+    take float32 and ignore row_order.
     """
     p, k = x.shape
     n = row_offsets.shape[0] - 1
     y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
     y_stride_n, y_stride_p = (p, 1) if transpose_out else (1, n)
+    row_offsets, col_indices, values = row_offsets.contiguous(), col_indices.contiguous(), values.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if x.device.type == "cuda":
+        _csr_matmul_cuda(x, row_offsets, col_indices, values, bias,
+                         None if row_order is None else row_order.contiguous(), y, y_stride_n, y_stride_p)
+        return y
     _C.csr_matmul(
         n, k, values.shape[0], row_offsets.data_ptr(), col_indices.data_ptr(), values.data_ptr(),
         x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
@@ -28,6 +76,6 @@ def csr_matmul(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Te
 
 
 @csr_matmul.register_fake
-def _(x, row_offsets, col_indices, values, bias, transpose_out=False):
+def _(x, row_offsets, col_indices, values, bias, transpose_out=False, row_order=None):
     n = row_offsets.shape[0] - 1
     return x.new_empty((n, x.shape[0]) if transpose_out else (x.shape[0], n))

@@ -10,13 +10,14 @@ from pyhwp.ops import csr as _csr  # noqa: F401  (registers torch.ops.pyhwp.csr_
 
 
 def _csr(x2, w, bias, transpose_out=False):
-    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.col_indices, w.values, bias, transpose_out)
+    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.col_indices, w.values, bias, transpose_out,
+                                      w.row_order)
 
 
 # Kernel name -> fn(x2, weight, bias, transpose_out): y (P, N) = x2 (P, K) @ W.T + bias for x2 of
 # any strides, or its transpose (N, P) contiguous when transpose_out. Every pyhwp kernel in
 # pyhwp.kernels.KERNELS has an entry; conv2d runs its GEMMs through the same table.
-MATMULS = {"csr_matmul": _csr}
+MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr}
 
 
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
@@ -36,7 +37,8 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     """y = x @ weight.T + bias with a pruned weight, equal to F.linear on weight.to_dense().
 
     Args:
-        x: (..., in_features) tensor, any leading dims and strides; float32.
+        x: (..., in_features) tensor, any leading dims and strides; float32 on the CPU, float32,
+            float16 or bfloat16 on CUDA (see pyhwp.kernels.KERNELS).
         weight: a 2-D SparseWeight from pyhwp.to_sparse (shape (out_features, in_features)).
         bias: optional (out_features,) tensor, same dtype and device as x.
     Returns:

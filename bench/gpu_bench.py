@@ -1,0 +1,272 @@
+"""GPU benchmark of the CUDA kernels: CSR at 90% vs torch dense (cuBLAS) and torch CSR
+(cuSPARSE), masked at 0% / 75% zero tiles vs torch dense, float16 and float32.
+
+Run on a machine with an NVIDIA GPU and pyhwp built with CUDA (bench/gpu_check.sh does both):
+    python bench/gpu_bench.py --out results.json [--quick]
+Protocol (../shared/BENCHMARKS.md): every contender timed in the same run, interleaved, CUDA
+events around device work only, medians; inputs and weights rotated among several copies whose
+total exceeds twice the L2 cache, so no contender runs from a warm cache. Weights are iid normal,
+so magnitude pruning keeps uniformly random positions: the pruning mask is uniform random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import pyhwp
+from pyhwp._ext import _C
+from pyhwp.bench.timing import interleaved_cuda_medians
+from pyhwp.ops.masked_cuda import masked_matmul_cuda, tile_flags
+
+LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (3072, 768), (768, 3072), (1536, 384)]
+CSR_BATCHES = [1, 16, 256, 1024]
+MASKED_BATCHES = [256, 1024]
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+TARGETS = {"csr_vs_dense": 2.0, "csr_vs_torch_csr": 3.0, "masked0_vs_dense": 0.8}
+
+
+def git_commit() -> str:
+    if os.environ.get("PYHWP_COMMIT"):
+        return os.environ["PYHWP_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def copies_for(bytes_per_set: int, l2_bytes: int) -> int:
+    """Copies of the operands to rotate through: together more than twice the L2, 2 to 8."""
+    return max(2, min(8, math.ceil(2 * l2_bytes / max(bytes_per_set, 1)) + 1))
+
+
+def measure_ceilings() -> dict:
+    """Measured device ceilings: dense matmul rates and copy bandwidth (bytes read + written)."""
+    out = {}
+    for name, dt in DTYPES.items():
+        a = torch.randn(8192, 8192, device="cuda", dtype=dt)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dt)
+        t = interleaved_cuda_medians({"mm": lambda: a @ b}, warmup=2, min_reps=5, max_reps=10, budget_s=0.3)["mm"]
+        out[f"matmul_tflops_{name}"] = 2 * 8192**3 / t / 1e12
+        del a, b
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t = interleaved_cuda_medians({"copy": lambda: dst.copy_(src)}, warmup=2, min_reps=5, max_reps=20, budget_s=0.3)["copy"]
+    out["copy_tb_per_s"] = 2 * src.numel() * 4 / t / 1e12
+    del src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
+def rel_err(y, ref) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def bench_csr(n, k, batch, dtype, l2, sparsity=0.9):
+    w0 = torch.randn(n, k, device="cuda", dtype=dtype)
+    w0[torch.rand(n, k, device="cuda") < sparsity] = 0
+    nnz = int((w0 != 0).sum())
+    per_set = (n * k + batch * k + n * batch) * w0.element_size() + nnz * 8
+    r = copies_for(per_set, l2)
+    ws = [w0.clone() for _ in range(r)]
+    sws = [pyhwp.to_sparse(w, "csr") for w in ws]
+    with _quiet():
+        tcsr = [w.to_sparse_csr() for w in ws]
+    xs = [torch.randn(batch, k, device="cuda", dtype=dtype) for _ in range(r)]
+    xts = [x.t().contiguous() for x in xs]  # (K, P): the conv layout, and torch CSR's best case
+    cyc = {name: itertools.cycle(range(r)) for name in ("pyhwp", "pyhwp_conv", "dense", "tcsr")}
+
+    def pyhwp_linear():
+        i = next(cyc["pyhwp"])
+        return pyhwp.linear(xs[i], sws[i])
+
+    def pyhwp_conv():
+        i = next(cyc["pyhwp_conv"])
+        s = sws[i]
+        return torch.ops.pyhwp.csr_matmul(xts[i].t(), s.row_offsets, s.col_indices, s.values, None, True, s.row_order)
+
+    def dense():
+        i = next(cyc["dense"])
+        return F.linear(xs[i], ws[i])
+
+    def torch_csr():
+        i = next(cyc["tcsr"])
+        return torch.sparse.mm(tcsr[i], xts[i])
+
+    fns = {"pyhwp_csr": pyhwp_linear, "pyhwp_csr_conv_layout": pyhwp_conv, "torch_dense": dense}
+    notes = {}
+    try:
+        with _quiet():
+            ref_t = torch_csr()
+        fns["torch_csr"] = torch_csr
+    except RuntimeError as e:  # cuSPARSE via torch may not take this dtype
+        notes["torch_csr"] = f"unavailable: {str(e).splitlines()[0][:200]}"
+    ref = F.linear(xs[0], ws[0])
+    errs = {"pyhwp_csr": rel_err(pyhwp.linear(xs[0], sws[0]), ref),
+            "pyhwp_csr_conv_layout": rel_err(torch.ops.pyhwp.csr_matmul(
+                xts[0].t(), sws[0].row_offsets, sws[0].col_indices, sws[0].values, None, True,
+                sws[0].row_order).t(), ref)}
+    if "torch_csr" in fns:
+        errs["torch_csr"] = rel_err(ref_t.t(), ref)
+    with _quiet():
+        times = interleaved_cuda_medians(fns)
+    rec = {"kind": "csr", "shape": [n, k], "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+           "sparsity": sparsity, "nnz": nnz, "copies": r, "median_s": times, "rel_err_vs_dense": errs,
+           "notes": notes}
+    rec["useful_gflops"] = {c: 2 * nnz * batch / t / 1e9 for c, t in times.items() if c != "torch_dense"}
+    rec["dense_equiv_gflops"] = {c: 2 * n * k * batch / t / 1e9 for c, t in times.items()}
+    rec["speedup_vs_torch_dense"] = {c: times["torch_dense"] / t for c, t in times.items()}
+    if "torch_csr" in times:
+        rec["speedup_vs_torch_csr"] = {c: times["torch_csr"] / t for c, t in times.items()}
+    return rec
+
+
+def bench_masked(n, k, batch, dtype, l2, zero_tiles):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w0 = torch.randn(n, k, device="cuda", dtype=dtype)
+    if zero_tiles:
+        keep = torch.rand(-(-n // 16), -(-k // 16), device="cuda", generator=g) >= zero_tiles
+        w0 *= keep.repeat_interleave(16, 0).repeat_interleave(16, 1)[:n, :k]
+    per_set = (n * k + batch * k + n * batch) * w0.element_size()
+    r = copies_for(per_set, l2)
+    ws = [w0.clone() for _ in range(r)]
+    fl = [tile_flags(w) for w in ws]
+    xs = [torch.randn(batch, k, device="cuda", dtype=dtype) for _ in range(r)]
+    xts = [x.t().contiguous() for x in xs]
+    cyc = {name: itertools.cycle(range(r)) for name in ("m", "mc", "d")}
+
+    def masked():
+        i = next(cyc["m"])
+        return masked_matmul_cuda(xs[i], ws[i], fl[i], None)
+
+    def masked_conv():
+        i = next(cyc["mc"])
+        return masked_matmul_cuda(xts[i].t(), ws[i], fl[i], None, True)
+
+    def dense():
+        i = next(cyc["d"])
+        return F.linear(xs[i], ws[i])
+
+    ref = F.linear(xs[0], ws[0])
+    errs = {"pyhwp_masked": rel_err(masked_matmul_cuda(xs[0], ws[0], fl[0], None), ref),
+            "pyhwp_masked_conv_layout": rel_err(masked_matmul_cuda(xts[0].t(), ws[0], fl[0], None, True).t(), ref)}
+    times = interleaved_cuda_medians({"pyhwp_masked": masked, "pyhwp_masked_conv_layout": masked_conv,
+                                      "torch_dense": dense})
+    kept = float(fl[0].float().mean())
+    rec = {"kind": "masked", "shape": [n, k], "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+           "zero_tiles": zero_tiles, "kept_tile_fraction": kept, "copies": r, "median_s": times,
+           "rel_err_vs_dense": errs}
+    rec["dense_equiv_gflops"] = {c: 2 * n * k * batch / t / 1e9 for c, t in times.items()}
+    rec["speedup_vs_torch_dense"] = {c: times["torch_dense"] / t for c, t in times.items()}
+    return rec
+
+
+class _quiet:
+    """Silence torch's beta warning for sparse CSR tensors."""
+
+    def __enter__(self):
+        import warnings
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    checks = []
+    for r in results:
+        label = f"{r['kind']} {r['shape'][0]}x{r['shape'][1]} batch {r['batch']} {r['dtype']}"
+        if r["kind"] == "csr" and r["batch"] >= 256:
+            s = r["speedup_vs_torch_dense"]["pyhwp_csr"]
+            checks.append({"case": label, "target": "csr >= 2x torch dense", "value": s, "pass": s >= TARGETS["csr_vs_dense"]})
+            if "speedup_vs_torch_csr" in r:
+                s = r["speedup_vs_torch_csr"]["pyhwp_csr"]
+                checks.append({"case": label, "target": "csr >= 3x torch csr", "value": s, "pass": s >= TARGETS["csr_vs_torch_csr"]})
+        if r["kind"] == "masked" and r["zero_tiles"] == 0:
+            s = r["speedup_vs_torch_dense"]["pyhwp_masked"]
+            checks.append({"case": label, "target": "masked(0%) >= 0.8x torch dense", "value": s,
+                           "pass": s >= TARGETS["masked0_vs_dense"]})
+    return checks
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="two shapes only (a smoke run)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or not _C.build_info()["cuda"]:
+        print("gpu_bench: needs a CUDA device and pyhwp built with CUDA", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    t0 = time.time()
+    meta = {
+        "device": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
+        "multiprocessors": props.multi_processor_count, "l2_bytes": l2,
+        "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
+        "pyhwp_build": _C.build_info(), "commit": git_commit(),
+        "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "protocol": "interleaved CUDA-event medians, device time only; operands rotated over copies > 2x L2",
+    }
+    print(f"device {meta['device']} sm_{''.join(map(str, meta['capability']))}, torch {meta['torch']}, commit {meta['commit']}")
+    meta["ceilings"] = measure_ceilings()
+    print("ceilings", {k: round(v, 1) for k, v in meta["ceilings"].items()})
+    shapes = LINEAR_SHAPES[:2] if args.quick else LINEAR_SHAPES
+    results = []
+
+    def save(final=False):
+        # Rewritten after every case: a run cut short by its time limit still leaves its results.
+        meta["seconds"] = time.time() - t0
+        meta["complete"] = final
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results, "targets": check_targets(results)}, f, indent=1)
+
+    for dname, dt in DTYPES.items():
+        for (n, k) in shapes:
+            for batch in CSR_BATCHES:
+                r = bench_csr(n, k, batch, dt, l2)
+                results.append(r)
+                sp = r["speedup_vs_torch_dense"]
+                tc = r.get("speedup_vs_torch_csr", {}).get("pyhwp_csr", float("nan"))
+                print(f"csr    {dname:8s} {n:5d}x{k:<5d} b={batch:<5d} vs dense {sp['pyhwp_csr']:6.2f}x "
+                      f"(conv layout {sp['pyhwp_csr_conv_layout']:6.2f}x)  vs torch csr {tc:6.2f}x  "
+                      f"err {r['rel_err_vs_dense']['pyhwp_csr']:.1e}", flush=True)
+                save()
+                torch.cuda.empty_cache()
+            for batch in MASKED_BATCHES:
+                for zt in (0.0, 0.75):
+                    r = bench_masked(n, k, batch, dt, l2, zt)
+                    results.append(r)
+                    sp = r["speedup_vs_torch_dense"]
+                    print(f"masked {dname:8s} {n:5d}x{k:<5d} b={batch:<5d} zero tiles {zt:.2f} vs dense "
+                          f"{sp['pyhwp_masked']:6.2f}x (conv layout {sp['pyhwp_masked_conv_layout']:6.2f}x)  "
+                          f"err {r['rel_err_vs_dense']['pyhwp_masked']:.1e}", flush=True)
+                    save()
+                    torch.cuda.empty_cache()
+    save(final=True)
+    checks = check_targets(results)
+    passed = sum(c["pass"] for c in checks)
+    print(f"\ntargets: {passed}/{len(checks)} met")
+    for c in checks:
+        print(f"  {'PASS' if c['pass'] else 'miss'}  {c['target']:32s} {c['value']:6.2f}x  {c['case']}")
+    print(f"wrote {args.out} in {meta['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

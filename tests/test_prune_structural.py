@@ -12,7 +12,7 @@ from pyhwp.metrics import count_params
 from pyhwp.prune import (UnsupportedGraphError, channel_graph, channel_masks, conv_bn_pairs, fold_batchnorm,
                          make_mask, mask_channels, remove_channels)
 from pyhwp.prune.bnfold import fold_conv_bn
-from tiny_models import BasicBlock, ResNet, randomize_norms, tiny_chain, tiny_resnet
+from tiny_models import BasicBlock, ResNet, randomize_norms, single_thread, tiny_chain, tiny_resnet  # noqa: F401
 
 MODELS = {
     "chain": (tiny_chain, (4, 3, 8, 8)),

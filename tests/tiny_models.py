@@ -3,8 +3,19 @@ forward as torchvision.models.resnet, at toy widths, so the tests need no torchv
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from threads, and on a shared, oversubscribed machine OpenMP's
+    spinning makes them many times slower; modules importing this fixture run on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_chain(seed: int = 0) -> nn.Sequential:

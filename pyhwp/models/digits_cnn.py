@@ -33,11 +33,12 @@ class DigitsCNN(nn.Sequential):
                          nn.Flatten(), nn.Linear(c4 * (size // 8) ** 2, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
-def train_digits_cnn(model: nn.Module, train_loader: Iterable, epochs: int = 8, lr: float = 2e-3, *,
+def train_digits_cnn(model: nn.Module, train_loader: Iterable, epochs: int = 6, lr: float = 3e-3, *,
                      seed: int = 0, progress: bool = True) -> list[float]:
-    """Train `model` in place with AdamW (weight decay 1e-4) and cross-entropy; returns the mean
-    loss per epoch. Seeded, so a run on the same machine repeats."""
+    """Train `model` in place: AdamW (weight decay 1e-4), one-cycle learning rate peaking at `lr`,
+    cross-entropy; returns the mean loss per epoch. Seeded, so a run on the same machine repeats."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    return finetune(model, {}, train_loader, nn.functional.cross_entropy, opt, epochs, progress=progress,
-                    desc="train digits-cnn")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(train_loader)))
+    return finetune(model, {}, train_loader, nn.functional.cross_entropy, opt, epochs, scheduler=sched,
+                    progress=progress, desc="train digits-cnn")

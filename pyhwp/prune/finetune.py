@@ -62,13 +62,15 @@ def hold_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], optimizer: t
 
 def finetune(model: nn.Module, masks: Mapping[str, torch.Tensor], loader: Iterable, loss_fn: Callable,
              optimizer: torch.optim.Optimizer, epochs: int = 1, *, max_steps: int | None = None,
-             progress: bool = True, desc: str = "fine-tune") -> list[float]:
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, progress: bool = True,
+             desc: str = "fine-tune") -> list[float]:
     """Train `model` on `loader` with `masks` held (see MaskHold); an empty `masks` trains densely.
 
     loader yields (input, target) batches, moved to the model's device; loss_fn(output, target)
     is minimised with `optimizer` for `epochs` passes (or `max_steps` steps, if fewer), with a tqdm
-    progress bar unless progress=False. The model is in train mode during the loop and returns to
-    its previous mode. Returns the mean loss of each epoch run.
+    progress bar unless progress=False; `scheduler`, if given, steps after every optimizer step.
+    The model is in train mode during the loop and returns to its previous mode afterwards.
+    Returns the mean loss of each epoch run.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
@@ -99,6 +101,8 @@ def finetune(model: nn.Module, masks: Mapping[str, torch.Tensor], loader: Iterab
                     loss = loss_fn(model(x.to(device)), y.to(device) if isinstance(y, torch.Tensor) else y)
                     loss.backward()
                     optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
                     run += float(loss.detach())
                     count += 1
                     steps += 1

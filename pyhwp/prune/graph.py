@@ -196,7 +196,8 @@ def _resnet_graph(model: nn.Module, layers: list[str]) -> list[ChannelGroup]:
             stream.consumers.append((f"{p}.conv1", 1))
             for a, b in zip(convs[:-1], convs[1:]):
                 conv = getattr(block, a)
-                groups.append(ChannelGroup(channels=conv.out_channels, producers=[producer(f"{p}.{a}", f"{p}.bn{a[-1]}")],
+                groups.append(ChannelGroup(channels=conv.out_channels,
+                                           producers=[producer(f"{p}.{a}", f"{p}.bn{a[-1]}")],
                                            norms=_norm(model, f"{p}.bn{a[-1]}"), consumers=[(f"{p}.{b}", 1)]))
             if block.downsample is not None:
                 stream.consumers.append((f"{p}.downsample.0", 1))

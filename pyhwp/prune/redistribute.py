@@ -50,7 +50,7 @@ def redistribute_weight(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Te
         lam = ridge * float(G.diagonal()[:k].mean()) if k else 0.0
         rows = slice(g * rows_per_group, (g + 1) * rows_per_group)
         wg, kg = w[rows], keep[rows]
-        target = wg @ G[:k, :].T  # (rows, K+1): row i is G[:, :K] @ w_i
+        target = wg @ G[:k, :]  # (rows, K+1): row i is G[:, :K] @ w_i (G is symmetric)
         if b is not None:
             target = target + b[rows, None] * G[k, :][None, :]
         patterns, which = torch.unique(kg, dim=0, return_inverse=True)
@@ -66,7 +66,7 @@ def redistribute_weight(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Te
             A.diagonal()[:nw] += lam
             rhs = target[r][:, cols].clone()  # (rows, |S|)
             rhs[:, :nw] += lam * wg[r][:, cols[:nw]]
-            sol = torch.linalg.lstsq(A, rhs.T).solution.T if A.shape[0] else rhs
+            sol = torch.linalg.lstsq(A, rhs.T).solution.T
             out_w[r[:, None] + g * rows_per_group, cols[:nw][None, :]] = sol[:, :nw]
             if b is not None:
                 out_b[r + g * rows_per_group] = sol[:, nw]

@@ -32,6 +32,8 @@ def cubic_sparsity(step: int, steps: int, final: float, initial: float = 0.0) ->
 
 def gradual_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
     """Sparsities of the `steps` pruning steps 1..k on the cubic ramp (the last is `final`)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     return [cubic_sparsity(t, steps, final, initial) for t in range(1, steps + 1)]
 
 

@@ -24,7 +24,7 @@ def test_compression_ratio_from_nbytes():
     w = torch.randn(64, 128)
     sw = pyhwp.to_sparse(w, "csr", mask=make_mask(w, 0.9))
     nnz = round(0.1 * w.numel())
-    stored = nnz * 4 + nnz * 4 + 65 * 8  # values, int32 columns, int64 row offsets
+    stored = nnz * 4 + nnz * 4 + 65 * 8 + 64 * 4  # values, int32 columns, int64 row offsets, int32 row order
     assert sw.nbytes == stored
     assert compression_ratio(sw) == pytest.approx(w.numel() * 4 / stored)
     sw2 = pyhwp.to_sparse(torch.randn(8, 8), "csr")

@@ -64,12 +64,17 @@ def _cuda_built() -> bool:
 KERNELS: tuple[Kernel, ...] = (
     Kernel("csr_matmul", "csr", ("linear",), "cpu", (torch.float32,),
            note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch"),
+    Kernel("sparse24_matmul", "2:4", ("linear",), "cpu", (torch.float32,),
+           note="2:4 compressed GEMM (x selected in registers, no gather); AVX-512/AVX2/scalar"),
     Kernel("torch_dense", "dense", ("linear",), "cpu", (torch.float32, torch.float64, torch.bfloat16),
            provider="torch", note="torch.nn.functional.linear on the dense weight (MKL/oneDNN)"),
     Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),
            provider="torch", note="torch.sparse.mm on a torch CSR tensor"),
     Kernel("torch_dense_cuda", "dense", ("linear",), "cuda", (torch.float32, torch.float16, torch.bfloat16),
            provider="torch", note="cuBLAS through torch"),
+    Kernel("torch_semi_structured", "2:4", ("linear",), "cuda", (torch.float16, torch.bfloat16),
+           provider="torch", min_cuda_arch=(8, 0),
+           note="torch.sparse.to_sparse_semi_structured (cuSPARSELt/CUTLASS); Sparse24Weight.to_semi_structured"),
 )
 
 

@@ -38,12 +38,17 @@ struct Sparse24CpuConfig {
   static constexpr int64_t kChunk = 32;         // inputs per metadata word
   static constexpr int64_t kRowBlock = 16;      // rows per parallel work item
   static constexpr int64_t kPermuteMaxP = 8;    // P below this: select x in registers, no packing
-  static constexpr int64_t kTileK = 128;        // inputs per K block of the tile kernels (L1)
+  static constexpr int64_t kPanel = 128;        // columns of X per packed panel (tile kernels)
+  static constexpr int64_t kTileK = 64;         // inputs per K block of the tile kernels (L1)
+  static constexpr int64_t kTileRows = 64;      // rows per work item of the tile kernels
   static constexpr int64_t kSerialWork = 1 << 15;  // slots * P below this runs on one thread
   static_assert(kChunk == 32 && kGroup == 4 && kKeep == 2,
                 "one uint32 of 2-bit indices covers 16 slots = 8 groups = 32 inputs");
   static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");
   static_assert(kTileK % kChunk == 0, "K blocks are whole metadata words");
+  static_assert(kPanel % 16 == 0 && kTileK * kPanel * 4 <= 32 * 1024,
+                "a K block of a panel (the tile kernels' working set) fits a 32 KiB L1");
+  static_assert(kTileRows % kRowBlock == 0, "tile work items are whole row blocks");
   static_assert(kPermuteMaxP >= 1, "the permute path serves at least batch 1");
 };
 
@@ -62,8 +67,14 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
 // Rows [row_begin, row_end) of Y, one kernel per ISA (sparse24_matmul_{cpu,avx2,avx512}.cpp). Row n
 // goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr.
 // `permute` variants select x in registers: x.stride_k == 1 and x.rows == Kp, x zero-padded
-// beyond K (column p at x.data + p * x.stride_p). `tile` variants need x.stride_p == 1,
-// y.stride_p == 1 and x.rows == K (p-contiguous packed X); they skip slots at k >= K.
+// beyond K (column p at x.data + p * x.stride_p). `tile` variants need X packed in panels
+// (sparse24_pack_panels: x.rows == K, x.stride_k == kPanel, x.stride_p == 1) and y.stride_p == 1;
+// they skip slots at k >= K.
+// Packs X (K x P) into ceil(P / kPanel) panels of K x kPanel floats, p contiguous, zero beyond P:
+// element (k, p) at panel p / kPanel, offset k * kPanel + p % kPanel. Panels follow each other
+// (K * kPanel floats apart). Returns a scratch slot of the calling thread.
+const float* sparse24_pack_panels(const DenseIn& x, int num_threads);
+
 using Sparse24RowsFn = void (*)(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
                                 const DenseOut& y, int64_t row_begin, int64_t row_end);
 void sparse24_rows_permute_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);

@@ -1,6 +1,8 @@
 // AVX-512 2:4 kernels: x selected in registers for small batches, register tiles for large ones.
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "sparse24/sparse24_matmul.h"
 
 namespace pyhwp {
@@ -88,85 +90,114 @@ inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseI
   for (; n < row_end; ++n) permute_rows<1, PB>(w, words, x, p, bias, y, row_begin, n);
 }
 
-// One K block [k0, k1) of rows [n, n+R) against a tile of V*16 columns of packed X (row stride
-// ld). acc starts from bias (first block) or the partial sums already in `out`.
-template <int R, int V>
+// One K block [k0, k1) of rows [n, n+R) against V*16 columns of a packed X panel (row stride
+// kPanel floats, a compile-time constant, so a slot's X row is two shifts and an and away from
+// its metadata bits); the last vector is masked by `last` when Masked. acc starts from bias
+// (first block) or the partial sums already in `out`. Every slot costs one broadcast and V FMAs
+// whose X operand comes straight from L1 (the K block of the panel fits there): (V+1) loads per
+// V FMAs, against two 512-bit loads per cycle.
+template <int R, int V, bool Masked>
 inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
-                       int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
-                       float* out, int64_t out_stride, __mmask16 last) {
+                       int64_t k0, int64_t k1, const float* x, const float* bias, float* out,
+                       int64_t out_stride, __mmask16 last) {
+  constexpr int64_t ld = Cfg::kPanel;
   const __mmask16 full = 0xFFFF;
+  auto mask = [&](int i) { return Masked && i == V - 1 ? last : full; };
   __m512 acc[R][V];
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int i = 0; i < V; ++i) {
-      const __mmask16 m = i == V - 1 ? last : full;
       acc[r][i] = k0 == 0 ? _mm512_set1_ps(bias ? bias[r] : 0.f)
-                          : _mm512_maskz_loadu_ps(m, out + r * out_stride + 16 * i);
+                          : _mm512_maskz_loadu_ps(mask(i), out + r * out_stride + 16 * i);
     }
   }
-  for (int64_t c = k0 / 32; c < (k1 + 31) / 32; ++c) {
+  const int64_t c_end = (k1 + 31) / 32;
+  const int64_t c_whole = K / 32 < c_end ? K / 32 : c_end;  // words entirely below K
+  int64_t c = k0 / 32;
+  for (; c < c_whole; ++c) {
     const float* xc = x + 32 * c * ld;
-    if (32 * c + 32 <= K) {
+    uint32_t m[R];
+    const float* v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      m[r] = meta[r * words + c];
+      v[r] = vals + r * words * 16 + 16 * c;
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+#pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        uint32_t m = meta[r * words + c];
-        const float* v = vals + r * words * 16 + 16 * c;
-        for (int j = 0; j < 16; ++j, m >>= 2) {
-          const float* xr = xc + (4 * (j >> 1) + (m & 3u)) * ld;
-          const __m512 vb = _mm512_set1_ps(v[j]);
-          for (int i = 0; i < V; ++i) {
-            acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(i == V - 1 ? last : full, xr + 16 * i),
-                                        acc[r][i]);
-          }
-        }
-      }
-    } else {  // the last word, partly beyond K: skip padding slots (packed X has K rows)
-      for (int r = 0; r < R; ++r) {
-        uint32_t m = meta[r * words + c];
-        const float* v = vals + r * words * 16 + 16 * c;
-        for (int j = 0; j < 16; ++j, m >>= 2) {
-          const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
-          if (k >= K) continue;
-          const float* xr = x + k * ld;
-          const __m512 vb = _mm512_set1_ps(v[j]);
-          for (int i = 0; i < V; ++i) {
-            acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(i == V - 1 ? last : full, xr + 16 * i),
-                                        acc[r][i]);
-          }
+        const float* xr = xc + (4 * (j >> 1) + ((m[r] >> (2 * j)) & 3u)) * ld;
+        // A plain pointer register: base+index addressing would un-laminate every FMA's load.
+        asm("" : "+r"(xr));
+        const __m512 vb = _mm512_set1_ps(v[r][j]);
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i) {
+          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), xr + 16 * i), acc[r][i]);
         }
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int i = 0; i < V; ++i) {
-      _mm512_mask_storeu_ps(out + r * out_stride + 16 * i, i == V - 1 ? last : full, acc[r][i]);
+  for (; c < c_end; ++c) {  // the last word, partly beyond K: skip padding (X has K rows)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      uint32_t m = meta[r * words + c];
+      const float* v = vals + r * words * 16 + 16 * c;
+      for (int j = 0; j < 16; ++j, m >>= 2) {
+        const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
+        if (k >= K) continue;
+        const __m512 vb = _mm512_set1_ps(v[j]);
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i) {
+          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), x + k * ld + 16 * i), acc[r][i]);
+        }
+      }
     }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) _mm512_mask_storeu_ps(out + r * out_stride + 16 * i, mask(i), acc[r][i]);
   }
 }
 
-template <int V>
-inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, int64_t p0,
+// Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
+// panel's block stays in L1 while every row of the range passes over it.
+template <int V, bool Masked>
+inline void tile_rows(const Sparse24Matrix& w, int64_t words, const float* panel, int64_t p0,
                       const float* bias, const DenseOut& y, int64_t row_begin, int64_t row_end,
                       __mmask16 last) {
   constexpr int R = 2;
   const int64_t K = w.cols;
-  for (int64_t k0 = 0; k0 < K; k0 += Cfg::kTileK) {
+  auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
+    constexpr int RR = decltype(r_tag)::value;
+    tile_block<RR, V, Masked>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel,
+                              bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
+                              y.stride_n, last);
+  };
+  // A K block touches 128 bytes of values per row, rows words*64 bytes apart: too many short
+  // streams for the hardware prefetcher, so fetch the rows kAhead steps ahead (wrapping to the
+  // start of the next K block).
+  constexpr int64_t kAhead = 4 * R;
+  auto prefetch = [&](int64_t n, int64_t k0) {
+    if (n >= row_end) {
+      n = row_begin + (n - row_end);
+      k0 += Cfg::kTileK;
+    }
+    if (k0 >= K || n >= row_end) return;
+    const char* v = reinterpret_cast<const char*>(w.values + n * words * 16 + k0 / 2);
+    for (int64_t b = 0; b < Cfg::kTileK / 2 * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.meta + n * words + k0 / 32), _MM_HINT_T0);
+  };
+  for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += Cfg::kTileK) {  // K == 0: Y = bias
     const int64_t k1 = k0 + Cfg::kTileK < K ? k0 + Cfg::kTileK : K;
     int64_t n = row_begin;
     for (; n + R <= row_end; n += R) {
-      tile_block<R, V>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1,
-                       x.data + p0, x.stride_k, bias ? bias + n : nullptr,
-                       y.data + (n - row_begin) * y.stride_n + p0, y.stride_n, last);
+      for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
+      block(std::integral_constant<int, R>{}, n, k0, k1);
     }
-    for (; n < row_end; ++n) {
-      tile_block<1, V>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1,
-                       x.data + p0, x.stride_k, bias ? bias + n : nullptr,
-                       y.data + (n - row_begin) * y.stride_n + p0, y.stride_n, last);
-    }
-  }
-  if (K == 0) {  // no K block ran: Y = bias
-    for (int64_t n = row_begin; n < row_end; ++n) {
-      tile_block<1, V>(nullptr, nullptr, 0, 0, 0, 0, nullptr, 0, bias ? bias + n : nullptr,
-                       y.data + (n - row_begin) * y.stride_n + p0, y.stride_n, last);
-    }
+    for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);
   }
 }
 
@@ -183,16 +214,29 @@ void sparse24_rows_permute_avx512(const Sparse24Matrix& w, const DenseIn& x, con
 
 void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
-  const int64_t P = x.cols, words = sparse24_padded_cols(w.cols) / 32;
-  for (int64_t p0 = 0; p0 < P; p0 += 64) {
+  const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
+  for (int64_t p0 = 0; p0 < P; p0 += Cfg::kPanel) {
+    const float* panel = x.data + (p0 / Cfg::kPanel) * K * Cfg::kPanel;
     const int64_t rem = P - p0;
-    const int nv = rem >= 64 ? 4 : static_cast<int>((rem + 15) / 16);
+    const int nv = rem >= Cfg::kPanel ? 8 : static_cast<int>((rem + 15) / 16);
     const __mmask16 last = tail_mask(rem - 16 * (nv - 1));
+    auto run = [&](auto v_tag) {
+      constexpr int V = decltype(v_tag)::value;
+      if (last == 0xFFFF) {
+        tile_rows<V, false>(w, words, panel, p0, bias, y, row_begin, row_end, last);
+      } else {
+        tile_rows<V, true>(w, words, panel, p0, bias, y, row_begin, row_end, last);
+      }
+    };
     switch (nv) {
-      case 4: tile_rows<4>(w, words, x, p0, bias, y, row_begin, row_end, last); break;
-      case 3: tile_rows<3>(w, words, x, p0, bias, y, row_begin, row_end, last); break;
-      case 2: tile_rows<2>(w, words, x, p0, bias, y, row_begin, row_end, last); break;
-      default: tile_rows<1>(w, words, x, p0, bias, y, row_begin, row_end, last); break;
+      case 8: run(std::integral_constant<int, 8>{}); break;
+      case 7: run(std::integral_constant<int, 7>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{}); break;
     }
   }
 }

@@ -38,23 +38,54 @@ void sparse24_rows_permute_scalar(const Sparse24Matrix& w, const DenseIn& x, con
 
 void sparse24_rows_tile_scalar(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
-  const int64_t K = w.cols, words = sparse24_padded_cols(K) / 32;
-  for (int64_t n = row_begin; n < row_end; ++n) {
-    const float* vals = w.values + n * words * 16;
-    const uint32_t* meta = w.meta + n * words;
-    float* out = y.data + (n - row_begin) * y.stride_n;
-    const float b = bias ? bias[n] : 0.f;
-    for (int64_t p = 0; p < x.cols; ++p) out[p] = b;
-    for (int64_t c = 0; c < words; ++c) {
-      for (int j = 0; j < 16; ++j) {
-        const int64_t k = slot_input(meta[c], j, 32 * c);
-        if (k >= K) continue;  // padding slot (value 0); packed X has only K rows
-        const float v = vals[16 * c + j];
-        const float* xr = x.data + k * x.stride_k;
-        for (int64_t p = 0; p < x.cols; ++p) out[p] += v * xr[p];
+  constexpr int64_t L = Sparse24CpuConfig::kPanel;
+  const int64_t K = w.cols, P = x.cols, words = sparse24_padded_cols(K) / 32;
+  for (int64_t p0 = 0; p0 < P; p0 += L) {
+    const float* panel = x.data + (p0 / L) * K * L;
+    const int64_t width = std::min(L, P - p0);
+    for (int64_t n = row_begin; n < row_end; ++n) {
+      const float* vals = w.values + n * words * 16;
+      const uint32_t* meta = w.meta + n * words;
+      float* out = y.data + (n - row_begin) * y.stride_n + p0;
+      const float b = bias ? bias[n] : 0.f;
+      for (int64_t q = 0; q < width; ++q) out[q] = b;
+      for (int64_t c = 0; c < words; ++c) {
+        for (int j = 0; j < 16; ++j) {
+          const int64_t k = slot_input(meta[c], j, 32 * c);
+          if (k >= K) continue;  // padding slot (value 0); the panel has only K rows
+          const float v = vals[16 * c + j];
+          const float* xr = panel + k * L;
+          for (int64_t q = 0; q < width; ++q) out[q] += v * xr[q];
+        }
       }
     }
   }
+}
+
+const float* sparse24_pack_panels(const DenseIn& x, int num_threads) {
+  constexpr int64_t L = Sparse24CpuConfig::kPanel, kBlock = 32;
+  const int64_t K = x.rows, P = x.cols, panels = (P + L - 1) / L;
+  float* out = scratch(0, panels * K * L);
+  const int64_t kblocks = (K + kBlock - 1) / kBlock;
+  // 32 x 32 blocks so that both the strided reads and the writes stay in cache.
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (K * P > 65536)
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const int64_t k0 = kb * kBlock, k1 = std::min(K, k0 + kBlock);
+    for (int64_t t = 0; t < panels; ++t) {
+      float* dst = out + t * K * L;
+      for (int64_t q0 = 0; q0 < L; q0 += kBlock) {
+        const int64_t p0 = t * L + q0, p1 = std::min(P, p0 + kBlock);
+        for (int64_t k = k0; k < k1; ++k) {
+          const float* src = x.data + k * x.stride_k;
+          float* d = dst + k * L + q0;
+          int64_t q = 0;
+          for (; p0 + q < p1; ++q) d[q] = src[(p0 + q) * x.stride_p];
+          for (; q < kBlock; ++q) d[q] = 0.f;
+        }
+      }
+    }
+  }
+  return out;
 }
 
 namespace {
@@ -103,12 +134,12 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
   PYHWP_CHECK(K == 0 || (x.data && w.values && w.meta), "sparse24_matmul: null x, values or meta");
 
   const int nt = N * (Kp / 2) * P < Cfg::kSerialWork ? 1 : num_threads;
-  const int64_t nblocks = (N + Cfg::kRowBlock - 1) / Cfg::kRowBlock;
   const Isa isa = active_isa();
 
   if (P < Cfg::kPermuteMaxP) {
     const DenseIn xk = K == 0 ? DenseIn{x.data, 0, P, 1, 0} : padded_k_contiguous(x, Kp);
     const Sparse24RowsFn fn = pick(isa, /*permute=*/true);
+    const int64_t nblocks = (N + Cfg::kRowBlock - 1) / Cfg::kRowBlock;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t b = 0; b < nblocks; ++b) {
       const int64_t r0 = b * Cfg::kRowBlock, r1 = std::min(N, r0 + Cfg::kRowBlock);
@@ -117,27 +148,22 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
       fn(w, xk, bias, yb, r0, r1);
     }
   } else {
-    DenseIn xp = x;
-    if (x.stride_p != 1 && K > 0) {
-      int64_t ld = 0;
-      xp.data = pack_p_contiguous(x, &ld, nt);
-      xp.stride_k = ld;
-      xp.stride_p = 1;
-    }
+    const DenseIn xp{K > 0 ? sparse24_pack_panels(x, nt) : x.data, K, P, Cfg::kPanel, 1};
     const Sparse24RowsFn fn = pick(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
     const int64_t ld_tile = (P + 15) / 16 * 16;
+    const int64_t items = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t r0 = b * Cfg::kRowBlock, r1 = std::min(N, r0 + Cfg::kRowBlock);
+    for (int64_t b = 0; b < items; ++b) {
+      const int64_t r0 = b * Cfg::kTileRows, r1 = std::min(N, r0 + Cfg::kTileRows);
       if (direct) {
         DenseOut yb = y;
         yb.data = y.data + r0 * y.stride_n;
         fn(w, xp, bias, yb, r0, r1);
       } else {
-        // Compute the block with p contiguous, then transpose it into y, so that each thread
+        // Compute the rows with p contiguous, then transpose them into y, so that each thread
         // writes whole 64-byte lines of y (16 consecutive n) and no two threads share a line.
-        float* tile = scratch(1, Cfg::kRowBlock * ld_tile);
+        float* tile = scratch(1, Cfg::kTileRows * ld_tile);
         const DenseOut t{tile, r1 - r0, P, ld_tile, 1};
         fn(w, xp, bias, t, r0, r1);
         for (int64_t p = 0; p < P; ++p) {

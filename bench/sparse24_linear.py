@@ -59,7 +59,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default=None, help="comma list of batch sizes (rows of x)")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--threads", type=int, default=None, help="torch/pyhwp threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     batches = BATCHES if not args.batches else [int(b) for b in args.batches.split(",")]
     rows = run(shapes, batches, args.budget)

@@ -38,16 +38,15 @@ struct Sparse24CpuConfig {
   static constexpr int64_t kChunk = 32;         // inputs per metadata word
   static constexpr int64_t kRowBlock = 16;      // rows per parallel work item
   static constexpr int64_t kPermuteMaxP = 8;    // P below this: select x in registers, no packing
-  static constexpr int64_t kPanel = 128;        // columns of X per packed panel (tile kernels)
-  static constexpr int64_t kTileK = 64;         // inputs per K block of the tile kernels (L1)
+  static constexpr int64_t kPanel = 128;        // most columns of X per packed panel (tile kernels)
+  static constexpr int64_t kTileBytes = 32 * 1024;  // a K block of a panel fits L1
   static constexpr int64_t kTileRows = 64;      // rows per work item of the tile kernels
   static constexpr int64_t kSerialWork = 1 << 15;  // slots * P below this runs on one thread
   static_assert(kChunk == 32 && kGroup == 4 && kKeep == 2,
                 "one uint32 of 2-bit indices covers 16 slots = 8 groups = 32 inputs");
   static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");
-  static_assert(kTileK % kChunk == 0, "K blocks are whole metadata words");
-  static_assert(kPanel % 16 == 0 && kTileK * kPanel * 4 <= 32 * 1024,
-                "a K block of a panel (the tile kernels' working set) fits a 32 KiB L1");
+  static_assert(kPanel % 16 == 0, "panels are whole 64-byte lines");
+  static_assert(kTileBytes / (kPanel * 4) >= kChunk, "a K block holds at least one metadata word");
   static_assert(kTileRows % kRowBlock == 0, "tile work items are whole row blocks");
   static_assert(kPermuteMaxP >= 1, "the permute path serves at least batch 1");
 };
@@ -68,11 +67,24 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
 // goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr.
 // `permute` variants select x in registers: x.stride_k == 1 and x.rows == Kp, x zero-padded
 // beyond K (column p at x.data + p * x.stride_p). `tile` variants need X packed in panels
-// (sparse24_pack_panels: x.rows == K, x.stride_k == kPanel, x.stride_p == 1) and y.stride_p == 1;
+// (sparse24_pack_panels: x.rows == K, x.stride_k == panel width, x.stride_p == 1) and
+// y.stride_p == 1;
 // they skip slots at k >= K.
-// Packs X (K x P) into ceil(P / kPanel) panels of K x kPanel floats, p contiguous, zero beyond P:
-// element (k, p) at panel p / kPanel, offset k * kPanel + p % kPanel. Panels follow each other
-// (K * kPanel floats apart). Returns a scratch slot of the calling thread.
+// Panel width for P columns: P rounded up to 16, at most kPanel. Narrow panels keep the X rows of
+// small batches dense in cache lines.
+constexpr int64_t sparse24_panel_width(int64_t p) {
+  return (p + 15) / 16 * 16 < Sparse24CpuConfig::kPanel ? (p + 15) / 16 * 16 : Sparse24CpuConfig::kPanel;
+}
+
+// Inputs per K block of the tile kernels for panel width `ld`: whole metadata words whose panel
+// rows fill at most kTileBytes.
+constexpr int64_t sparse24_tile_k(int64_t ld) {
+  return Sparse24CpuConfig::kTileBytes / (ld * 4) / Sparse24CpuConfig::kChunk * Sparse24CpuConfig::kChunk;
+}
+
+// Packs X (K x P) into ceil(P / L) panels of K x L floats, L = sparse24_panel_width(P), p
+// contiguous, zero beyond P: element (k, p) at panel p / L, offset k * L + p % L. Panels follow
+// each other (K * L floats apart). Returns a scratch slot of the calling thread.
 const float* sparse24_pack_panels(const DenseIn& x, int num_threads);
 
 using Sparse24RowsFn = void (*)(const Sparse24Matrix& w, const DenseIn& x, const float* bias,

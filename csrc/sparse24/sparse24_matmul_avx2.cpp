@@ -86,13 +86,12 @@ inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseI
 }
 
 // One K block [k0, k1) of rows [n, n+R) against V*8 columns of a packed X panel (row stride
-// kPanel); the last vector is masked by `last`. acc starts from bias (first block) or the
+// ld); the last vector is masked by `last`. acc starts from bias (first block) or the
 // partial sums already in `out`.
 template <int R, int V>
 inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
-                       int64_t k0, int64_t k1, const float* x, const float* bias, float* out,
-                       int64_t out_stride, __m256i last) {
-  constexpr int64_t ld = Cfg::kPanel;
+                       int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
+                       float* out, int64_t out_stride, __m256i last) {
   const __m256i full = _mm256_set1_epi32(-1);
   __m256 acc[R][V];
   for (int r = 0; r < R; ++r) {
@@ -127,19 +126,19 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
 }
 
 template <int V>
-inline void tile_rows(const Sparse24Matrix& w, int64_t words, const float* panel, int64_t q0,
+inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, const float* panel, int64_t q0,
                       int64_t p0, const float* bias, const DenseOut& y, int64_t row_begin,
                       int64_t row_end, __m256i last) {
   constexpr int R = 2;
-  const int64_t K = w.cols;
+  const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
-    tile_block<RR, V>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel + q0,
+    tile_block<RR, V>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel + q0, x.stride_k,
                       bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
                       y.stride_n, last);
   };
-  for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += Cfg::kTileK) {  // K == 0: Y = bias
-    const int64_t k1 = k0 + Cfg::kTileK < K ? k0 + Cfg::kTileK : K;
+  for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
+    const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
     int64_t n = row_begin;
     for (; n + R <= row_end; n += R) block(std::integral_constant<int, R>{}, n, k0, k1);
     for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);
@@ -160,16 +159,17 @@ void sparse24_rows_permute_avx2(const Sparse24Matrix& w, const DenseIn& x, const
 void sparse24_rows_tile_avx2(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
                              const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
+  const int64_t L = x.stride_k;  // panel width, a multiple of 16
   for (int64_t p0 = 0; p0 < P; p0 += 32) {  // 32 columns (4 ymm) of a panel at a time
-    const float* panel = x.data + (p0 / Cfg::kPanel) * K * Cfg::kPanel;
-    const int64_t q0 = p0 % Cfg::kPanel, rem = P - p0;
+    const float* panel = x.data + (p0 / L) * K * L;
+    const int64_t q0 = p0 % L, rem = (P < p0 / L * L + L ? P : p0 / L * L + L) - p0;
     const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
     const __m256i last = tail_mask8(rem - 8 * (nv - 1));
     switch (nv) {
-      case 4: tile_rows<4>(w, words, panel, q0, p0, bias, y, row_begin, row_end, last); break;
-      case 3: tile_rows<3>(w, words, panel, q0, p0, bias, y, row_begin, row_end, last); break;
-      case 2: tile_rows<2>(w, words, panel, q0, p0, bias, y, row_begin, row_end, last); break;
-      default: tile_rows<1>(w, words, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+      case 4: tile_rows<4>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+      case 3: tile_rows<3>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+      case 2: tile_rows<2>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+      default: tile_rows<1>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
     }
   }
 }

@@ -91,16 +91,14 @@ inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseI
 }
 
 // One K block [k0, k1) of rows [n, n+R) against V*16 columns of a packed X panel (row stride
-// kPanel floats, a compile-time constant, so a slot's X row is two shifts and an and away from
-// its metadata bits); the last vector is masked by `last` when Masked. acc starts from bias
+// ld floats); the last vector is masked by `last` when Masked. acc starts from bias
 // (first block) or the partial sums already in `out`. Every slot costs one broadcast and V FMAs
 // whose X operand comes straight from L1 (the K block of the panel fits there): (V+1) loads per
 // V FMAs, against two 512-bit loads per cycle.
 template <int R, int V, bool Masked>
 inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
-                       int64_t k0, int64_t k1, const float* x, const float* bias, float* out,
-                       int64_t out_stride, __mmask16 last) {
-  constexpr int64_t ld = Cfg::kPanel;
+                       int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
+                       float* out, int64_t out_stride, __mmask16 last) {
   const __mmask16 full = 0xFFFF;
   auto mask = [&](int i) { return Masked && i == V - 1 ? last : full; };
   __m512 acc[R][V];
@@ -165,14 +163,14 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
 // Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
 // panel's block stays in L1 while every row of the range passes over it.
 template <int V, bool Masked>
-inline void tile_rows(const Sparse24Matrix& w, int64_t words, const float* panel, int64_t p0,
+inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
                       const float* bias, const DenseOut& y, int64_t row_begin, int64_t row_end,
                       __mmask16 last) {
   constexpr int R = 2;
-  const int64_t K = w.cols;
+  const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
-    tile_block<RR, V, Masked>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel,
+    tile_block<RR, V, Masked>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel, x.stride_k,
                               bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
                               y.stride_n, last);
   };
@@ -183,15 +181,15 @@ inline void tile_rows(const Sparse24Matrix& w, int64_t words, const float* panel
   auto prefetch = [&](int64_t n, int64_t k0) {
     if (n >= row_end) {
       n = row_begin + (n - row_end);
-      k0 += Cfg::kTileK;
+      k0 += tile_k;
     }
     if (k0 >= K || n >= row_end) return;
     const char* v = reinterpret_cast<const char*>(w.values + n * words * 16 + k0 / 2);
-    for (int64_t b = 0; b < Cfg::kTileK / 2 * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < tile_k / 2 * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w.meta + n * words + k0 / 32), _MM_HINT_T0);
   };
-  for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += Cfg::kTileK) {  // K == 0: Y = bias
-    const int64_t k1 = k0 + Cfg::kTileK < K ? k0 + Cfg::kTileK : K;
+  for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
+    const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
     int64_t n = row_begin;
     for (; n + R <= row_end; n += R) {
       for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
@@ -215,17 +213,18 @@ void sparse24_rows_permute_avx512(const Sparse24Matrix& w, const DenseIn& x, con
 void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
-  for (int64_t p0 = 0; p0 < P; p0 += Cfg::kPanel) {
-    const float* panel = x.data + (p0 / Cfg::kPanel) * K * Cfg::kPanel;
+  const int64_t L = x.stride_k;  // panel width, a multiple of 16 up to kPanel = 8 vectors
+  for (int64_t p0 = 0; p0 < P; p0 += L) {
+    const float* panel = x.data + (p0 / L) * K * L;
     const int64_t rem = P - p0;
-    const int nv = rem >= Cfg::kPanel ? 8 : static_cast<int>((rem + 15) / 16);
+    const int nv = static_cast<int>(((rem < L ? rem : L) + 15) / 16);
     const __mmask16 last = tail_mask(rem - 16 * (nv - 1));
     auto run = [&](auto v_tag) {
       constexpr int V = decltype(v_tag)::value;
       if (last == 0xFFFF) {
-        tile_rows<V, false>(w, words, panel, p0, bias, y, row_begin, row_end, last);
+        tile_rows<V, false>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
       } else {
-        tile_rows<V, true>(w, words, panel, p0, bias, y, row_begin, row_end, last);
+        tile_rows<V, true>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
       }
     };
     switch (nv) {

@@ -38,7 +38,7 @@ void sparse24_rows_permute_scalar(const Sparse24Matrix& w, const DenseIn& x, con
 
 void sparse24_rows_tile_scalar(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
-  constexpr int64_t L = Sparse24CpuConfig::kPanel;
+  const int64_t L = x.stride_k;
   const int64_t K = w.cols, P = x.cols, words = sparse24_padded_cols(K) / 32;
   for (int64_t p0 = 0; p0 < P; p0 += L) {
     const float* panel = x.data + (p0 / L) * K * L;
@@ -63,11 +63,11 @@ void sparse24_rows_tile_scalar(const Sparse24Matrix& w, const DenseIn& x, const 
 }
 
 const float* sparse24_pack_panels(const DenseIn& x, int num_threads) {
-  constexpr int64_t L = Sparse24CpuConfig::kPanel, kBlock = 32;
-  const int64_t K = x.rows, P = x.cols, panels = (P + L - 1) / L;
+  constexpr int64_t kBlock = 16;
+  const int64_t K = x.rows, P = x.cols, L = sparse24_panel_width(P), panels = (P + L - 1) / L;
   float* out = scratch(0, panels * K * L);
   const int64_t kblocks = (K + kBlock - 1) / kBlock;
-  // 32 x 32 blocks so that both the strided reads and the writes stay in cache.
+  // 16 x 16 blocks so that both the strided reads and the writes stay in cache.
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (K * P > 65536)
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const int64_t k0 = kb * kBlock, k1 = std::min(K, k0 + kBlock);
@@ -148,7 +148,7 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
       fn(w, xk, bias, yb, r0, r1);
     }
   } else {
-    const DenseIn xp{K > 0 ? sparse24_pack_panels(x, nt) : x.data, K, P, Cfg::kPanel, 1};
+    const DenseIn xp{K > 0 ? sparse24_pack_panels(x, nt) : x.data, K, P, sparse24_panel_width(P), 1};
     const Sparse24RowsFn fn = pick(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
     const int64_t ld_tile = (P + 15) / 16 * 16;

@@ -11,6 +11,7 @@
 #include "common/cpu_features.h"
 #include "common/dense.h"
 #include "csr/csr_matmul.h"
+#include "sparse24/sparse24_matmul.h"
 #ifdef PYHWP_WITH_CUDA
 #include "common/dense_cuda.h"
 #include "common/dtype.h"
@@ -112,6 +113,24 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias with W CSR (rows x cols) and X (cols x p), host float32; "
       "element strides for X (k, p) and Y (n, p); bias address 0 for none");
+
+  m.def(
+      "sparse24_matmul",
+      [](int64_t rows, int64_t cols, Addr values, Addr meta, Addr x, int64_t p, int64_t x_stride_k,
+         int64_t x_stride_p, Addr bias, Addr y, int64_t y_stride_n, int64_t y_stride_p,
+         int num_threads) {
+        const pyhwp::Sparse24Matrix w{rows, cols, ptr<const float>(values), ptr<const uint32_t>(meta)};
+        const DenseIn xin{ptr<const float>(x), cols, p, x_stride_k, x_stride_p};
+        const DenseOut yout{ptr<float>(y), rows, p, y_stride_n, y_stride_p};
+        pyhwp::sparse24_matmul(w, xin, ptr<const float>(bias), yout, num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("meta"), py::arg("x"),
+      py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
+      py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Y (rows x p) = W X + bias with W 2:4-compressed (rows x cols: float32 values "
+      "(rows, Kp/2), uint32 meta (rows, Kp/32), Kp = cols rounded up to 32) and X (cols x p), "
+      "host float32; element strides for X (k, p) and Y (n, p); bias address 0 for none");
 
 #ifdef PYHWP_WITH_CUDA
   m.def(

@@ -24,7 +24,7 @@ def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:
 
 
 @register_pattern
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class CSRWeight(SparseWeight):
     """Compressed sparse rows of the (out, in_features) matrix.
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
 from pyhwp.ops import csr as _csr  # noqa: F401  (registers torch.ops.pyhwp.csr_matmul)
+from pyhwp.ops import sparse24 as _sparse24  # noqa: F401  (registers torch.ops.pyhwp.sparse24_matmul)
 
 
 def _csr(x2, w, bias, transpose_out=False):
@@ -14,10 +17,14 @@ def _csr(x2, w, bias, transpose_out=False):
                                       w.row_order)
 
 
+def _sparse24(x2, w, bias, transpose_out=False):
+    return torch.ops.pyhwp.sparse24_matmul(x2, w.values, w.meta, bias, transpose_out)
+
+
 # Kernel name -> fn(x2, weight, bias, transpose_out): y (P, N) = x2 (P, K) @ W.T + bias for x2 of
 # any strides, or its transpose (N, P) contiguous when transpose_out. Every pyhwp kernel in
 # pyhwp.kernels.KERNELS has an entry; conv2d runs its GEMMs through the same table.
-MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr}
+MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr, "sparse24_matmul": _sparse24}
 
 
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
@@ -62,6 +69,6 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     kernel = find_kernel("linear", weight.pattern, x.device, x.dtype)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    x2 = x.reshape(-1, weight.in_features)
+    x2 = x.reshape(math.prod(x.shape[:-1]), weight.in_features)  # -1 is ambiguous when in_features == 0
     y = MATMULS[kernel.name](x2, weight, bias)
     return y.reshape(*x.shape[:-1], weight.out_features)

@@ -1,0 +1,99 @@
+// 2:4 structured-sparse x dense matmul on the CPU: Y = W X (+ bias), W stored as half its values
+// plus 2-bit in-group indices.
+#pragma once
+#include <cstdint>
+
+#include "common/dense.h"
+
+namespace pyhwp {
+
+// Storage layout of a 2:4 weight W (N x K, row-major GEMM form):
+//
+// - The input dimension k is cut into groups of 4 consecutive positions [4g, 4g+4); each group
+//   holds at most 2 nonzeros. K is padded with zero weights to Kp = sparse24_padded_cols(K), a
+//   multiple of 32, so that every row is a whole number of 32-input chunks (one metadata word
+//   each) and the kernels need no tail handling on the weight side.
+// - Every group stores exactly 2 slots: slot 2g and 2g+1 of the row. values[n*Kp/2 + s] is the
+//   weight in slot s (float32, row-major (N, Kp/2)). A group with fewer than 2 kept weights is
+//   completed with other positions holding the value 0, so every row has exactly Kp/2 slots.
+// - meta[n*Kp/32 + c] (uint32, row-major (N, Kp/32)) holds the in-group positions of slots
+//   16c .. 16c+15: bits [2j, 2j+1] are the position in [0, 4) of slot 16c+j inside its group
+//   8c + j/2. So slot s of row n weights input k = 4*(s/2) + ((meta >> 2*(s%16)) & 3).
+// - Invariants (sparse24 format validation, Python side): the two positions of a group strictly
+//   increase (so no input is counted twice), and every slot whose k >= K holds 0. The kernels
+//   never read x at k >= K: the weight's padding meets zero-padded or skipped x.
+//
+// Bytes per weight: 2 (values) + 0.125 (meta), against 4 for dense float32.
+struct Sparse24Matrix {
+  int64_t rows = 0;  // N
+  int64_t cols = 0;  // K, the logical input dimension (unpadded)
+  const float* values = nullptr;  // host, rows * sparse24_padded_cols(cols) / 2
+  const uint32_t* meta = nullptr;  // host, rows * sparse24_padded_cols(cols) / 32
+};
+
+// Tiling knobs of the CPU 2:4 kernels.
+struct Sparse24CpuConfig {
+  static constexpr int64_t kGroup = 4;          // inputs per group
+  static constexpr int64_t kKeep = 2;           // slots per group
+  static constexpr int64_t kChunk = 32;         // inputs per metadata word
+  static constexpr int64_t kRowBlock = 16;      // rows per parallel work item
+  static constexpr int64_t kPermuteMaxP = 8;    // P below this: select x in registers, no packing
+  static constexpr int64_t kPanel = 128;        // most columns of X per packed panel (tile kernels)
+  static constexpr int64_t kTileBytes = 32 * 1024;  // a K block of a panel fits L1
+  static constexpr int64_t kTileRows = 64;      // rows per work item of the tile kernels
+  static constexpr int64_t kSerialWork = 1 << 15;  // slots * P below this runs on one thread
+  static_assert(kChunk == 32 && kGroup == 4 && kKeep == 2,
+                "one uint32 of 2-bit indices covers 16 slots = 8 groups = 32 inputs");
+  static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");
+  static_assert(kPanel % 16 == 0, "panels are whole 64-byte lines");
+  static_assert(kTileBytes / (kPanel * 4) >= kChunk, "a K block holds at least one metadata word");
+  static_assert(kTileRows % kRowBlock == 0, "tile work items are whole row blocks");
+  static_assert(kPermuteMaxP >= 1, "the permute path serves at least batch 1");
+};
+
+// Kp: K rounded up to a whole number of metadata words.
+constexpr int64_t sparse24_padded_cols(int64_t k) {
+  return (k + Sparse24CpuConfig::kChunk - 1) / Sparse24CpuConfig::kChunk * Sparse24CpuConfig::kChunk;
+}
+
+// Y (N x P) = W (N x K) X (K x P) + bias (N floats, host, or nullptr), for any strides of X and Y
+// (see DenseIn / DenseOut). NaN/Inf in X propagate exactly as in the dense product. Uses up to
+// num_threads OpenMP threads. Y must not overlap X or W. Throws std::invalid_argument on sizes
+// that do not match. Does not re-check the format invariants (see above).
+void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+                     const DenseOut& y, int num_threads);
+
+// Rows [row_begin, row_end) of Y, one kernel per ISA (sparse24_matmul_{cpu,avx2,avx512}.cpp). Row n
+// goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr.
+// `permute` variants select x in registers: x.stride_k == 1 and x.rows == Kp, x zero-padded
+// beyond K (column p at x.data + p * x.stride_p). `tile` variants need X packed in panels
+// (sparse24_pack_panels: x.rows == K, x.stride_k == panel width, x.stride_p == 1) and
+// y.stride_p == 1;
+// they skip slots at k >= K.
+// Panel width for P columns: P rounded up to 16, at most kPanel. Narrow panels keep the X rows of
+// small batches dense in cache lines.
+constexpr int64_t sparse24_panel_width(int64_t p) {
+  return (p + 15) / 16 * 16 < Sparse24CpuConfig::kPanel ? (p + 15) / 16 * 16 : Sparse24CpuConfig::kPanel;
+}
+
+// Inputs per K block of the tile kernels for panel width `ld`: whole metadata words whose panel
+// rows fill at most kTileBytes.
+constexpr int64_t sparse24_tile_k(int64_t ld) {
+  return Sparse24CpuConfig::kTileBytes / (ld * 4) / Sparse24CpuConfig::kChunk * Sparse24CpuConfig::kChunk;
+}
+
+// Packs X (K x P) into ceil(P / L) panels of K x L floats, L = sparse24_panel_width(P), p
+// contiguous, zero beyond P: element (k, p) at panel p / L, offset k * L + p % L. Panels follow
+// each other (K * L floats apart). Returns a scratch slot of the calling thread.
+const float* sparse24_pack_panels(const DenseIn& x, int num_threads);
+
+using Sparse24RowsFn = void (*)(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+                                const DenseOut& y, int64_t row_begin, int64_t row_end);
+void sparse24_rows_permute_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+void sparse24_rows_tile_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+void sparse24_rows_permute_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+void sparse24_rows_tile_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+void sparse24_rows_permute_avx512(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+void sparse24_rows_tile_avx512(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+
+}  // namespace pyhwp

@@ -1,0 +1,177 @@
+// AVX2 2:4 kernels: the fallback for CPUs without AVX-512 (same structure, 8 lanes).
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "sparse24/sparse24_matmul.h"
+
+namespace pyhwp {
+
+namespace {
+
+using Cfg = Sparse24CpuConfig;
+
+inline __m256i tail_mask8(int64_t count) {  // count in [1, 8]: lanes < count all-ones
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes);
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// Selects the x of 8 slots (half h of a metadata word: 4 groups, 16 inputs [xlo | xhi]): lanes
+// 0-3 come from xlo and lanes 4-7 from xhi, so two in-register permutes and a blend.
+struct HalfSelect {
+  const __m256i shifts[2] = {_mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
+                             _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)};
+  const __m256i three = _mm256_set1_epi32(3);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  __m256i indices(uint32_t m, int h) const {
+    const __m256i s = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(m)), shifts[h]);
+    return _mm256_or_si256(_mm256_and_si256(s, three), base);
+  }
+  static __m256 select(__m256 xlo, __m256 xhi, __m256i idx) {
+    return _mm256_blend_ps(_mm256_permutevar8x32_ps(xlo, idx), _mm256_permutevar8x32_ps(xhi, idx), 0xF0);
+  }
+};
+
+template <int R, int PB>
+inline void permute_block(const float* vals, const uint32_t* meta, int64_t words, const float* x,
+                          int64_t ldx, float* out, int64_t out_stride_n, int64_t out_stride_p,
+                          const float* bias) {
+  const HalfSelect sel;
+  __m256 acc[R][PB];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < PB; ++q) acc[r][q] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < words; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 xlo[PB], xhi[PB];
+      for (int q = 0; q < PB; ++q) {
+        xlo[q] = _mm256_loadu_ps(x + q * ldx + 32 * c + 16 * h);
+        xhi[q] = _mm256_loadu_ps(x + q * ldx + 32 * c + 16 * h + 8);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i idx = sel.indices(meta[r * words + c], h);
+        const __m256 v = _mm256_loadu_ps(vals + r * words * 16 + 16 * c + 8 * h);
+        for (int q = 0; q < PB; ++q) {
+          acc[r][q] = _mm256_fmadd_ps(v, HalfSelect::select(xlo[q], xhi[q], idx), acc[r][q]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float b = bias ? bias[r] : 0.f;
+    for (int q = 0; q < PB; ++q) out[r * out_stride_n + q * out_stride_p] = hsum(acc[r][q]) + b;
+  }
+}
+
+template <int PB>
+inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseIn& x, int64_t p,
+                            const float* bias, const DenseOut& y, int64_t row_begin,
+                            int64_t row_end) {
+  constexpr int R = PB >= 4 ? 2 : 4;
+  const float* xp = x.data + p * x.stride_p;
+  auto rows = [&](auto r_tag, int64_t n) {
+    constexpr int RR = decltype(r_tag)::value;
+    permute_block<RR, PB>(w.values + n * words * 16, w.meta + n * words, words, xp, x.stride_p,
+                          y.data + (n - row_begin) * y.stride_n + p * y.stride_p, y.stride_n,
+                          y.stride_p, bias ? bias + n : nullptr);
+  };
+  int64_t n = row_begin;
+  for (; n + R <= row_end; n += R) rows(std::integral_constant<int, R>{}, n);
+  for (; n < row_end; ++n) rows(std::integral_constant<int, 1>{}, n);
+}
+
+// One K block [k0, k1) of rows [n, n+R) against V*8 columns of a packed X panel (row stride
+// ld); the last vector is masked by `last`. acc starts from bias (first block) or the
+// partial sums already in `out`.
+template <int R, int V>
+inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
+                       int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
+                       float* out, int64_t out_stride, __m256i last) {
+  const __m256i full = _mm256_set1_epi32(-1);
+  __m256 acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < V; ++i) {
+      acc[r][i] = k0 == 0 ? _mm256_set1_ps(bias ? bias[r] : 0.f)
+                          : _mm256_maskload_ps(out + r * out_stride + 8 * i, i == V - 1 ? last : full);
+    }
+  }
+  for (int64_t c = k0 / 32; c < (k1 + 31) / 32; ++c) {
+    const bool whole = 32 * c + 32 <= K;
+    for (int r = 0; r < R; ++r) {
+      uint32_t m = meta[r * words + c];
+      const float* v = vals + r * words * 16 + 16 * c;
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j, m >>= 2) {
+        const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
+        if (!whole && k >= K) continue;  // padding slot: the panel has only K rows
+        const float* xr = x + k * ld;
+        const __m256 vb = _mm256_set1_ps(v[j]);
+        for (int i = 0; i < V; ++i) {
+          acc[r][i] = _mm256_fmadd_ps(vb, _mm256_maskload_ps(xr + 8 * i, i == V - 1 ? last : full),
+                                      acc[r][i]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < V; ++i) {
+      _mm256_maskstore_ps(out + r * out_stride + 8 * i, i == V - 1 ? last : full, acc[r][i]);
+    }
+  }
+}
+
+template <int V>
+inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, const float* panel, int64_t q0,
+                      int64_t p0, const float* bias, const DenseOut& y, int64_t row_begin,
+                      int64_t row_end, __m256i last) {
+  constexpr int R = 2;
+  const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
+  auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
+    constexpr int RR = decltype(r_tag)::value;
+    tile_block<RR, V>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel + q0, x.stride_k,
+                      bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
+                      y.stride_n, last);
+  };
+  for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
+    const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
+    int64_t n = row_begin;
+    for (; n + R <= row_end; n += R) block(std::integral_constant<int, R>{}, n, k0, k1);
+    for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);
+  }
+}
+
+}  // namespace
+
+void sparse24_rows_permute_avx2(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
+  const int64_t words = sparse24_padded_cols(w.cols) / 32, P = x.cols;
+  int64_t p = 0;
+  for (; p + 4 <= P; p += 4) permute_columns<4>(w, words, x, p, bias, y, row_begin, row_end);
+  for (; p + 2 <= P; p += 2) permute_columns<2>(w, words, x, p, bias, y, row_begin, row_end);
+  for (; p < P; ++p) permute_columns<1>(w, words, x, p, bias, y, row_begin, row_end);
+}
+
+void sparse24_rows_tile_avx2(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+                             const DenseOut& y, int64_t row_begin, int64_t row_end) {
+  const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
+  const int64_t L = x.stride_k;  // panel width, a multiple of 16
+  for (int64_t p0 = 0; p0 < P; p0 += 32) {  // 32 columns (4 ymm) of a panel at a time
+    const float* panel = x.data + (p0 / L) * K * L;
+    const int64_t q0 = p0 % L, rem = (P < p0 / L * L + L ? P : p0 / L * L + L) - p0;
+    const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
+    const __m256i last = tail_mask8(rem - 8 * (nv - 1));
+    switch (nv) {
+      case 4: tile_rows<4>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+      case 3: tile_rows<3>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+      case 2: tile_rows<2>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+      default: tile_rows<1>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
+    }
+  }
+}
+
+}  // namespace pyhwp

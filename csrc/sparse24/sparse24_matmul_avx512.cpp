@@ -1,0 +1,243 @@
+// AVX-512 2:4 kernels: x selected in registers for small batches, register tiles for large ones.
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "sparse24/sparse24_matmul.h"
+
+namespace pyhwp {
+
+namespace {
+
+using Cfg = Sparse24CpuConfig;
+
+inline __mmask16 tail_mask(int64_t count) {  // count in [1, 16]
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+// Horizontal sum. The maskz forms with full masks avoid gcc 12's false -Wuninitialized inside
+// the unmasked intrinsics (and _mm512_reduce_add_ps), which pass an undefined source.
+inline float hsum(__m512 v) {
+  const __mmask16 all = 0xFFFF;
+  __m512 t = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  t = _mm512_add_ps(t, _mm512_maskz_shuffle_f32x4(all, t, t, _MM_SHUFFLE(2, 3, 0, 1)));
+  __m128 s = _mm512_maskz_extractf32x4_ps(0xF, t, 0);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+// Expands one metadata word into the 16 lane indices of its slots into the 32 inputs [x0 | x1]
+// of its chunk: lane j gets 4*(j/2) + ((m >> 2j) & 3). No gather: the selection is one
+// vpermt2ps per 16 slots.
+struct LaneIndices {
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i three = _mm512_set1_epi32(3);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  __m512i operator()(uint32_t m) const {
+    const __m512i s = _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(m)), shifts);
+    return _mm512_ternarylogic_epi32(s, three, base, 0xEA);  // (s & three) | base
+  }
+};
+
+// R rows times PB columns of x: acc[r][q] accumulates row r against x column q.
+template <int R, int PB>
+inline void permute_block(const float* vals, const uint32_t* meta, int64_t words, const float* x,
+                          int64_t ldx, float* out, int64_t out_stride_n, int64_t out_stride_p,
+                          const float* bias) {
+  const LaneIndices lanes;
+  __m512 acc[R][PB];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < PB; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < words; ++c) {
+    __m512 x0[PB], x1[PB];
+    for (int q = 0; q < PB; ++q) {
+      x0[q] = _mm512_loadu_ps(x + q * ldx + 32 * c);
+      x1[q] = _mm512_loadu_ps(x + q * ldx + 32 * c + 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i idx = lanes(meta[r * words + c]);
+      const __m512 v = _mm512_loadu_ps(vals + r * words * 16 + 16 * c);
+      for (int q = 0; q < PB; ++q) {
+        acc[r][q] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(x0[q], idx, x1[q]), acc[r][q]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float b = bias ? bias[r] : 0.f;
+    for (int q = 0; q < PB; ++q) {
+      out[r * out_stride_n + q * out_stride_p] = hsum(acc[r][q]) + b;
+    }
+  }
+}
+
+// Rows [n, n+R) of W times PB columns of x, written to Y.
+template <int R, int PB>
+inline void permute_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, int64_t p,
+                         const float* bias, const DenseOut& y, int64_t row_begin, int64_t n) {
+  permute_block<R, PB>(w.values + n * words * 16, w.meta + n * words, words,
+                       x.data + p * x.stride_p, x.stride_p,
+                       y.data + (n - row_begin) * y.stride_n + p * y.stride_p, y.stride_n,
+                       y.stride_p, bias ? bias + n : nullptr);
+}
+
+template <int PB>
+inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseIn& x, int64_t p,
+                            const float* bias, const DenseOut& y, int64_t row_begin,
+                            int64_t row_end) {
+  constexpr int R = PB >= 4 ? 2 : 4;
+  int64_t n = row_begin;
+  for (; n + R <= row_end; n += R) permute_rows<R, PB>(w, words, x, p, bias, y, row_begin, n);
+  for (; n < row_end; ++n) permute_rows<1, PB>(w, words, x, p, bias, y, row_begin, n);
+}
+
+// One K block [k0, k1) of rows [n, n+R) against V*16 columns of a packed X panel (row stride
+// ld floats); the last vector is masked by `last` when Masked. acc starts from bias
+// (first block) or the partial sums already in `out`. Every slot costs one broadcast and V FMAs
+// whose X operand comes straight from L1 (the K block of the panel fits there): (V+1) loads per
+// V FMAs, against two 512-bit loads per cycle.
+template <int R, int V, bool Masked>
+inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
+                       int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
+                       float* out, int64_t out_stride, __mmask16 last) {
+  const __mmask16 full = 0xFFFF;
+  auto mask = [&](int i) { return Masked && i == V - 1 ? last : full; };
+  __m512 acc[R][V];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) {
+      acc[r][i] = k0 == 0 ? _mm512_set1_ps(bias ? bias[r] : 0.f)
+                          : _mm512_maskz_loadu_ps(mask(i), out + r * out_stride + 16 * i);
+    }
+  }
+  const int64_t c_end = (k1 + 31) / 32;
+  const int64_t c_whole = K / 32 < c_end ? K / 32 : c_end;  // words entirely below K
+  int64_t c = k0 / 32;
+  for (; c < c_whole; ++c) {
+    const float* xc = x + 32 * c * ld;
+    uint32_t m[R];
+    const float* v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      m[r] = meta[r * words + c];
+      v[r] = vals + r * words * 16 + 16 * c;
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xc + (4 * (j >> 1) + ((m[r] >> (2 * j)) & 3u)) * ld;
+        // A plain pointer register: base+index addressing would un-laminate every FMA's load.
+        asm("" : "+r"(xr));
+        const __m512 vb = _mm512_set1_ps(v[r][j]);
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i) {
+          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), xr + 16 * i), acc[r][i]);
+        }
+      }
+    }
+  }
+  for (; c < c_end; ++c) {  // the last word, partly beyond K: skip padding (X has K rows)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      uint32_t m = meta[r * words + c];
+      const float* v = vals + r * words * 16 + 16 * c;
+      for (int j = 0; j < 16; ++j, m >>= 2) {
+        const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
+        if (k >= K) continue;
+        const __m512 vb = _mm512_set1_ps(v[j]);
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i) {
+          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), x + k * ld + 16 * i), acc[r][i]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) _mm512_mask_storeu_ps(out + r * out_stride + 16 * i, mask(i), acc[r][i]);
+  }
+}
+
+// Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
+// panel's block stays in L1 while every row of the range passes over it.
+template <int V, bool Masked>
+inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
+                      const float* bias, const DenseOut& y, int64_t row_begin, int64_t row_end,
+                      __mmask16 last) {
+  constexpr int R = 2;
+  const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
+  auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
+    constexpr int RR = decltype(r_tag)::value;
+    tile_block<RR, V, Masked>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel, x.stride_k,
+                              bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
+                              y.stride_n, last);
+  };
+  // A K block touches 128 bytes of values per row, rows words*64 bytes apart: too many short
+  // streams for the hardware prefetcher, so fetch the rows kAhead steps ahead (wrapping to the
+  // start of the next K block).
+  constexpr int64_t kAhead = 4 * R;
+  auto prefetch = [&](int64_t n, int64_t k0) {
+    if (n >= row_end) {
+      n = row_begin + (n - row_end);
+      k0 += tile_k;
+    }
+    if (k0 >= K || n >= row_end) return;
+    const char* v = reinterpret_cast<const char*>(w.values + n * words * 16 + k0 / 2);
+    for (int64_t b = 0; b < tile_k / 2 * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.meta + n * words + k0 / 32), _MM_HINT_T0);
+  };
+  for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
+    const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
+    int64_t n = row_begin;
+    for (; n + R <= row_end; n += R) {
+      for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
+      block(std::integral_constant<int, R>{}, n, k0, k1);
+    }
+    for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);
+  }
+}
+
+}  // namespace
+
+void sparse24_rows_permute_avx512(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+                                  const DenseOut& y, int64_t row_begin, int64_t row_end) {
+  const int64_t words = sparse24_padded_cols(w.cols) / 32, P = x.cols;
+  int64_t p = 0;
+  for (; p + 4 <= P; p += 4) permute_columns<4>(w, words, x, p, bias, y, row_begin, row_end);
+  for (; p + 2 <= P; p += 2) permute_columns<2>(w, words, x, p, bias, y, row_begin, row_end);
+  for (; p < P; ++p) permute_columns<1>(w, words, x, p, bias, y, row_begin, row_end);
+}
+
+void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+                               const DenseOut& y, int64_t row_begin, int64_t row_end) {
+  const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
+  const int64_t L = x.stride_k;  // panel width, a multiple of 16 up to kPanel = 8 vectors
+  for (int64_t p0 = 0; p0 < P; p0 += L) {
+    const float* panel = x.data + (p0 / L) * K * L;
+    const int64_t rem = P - p0;
+    const int nv = static_cast<int>(((rem < L ? rem : L) + 15) / 16);
+    const __mmask16 last = tail_mask(rem - 16 * (nv - 1));
+    auto run = [&](auto v_tag) {
+      constexpr int V = decltype(v_tag)::value;
+      if (last == 0xFFFF) {
+        tile_rows<V, false>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
+      } else {
+        tile_rows<V, true>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
+      }
+    };
+    switch (nv) {
+      case 8: run(std::integral_constant<int, 8>{}); break;
+      case 7: run(std::integral_constant<int, 7>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{}); break;
+    }
+  }
+}
+
+}  // namespace pyhwp

@@ -62,8 +62,8 @@ def _cuda_built() -> bool:
 
 
 KERNELS: tuple[Kernel, ...] = (
-    Kernel("csr_matmul", "csr", ("linear", "conv2d"), "cpu", (torch.float32,),
-           note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch"),
+    Kernel("csr_matmul", "csr", ("linear", "conv2d"), "cpu", (torch.float32, torch.bfloat16),
+           note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch; bfloat16 accumulates in float32"),
     Kernel("torch_dense", "dense", ("linear", "conv2d"), "cpu", (torch.float32, torch.float64, torch.bfloat16),
            provider="torch", note="torch.nn.functional.linear / conv2d on the dense weight (MKL/oneDNN)"),
     Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),

@@ -10,7 +10,7 @@ from pyhwp.ops import csr as _csr  # noqa: F401  (registers torch.ops.pyhwp.csr_
 
 
 def _csr(x2, w, bias, transpose_out=False):
-    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.col_indices, w.values, bias, transpose_out,
+    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.kernel_col_indices, w.values, bias, transpose_out,
                                       w.row_order)
 
 

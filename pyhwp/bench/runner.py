@@ -314,10 +314,11 @@ def measure_overhead(device: str = "cpu", budget_s: float = 0.5) -> dict:
     p = prepare(case, device)
     sw, x = p.sparse, p.x
     y = torch.empty(1, 1536)
-    ro, ci, v = sw.row_offsets, sw.col_indices, sw.values
+    ro, ci, v = sw.row_offsets, sw.kernel_col_indices, sw.values
     nt = torch.get_num_threads()
-    args = (1536, 384, v.numel(), ro.data_ptr(), ci.data_ptr(), v.data_ptr(), x.data_ptr(), 1,
-            x.stride(1), x.stride(0), 0, y.data_ptr(), 1, 1536, nt)
+    narrow = ci.dtype == torch.int16
+    args = (1536, 384, v.numel(), ro.data_ptr(), 0 if narrow else ci.data_ptr(), v.data_ptr(), x.data_ptr(), 1,
+            x.stride(1), x.stride(0), 0, y.data_ptr(), 1, 1536, nt, ci.data_ptr() if narrow else 0)
     fns = {
         "pyhwp.linear": lambda: pyhwp.linear(x, sw),
         "custom_op": lambda: torch.ops.pyhwp.csr_matmul(x, ro, ci, v, None, False),

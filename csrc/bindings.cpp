@@ -33,9 +33,10 @@ T* ptr(Addr a) {
 }
 
 CsrMatrix make_csr(int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices,
-                   Addr values) {
+                   Addr values, Addr col_indices16 = 0) {
   return CsrMatrix{rows, cols, nnz, ptr<const int64_t>(row_offsets),
-                   ptr<const int32_t>(col_indices), ptr<const float>(values)};
+                   ptr<const int32_t>(col_indices), ptr<const float>(values),
+                   ptr<const uint16_t>(col_indices16)};
 }
 
 py::dict build_info() {
@@ -89,19 +90,22 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "csr_validate",
-      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values) {
-        pyhwp::csr_validate(make_csr(rows, cols, nnz, row_offsets, col_indices, values));
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
+         Addr col_indices16) {
+        pyhwp::csr_validate(make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16));
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"),
-      py::arg("col_indices"), py::arg("values"), py::call_guard<py::gil_scoped_release>(),
-      "Check CSR invariants (host arrays: int64 offsets, int32 indices, float32 values)");
+      py::arg("col_indices"), py::arg("values"), py::arg("col_indices16") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "Check CSR invariants (host arrays: int64 offsets, int32 indices, float32 values; optional "
+      "uint16 copy of the indices, address 0 for none)");
 
   m.def(
       "csr_matmul",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
          Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
-         int64_t y_stride_n, int64_t y_stride_p, int num_threads) {
-        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values);
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16) {
+        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
         const DenseIn xin{ptr<const float>(x), cols, p, x_stride_k, x_stride_p};
         const DenseOut yout{ptr<float>(y), rows, p, y_stride_n, y_stride_p};
         pyhwp::csr_matmul(w, xin, ptr<const float>(bias), yout, num_threads);
@@ -110,9 +114,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("col_indices"), py::arg("values"), py::arg("x"), py::arg("p"),
       py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
       py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
-      py::call_guard<py::gil_scoped_release>(),
+      py::arg("col_indices16") = 0, py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias with W CSR (rows x cols) and X (cols x p), host float32; "
-      "element strides for X (k, p) and Y (n, p); bias address 0 for none");
+      "element strides for X (k, p) and Y (n, p); bias address 0 for none; col_indices16: "
+      "optional uint16 copy of the indices (cols <= 65536) that the kernels then read");
+
+  m.def(
+      "csr_matmul_bf16",
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
+         Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16) {
+        const pyhwp::CsrMatrixBf16 w{rows, cols, nnz, ptr<const int64_t>(row_offsets),
+                                     ptr<const int32_t>(col_indices), ptr<const uint16_t>(values),
+                                     ptr<const uint16_t>(col_indices16)};
+        const pyhwp::DenseInBf16 xin{ptr<const uint16_t>(x), cols, p, x_stride_k, x_stride_p};
+        const pyhwp::DenseOutBf16 yout{ptr<uint16_t>(y), rows, p, y_stride_n, y_stride_p};
+        pyhwp::csr_matmul_bf16(w, xin, ptr<const uint16_t>(bias), yout, num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"),
+      py::arg("col_indices"), py::arg("values"), py::arg("x"), py::arg("p"),
+      py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
+      py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
+      py::arg("col_indices16") = 0, py::call_guard<py::gil_scoped_release>(),
+      "csr_matmul with bfloat16 values, X, bias and Y (float32 accumulation, one rounding)");
 
   m.def(
       "sparse24_matmul",

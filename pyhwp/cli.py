@@ -14,6 +14,9 @@ def _parser() -> argparse.ArgumentParser:
 
     profile_arguments(sub.add_parser("profile", help="measure this machine: ceilings, bandwidth, power, "
                                      "kernel latency tables and where each sparse pattern beats dense"))
+    from pyhwp.bench.suite import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="microbenchmarks: pyhwp kernels vs torch, interleaved"))
     return p
 
 
@@ -27,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from pyhwp.hardware.command import main as profile_main
 
         return profile_main(args)
+    if args.command == "bench":
+        from pyhwp.bench.suite import main as bench_main
+
+        return bench_main(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

@@ -62,8 +62,8 @@ def _cuda_built() -> bool:
 
 
 KERNELS: tuple[Kernel, ...] = (
-    Kernel("csr_matmul", "csr", ("linear", "conv2d"), "cpu", (torch.float32,),
-           note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch"),
+    Kernel("csr_matmul", "csr", ("linear", "conv2d"), "cpu", (torch.float32, torch.bfloat16),
+           note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch; bfloat16 accumulates in float32"),
     Kernel("sparse24_matmul", "2:4", ("linear", "conv2d"), "cpu", (torch.float32,),
            note="2:4 compressed GEMM (x selected in registers, no gather); AVX-512/AVX2/scalar"),
     Kernel("torch_dense", "dense", ("linear", "conv2d"), "cpu", (torch.float32, torch.float64, torch.bfloat16),

@@ -26,6 +26,39 @@ struct DenseOut {
   int64_t stride_p = 0;
 };
 
+// bfloat16 operands (raw bit patterns), same conventions as DenseIn / DenseOut.
+struct DenseInBf16 {
+  const uint16_t* data = nullptr;
+  int64_t rows = 0;  // K
+  int64_t cols = 0;  // P
+  int64_t stride_k = 0;
+  int64_t stride_p = 0;
+};
+struct DenseOutBf16 {
+  uint16_t* data = nullptr;
+  int64_t rows = 0;  // N
+  int64_t cols = 0;  // P
+  int64_t stride_n = 0;
+  int64_t stride_p = 0;
+};
+
+// float32 -> bfloat16 bits, round to nearest even; NaN stays NaN (quiet).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// bfloat16 bits -> float32 (exact).
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
 // A per-thread scratch buffer that grows and is never shrunk (no allocation per call in the
 // steady state). Valid until the next call from the same thread with the same slot.
 float* scratch(int slot, int64_t count);

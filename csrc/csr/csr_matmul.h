@@ -9,13 +9,28 @@ namespace pyhwp {
 // A CSR matrix in host memory. Row n stores positions row_offsets[n] .. row_offsets[n+1]-1 of
 // col_indices (int32, each in [0, cols)) and values (float32). row_offsets has rows+1 int64
 // entries, non-decreasing, from 0 to nnz; column indices strictly increase within a row.
+// col_indices16 is an optional copy of col_indices as uint16 (only when cols <= 65536): the
+// kernels read it instead, since at batch 1 the index bytes are a third of the traffic. Either
+// index array may be null, not both (when nnz > 0).
 struct CsrMatrix {
   int64_t rows = 0;
   int64_t cols = 0;
   int64_t nnz = 0;
-  const int64_t* row_offsets = nullptr;  // host, rows + 1
-  const int32_t* col_indices = nullptr;  // host, nnz
-  const float* values = nullptr;         // host, nnz
+  const int64_t* row_offsets = nullptr;     // host, rows + 1
+  const int32_t* col_indices = nullptr;     // host, nnz
+  const float* values = nullptr;            // host, nnz
+  const uint16_t* col_indices16 = nullptr;  // host, nnz, or nullptr
+};
+
+// The same matrix with bfloat16 values (raw bits, round-to-nearest-even from float32).
+struct CsrMatrixBf16 {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t nnz = 0;
+  const int64_t* row_offsets = nullptr;
+  const int32_t* col_indices = nullptr;
+  const uint16_t* values = nullptr;  // host, nnz bfloat16 bit patterns
+  const uint16_t* col_indices16 = nullptr;
 };
 
 // Full structural check (offsets monotonic from 0 to nnz, indices in range). O(nnz); run once
@@ -29,26 +44,70 @@ void csr_validate(const CsrMatrix& w);
 void csr_matmul(const CsrMatrix& w, const DenseIn& x, const float* bias, const DenseOut& y,
                 int num_threads);
 
-// Rows [row_begin, row_end) of Y, one kernel per ISA (csr_matmul_{cpu,avx2,avx512}.cpp). Row n
-// goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr. `gather` variants need
-// x.stride_k == 1 (x rows contiguous, small P); `tile` variants need x.stride_p == 1 and
-// y.stride_p == 1.
-using CsrRowsFn = void (*)(const CsrMatrix& w, const DenseIn& x, const float* bias,
-                           const DenseOut& y, int64_t row_begin, int64_t row_end);
-void csr_rows_gather_scalar(const CsrMatrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void csr_rows_tile_scalar(const CsrMatrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void csr_rows_gather_avx2(const CsrMatrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void csr_rows_tile_avx2(const CsrMatrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void csr_rows_gather_avx512(const CsrMatrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void csr_rows_tile_avx512(const CsrMatrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+// Y (N x P) = W X + bias with bfloat16 W, X, bias and Y: float32 products and sums, one
+// round-to-nearest-even conversion of each output. X and Y are converted to/from float32 in
+// per-thread scratch; W's values stay bfloat16 in memory (half the bytes of float32).
+void csr_matmul_bf16(const CsrMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                     const DenseOutBf16& y, int num_threads);
+
+// -- the per-ISA kernels (csr_matmul_{cpu,avx2,avx512}.cpp), selected in csr_matmul_cpu.cpp ----
+//
+// The stored arrays of one matrix as a kernel reads them: I is the index type (int32_t or
+// uint16_t), T the value type (float, or uint16_t holding bfloat16 bits).
+template <typename I, typename T>
+struct CsrArrays {
+  const I* cols;
+  const T* vals;
+};
+
+// Gather kernel (small P, x rows contiguous): for rows i in [0, rows), p in [0, P):
+// y[i*ldy_n + p*ldy_p] = bias[i] (or 0) + sum_{j in [begin[i], begin[i+1])} vals[j] * x[p*ldx + cols[j]].
+// x is float32 (ldx >= K), bias may be nullptr.
+template <typename I, typename T>
+using CsrGatherFn = void (*)(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x,
+                             int64_t ldx, int64_t P, const float* bias, float* y, int64_t ldy_n,
+                             int64_t ldy_p);
+
+// Tile kernel (X packed with p contiguous, rows 64-byte aligned): for rows i in [0, rows),
+// y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
+//                  + sum_{j in [begin[i], end[i])} vals[j] * x[cols[j]*ldx + 0:P].
+// P <= kTileP; begin/end are per-row position ranges (a K block of each row).
+template <typename I, typename T>
+using CsrTileFn = void (*)(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
+                           const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate,
+                           float* y, int64_t ldy);
+
+template <typename I, typename T>
+struct CsrKernels {
+  CsrGatherFn<I, T> gather;
+  CsrTileFn<I, T> tile;
+};
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < R, c < C, R and C at most 16: moves a tile
+// computed with p contiguous into an output with n contiguous (linear layers).
+using TransposeFn = void (*)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t R,
+                             int64_t C);
+TransposeFn transpose_scalar();
+TransposeFn transpose_avx512();
+
+template <typename I, typename T> CsrKernels<I, T> csr_kernels_scalar();
+template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx2();
+template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx512();
 
 // Tiling knobs of the CPU CSR kernels.
 struct CsrCpuConfig {
-  static constexpr int64_t kRowBlock = 16;   // rows per parallel work item and per output tile
   static constexpr int64_t kGatherMaxP = 8;  // P below this: gather from x rows, no packing
   static constexpr int64_t kSerialWork = 1 << 15;  // nnz * P below this runs on one thread
+  static constexpr int64_t kTileP = 128;     // output columns per register tile (8 zmm)
+  static constexpr int64_t kRowBlock = 16;   // rows per output tile before it is transposed
+  // Bytes of the X panel (K-block rows x tile columns) that should stay in the L2 cache while
+  // every row of the block streams past; beyond it, K is split into blocks and Y accumulates.
+  static constexpr int64_t kPanelBytes = 1 << 20;
+  static constexpr int64_t kRowCost = 8;     // per-row work in nnz units, for load balance
+  static constexpr int64_t kChunksPerThread = 4;  // dynamic scheduling granularity
+  static_assert(kTileP % 16 == 0 && kTileP <= 128, "tiles are whole zmm vectors, at most 8 per row");
   static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");
   static_assert(kGatherMaxP >= 1, "the gather path serves at least batch 1");
+  static_assert(kPanelBytes >= kTileP * 4 * 64, "a K block holds at least 64 rows of X");
 };
 
 }  // namespace pyhwp

@@ -1,6 +1,7 @@
 // AVX2 CSR kernels: the fallback for CPUs without AVX-512 (same structure, 8 lanes).
 #include <immintrin.h>
 
+#include "csr/csr_kernels_inl.h"
 #include "csr/csr_matmul.h"
 
 namespace pyhwp {
@@ -18,17 +19,54 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-template <int V>
-inline void row_tile(const int32_t* cols, const float* vals, int64_t len, const float* x,
-                     int64_t ld, float b, float* out, __m256i last) {
+// 8 values / indices widened to float32 / int32 lanes (bfloat16 bits: exact 16-bit shift).
+inline __m256 load8(const float* v) { return _mm256_loadu_ps(v); }
+inline __m256 load8(const uint16_t* v) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256i load_idx8(const int32_t* c) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)); }
+inline __m256i load_idx8(const uint16_t* c) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+}
+
+template <typename I, typename T>
+void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
+            int64_t P, const float* bias, float* y, int64_t ldy_n, int64_t ldy_p) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t b = begin[i], len = begin[i + 1] - b;
+    const I* cols = a.cols + b;
+    const T* vals = a.vals + b;
+    for (int64_t p = 0; p < P; ++p) {
+      const float* xr = x + p * ldx;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t j = 0;
+      for (; j + 16 <= len; j += 16) {
+        a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
+        a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
+      }
+      float tail = 0.f;  // the last < 16 terms, in order
+      for (; j < len; ++j) tail += to_float(vals[j]) * xr[cols[j]];
+      y[i * ldy_n + p * ldy_p] = hsum(_mm256_add_ps(a0, a1)) + tail + (bias ? bias[i] : 0.f);
+    }
+  }
+}
+
+// One row times a tile of V*8 columns (last vector masked); two accumulator sets.
+template <int V, typename I, typename T>
+inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
+                     const float* init, float* out, __m256i last) {
   __m256 a0[V], a1[V];
-  for (int i = 0; i < V; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
   const __m256i full = _mm256_set1_epi32(-1);
+  for (int i = 0; i < V; ++i) {
+    a0[i] = _mm256_maskload_ps(init + 8 * i, i == V - 1 ? last : full);
+    a1[i] = _mm256_setzero_ps();
+  }
   int64_t j = 0;
   for (; j + 2 <= len; j += 2) {
-    const float* x0 = x + static_cast<int64_t>(cols[j]) * ld;
-    const float* x1 = x + static_cast<int64_t>(cols[j + 1]) * ld;
-    const __m256 v0 = _mm256_set1_ps(vals[j]), v1 = _mm256_set1_ps(vals[j + 1]);
+    const float* x0 = x + static_cast<int64_t>(cols[j]) * ldx;
+    const float* x1 = x + static_cast<int64_t>(cols[j + 1]) * ldx;
+    const __m256 v0 = _mm256_set1_ps(to_float(vals[j])), v1 = _mm256_set1_ps(to_float(vals[j + 1]));
     for (int i = 0; i < V; ++i) {
       const __m256i m = i == V - 1 ? last : full;
       a0[i] = _mm256_fmadd_ps(v0, _mm256_maskload_ps(x0 + 8 * i, m), a0[i]);
@@ -36,73 +74,55 @@ inline void row_tile(const int32_t* cols, const float* vals, int64_t len, const 
     }
   }
   if (j < len) {
-    const float* x0 = x + static_cast<int64_t>(cols[j]) * ld;
-    const __m256 v0 = _mm256_set1_ps(vals[j]);
+    const float* x0 = x + static_cast<int64_t>(cols[j]) * ldx;
+    const __m256 v0 = _mm256_set1_ps(to_float(vals[j]));
     for (int i = 0; i < V; ++i) {
-      const __m256i m = i == V - 1 ? last : full;
-      a0[i] = _mm256_fmadd_ps(v0, _mm256_maskload_ps(x0 + 8 * i, m), a0[i]);
+      a0[i] = _mm256_fmadd_ps(v0, _mm256_maskload_ps(x0 + 8 * i, i == V - 1 ? last : full), a0[i]);
     }
   }
-  const __m256 bias = _mm256_set1_ps(b);
   for (int i = 0; i < V; ++i) {
-    const __m256 r = _mm256_add_ps(_mm256_add_ps(a0[i], a1[i]), bias);
-    _mm256_maskstore_ps(out + 8 * i, i == V - 1 ? last : full, r);
+    _mm256_maskstore_ps(out + 8 * i, i == V - 1 ? last : full, _mm256_add_ps(a0[i], a1[i]));
+  }
+}
+
+template <typename I, typename T>
+void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
+          const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
+          int64_t ldy) {
+  alignas(32) float init[32];
+  for (int64_t p0 = 0; p0 < P; p0 += 32) {
+    const int64_t rem = P - p0;
+    const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
+    const __m256i last = tail_mask8(rem - 8 * (nv - 1));
+    for (int64_t i = 0; i < rows; ++i) {
+      float* out = y + i * ldy + p0;
+      const float* src = out;
+      if (!accumulate) {
+        for (float& v : init) v = bias ? bias[i] : 0.f;
+        src = init;
+      }
+      const I* cols = a.cols + begin[i];
+      const T* vals = a.vals + begin[i];
+      const int64_t len = end[i] - begin[i];
+      switch (nv) {
+        case 4: row_tile<4>(cols, vals, len, x + p0, ldx, src, out, last); break;
+        case 3: row_tile<3>(cols, vals, len, x + p0, ldx, src, out, last); break;
+        case 2: row_tile<2>(cols, vals, len, x + p0, ldx, src, out, last); break;
+        default: row_tile<1>(cols, vals, len, x + p0, ldx, src, out, last); break;
+      }
+    }
   }
 }
 
 }  // namespace
 
-void csr_rows_tile_avx2(const CsrMatrix& w, const DenseIn& x, const float* bias,
-                        const DenseOut& y, int64_t row_begin, int64_t row_end) {
-  const int64_t P = x.cols;
-  for (int64_t p0 = 0; p0 < P; p0 += 32) {
-    const int64_t rem = P - p0;
-    const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
-    const __m256i last = tail_mask8(rem - 8 * (nv - 1));
-    const float* xt = x.data + p0;
-    for (int64_t n = row_begin; n < row_end; ++n) {
-      const int64_t begin = w.row_offsets[n], len = w.row_offsets[n + 1] - begin;
-      const int32_t* cols = w.col_indices + begin;
-      const float* vals = w.values + begin;
-      const float b = bias ? bias[n] : 0.f;
-      float* out = y.data + (n - row_begin) * y.stride_n + p0;
-      switch (nv) {
-        case 4: row_tile<4>(cols, vals, len, xt, x.stride_k, b, out, last); break;
-        case 3: row_tile<3>(cols, vals, len, xt, x.stride_k, b, out, last); break;
-        case 2: row_tile<2>(cols, vals, len, xt, x.stride_k, b, out, last); break;
-        default: row_tile<1>(cols, vals, len, xt, x.stride_k, b, out, last); break;
-      }
-    }
-  }
+template <typename I, typename T>
+CsrKernels<I, T> csr_kernels_avx2() {
+  return {&gather<I, T>, &tile<I, T>};
 }
-
-void csr_rows_gather_avx2(const CsrMatrix& w, const DenseIn& x, const float* bias,
-                          const DenseOut& y, int64_t row_begin, int64_t row_end) {
-  for (int64_t n = row_begin; n < row_end; ++n) {
-    const int64_t begin = w.row_offsets[n], len = w.row_offsets[n + 1] - begin;
-    const int32_t* cols = w.col_indices + begin;
-    const float* vals = w.values + begin;
-    const float b = bias ? bias[n] : 0.f;
-    for (int64_t p = 0; p < x.cols; ++p) {
-      const float* xr = x.data + p * x.stride_p;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 16 <= len; j += 16) {
-        const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j));
-        const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + j + 8));
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j), _mm256_i32gather_ps(xr, i0, 4), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + j + 8), _mm256_i32gather_ps(xr, i1, 4), a1);
-      }
-      for (; j < len; j += 8) {
-        const __m256i m = tail_mask8(len - j);
-        const __m256i i0 = _mm256_maskload_epi32(cols + j, m);
-        const __m256 xv =
-            _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xr, i0, _mm256_castsi256_ps(m), 4);
-        a0 = _mm256_fmadd_ps(_mm256_maskload_ps(vals + j, m), xv, a0);
-      }
-      y.data[(n - row_begin) * y.stride_n + p * y.stride_p] = hsum(_mm256_add_ps(a0, a1)) + b;
-    }
-  }
-}
+template CsrKernels<int32_t, float> csr_kernels_avx2();
+template CsrKernels<uint16_t, float> csr_kernels_avx2();
+template CsrKernels<int32_t, uint16_t> csr_kernels_avx2();
+template CsrKernels<uint16_t, uint16_t> csr_kernels_avx2();
 
 }  // namespace pyhwp

@@ -1,70 +1,413 @@
-// CPU CSR matmul: validation, the one ISA dispatch point, and the portable scalar kernels.
+// CPU CSR matmul: validation, the one ISA dispatch point, work partitioning, and the portable
+// scalar kernels. The float32 and bfloat16 entry points share one driver (run_csr).
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "csr/csr_kernels_inl.h"
 #include "csr/csr_matmul.h"
 
 namespace pyhwp {
+
+namespace {
+
+template <typename I>
+void check_structure(int64_t rows, int64_t cols, int64_t nnz, const int64_t* ro, const I* ci,
+                     const char* what) {
+  for (int64_t n = 0; n < rows; ++n) {
+    for (int64_t j = ro[n]; j < ro[n + 1]; ++j) {
+      const int64_t c = ci[j];
+      PYHWP_CHECK(c >= 0 && c < cols, "CSR: ", what, " ", c, " at position ", j, " is outside [0, ", cols, ")");
+      PYHWP_CHECK(j == ro[n] || c > static_cast<int64_t>(ci[j - 1]), "CSR: ", what, " of row ", n,
+                  " are not strictly increasing at position ", j);
+    }
+  }
+  (void)nnz;
+}
+
+}  // namespace
 
 void csr_validate(const CsrMatrix& w) {
   PYHWP_CHECK(w.rows >= 0 && w.cols >= 0 && w.nnz >= 0, "CSR sizes must be non-negative");
   PYHWP_CHECK(w.cols <= INT32_MAX, "CSR: ", w.cols, " columns do not fit int32 column indices");
   PYHWP_CHECK(w.row_offsets != nullptr, "CSR: row_offsets is null");
-  PYHWP_CHECK(w.nnz == 0 || (w.col_indices && w.values), "CSR: indices or values are null");
+  PYHWP_CHECK(w.nnz == 0 || ((w.col_indices || w.col_indices16) && w.values),
+              "CSR: indices or values are null");
   PYHWP_CHECK(w.row_offsets[0] == 0, "CSR: row_offsets[0] is ", w.row_offsets[0], ", expected 0");
   for (int64_t n = 0; n < w.rows; ++n) {
     PYHWP_CHECK(w.row_offsets[n + 1] >= w.row_offsets[n], "CSR: row_offsets decrease at row ", n);
   }
   PYHWP_CHECK(w.row_offsets[w.rows] == w.nnz, "CSR: row_offsets[-1] is ", w.row_offsets[w.rows],
               ", expected nnz = ", w.nnz);
-  for (int64_t n = 0; n < w.rows; ++n) {
-    for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
-      const int32_t c = w.col_indices[j];
-      PYHWP_CHECK(c >= 0 && c < w.cols, "CSR: column index ", c, " at position ", j,
-                  " is outside [0, ", w.cols, ")");
-      PYHWP_CHECK(j == w.row_offsets[n] || c > w.col_indices[j - 1], "CSR: column indices of row ",
-                  n, " are not strictly increasing at position ", j);
+  if (w.col_indices) check_structure(w.rows, w.cols, w.nnz, w.row_offsets, w.col_indices, "column index");
+  if (w.col_indices16) {
+    PYHWP_CHECK(w.cols <= 65536, "CSR: 16-bit column indices need cols <= 65536, got ", w.cols);
+    check_structure(w.rows, w.cols, w.nnz, w.row_offsets, w.col_indices16, "16-bit column index");
+    if (w.col_indices) {
+      for (int64_t j = 0; j < w.nnz; ++j) {
+        PYHWP_CHECK(w.col_indices16[j] == w.col_indices[j], "CSR: 16-bit column index at position ",
+                    j, " differs from the int32 one");
+      }
     }
   }
 }
 
-void csr_rows_gather_scalar(const CsrMatrix& w, const DenseIn& x, const float* bias,
-                            const DenseOut& y, int64_t row_begin, int64_t row_end) {
-  for (int64_t n = row_begin; n < row_end; ++n) {
-    const int64_t begin = w.row_offsets[n], end = w.row_offsets[n + 1];
-    for (int64_t p = 0; p < x.cols; ++p) {
-      const float* xr = x.data + p * x.stride_p;
-      float acc = 0.f;
-      for (int64_t j = begin; j < end; ++j) acc += w.values[j] * xr[w.col_indices[j]];
-      y.data[(n - row_begin) * y.stride_n + p * y.stride_p] = acc + (bias ? bias[n] : 0.f);
-    }
-  }
-}
-
-void csr_rows_tile_scalar(const CsrMatrix& w, const DenseIn& x, const float* bias,
-                          const DenseOut& y, int64_t row_begin, int64_t row_end) {
-  for (int64_t n = row_begin; n < row_end; ++n) {
-    float* out = y.data + (n - row_begin) * y.stride_n;
-    const float b = bias ? bias[n] : 0.f;
-    for (int64_t p = 0; p < x.cols; ++p) out[p] = b;
-    for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
-      const float v = w.values[j];
-      const float* xr = x.data + static_cast<int64_t>(w.col_indices[j]) * x.stride_k;
-      for (int64_t p = 0; p < x.cols; ++p) out[p] += v * xr[p];
-    }
-  }
-}
+// -- scalar kernels (any CPU) -----------------------------------------------------------------
 
 namespace {
 
-CsrRowsFn pick(Isa isa, bool gather) {
+template <typename I, typename T>
+void gather_scalar(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
+                   int64_t P, const float* bias, float* y, int64_t ldy_n, int64_t ldy_p) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t p = 0; p < P; ++p) {
+      const float* xr = x + p * ldx;
+      float acc = 0.f;
+      for (int64_t j = begin[i]; j < begin[i + 1]; ++j) acc += to_float(a.vals[j]) * xr[a.cols[j]];
+      y[i * ldy_n + p * ldy_p] = acc + (bias ? bias[i] : 0.f);
+    }
+  }
+}
+
+template <typename I, typename T>
+void tile_scalar(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
+                 const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
+                 int64_t ldy) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = y + i * ldy;
+    if (!accumulate) {
+      const float b = bias ? bias[i] : 0.f;
+      for (int64_t p = 0; p < P; ++p) out[p] = b;
+    }
+    for (int64_t j = begin[i]; j < end[i]; ++j) {
+      const float v = to_float(a.vals[j]);
+      const float* xr = x + static_cast<int64_t>(a.cols[j]) * ldx;
+      for (int64_t p = 0; p < P; ++p) out[p] += v * xr[p];
+    }
+  }
+}
+
+void transpose_block_scalar(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t R, int64_t C) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+}  // namespace
+
+template <typename I, typename T>
+CsrKernels<I, T> csr_kernels_scalar() {
+  return {&gather_scalar<I, T>, &tile_scalar<I, T>};
+}
+template CsrKernels<int32_t, float> csr_kernels_scalar();
+template CsrKernels<uint16_t, float> csr_kernels_scalar();
+template CsrKernels<int32_t, uint16_t> csr_kernels_scalar();
+template CsrKernels<uint16_t, uint16_t> csr_kernels_scalar();
+TransposeFn transpose_scalar() { return &transpose_block_scalar; }
+
+// -- the driver ---------------------------------------------------------------------------------
+
+namespace {
+
+using Cfg = CsrCpuConfig;
+
+// The one ISA dispatch point of the CSR kernels.
+template <typename I, typename T>
+CsrKernels<I, T> pick_kernels(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return gather ? csr_rows_gather_avx512 : csr_rows_tile_avx512;
-    case Isa::kAvx2: return gather ? csr_rows_gather_avx2 : csr_rows_tile_avx2;
-    default: return gather ? csr_rows_gather_scalar : csr_rows_tile_scalar;
+    case Isa::kAvx512: return csr_kernels_avx512<I, T>();
+    case Isa::kAvx2: return csr_kernels_avx2<I, T>();
+    default: return csr_kernels_scalar<I, T>();
+  }
+}
+
+TransposeFn pick_transpose(Isa isa) { return isa == Isa::kAvx512 ? transpose_avx512() : transpose_scalar(); }
+
+// Row boundaries of `parts` chunks with about equal work (stored weights + kRowCost per row):
+// bounds[c] .. bounds[c + 1] for c < parts.
+void balanced_rows(const int64_t* ro, int64_t rows, int64_t parts, std::vector<int64_t>* bounds) {
+  bounds->assign(static_cast<size_t>(parts + 1), rows);
+  (*bounds)[0] = 0;
+  const double total = static_cast<double>(ro[rows]) + static_cast<double>(Cfg::kRowCost) * rows;
+  int64_t n = 0;
+  for (int64_t c = 1; c < parts; ++c) {
+    const double target = total * c / parts;
+    // first row n with work(n) = ro[n] + kRowCost * n >= target (work is increasing in n)
+    int64_t lo = n, hi = rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(ro[mid]) + static_cast<double>(Cfg::kRowCost) * mid < target) lo = mid + 1;
+      else hi = mid;
+    }
+    n = lo;
+    (*bounds)[static_cast<size_t>(c)] = n;
+  }
+}
+
+// Float32 X as the kernels read it: `data` with element (k, p) at data[k*sk + p*sp].
+struct XView {
+  const float* data;
+  int64_t sk, sp;
+};
+
+inline bool is_nonfinite(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+
+// Packs X (float32 or bfloat16, any strides) into float32 K x ld with p contiguous (ld a
+// multiple of 16, rows 64-byte aligned, zero padding), in the calling thread's scratch slot 0.
+// Returns whether X holds a NaN/Inf, found while the packed block is still in cache.
+template <typename S>
+bool pack_tile_layout(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, float* out, int64_t ld,
+                      int nt, TransposeFn transpose) {
+  constexpr int64_t kB = 16;
+  const int64_t kblocks = (K + kB - 1) / kB;
+  int bad = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad) if (K * P > 65536)
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const int64_t k0 = kb * kB, k1 = std::min(K, k0 + kB);
+    float* dst = out + k0 * ld;
+    if constexpr (std::is_same_v<S, float>) {
+      if (sk == 1) {  // x rows are p: transpose 16x16 blocks
+        for (int64_t p0 = 0; p0 < P; p0 += 16) {
+          transpose(x + p0 * sp + k0, sp, dst + p0, ld, std::min<int64_t>(16, P - p0), k1 - k0);
+        }
+      } else if (sp == 1) {  // p contiguous but unaligned rows: copy them
+        for (int64_t k = k0; k < k1; ++k) std::memcpy(dst + (k - k0) * ld, x + k * sk, sizeof(float) * P);
+      } else {
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t p = 0; p < P; ++p) dst[(k - k0) * ld + p] = x[k * sk + p * sp];
+      }
+    } else {
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t p = 0; p < P; ++p) dst[(k - k0) * ld + p] = bf16_to_float(x[k * sk + p * sp]);
+    }
+    uint32_t worst = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      float* row = dst + (k - k0) * ld;
+      for (int64_t p = P; p < ld; ++p) row[p] = 0.f;
+      for (int64_t p = 0; p < P; ++p) {
+        uint32_t u;
+        std::memcpy(&u, row + p, 4);
+        worst = std::max(worst, u & 0x7f800000u);
+      }
+    }
+    bad |= worst == 0x7f800000u;
+  }
+  return bad != 0;
+}
+
+// The output the driver writes: float32 with strides (fp32 entry) or, for bfloat16, a float32
+// scratch N x P (p contiguous) converted at the end.
+struct YView {
+  float* data;
+  int64_t sn, sp;
+};
+
+template <typename I, typename T>
+struct Problem {
+  CsrArrays<I, T> a;
+  const int64_t* ro;
+  int64_t N, K, P;
+};
+
+// Gather path: x rows contiguous (ldx apart), small P.
+template <typename I, typename T>
+void run_gather(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, const float* x, int64_t ldx,
+                const float* bias, YView y, int nt) {
+  const int64_t parts = nt == 1 ? 1 : nt * Cfg::kChunksPerThread;
+  std::vector<int64_t> bounds;
+  balanced_rows(pr.ro, pr.N, parts, &bounds);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < parts; ++c) {
+    const int64_t r0 = bounds[static_cast<size_t>(c)], r1 = bounds[static_cast<size_t>(c + 1)];
+    if (r1 > r0) {
+      kern.gather(pr.a, pr.ro + r0, r1 - r0, x, ldx, pr.P, bias ? bias + r0 : nullptr,
+                  y.data + r0 * y.sn, y.sn, y.sp);
+    }
+  }
+}
+
+// Tile path: X packed (K x ldx, p contiguous, aligned). Rows are split into nnz-balanced chunks;
+// columns into tiles of kTileP; when a tile's X panel exceeds kPanelBytes, K is split into blocks
+// and each chunk accumulates its rows block by block in scratch.
+template <typename I, typename T>
+void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn transpose,
+              const float* x, int64_t ldx, const float* bias, YView y, int nt) {
+  const int64_t N = pr.N, K = pr.K, P = pr.P;
+  const int64_t tile_p = std::min<int64_t>(Cfg::kTileP, (P + 15) / 16 * 16);
+  const int64_t kblock = std::max<int64_t>(64, Cfg::kPanelBytes / (4 * tile_p)) / 16 * 16;
+  const int64_t nkb = (K + kblock - 1) / kblock;
+  const int64_t ptiles = (P + tile_p - 1) / tile_p;
+  const bool direct = y.sp == 1;
+  const int64_t parts = nt == 1 ? 1 : nt * (nkb > 1 ? 1 : Cfg::kChunksPerThread);
+  std::vector<int64_t> bounds;
+  balanced_rows(pr.ro, N, parts, &bounds);
+  // Many column tiles and few rows (conv images): spread the column tiles over threads instead.
+  const bool by_columns = nkb == 1 && ptiles >= 2 * nt;
+  const int64_t items = by_columns ? ptiles : parts * ptiles;
+
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t c = by_columns ? 0 : it / ptiles, pt = by_columns ? it : it % ptiles;
+    const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];
+    const int64_t r1 = by_columns ? N : bounds[static_cast<size_t>(c + 1)];
+    const int64_t p0 = pt * tile_p, width = std::min(tile_p, P - p0);
+    if (r1 <= r0) continue;
+    const float* xt = x + p0;
+    if (nkb == 1) {
+      float* tile = direct ? nullptr : scratch(1, Cfg::kRowBlock * Cfg::kTileP);
+      for (int64_t rb = r0; rb < r1; rb += Cfg::kRowBlock) {
+        const int64_t rows = std::min(Cfg::kRowBlock, r1 - rb);
+        const float* b = bias ? bias + rb : nullptr;
+        if (direct) {
+          kern.tile(pr.a, pr.ro + rb, pr.ro + rb + 1, rows, xt, ldx, width, b, false,
+                    y.data + rb * y.sn + p0, y.sn);
+        } else {
+          kern.tile(pr.a, pr.ro + rb, pr.ro + rb + 1, rows, xt, ldx, width, b, false, tile, Cfg::kTileP);
+          // Y(n, p) at y.data[n*sn + p*sp]: with sn == 1 each p gets 16 consecutive n.
+          for (int64_t q = 0; q < width; q += 16) {
+            const int64_t cols = std::min<int64_t>(16, width - q);
+            float* dst = y.data + rb * y.sn + (p0 + q) * y.sp;
+            if (y.sn == 1) {
+              transpose(tile + q, Cfg::kTileP, dst, y.sp, rows, cols);
+            } else {
+              for (int64_t i = 0; i < rows; ++i)
+                for (int64_t j = 0; j < cols; ++j) dst[i * y.sn + j * y.sp] = tile[i * Cfg::kTileP + q + j];
+            }
+          }
+        }
+      }
+      continue;
+    }
+    // K blocks: accumulate rows [r0, r1) over the blocks in scratch (or directly in y).
+    const int64_t rows = r1 - r0;
+    float* acc = direct ? y.data + r0 * y.sn + p0 : scratch(1, rows * Cfg::kTileP);
+    const int64_t ld_acc = direct ? y.sn : Cfg::kTileP;
+    int64_t* cur = reinterpret_cast<int64_t*>(scratch(2, 4 * rows + 16));
+    int64_t* end = cur + rows;
+    std::memcpy(cur, pr.ro + r0, sizeof(int64_t) * static_cast<size_t>(rows));
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t k_end = std::min(K, (kb + 1) * kblock);
+      for (int64_t i = 0; i < rows; ++i) {
+        const I* first = pr.a.cols + cur[i];
+        const I* last = pr.a.cols + pr.ro[r0 + i + 1];
+        end[i] = cur[i] + (std::lower_bound(first, last, static_cast<int64_t>(k_end),
+                                            [](I v, int64_t k) { return static_cast<int64_t>(v) < k; }) - first);
+      }
+      kern.tile(pr.a, cur, end, rows, xt, ldx, width, bias ? bias + r0 : nullptr, kb > 0, acc, ld_acc);
+      std::swap(cur, end);
+    }
+    if (!direct) {
+      for (int64_t rb = 0; rb < rows; rb += 16) {
+        const int64_t rr = std::min<int64_t>(16, rows - rb);
+        for (int64_t q = 0; q < width; q += 16) {
+          const int64_t cols = std::min<int64_t>(16, width - q);
+          float* dst = y.data + (r0 + rb) * y.sn + (p0 + q) * y.sp;
+          const float* src = acc + rb * Cfg::kTileP + q;
+          if (y.sn == 1) {
+            transpose(src, Cfg::kTileP, dst, y.sp, rr, cols);
+          } else {
+            for (int64_t i = 0; i < rr; ++i)
+              for (int64_t j = 0; j < cols; ++j) dst[i * y.sn + j * y.sp] = src[i * Cfg::kTileP + j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Sets Y(n, p) = NaN where dense would get NaN from 0 * Inf/NaN (see propagate_nonfinite).
+template <typename I, typename T>
+void fix_nonfinite(const Problem<I, T>& pr, XView x, YView y) {
+  const DenseIn xin{x.data, pr.K, pr.P, x.sk, x.sp};
+  const DenseOut yout{y.data, pr.N, pr.P, y.sn, y.sp};
+  propagate_nonfinite(xin, yout, [&](int64_t n, const unsigned char* flags) {
+    int64_t c = 0;
+    for (int64_t j = pr.ro[n]; j < pr.ro[n + 1]; ++j) c += flags[pr.a.cols[j]];
+    return c;
+  });
+}
+
+// The driver: X as float32 (xf, strides) when S == float, else bfloat16 bits converted on the way.
+template <typename I, typename T, typename S>
+void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, const float* bias,
+             YView y, int num_threads) {
+  const int64_t K = pr.K, P = pr.P;
+  const int nt = pr.ro[pr.N] * P < Cfg::kSerialWork ? 1 : num_threads;
+  const Isa isa = active_isa();
+  const CsrKernels<I, T> kern = pick_kernels<I, T>(isa);
+  const TransposeFn transpose = pick_transpose(isa);
+  constexpr bool kFloat = std::is_same_v<S, float>;
+
+  if (P < Cfg::kGatherMaxP && (xsk == 1 || !kFloat)) {
+    const float* xf;
+    int64_t ldx;
+    bool bad;
+    if constexpr (kFloat) {
+      xf = x, ldx = xsp;
+      bad = any_nonfinite(DenseIn{x, K, P, xsk, xsp});
+    } else {  // convert the P rows of x to float32, k contiguous
+      float* buf = scratch(0, P * K + 16);
+      uint32_t worst = 0;
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t k = 0; k < K; ++k) {
+          buf[p * K + k] = bf16_to_float(x[k * xsk + p * xsp]);
+          worst = std::max<uint32_t>(worst, (x[k * xsk + p * xsp] & 0x7f80u));
+        }
+      xf = buf, ldx = K;
+      bad = worst == 0x7f80u;
+    }
+    run_gather(pr, kern, xf, ldx, bias, y, nt);
+    if (bad) fix_nonfinite(pr, XView{xf, 1, ldx}, y);
+    return;
+  }
+
+  const float* xf;
+  int64_t ldx;
+  bool bad;
+  const bool aligned = kFloat && xsp == 1 && xsk % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 64 == 0;
+  if (aligned) {
+    xf = reinterpret_cast<const float*>(x), ldx = xsk;
+    bad = any_nonfinite(DenseIn{xf, K, P, xsk, xsp});
+  } else {
+    ldx = (P + 15) / 16 * 16;
+    float* buf = scratch(0, K * ldx);
+    bad = pack_tile_layout(x, K, P, xsk, xsp, buf, ldx, nt, transpose);
+    xf = buf;
+  }
+  run_tile(pr, kern, transpose, xf, ldx, bias, y, nt);
+  if (bad) fix_nonfinite(pr, XView{xf, ldx, 1}, y);
+}
+
+template <typename M>
+void check_sizes(const M& w, int64_t x_rows, int64_t x_cols, int64_t y_rows, int64_t y_cols, int num_threads,
+                 const char* op) {
+  PYHWP_CHECK(x_rows == w.cols, op, ": x has ", x_rows, " rows, W has ", w.cols, " columns");
+  PYHWP_CHECK(y_rows == w.rows && y_cols == x_cols, op, ": y is ", y_rows, "x", y_cols, ", expected ",
+              w.rows, "x", x_cols);
+  PYHWP_CHECK(num_threads >= 1, op, ": num_threads must be >= 1");
+  PYHWP_CHECK(w.row_offsets && (w.nnz == 0 || ((w.col_indices || w.col_indices16) && w.values)),
+              op, ": null CSR array");
+  PYHWP_CHECK(w.row_offsets[w.rows] == w.nnz, op, ": row_offsets[-1] != nnz");
+  PYHWP_CHECK(!w.col_indices16 || w.cols <= 65536, op, ": 16-bit column indices need cols <= 65536");
+}
+
+// Calls fn(problem) with the index width the matrix offers (16-bit preferred).
+template <typename T, typename M, typename Fn>
+void with_indices(const M& w, const T* values, Fn fn) {
+  if (w.col_indices16) {
+    fn(Problem<uint16_t, T>{{w.col_indices16, values}, w.row_offsets, w.rows, w.cols, 0});
+  } else {
+    fn(Problem<int32_t, T>{{w.col_indices, values}, w.row_offsets, w.rows, w.cols, 0});
   }
 }
 
@@ -72,70 +415,37 @@ CsrRowsFn pick(Isa isa, bool gather) {
 
 void csr_matmul(const CsrMatrix& w, const DenseIn& x, const float* bias, const DenseOut& y,
                 int num_threads) {
-  using Cfg = CsrCpuConfig;
-  PYHWP_CHECK(x.rows == w.cols, "csr_matmul: x has ", x.rows, " rows, W has ", w.cols, " columns");
-  PYHWP_CHECK(y.rows == w.rows && y.cols == x.cols, "csr_matmul: y is ", y.rows, "x", y.cols,
-              ", expected ", w.rows, "x", x.cols);
-  PYHWP_CHECK(num_threads >= 1, "csr_matmul: num_threads must be >= 1");
-  PYHWP_CHECK(w.row_offsets && (w.nnz == 0 || (w.col_indices && w.values)),
-              "csr_matmul: null CSR array");
-  PYHWP_CHECK(w.row_offsets[w.rows] == w.nnz, "csr_matmul: row_offsets[-1] != nnz");
+  check_sizes(w, x.rows, x.cols, y.rows, y.cols, num_threads, "csr_matmul");
+  if (w.rows == 0 || x.cols == 0) return;
+  PYHWP_CHECK(x.data && y.data, "csr_matmul: null x or y");
+  with_indices(w, w.values, [&](auto pr) {
+    pr.P = x.cols;
+    run_csr(pr, x.data, x.stride_k, x.stride_p, bias, YView{y.data, y.stride_n, y.stride_p}, num_threads);
+  });
+}
+
+void csr_matmul_bf16(const CsrMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                     const DenseOutBf16& y, int num_threads) {
+  check_sizes(w, x.rows, x.cols, y.rows, y.cols, num_threads, "csr_matmul_bf16");
   const int64_t N = w.rows, P = x.cols;
   if (N == 0 || P == 0) return;
-  PYHWP_CHECK(x.data && y.data, "csr_matmul: null x or y");
-
-  const int nt = w.nnz * P < Cfg::kSerialWork ? 1 : num_threads;
-  const int64_t nblocks = (N + Cfg::kRowBlock - 1) / Cfg::kRowBlock;
-  const Isa isa = active_isa();
-
-  if (P < Cfg::kGatherMaxP && x.stride_k == 1) {
-    const CsrRowsFn fn = pick(isa, /*gather=*/true);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t r0 = b * Cfg::kRowBlock, r1 = std::min(N, r0 + Cfg::kRowBlock);
-      DenseOut yb = y;
-      yb.data = y.data + r0 * y.stride_n;
-      fn(w, x, bias, yb, r0, r1);
-    }
-  } else {
-    DenseIn xp = x;
-    if (x.stride_p != 1) {
-      int64_t ld = 0;
-      xp.data = pack_p_contiguous(x, &ld, nt);
-      xp.stride_k = ld;
-      xp.stride_p = 1;
-    }
-    const CsrRowsFn fn = pick(isa, /*gather=*/false);
-    const bool direct = y.stride_p == 1;
-    const int64_t ld_tile = (P + 15) / 16 * 16;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t r0 = b * Cfg::kRowBlock, r1 = std::min(N, r0 + Cfg::kRowBlock);
-      if (direct) {
-        DenseOut yb = y;
-        yb.data = y.data + r0 * y.stride_n;
-        fn(w, xp, bias, yb, r0, r1);
-      } else {
-        // Compute the block with p contiguous, then transpose it into y, so that each thread
-        // writes whole 64-byte lines of y (16 consecutive n) and no two threads share a line.
-        float* tile = scratch(1, Cfg::kRowBlock * ld_tile);
-        const DenseOut t{tile, r1 - r0, P, ld_tile, 1};
-        fn(w, xp, bias, t, r0, r1);
-        for (int64_t p = 0; p < P; ++p) {
-          float* dst = y.data + r0 * y.stride_n + p * y.stride_p;
-          for (int64_t i = 0; i < r1 - r0; ++i) dst[i * y.stride_n] = tile[i * ld_tile + p];
-        }
-      }
-    }
-  }
-
-  if (any_nonfinite(x)) {
-    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) {
-      int64_t c = 0;
-      for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) c += flags[w.col_indices[j]];
-      return c;
-    });
-  }
+  PYHWP_CHECK(x.data && y.data, "csr_matmul_bf16: null x or y");
+  // float32 bias and output scratch (slot 3: the driver uses 0 for X and 1-2 in workers).
+  float* yf = scratch(3, N * P + N + 16);
+  float* bf = bias ? yf + N * P : nullptr;
+  if (bias)
+    for (int64_t n = 0; n < N; ++n) bf[n] = bf16_to_float(bias[n]);
+  // Y scratch n-contiguous (P x N) for small P, like a linear output; p-contiguous otherwise.
+  const bool small = P < CsrCpuConfig::kGatherMaxP;
+  const YView yv = small ? YView{yf, 1, N} : YView{yf, P, 1};
+  with_indices(w, w.values, [&](auto pr) {
+    pr.P = P;
+    run_csr(pr, x.data, x.stride_k, x.stride_p, bf, yv, num_threads);
+  });
+  const int nt = N * P < 65536 ? 1 : num_threads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = 0; p < P; ++p) y.data[n * y.stride_n + p * y.stride_p] = float_to_bf16(yf[n * yv.sn + p * yv.sp]);
 }
 
 }  // namespace pyhwp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -11,6 +12,7 @@ from pyhwp.formats.base import SparseWeight, register_pattern
 from pyhwp.kernels import _cuda_built
 
 _INT32_MAX = 2**31 - 1
+_UINT16_COLS = 2**16  # in_features up to this: the CPU kernels read 16-bit column indices
 
 
 def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:
@@ -59,8 +61,22 @@ class CSRWeight(SparseWeight):
         row_offsets = torch.zeros(shape[0] + 1, dtype=torch.int64, device=weight.device)
         torch.cumsum(counts, 0, out=row_offsets[1:])
         values = w2[rows, cols].contiguous()
-        return cls._unchecked(shape, row_offsets=row_offsets, col_indices=cols.to(torch.int32).contiguous(),
-                              values=values, row_order=row_order_by_length(row_offsets))
+        sw = cls._unchecked(shape, row_offsets=row_offsets, col_indices=cols.to(torch.int32).contiguous(),
+                            values=values, row_order=row_order_by_length(row_offsets))
+        sw.kernel_col_indices  # noqa: B018 - derive the kernel's index array now, not on the first call
+        return sw
+
+    @cached_property
+    def kernel_col_indices(self) -> torch.Tensor:
+        """The column indices the CPU kernels read: an int16 tensor holding them as uint16 bits
+        when in_features <= 65536 on the CPU (6 instead of 8 bytes per stored weight, which is what
+        batch-1 products are bound by), else col_indices itself. Derived once per weight; not
+        counted in nbytes, not moved by .to() (recomputed there)."""
+        ci = self.col_indices
+        if ci.device.type != "cpu" or self.in_features > _UINT16_COLS:
+            return ci
+        # uint16 bits in an int16 tensor: indices >= 2**15 become negative.
+        return torch.where(ci >= 2**15, ci - _UINT16_COLS, ci).to(torch.int16).contiguous()
 
     @property
     def nnz(self) -> int:

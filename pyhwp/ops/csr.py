@@ -44,17 +44,23 @@ def _csr_matmul_cuda(x, row_offsets, col_indices, values, bias, row_order, y, y_
         )
 
 
+_KERNEL = {torch.float32: _C.csr_matmul, torch.bfloat16: _C.csr_matmul_bf16}
+
+
 @torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())
 def csr_matmul(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
                values: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False,
                row_order: torch.Tensor | None = None) -> torch.Tensor:
     """x (P, K) @ W.T + bias with W (N, K) in CSR; x may have any strides.
 
+    col_indices is int32, or int16 holding the indices as uint16 bits (K <= 65536; the kernels
+    then move 6 instead of 8 bytes per stored weight; see CSRWeight.kernel_col_indices).
+    x, values and bias are all float32 or all bfloat16 (float32 accumulation).
     Returns y (P, N), or with transpose_out=True its transpose Y = W @ x.T + bias[:, None] as a
     contiguous (N, P) tensor (the layout of a conv output image). On CUDA tensors it runs the
     CUDA kernels (float32, float16, bfloat16; float32 accumulation) on the current stream, rows in
     `row_order` (int32 permutation, longest rows first; computed when None); the CPU kernels
-    take float32 and ignore row_order.
+    take float32 or bfloat16 and ignore row_order.
     """
     p, k = x.shape
     n = row_offsets.shape[0] - 1
@@ -67,10 +73,14 @@ def csr_matmul(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Te
         _csr_matmul_cuda(x, row_offsets, col_indices, values, bias,
                          None if row_order is None else row_order.contiguous(), y, y_stride_n, y_stride_p)
         return y
-    _C.csr_matmul(
-        n, k, values.shape[0], row_offsets.data_ptr(), col_indices.data_ptr(), values.data_ptr(),
-        x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
-        y.data_ptr(), y_stride_n, y_stride_p, torch.get_num_threads(),
+    if x.dtype not in _KERNEL or values.dtype != x.dtype:
+        raise TypeError(f"pyhwp::csr_matmul: the CPU kernels take float32 or bfloat16 x and values of the "
+                        f"same dtype, got x {x.dtype}, values {values.dtype}")
+    narrow = col_indices.dtype == torch.int16
+    _KERNEL[x.dtype](
+        n, k, values.shape[0], row_offsets.data_ptr(), 0 if narrow else col_indices.data_ptr(),
+        values.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
+        y.data_ptr(), y_stride_n, y_stride_p, torch.get_num_threads(), col_indices.data_ptr() if narrow else 0,
     )
     return y
 

@@ -13,7 +13,7 @@ from pyhwp.ops import sparse24 as _sparse24  # noqa: F401  (registers torch.ops.
 
 
 def _csr(x2, w, bias, transpose_out=False):
-    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.col_indices, w.values, bias, transpose_out,
+    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.kernel_col_indices, w.values, bias, transpose_out,
                                       w.row_order)
 
 
@@ -44,7 +44,7 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     """y = x @ weight.T + bias with a pruned weight, equal to F.linear on weight.to_dense().
 
     Args:
-        x: (..., in_features) tensor, any leading dims and strides; float32 on the CPU, float32,
+        x: (..., in_features) tensor, any leading dims and strides; float32 on the CPU (bfloat16 too for CSR), float32,
             float16 or bfloat16 on CUDA (see pyhwp.kernels.KERNELS).
         weight: a 2-D SparseWeight from pyhwp.to_sparse (shape (out_features, in_features)).
         bias: optional (out_features,) tensor, same dtype and device as x.

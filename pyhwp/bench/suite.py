@@ -1,0 +1,82 @@
+"""`pyhwp bench`: runs a suite of cases (with a progress bar), prints the report, writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pyhwp.bench import dlmc, report
+from pyhwp.bench.cases import Case, suite_cases
+from pyhwp.bench.runner import Machine, measure_overhead, run_case
+
+# Seconds of interleaved timing per case: enough rounds for a stable median of every contender.
+BUDGET_S = {"quick": 0.25, "full": 0.5, "tiny": 0.01}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--suite", default="quick", choices=("quick", "full", "tiny"),
+                   help="quick: the target table (< 2 min on 2 cores); full: every shape x batch x "
+                        "sparsity x pattern; tiny: a seconds-long smoke run")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--threads", type=int, help="threads for pyhwp and torch (default torch.get_num_threads())")
+    p.add_argument("--dlmc", metavar="DIR", default=None,
+                   help=f"DLMC subset directory (default {dlmc.default_path()}); 'none' skips it")
+    p.add_argument("--filter", metavar="TEXT", help="only cases whose name contains TEXT")
+    p.add_argument("--budget", type=float, metavar="S", help="seconds of timing per case")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_suite(cases: list[Case], device: str, *, suite: str = "custom", budget_s: float = 0.25,
+              threads: int | None = None, progress: bool = True, overhead: bool = True) -> dict:
+    """Measure the machine, then every case; returns the result document (report.finish)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    meta = report.metadata(device, suite, threads)
+    dtypes = sorted({c.dtype for c in cases} | {"float32"})
+    machine = Machine.measure(device, dtypes, budget_s=min(0.5, max(budget_s, 0.05)), small=suite == "tiny")
+    rows = []
+    bar = tqdm(cases, desc="pyhwp bench", unit="case", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for case in bar:
+        bar.set_postfix_str(case.name, refresh=False)
+        rows.append(run_case(case, device, machine, budget_s))
+    over = measure_overhead(device, budget_s=min(0.5, max(budget_s, 0.05))) \
+        if overhead and device == "cpu" else None
+    return report.finish(meta, asdict(machine), rows, over)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("pyhwp bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    threads = args.threads if args.threads is not None else torch.get_num_threads()
+    cases = suite_cases(args.suite, device, threads)
+    if args.suite != "tiny" and (args.dlmc or "").lower() != "none":
+        root = Path(args.dlmc) if args.dlmc else dlmc.default_path()
+        found = dlmc.dlmc_cases(root)
+        if found:
+            cases = [c for c in cases if c.section != "scaling"] + found + \
+                [c for c in cases if c.section == "scaling"]
+        else:
+            print(f"pyhwp bench: no DLMC matrices under {root}; the DLMC section is skipped "
+                  "(pass --dlmc DIR)", file=sys.stderr)
+    if args.filter:
+        cases = [c for c in cases if args.filter in c.name]
+    budget = args.budget if args.budget is not None else BUDGET_S[args.suite]
+    result = run_suite(cases, device, suite=args.suite, budget_s=budget, threads=args.threads,
+                       progress=not args.no_progress)
+    print(report.render(result))
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"\nwrote {args.json}")
+    return 0

@@ -1,0 +1,118 @@
+"""csr_matmul's work paths: K blocks, column-tile parallelism, transposed tiles, 16/32-bit
+indices, conv layouts (aligned or not) and bfloat16, each against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyhwp
+from helpers import UNIT_ROUNDOFF, assert_linear_close, random_sparse
+
+
+def _terms(sw):
+    return int(sw.row_offsets.diff().max()) if sw.out_features else 0
+
+
+@pytest.mark.parametrize("n, k, sparsity, batch", [
+    (40, 2100, 0.95, 130),   # 128-wide tiles, X panel over 1 MiB: two K blocks, accumulate
+    (33, 4200, 0.97, 70),    # K blocks with a partial last tile
+    (24, 300, 0.8, 600),     # many column tiles, few rows: tiles spread over threads
+    (70, 90, 0.5, 129),      # one full 128 tile plus a 1-column tile
+])
+def test_tile_paths(isa, n, k, sparsity, batch):
+    g = torch.Generator().manual_seed(n * k + batch)
+    w = random_sparse((n, k), sparsity, g)
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(batch, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    assert_linear_close(pyhwp.linear(x, sw, bias), x, w, bias, _terms(sw))
+
+
+@pytest.mark.parametrize("k", [40000, 70000])
+def test_wide_inputs_use_right_index_width(isa, k):
+    # 40000 columns: 16-bit indices with values above 2**15; 70000: int32 indices.
+    g = torch.Generator().manual_seed(k)
+    w = random_sparse((20, k), 0.999, g)
+    w[:, -1] = 1.5  # the last column is stored in every row
+    sw = pyhwp.to_sparse(w, "csr")
+    ci = sw.kernel_col_indices
+    assert ci.dtype == (torch.int16 if k <= 65536 else torch.int32)
+    assert torch.equal(ci.to(torch.int32) & 0xFFFF if k <= 65536 else ci, sw.col_indices)
+    for batch in (1, 3, 17):
+        x = torch.randn(batch, k, generator=g)
+        assert_linear_close(pyhwp.linear(x, sw), x, w, terms=_terms(sw))
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("p", [5, 48, 200])
+def test_conv_layout(isa, offset, p):
+    """X given as (K, P) with p contiguous (an image's patch matrix) and transpose_out."""
+    g = torch.Generator().manual_seed(p + offset)
+    w = random_sparse((37, 64), 0.8, g)
+    sw = pyhwp.to_sparse(w, "csr")
+    base = torch.randn(64 * p + 16, generator=g)
+    xk = base[offset: offset + 64 * p].view(64, p)  # (K, P), rows p-contiguous
+    y = torch.ops.pyhwp.csr_matmul(xk.t(), sw.row_offsets, sw.kernel_col_indices, sw.values, None, True)
+    assert y.shape == (37, p) and y.is_contiguous()
+    assert_linear_close(y.t(), xk.t(), w, terms=_terms(sw))
+
+
+def _assert_bf16_close(y, x, w, bias=None):
+    """bfloat16 output of a float32-accumulated product: one final rounding (2^-8 relative)
+    plus the float32 summation bound."""
+    assert y.dtype == torch.bfloat16
+    xd, wd = x.double(), w.double()
+    ref = torch.nn.functional.linear(xd, wd, None if bias is None else bias.double())
+    mag = torch.nn.functional.linear(xd.abs(), wd.abs(), None if bias is None else bias.double().abs())
+    tol = UNIT_ROUNDOFF[torch.bfloat16] * ref.abs() + (w.shape[1] + 2) * UNIT_ROUNDOFF[torch.float32] * mag + 1e-30
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max excess {(err - tol).max().item():.3e}"
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 130])
+def test_bfloat16(isa, batch):
+    g = torch.Generator().manual_seed(batch)
+    w = random_sparse((45, 77), 0.8, g).bfloat16()
+    sw = pyhwp.to_sparse(w, "csr")
+    assert sw.dtype == torch.bfloat16
+    x = torch.randn(batch, 77, generator=g).bfloat16()
+    bias = torch.randn(45, generator=g).bfloat16()
+    _assert_bf16_close(pyhwp.linear(x, sw, bias), x, w, bias)
+    _assert_bf16_close(pyhwp.linear(x.t().contiguous().t(), sw), x, w)  # strided x
+
+
+def test_bfloat16_nonfinite_like_dense():
+    w = random_sparse((30, 20), 0.8, torch.Generator().manual_seed(9)).bfloat16()
+    sw = pyhwp.to_sparse(w, "csr")
+    for batch in (1, 20):
+        x = torch.randn(batch, 20).bfloat16()
+        x[0, 3] = float("nan")
+        x[-1, 7] = float("inf")
+        y = pyhwp.linear(x, sw)
+        ref = torch.nn.functional.linear(x.float(), w.float())
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        assert torch.equal(torch.isinf(y), torch.isinf(ref))
+
+
+def test_bfloat16_rejects_mixed_dtypes():
+    sw = pyhwp.to_sparse(random_sparse((6, 5), 0.5).bfloat16(), "csr")
+    with pytest.raises(TypeError, match="dtype"):
+        pyhwp.linear(torch.randn(2, 5), sw)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        pyhwp.linear(torch.randn(2, 5).bfloat16(), sw, torch.randn(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_blocks_in_conv_layout(isa, dtype):
+    """K blocks accumulating straight into a p-contiguous output (and into bfloat16 scratch)."""
+    g = torch.Generator().manual_seed(11)
+    w = random_sparse((20, 2100), 0.95, g).to(dtype)
+    sw = pyhwp.to_sparse(w, "csr")
+    xk = torch.randn(2100, 144, generator=g).to(dtype)  # (K, P), aligned rows
+    bias = torch.randn(20, generator=g).to(dtype)
+    y = torch.ops.pyhwp.csr_matmul(xk.t(), sw.row_offsets, sw.kernel_col_indices, sw.values, bias, True)
+    if dtype == torch.float32:
+        assert_linear_close(y.t(), xk.t(), w, bias, _terms(sw))
+    else:
+        _assert_bf16_close(y.t(), xk.t(), w, bias)

@@ -17,6 +17,12 @@ def _parser() -> argparse.ArgumentParser:
     from pyhwp.bench.suite import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="microbenchmarks: pyhwp kernels vs torch, interleaved"))
+    from pyhwp.demo import add_arguments as demo_arguments
+
+    demo_arguments(sub.add_parser("demo", help="prune the built-in digits CNN for this machine (trained on first "
+                                  "run, cached) and write the report"))
+    demo_arguments(sub.add_parser("prune", help="prune a built-in model for a target within an accuracy or "
+                                  "latency budget and write the report"), prune=True)
     return p
 
 
@@ -34,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from pyhwp.bench.suite import main as bench_main
 
         return bench_main(args)
+    if args.command in ("demo", "prune"):
+        from pyhwp.demo import main as demo_main
+
+        return demo_main(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

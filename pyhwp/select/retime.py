@@ -11,6 +11,7 @@ from torch import nn
 import pyhwp
 from pyhwp.bench.timing import interleaved_medians
 from pyhwp.hardware.device import on_device
+from pyhwp.select.cost import candidate_mask
 from pyhwp.select.layers import LayerInfo
 from pyhwp.select.solver import Candidate
 from pyhwp.select.torch_layers import TORCH_LAYERS
@@ -42,21 +43,36 @@ def _sparse_fn(info, c: Candidate, w, b, mask, x):
     return lambda: pyhwp.conv2d(x, sw, b, info.stride, info.padding, info.dilation, info.groups)
 
 
-def _consumer_weight(module: nn.Module, keep: torch.Tensor, factor: int) -> torch.Tensor:
-    cols = keep.repeat_interleave(factor) if factor > 1 else keep
-    return module.weight.detach()[:, cols]
+def _consumer_fn(module: nn.Module, info: LayerInfo, factor: int, pick: Candidate | None, keep: torch.Tensor | None,
+                 device, dtype, gen):
+    """The consumer layer as the plan runs it (its own pick), reading all its input channels or only
+    those `keep` leaves (features per channel `factor`)."""
+    w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if keep is not None:
+        cols = keep.repeat_interleave(factor) if factor > 1 else keep
+        w = w[:, cols]
+        info = info.with_in(int(cols.sum()))
+    x = _input(info, device, dtype, gen)
+    if pick is None or pick.pattern == "dense":
+        return _dense_fn(info, w, b, x)
+    mask = candidate_mask(w, pick.pattern, pick.sparsity, criterion="magnitude")
+    if pick.pattern == "channel":
+        rows = mask.reshape(mask.shape[0], -1).any(dim=1)
+        return _dense_fn(info.with_out(int(rows.sum())), w[rows], None if b is None else b[rows], x)
+    return _sparse_fn(info, pick, w, b, mask, x)
 
 
 @torch.no_grad()
 def retime_layer(module: nn.Module, info: LayerInfo, cands: Sequence[Candidate], masks: dict,
-                 consumers: Sequence[tuple[nn.Module, LayerInfo, int]] = (), *, budget_s: float = 1.0,
-                 seed: int = 0) -> dict[str, float]:
+                 consumers: Sequence[tuple[nn.Module, LayerInfo, int, Candidate | None]] = (), *,
+                 budget_s: float = 1.0, seed: int = 0) -> dict[str, float]:
     """Median seconds of every candidate of one layer, all timed in one interleaved run on the layer's
     own weights pruned by each candidate's mask (masks: (pattern, sparsity) -> bool tensor), at its
     real shape, batch and conv parameters, with the candidate's kernel; random normal inputs.
 
-    A channel candidate's time is its shrunk layer plus, per consumer (module, info, features per
-    channel), the consumer at the reduced input minus at the full input, timed in the same run.
+    When the layer's channels can be removed, its consumers (module, info, features per channel,
+    their own pick) count too: each candidate's time is the layer plus its consumers as picked,
+    reading the input width the candidate leaves them (all of it, except for channel removal).
     Returns candidate label ("dense", "csr@0.9", ...) -> seconds.
     """
     w = module.weight.detach()
@@ -64,35 +80,26 @@ def retime_layer(module: nn.Module, info: LayerInfo, cands: Sequence[Candidate],
     device, dtype = w.device, w.dtype
     gen = torch.Generator().manual_seed(seed)
     x = _input(info, device, dtype, gen)
-    fns, channel_parts = {}, {}
+    fns, parts = {}, {}
+    for cm, ci, factor, pick in consumers:
+        fns[f"|{ci.name}|full"] = _consumer_fn(cm, ci, factor, pick, None, device, dtype, gen)
     for c in cands:
         name = label(c)
+        mask = None if c.pattern == "dense" else masks[(c.pattern, c.sparsity)].to(device)
         if c.pattern == "dense":
             fns[name] = _dense_fn(info, w, b, x)
-            continue
-        mask = masks[(c.pattern, c.sparsity)].to(device)
-        if c.pattern != "channel":
+        elif c.pattern != "channel":
             fns[name] = _sparse_fn(info, c, w, b, mask, x)
-            continue
-        keep = mask.reshape(mask.shape[0], -1).any(dim=1)
-        fns[name + "|own"] = _dense_fn(info, w[keep], None if b is None else b[keep], x)
-        parts = []
-        for cm, ci, factor in consumers:
-            cw, cb = cm.weight.detach(), None if cm.bias is None else cm.bias.detach()
-            kept_in = int(keep.sum()) * factor
-            red = ci.with_in(kept_in)
-            fns[f"{name}|{ci.name}|full"] = _dense_fn(ci, cw, cb, _input(ci, device, dtype, gen))
-            fns[f"{name}|{ci.name}|reduced"] = _dense_fn(red, _consumer_weight(cm, keep, factor), cb,
-                                                         _input(red, device, dtype, gen))
-            parts.append(ci.name)
-        channel_parts[name] = parts
+        else:
+            keep = mask.reshape(mask.shape[0], -1).any(dim=1)
+            fns[name] = _dense_fn(info.with_out(int(keep.sum())), w[keep], None if b is None else b[keep], x)
+            for cm, ci, factor, pick in consumers:
+                fns[f"{name}|{ci.name}|reduced"] = _consumer_fn(cm, ci, factor, pick, keep, device, dtype, gen)
+        parts[name] = [f"{name}|{ci.name}|reduced" if c.pattern == "channel" else f"|{ci.name}|full"
+                       for _, ci, _, _ in consumers]
     with on_device(device):
         med = interleaved_medians(fns, budget_s=budget_s, device=str(device))
-    out = {k: v for k, v in med.items() if "|" not in k}
-    for name, parts in channel_parts.items():
-        t = med[name + "|own"] + sum(med[f"{name}|{p}|reduced"] - med[f"{name}|{p}|full"] for p in parts)
-        out[name] = max(t, 0.0)
-    return out
+    return {name: med[name] + sum(med[p] for p in ps) for name, ps in parts.items()}
 
 
 def check_pick(pick: Candidate, cands: Sequence[Candidate], retimed: dict[str, float],

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from pyhwp.formats import CSRWeight, SparseWeight, to_sparse
+from pyhwp.formats import CSRWeight, MaskedWeight, SparseWeight, to_sparse
 from pyhwp.ops import linear
 
 try:
@@ -10,4 +10,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["CSRWeight", "SparseWeight", "__version__", "linear", "to_sparse"]
+__all__ = ["CSRWeight", "MaskedWeight", "SparseWeight", "__version__", "linear", "to_sparse"]

@@ -64,6 +64,8 @@ def _cuda_built() -> bool:
 KERNELS: tuple[Kernel, ...] = (
     Kernel("csr_matmul", "csr", ("linear",), "cpu", (torch.float32,),
            note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch"),
+    Kernel("masked_matmul", "masked", ("linear",), "cpu", (torch.float32,),
+           note="register-blocked dense micro-kernel over stored 16x16 tiles; AVX-512/AVX2/scalar"),
     Kernel("torch_dense", "dense", ("linear",), "cpu", (torch.float32, torch.float64, torch.bfloat16),
            provider="torch", note="torch.nn.functional.linear on the dense weight (MKL/oneDNN)"),
     Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),

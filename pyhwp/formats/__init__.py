@@ -2,5 +2,6 @@
 
 from pyhwp.formats.base import SparseWeight, patterns, register_pattern, to_sparse
 from pyhwp.formats.csr import CSRWeight
+from pyhwp.formats.masked import MaskedWeight
 
-__all__ = ["CSRWeight", "SparseWeight", "patterns", "register_pattern", "to_sparse"]
+__all__ = ["CSRWeight", "MaskedWeight", "SparseWeight", "patterns", "register_pattern", "to_sparse"]

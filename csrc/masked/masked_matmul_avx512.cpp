@@ -1,0 +1,177 @@
+// AVX-512 masked micro-kernel: 16 rows (one zmm) x mr columns, x broadcast from memory into FMAs.
+#include <immintrin.h>
+
+#include <array>
+#include <utility>
+
+#include "masked/masked_matmul.h"
+
+namespace pyhwp {
+
+#ifndef PF_X
+#define PF_X 0
+#endif
+#ifndef PF_WD
+#define PF_WD 1
+#endif
+#ifndef PF_W
+#define PF_W 0
+#endif
+namespace {
+
+using Cfg = MaskedCpuConfig;
+
+// Per k: one load of the tile row (16 rows of W), then MR fused multiply-adds whose x operand is a
+// {1to16} broadcast straight from the packed block, so MR + 1 loads feed MR FMAs and the MR
+// accumulators stay in registers for the whole run of tiles.
+template <int MR>
+void block(const MaskedBlock& b) {
+  __m512 c[MR];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) c[i] = _mm512_setzero_ps();
+  const float* w = b.tiles;
+  for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
+    const float* xt = b.xp + static_cast<int64_t>(b.tidx[j]) * (Cfg::kTileK * MR);
+    const int64_t jn = j + 1 < b.count ? j + 1 : j;
+    const char* xn = reinterpret_cast<const char*>(b.xp + static_cast<int64_t>(b.tidx[jn]) * (Cfg::kTileK * MR));
+    const char* wn = reinterpret_cast<const char*>(w + PF_WD * Cfg::kTileSize);
+#pragma GCC unroll 16
+    for (int k = 0; k < Cfg::kTileK; ++k) {
+      if (PF_X) { if (2 * k < MR) _mm_prefetch(xn + 128 * k, _MM_HINT_T0);
+      if (2 * k + 1 < MR) _mm_prefetch(xn + 128 * k + 64, _MM_HINT_T0); }
+      if (PF_W) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
+      const __m512 wv = _mm512_loadu_ps(w + Cfg::kTileN * k);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) c[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xt[k * MR + i]), c[i]);
+    }
+  }
+
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) {
+    float* out = b.acc + 16 * i;
+    _mm512_store_ps(out, b.accumulate ? _mm512_add_ps(c[i], _mm512_load_ps(out)) : c[i]);
+  }
+}
+
+template <int... I>
+constexpr std::array<MaskedBlockFn, sizeof...(I)> table(std::integer_sequence<int, I...>) {
+  return {&block<I + 1>...};
+}
+
+constexpr auto kBlocks = table(std::make_integer_sequence<int, Cfg::kMrAvx512>{});
+
+constexpr uint32_t kExponent = 0x7f800000u;
+
+inline __m512i exponent_max(__m512i worst, __m512 v) {
+  return _mm512_max_epu32(worst, _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(kExponent)));
+}
+
+// In-register transpose: r[i][c] -> r[c][i] for a 16x16 block of floats.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int m = 0; m < 8; ++m) {
+    t[2 * m] = _mm512_unpacklo_ps(r[2 * m], r[2 * m + 1]);
+    t[2 * m + 1] = _mm512_unpackhi_ps(r[2 * m], r[2 * m + 1]);
+  }
+  // s[q][j], lane L: rows 4q..4q+3 of column 4L + j.
+  __m512 s[4][4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * q + 1]), d = _mm512_castps_pd(t[4 * q + 3]);
+    s[q][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    s[q][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    s[q][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    s[q][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  // A 4x4 transpose of 128-bit lanes for each j.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v0 = _mm512_shuffle_f32x4(s[0][j], s[1][j], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(s[0][j], s[1][j], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(s[2][j], s[3][j], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(s[2][j], s[3][j], 0xEE);
+    r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + j] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + j] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+inline __mmask16 first_n(int64_t n) {  // lanes < n, n >= 0
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+}  // namespace
+
+uint32_t masked_pack_avx512(const DenseIn& x, int64_t p0, int mr, int64_t k0, int64_t k1, float* dst) {
+  __m512i worst = _mm512_setzero_si512();
+  if (x.stride_k == 1 && x.stride_p != 1) {
+    // Linear layout: 16 batch rows x 16 k are loaded as rows, transposed in registers and stored
+    // as 16 k-rows of the packed block.
+    for (int i0 = 0; i0 < mr; i0 += 16) {
+      const int rows = mr - i0 < 16 ? mr - i0 : 16;
+      const __mmask16 row_mask = first_n(rows);
+      for (int64_t kb = k0; kb < k1; kb += 16) {
+        const int64_t nk = k1 - kb < 16 ? k1 - kb : 16;
+        const __mmask16 k_mask = first_n(nk);
+        __m512 r[16];
+        for (int j = 0; j < 16; ++j) {
+          r[j] = j < rows ? _mm512_maskz_loadu_ps(k_mask, x.data + (p0 + i0 + j) * x.stride_p + kb)
+                          : _mm512_setzero_ps();
+          worst = exponent_max(worst, r[j]);
+        }
+        transpose16(r);
+        for (int c = 0; c < nk; ++c) _mm512_mask_storeu_ps(dst + (kb + c) * mr + i0, row_mask, r[c]);
+      }
+    }
+  } else if (x.stride_p == 1) {
+    // Conv layout: the block's columns are contiguous in each row of X.
+    for (int64_t k = k0; k < k1; ++k) {
+      const float* src = x.data + k * x.stride_k + p0;
+      for (int i0 = 0; i0 < mr; i0 += 16) {
+        const __mmask16 m = first_n(mr - i0);
+        const __m512 v = _mm512_maskz_loadu_ps(m, src + i0);
+        worst = exponent_max(worst, v);
+        _mm512_mask_storeu_ps(dst + k * mr + i0, m, v);
+      }
+    }
+  } else {
+    return masked_pack_scalar(x, p0, mr, k0, k1, dst);
+  }
+  return _mm512_reduce_max_epu32(worst);
+}
+
+void masked_store_avx512(const float* acc, int64_t cols, int rows, const float* bias,
+                         bool accumulate, float* y, int64_t sn, int64_t sp) {
+  const __mmask16 m = first_n(rows);
+  const __m512 b = bias && !accumulate ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+  if (sn == 1) {  // linear: the 16 rows of one column are contiguous in y
+    for (int64_t p = 0; p < cols; ++p) {
+      float* out = y + p * sp;
+      const __m512 base = accumulate ? _mm512_maskz_loadu_ps(m, out) : b;
+      _mm512_mask_storeu_ps(out, m, _mm512_add_ps(_mm512_load_ps(acc + 16 * p), base));
+    }
+    return;
+  }
+  if (sp == 1) {  // conv: transpose 16 columns at a time into rows of y
+    alignas(64) float bias_lanes[16];
+    _mm512_store_ps(bias_lanes, b);
+    for (int64_t p0 = 0; p0 < cols; p0 += 16) {
+      const int64_t n = cols - p0 < 16 ? cols - p0 : 16;
+      const __mmask16 pm = first_n(n);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = j < n ? _mm512_load_ps(acc + 16 * (p0 + j)) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int i = 0; i < rows; ++i) {
+        float* out = y + i * sn + p0;
+        const __m512 base = accumulate ? _mm512_maskz_loadu_ps(pm, out) : _mm512_set1_ps(bias_lanes[i]);
+        _mm512_mask_storeu_ps(out, pm, _mm512_add_ps(r[i], base));
+      }
+    }
+    return;
+  }
+  masked_store_scalar(acc, cols, rows, bias, accumulate, y, sn, sp);
+}
+
+void masked_block_avx512(const MaskedBlock& b) { kBlocks[b.mr - 1](b); }
+
+}  // namespace pyhwp

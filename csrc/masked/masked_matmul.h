@@ -26,6 +26,9 @@ struct MaskedCpuConfig {
   // Within a chunk a panel's tiles are replayed for every p-block in groups of at most this many
   // tiles (kWGroupTiles KiB), so they come from the 48 KiB L1d rather than from L2.
   static constexpr int64_t kWGroupTiles = 24;
+  // The AVX-512 kernel prefetches the weights this many tiles ahead (a tile is 16 x 16 x 4 B = 16
+  // lines, ~200 cycles of FMAs at mr = 26: two tiles cover a DRAM access).
+  static constexpr int64_t kPrefetchTiles = 2;
   // Parallel work items per thread when panels are too few (conv: few outputs, many pixels).
   static constexpr int64_t kItemsPerThread = 4;
   // Multiply-adds below this run on one thread (a fork costs a few microseconds).
@@ -38,6 +41,10 @@ struct MaskedCpuConfig {
   static_assert(kMrScalar >= 1, "the scalar kernel serves at least one column");
   static_assert(kXChunkBytes >= kTileK * kMrAvx512 * 4, "a chunk holds at least one tile row of x");
   static_assert(kWGroupTiles >= 1, "a group holds at least one tile");
+  static_assert(kPrefetchTiles >= 1, "prefetch at least the next tile");
+  static_assert(kMrAvx512 <= 2 * kTileK, "two x lines are prefetched per k step");
+  static_assert(kTileN * 4 == 64, "one tile row of k is one cache line (prefetched one per k)");
+  static_assert(kTileK * 4 == 64, "a packed x block holds mr lines per tile (two prefetched per k)");
 };
 
 // W (rows x cols) in the masked tile layout, host memory. Rows are grouped into

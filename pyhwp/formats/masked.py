@@ -3,6 +3,7 @@ bit-packed element mask."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -37,8 +38,8 @@ def pack_bits(keep: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of pack_bits: (N, ceil(K/8)) uint8 -> (N, K) bool."""
-    n = bits.shape[0]
-    return (bits.unsqueeze(-1) & _bit_weights(bits.device)).ne(0).view(n, -1)[:, :k]
+    n, kb = bits.shape
+    return (bits.unsqueeze(-1) & _bit_weights(bits.device)).ne(0).view(n, kb * 8)[:, :k]
 
 
 def _tiled(m: torch.Tensor, tn: int, tk: int) -> torch.Tensor:
@@ -75,7 +76,7 @@ class MaskedWeight(SparseWeight):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> MaskedWeight:
         shape = tuple(weight.shape)
-        w2 = weight.reshape(shape[0], -1)
+        w2 = weight.reshape(shape[0], math.prod(shape[1:]))
         n, k = w2.shape
         tn, tk = tile_shape()
         if -(-k // tk) > _INT32_MAX:

@@ -90,20 +90,70 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-inline __mmask16 first_n(int64_t n) {  // lanes < n, n >= 0
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+inline __mmask16 first_n(int64_t n) {  // lanes < n (none for n <= 0)
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
+
+// 8 rows x NV vectors of 16 columns. Per k: NV vector loads of x, then each of the 8 weights is
+// broadcast once into a register and feeds NV FMAs.
+template <int NV>
+void wide(const MaskedWideBlock& b) {
+  constexpr int64_t kLd = 16 * NV;  // packed x row length
+  __m512 c[8][NV];
+  for (int r = 0; r < 8; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  const float* w = b.tiles + 8 * b.half;
+  for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
+    const float* xt = b.xp + int64_t{b.tidx[j]} * (Cfg::kTileK * kLd);
+    const int64_t jn = j + 1 < b.count ? j + 1 : j;
+    const char* xn = reinterpret_cast<const char*>(b.xp + int64_t{b.tidx[jn]} * (Cfg::kTileK * kLd));
+    const char* wn = reinterpret_cast<const char*>(w + Cfg::kPrefetchTiles * Cfg::kTileSize);
+#pragma GCC unroll 16
+    for (int k = 0; k < Cfg::kTileK; ++k) {
+      // The next tile's x: NV lines per k row, k-row by k-row; the weights two tiles ahead.
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) _mm_prefetch(xn + 64 * (NV * k + v), _MM_HINT_T0);
+      _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
+      __m512 xv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(xt + k * kLd + 16 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        __m512 wb = _mm512_set1_ps(w[Cfg::kTileN * k + r]);
+        // Keep the broadcast in a register: folded into each FMA it would cost NV loads.
+        asm("" : "+v"(wb));
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(xv[v], wb, c[r][v]);
+      }
+    }
+  }
+  float* out = b.acc + 8 * b.half * b.ld;
+  for (int r = 0; r < 8; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      float* o = out + r * b.ld + 16 * v;
+      _mm512_store_ps(o, b.accumulate ? _mm512_add_ps(c[r][v], _mm512_load_ps(o)) : c[r][v]);
+    }
+  }
+}
+
+template <int... I>
+constexpr std::array<void (*)(const MaskedWideBlock&), sizeof...(I)> wide_table(std::integer_sequence<int, I...>) {
+  return {&wide<I + 1>...};
+}
+
+constexpr auto kWide = wide_table(std::make_integer_sequence<int, Cfg::kNvAvx512>{});
 
 }  // namespace
 
-uint32_t masked_pack_avx512(const DenseIn& x, int64_t p0, int mr, int64_t k0, int64_t k1, float* dst) {
+uint32_t masked_pack_avx512(const DenseIn& x, int64_t p0, int width, int ld, int64_t k0, int64_t k1,
+                            float* dst) {
   __m512i worst = _mm512_setzero_si512();
   if (x.stride_k == 1 && x.stride_p != 1) {
     // Linear layout: 16 batch rows x 16 k are loaded as rows, transposed in registers and stored
     // as 16 k-rows of the packed block.
-    for (int i0 = 0; i0 < mr; i0 += 16) {
-      const int rows = mr - i0 < 16 ? mr - i0 : 16;
-      const __mmask16 row_mask = first_n(rows);
+    for (int i0 = 0; i0 < ld; i0 += 16) {
+      const int rows = width - i0;  // may be <= 0: zero padding columns
+      const __mmask16 store_mask = first_n(ld - i0);
       for (int64_t kb = k0; kb < k1; kb += 16) {
         const int64_t nk = k1 - kb < 16 ? k1 - kb : 16;
         const __mmask16 k_mask = first_n(nk);
@@ -114,22 +164,21 @@ uint32_t masked_pack_avx512(const DenseIn& x, int64_t p0, int mr, int64_t k0, in
           worst = exponent_max(worst, r[j]);
         }
         transpose16(r);
-        for (int c = 0; c < nk; ++c) _mm512_mask_storeu_ps(dst + (kb + c) * mr + i0, row_mask, r[c]);
+        for (int c = 0; c < nk; ++c) _mm512_mask_storeu_ps(dst + (kb + c) * ld + i0, store_mask, r[c]);
       }
     }
   } else if (x.stride_p == 1) {
     // Conv layout: the block's columns are contiguous in each row of X.
     for (int64_t k = k0; k < k1; ++k) {
       const float* src = x.data + k * x.stride_k + p0;
-      for (int i0 = 0; i0 < mr; i0 += 16) {
-        const __mmask16 m = first_n(mr - i0);
-        const __m512 v = _mm512_maskz_loadu_ps(m, src + i0);
+      for (int i0 = 0; i0 < ld; i0 += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(first_n(width - i0), src + i0);
         worst = exponent_max(worst, v);
-        _mm512_mask_storeu_ps(dst + k * mr + i0, m, v);
+        _mm512_mask_storeu_ps(dst + k * ld + i0, first_n(ld - i0), v);
       }
     }
   } else {
-    return masked_pack_scalar(x, p0, mr, k0, k1, dst);
+    return masked_pack_scalar(x, p0, width, ld, k0, k1, dst);
   }
   return _mm512_reduce_max_epu32(worst);
 }
@@ -165,6 +214,47 @@ void masked_store_avx512(const float* acc, int64_t cols, int rows, const float* 
   }
   masked_store_scalar(acc, cols, rows, bias, accumulate, y, sn, sp);
 }
+
+void masked_store_wide_avx512(const float* acc, int64_t ld, int64_t cols, int rows,
+                              const float* bias, bool accumulate, float* y, int64_t sn, int64_t sp) {
+  if (sp == 1) {  // conv: rows of acc are rows of y
+    for (int r = 0; r < rows; ++r) {
+      const __m512 b = _mm512_set1_ps(bias && !accumulate ? bias[r] : 0.f);
+      for (int64_t p0 = 0; p0 < cols; p0 += 16) {
+        const __mmask16 m = first_n(cols - p0);
+        float* out = y + r * sn + p0;
+        const __m512 base = accumulate ? _mm512_maskz_loadu_ps(m, out) : b;
+        _mm512_mask_storeu_ps(out, m, _mm512_add_ps(_mm512_load_ps(acc + r * ld + p0), base));
+      }
+    }
+    return;
+  }
+  if (sn == 1) {  // linear: transpose 16 columns at a time into 16-row segments of y
+    const __mmask16 m = first_n(rows);
+    const __m512 b = bias && !accumulate ? _mm512_maskz_loadu_ps(m, bias) : _mm512_setzero_ps();
+    for (int64_t p0 = 0; p0 < cols; p0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(acc + i * ld + p0);
+      transpose16(r);
+      const int64_t n = cols - p0 < 16 ? cols - p0 : 16;
+      for (int64_t j = 0; j < n; ++j) {
+        float* out = y + (p0 + j) * sp;
+        const __m512 base = accumulate ? _mm512_maskz_loadu_ps(m, out) : b;
+        _mm512_mask_storeu_ps(out, m, _mm512_add_ps(r[j], base));
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float add = bias && !accumulate ? bias[r] : 0.f;
+    for (int64_t p = 0; p < cols; ++p) {
+      float& o = y[r * sn + p * sp];
+      o = acc[r * ld + p] + (accumulate ? o : add);
+    }
+  }
+}
+
+void masked_wide_avx512(const MaskedWideBlock& b) { kWide[b.nv - 1](b); }
 
 void masked_block_avx512(const MaskedBlock& b) { kBlocks[b.mr - 1](b); }
 

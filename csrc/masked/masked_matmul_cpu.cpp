@@ -50,13 +50,18 @@ struct IsaKernel {
   MaskedPackFn pack;
   MaskedStoreFn store;
   int mr_max;
+  void (*wide)(const MaskedWideBlock&) = nullptr;  // the large-P kernel, where the ISA has one
+  void (*store_wide)(const float*, int64_t, int64_t, int, const float*, bool, float*, int64_t,
+                     int64_t) = nullptr;
 };
 
 // The one ISA dispatch of this op. AVX2 packs and stores with the portable code: its blocks are 6
 // wide, too narrow for register transposes to pay.
 IsaKernel pick(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512: return {masked_block_avx512, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512};
+    case Isa::kAvx512:
+      return {masked_block_avx512, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512,
+              masked_wide_avx512, masked_store_wide_avx512};
     case Isa::kAvx2: return {masked_block_avx2, masked_pack_scalar, masked_store_scalar, Cfg::kMrAvx2};
     default: return {masked_block_scalar, masked_pack_scalar, masked_store_scalar, Cfg::kMrScalar};
   }
@@ -98,24 +103,26 @@ void masked_store_scalar(const float* acc, int64_t cols, int rows, const float* 
 
 void masked_block_scalar(const MaskedBlock& b) { kScalarBlocks[b.mr - 1](b); }
 
-uint32_t masked_pack_scalar(const DenseIn& x, int64_t p0, int mr, int64_t k0, int64_t k1, float* dst) {
+uint32_t masked_pack_scalar(const DenseIn& x, int64_t p0, int width, int ld, int64_t k0, int64_t k1,
+                            float* dst) {
   uint32_t worst = 0;
   if (x.stride_k == 1 && x.stride_p != 1) {
     // Linear layout: each batch row is contiguous in k; read rows, write the transpose.
-    for (int i = 0; i < mr; ++i) {
+    for (int i = 0; i < width; ++i) {
       const float* src = x.data + (p0 + i) * x.stride_p;
       for (int64_t k = k0; k < k1; ++k) worst = std::max(worst, exponent(src[k]));
-      for (int64_t k = k0; k < k1; ++k) dst[k * mr + i] = src[k];
+      for (int64_t k = k0; k < k1; ++k) dst[k * ld + i] = src[k];
     }
-    return worst;
-  }
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* src = x.data + k * x.stride_k + p0 * x.stride_p;
-    for (int i = 0; i < mr; ++i) {
-      dst[k * mr + i] = src[i * x.stride_p];
-      worst = std::max(worst, exponent(src[i * x.stride_p]));
+  } else {
+    for (int64_t k = k0; k < k1; ++k) {
+      const float* src = x.data + k * x.stride_k + p0 * x.stride_p;
+      for (int i = 0; i < width; ++i) {
+        dst[k * ld + i] = src[i * x.stride_p];
+        worst = std::max(worst, exponent(src[i * x.stride_p]));
+      }
     }
   }
+  for (int64_t k = k0; k < k1; ++k) std::fill(dst + k * ld + width, dst + (k + 1) * ld, 0.f);
   return worst;
 }
 
@@ -159,23 +166,40 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
 
   const IsaKernel isa = pick(active_isa());
   const int64_t kp = ktiles * Cfg::kTileK;  // packed rows of x, zero past K
-  // p-blocks of (nearly) equal width: 128 columns on AVX-512 make 5 blocks of 26 or 24, not 4 of
-  // 28 and one of 16, so every block runs a long register block.
-  const int64_t nblocks = ceil_div(P, isa.mr_max);
-  const int mr = static_cast<int>(ceil_div(P, nblocks));
+  // Columns are split into p-blocks of (nearly) equal width, one register block each. Narrow
+  // blocks are 1..mr_max columns: 128 columns on AVX-512 make 5 blocks of 26 or 24, not 4 of 28 and
+  // one of 16. Wide blocks are 1..kNvAvx512 vectors of 16 columns, zero-padded past P.
+  const bool wide = isa.wide != nullptr && P >= Cfg::kWideMinP;
+  int64_t nblocks, step;  // step: columns between block starts (the widest block)
+  if (wide) {
+    const int64_t nvec = ceil_div(P, 16);
+    nblocks = ceil_div(nvec, Cfg::kNvAvx512);
+    step = 16 * ceil_div(nvec, nblocks);
+  } else {
+    nblocks = ceil_div(P, isa.mr_max);
+    step = ceil_div(P, nblocks);
+  }
+  // Packed width of block bi: its columns, rounded up to whole vectors in the wide layout.
+  auto block_ld = [&](int64_t bi) {
+    const int64_t width = std::min(step, P - bi * step);
+    return wide ? 16 * ceil_div(width, 16) : width;
+  };
   // Work items are (panel, group of p-blocks); split p only when panels are too few to share.
   const int nt = w.ntiles * Cfg::kTileSize * P < Cfg::kSerialWork ? 1 : num_threads;
   const int64_t want_items = nt > 1 ? nt * Cfg::kItemsPerThread : 1;
   const int64_t groups0 = npanels >= want_items ? 1 : std::min(nblocks, ceil_div(want_items, npanels));
   const int64_t blocks_per_group = ceil_div(nblocks, groups0);
   const int64_t groups = ceil_div(nblocks, blocks_per_group);
-  const int64_t group_cols = std::min(P, blocks_per_group * mr);
+  const int64_t group_cols = std::min(P, blocks_per_group * step);
+  const int64_t acc_ld = 16 * ceil_div(blocks_per_group * step, 16);  // wide accumulator rows
   const int64_t chunk_tiles =
       std::max<int64_t>(1, Cfg::kXChunkBytes / (group_cols * Cfg::kTileK * int64_t{sizeof(float)}));
   const int64_t nchunks = std::max<int64_t>(1, ceil_div(ktiles, chunk_tiles));
-  const int64_t sub_tiles = blocks_per_group > 1 ? Cfg::kWGroupTiles : INT64_MAX;
+  // Tiles per replay group: a single block (or row half) streams its tiles once, no need to cut.
+  const int64_t sub_tiles = wide ? Cfg::kWideGroupTiles
+                                 : blocks_per_group > 1 ? Cfg::kWGroupTiles : INT64_MAX;
 
-  float* xp = scratch(2, nblocks * mr * kp);
+  float* xp = scratch(2, nblocks * step * kp + 16);
   constexpr int64_t kPackRows = 256;
   const int64_t pack_units = nblocks * std::max<int64_t>(1, ceil_div(kp, kPackRows));
   uint32_t worst = 0;  // largest exponent field in x: all ones means NaN or Inf somewhere
@@ -185,24 +209,23 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
 #pragma omp for schedule(static) reduction(max : worst)
     for (int64_t u = 0; u < pack_units; ++u) {
       const int64_t bi = u % nblocks, k0 = (u / nblocks) * kPackRows;
-      const int64_t p0 = bi * mr;
-      const int width = static_cast<int>(std::min<int64_t>(mr, P - p0));
-      float* dst = xp + bi * mr * kp;
+      const int64_t p0 = bi * step;
+      const int width = static_cast<int>(std::min(step, P - p0));
+      const int ld = static_cast<int>(block_ld(bi));
+      float* dst = xp + bi * step * kp;
       const int64_t k1 = std::min(kp, k0 + kPackRows);
-      worst = std::max(worst, isa.pack(x, p0, width, k0, std::min(K, k1), dst));
-      for (int64_t k = std::max(k0, K); k < k1; ++k) {
-        for (int i = 0; i < width; ++i) dst[k * width + i] = 0.f;
-      }
+      worst = std::max(worst, isa.pack(x, p0, width, ld, k0, std::min(K, k1), dst));
+      for (int64_t k = std::max(k0, K); k < k1; ++k) std::fill(dst + k * ld, dst + (k + 1) * ld, 0.f);
     }
 
-    // Each item accumulates its 16 x group_cols outputs in a contiguous thread-local tile ([p][16],
-    // L1-resident) and writes y once per chunk: y's own rows lie N floats apart, so replaying
-    // partial sums there would touch P lines that share one L1 set.
-    float* acc = scratch(3, group_cols * Cfg::kTileN);
+    // Each item accumulates its 16 x group_cols outputs in a contiguous thread-local tile (narrow:
+    // [p][16], wide: [16][acc_ld]; L1-resident) and writes y once per chunk: y's own rows lie N
+    // floats apart, so replaying partial sums there would touch P lines that share one L1 set.
+    float* acc = scratch(3, wide ? 16 * acc_ld : group_cols * Cfg::kTileN);
     for (int64_t c = 0; c < nchunks; ++c) {
       const int32_t kt0 = static_cast<int32_t>(c * chunk_tiles);
       const int32_t kt1 = static_cast<int32_t>(std::min(ktiles, (c + 1) * chunk_tiles));
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(guided)
       for (int64_t item = 0; item < npanels * groups; ++item) {
         const int64_t panel = item / groups, g = item % groups;
         const int32_t* first = w.tile_idx + w.tile_ptr[panel];
@@ -212,27 +235,45 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
         if (c > 0 && t0 == t1) continue;
         const int64_t n0 = panel * Cfg::kTileN;
         const int64_t b0 = g * blocks_per_group, b1 = std::min(nblocks, b0 + blocks_per_group);
-        const int64_t p0 = b0 * mr, cols = std::min(P, b1 * mr) - p0;
+        const int64_t p0 = b0 * step, cols = std::min(P, b1 * step) - p0;
         // A panel without tiles in the first chunk still runs once over zero tiles: its bias.
         int64_t s = t0;
         do {
           const int64_t count = std::min(sub_tiles, t1 - s);
           for (int64_t bi = b0; bi < b1; ++bi) {
-            MaskedBlock blk;
-            blk.tiles = w.values + s * Cfg::kTileSize;
-            blk.tidx = w.tile_idx + s;
-            blk.count = count;
-            blk.mr = static_cast<int>(std::min<int64_t>(mr, P - bi * mr));
-            blk.xp = xp + bi * mr * kp;
-            blk.acc = acc + (bi - b0) * mr * Cfg::kTileN;
-            blk.accumulate = s > t0;
-            isa.fn(blk);
+            if (wide) {
+              MaskedWideBlock blk;
+              blk.tiles = w.values + s * Cfg::kTileSize;
+              blk.tidx = w.tile_idx + s;
+              blk.count = count;
+              blk.xp = xp + bi * step * kp;
+              blk.nv = static_cast<int>(block_ld(bi) / 16);
+              blk.acc = acc + (bi - b0) * step;
+              blk.ld = acc_ld;
+              blk.accumulate = s > t0;
+              for (blk.half = 0; blk.half < 2; ++blk.half) isa.wide(blk);
+            } else {
+              MaskedBlock blk;
+              blk.tiles = w.values + s * Cfg::kTileSize;
+              blk.tidx = w.tile_idx + s;
+              blk.count = count;
+              blk.mr = static_cast<int>(block_ld(bi));
+              blk.xp = xp + bi * step * kp;
+              blk.acc = acc + (bi - b0) * step * Cfg::kTileN;
+              blk.accumulate = s > t0;
+              isa.fn(blk);
+            }
           }
           s += count;
         } while (s < t1);
         const int rows = static_cast<int>(std::min<int64_t>(Cfg::kTileN, N - n0));
-        isa.store(acc, cols, rows, bias && c == 0 ? bias + n0 : nullptr, c > 0,
-                   y.data + n0 * y.stride_n + p0 * y.stride_p, y.stride_n, y.stride_p);
+        const float* b = bias && c == 0 ? bias + n0 : nullptr;
+        float* yt = y.data + n0 * y.stride_n + p0 * y.stride_p;
+        if (wide) {
+          isa.store_wide(acc, acc_ld, cols, rows, b, c > 0, yt, y.stride_n, y.stride_p);
+        } else {
+          isa.store(acc, cols, rows, b, c > 0, yt, y.stride_n, y.stride_p);
+        }
       }
     }
   }

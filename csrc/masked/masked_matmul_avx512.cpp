@@ -24,7 +24,7 @@ void block(const MaskedBlock& b) {
   for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
     const float* xt = b.xp + static_cast<int64_t>(b.tidx[j]) * (Cfg::kTileK * MR);
     // The next tile's x rows (MR lines) jump with the tile index, which the hardware prefetchers
-    // cannot follow; the weights stream, but from DRAM, so they are requested two tiles ahead.
+    // cannot follow; the weights stream, but from DRAM, so they are requested kPrefetchTiles ahead.
     // (Prefetching past the last tile is harmless: prefetches never fault.)
     const int64_t jn = j + 1 < b.count ? j + 1 : j;
     const char* xn = reinterpret_cast<const char*>(b.xp + int64_t{b.tidx[jn]} * (Cfg::kTileK * MR));
@@ -110,7 +110,7 @@ void wide(const MaskedWideBlock& b) {
     const char* wn = reinterpret_cast<const char*>(w + Cfg::kPrefetchTiles * Cfg::kTileSize);
 #pragma GCC unroll 16
     for (int k = 0; k < Cfg::kTileK; ++k) {
-      // The next tile's x: NV lines per k row, k-row by k-row; the weights two tiles ahead.
+      // The next tile's x: NV lines per k row, k-row by k-row; the weights kPrefetchTiles ahead.
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) _mm_prefetch(xn + 64 * (NV * k + v), _MM_HINT_T0);
       _mm_prefetch(wn + 64 * k, _MM_HINT_T0);

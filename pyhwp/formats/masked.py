@@ -23,6 +23,10 @@ def tile_shape() -> tuple[int, int]:
     return int(tn), int(tk)
 
 
+def _popcount_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=device)
+
+
 def _bit_weights(device: torch.device) -> torch.Tensor:
     return torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=device)
 
@@ -110,7 +114,8 @@ class MaskedWeight(SparseWeight):
 
     @property
     def nnz(self) -> int:
-        return int(self.mask().sum())
+        popcount = _popcount_table(self.mask_bits.device)
+        return int(popcount[self.mask_bits.long()].sum())
 
     def mask(self) -> torch.Tensor:
         """The kept mask, bool, in `shape`."""

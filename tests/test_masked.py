@@ -185,6 +185,11 @@ def test_tile_layout_and_properties():
     present = (w != 0).reshape(33, 70)
     expect = sum(bool(present[16 * j:16 * j + 16, 16 * t:16 * t + 16].any()) for j in range(3) for t in range(5))
     assert sw.ntiles == expect and sw.tile_density == pytest.approx(expect / 15)
+    flags = sw.tile_flags()
+    assert flags.dtype == torch.uint8 and flags.shape == (3, 5) and int(flags.sum()) == expect
+    for j in range(3):
+        for t in range(5):
+            assert flags[j, t] == bool(present[16 * j:16 * j + 16, 16 * t:16 * t + 16].any())
     assert sw.nbytes == sw.ntiles * 256 * 4 + 4 * 8 + sw.ntiles * 4 + 33 * 9
     assert "MaskedWeight" in repr(sw) and "pattern='masked'" in repr(sw)
 

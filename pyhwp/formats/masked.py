@@ -117,6 +117,17 @@ class MaskedWeight(SparseWeight):
         popcount = _popcount_table(self.mask_bits.device)
         return int(popcount[self.mask_bits.long()].sum())
 
+    def tile_flags(self) -> torch.Tensor:
+        """uint8 (panels, ktiles): 1 where a tile is stored, 0 where it is skipped (all zeros); the
+        flags the CUDA masked kernel takes next to the dense weight."""
+        tn, tk = self.tile
+        np_, kt = -(-self.out_features // tn), -(-self.in_features // tk)
+        flags = torch.zeros((np_, kt), dtype=torch.uint8, device=self.device)
+        panel = torch.repeat_interleave(torch.arange(np_, device=self.device), self.tile_ptr.diff(),
+                                        output_size=self.ntiles)
+        flags[panel, self.tile_idx.long()] = 1
+        return flags
+
     def mask(self) -> torch.Tensor:
         """The kept mask, bool, in `shape`."""
         return unpack_bits(self.mask_bits, self.in_features).reshape(self.shape)

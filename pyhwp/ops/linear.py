@@ -10,6 +10,7 @@ from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
 from pyhwp.ops import csr as _csr  # noqa: F401  (registers torch.ops.pyhwp.csr_matmul)
 from pyhwp.ops import sparse24 as _sparse24  # noqa: F401  (registers torch.ops.pyhwp.sparse24_matmul)
+from pyhwp.ops import masked as _masked  # noqa: F401  (registers torch.ops.pyhwp.masked_matmul)
 
 
 def _csr(x2, w, bias, transpose_out=False):
@@ -21,10 +22,16 @@ def _sparse24(x2, w, bias, transpose_out=False):
     return torch.ops.pyhwp.sparse24_matmul(x2, w.values, w.meta, bias, transpose_out)
 
 
+def _masked(x2, w, bias, transpose_out=False):
+    return torch.ops.pyhwp.masked_matmul(x2, w.tile_ptr, w.tile_idx, w.values, w.out_features, bias,
+                                         transpose_out)
+
+
 # Kernel name -> fn(x2, weight, bias, transpose_out): y (P, N) = x2 (P, K) @ W.T + bias for x2 of
 # any strides, or its transpose (N, P) contiguous when transpose_out. Every pyhwp kernel in
 # pyhwp.kernels.KERNELS has an entry; conv2d runs its GEMMs through the same table.
-MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr, "sparse24_matmul": _sparse24}
+MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr, "sparse24_matmul": _sparse24,
+           "masked_matmul": _masked}
 
 
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:

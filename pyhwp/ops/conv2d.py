@@ -181,7 +181,9 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     pt, pb, pl, pr = pads
     pointwise = kh == kw == 1 and pads == (0, 0, 0, 0)
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
-        taps = _kernel_taps(weight)
+        # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported
+        # graphs take im2col.
+        taps = None if torch.compiler.is_compiling() else _kernel_taps(weight)
         if taps is not None:
             return _shifted_conv(matmul, taps, x, bias, pads, dilation, (kh, kw), out_hw)
     if pointwise and stride != (1, 1):

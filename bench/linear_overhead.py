@@ -2,7 +2,8 @@
 
 Times, interleaved in one run, the bare kernel call (pyhwp._C.csr_matmul on preallocated
 output), the op implementation called directly, the torch.library op (dispatcher), the public
-pyhwp.linear (eager fast path) and dense F.linear; overhead = time minus the bare kernel call.
+pyhwp.linear (eager fast path), a frozen pyhwp.nn.SparseLinear and dense F.linear; overhead =
+time minus the bare kernel call.
 One thread, so that the figure is Python work and not OpenMP wake-ups.
 Run: PYTHONPATH=$PWD python bench/linear_overhead.py
 """
@@ -27,17 +28,20 @@ def main() -> None:
     w[torch.rand_like(w) < 0.9] = 0
     sw = pyhwp.to_sparse(w, "csr")
     x, y = torch.randn(1, 384), torch.empty(1, 1536)
-    ro, ci, v = sw.row_offsets, sw.col_indices, sw.values
+    ro, ci, v = sw.row_offsets, sw.kernel_col_indices, sw.values  # the 16-bit indices pyhwp.linear passes
     op = torch.ops.pyhwp.csr_matmul.default
 
     def bare():
-        _C.csr_matmul(1536, 384, v.shape[0], ro.data_ptr(), ci.data_ptr(), v.data_ptr(), x.data_ptr(), 1, 1, 384,
-                      0, y.data_ptr(), 1, 1536, 1)
+        _C.csr_matmul(1536, 384, v.shape[0], ro.data_ptr(), 0, v.data_ptr(), x.data_ptr(), 1, 1, 384,
+                      0, y.data_ptr(), 1, 1536, 1, ci.data_ptr())
+
+    layer = pyhwp.nn.SparseLinear(sw, requires_grad=False)
 
     fns = {"bare kernel call": bare,
            "op implementation": lambda: csr_matmul_impl(x, ro, ci, v, None, False),
            "torch.ops.pyhwp.csr_matmul": lambda: op(x, ro, ci, v, None, False),
            "pyhwp.linear": lambda: pyhwp.linear(x, sw),
+           "SparseLinear module": lambda: layer(x),
            "F.linear (dense)": lambda: F.linear(x, w)}
 
     def repeat(f):

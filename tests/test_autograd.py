@@ -135,6 +135,7 @@ def test_opcheck_every_op(pattern, device):
 def test_fast_path_only_when_nothing_needs_the_op():
     x, v = torch.randn(2, 3), torch.randn(4)
     assert not needs_op(x, v, None)
+    assert not needs_op(x, torch.nn.Parameter(v, requires_grad=False), None)  # a frozen layer's values
     v.requires_grad_()
     assert needs_op(x, v, None)  # autograd must record the op
     with torch.no_grad():

@@ -194,3 +194,25 @@ def test_double_moves_the_values_and_runs_the_float64_path():
     assert model.head[0].values.dtype == torch.float64 and model.head[0].col_indices.dtype == torch.int32
     x = TinyNet().input(2, torch.Generator().manual_seed(4), torch.float64)
     _close(model(x), dense(x), torch.float64)
+
+
+def test_weight_is_reused_only_while_frozen_and_unchanged():
+    model, dense, _ = sparse_tiny_net("csr")
+    layer = model.head[0]
+    x = TinyNet().input(2, torch.Generator().manual_seed(6), torch.float32, "cpu")
+    with torch.no_grad():
+        assert layer.weight is layer.weight  # derived data (kernel indices, conv taps) is kept
+        before = model(x)
+        layer.values.mul_(2)  # an in-place change is seen
+        assert not torch.equal(model(x), before)
+        layer.values.div_(2)
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert layer.weight is not layer.weight  # under autograd every forward builds its own
+
+
+def test_repeated_forward_backward_in_eager():
+    model, _, _ = sparse_tiny_net("csr")
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):  # graph-owned data must not be cached across iterations
+        model(TinyNet().input(2, g, torch.float32, "cpu")).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

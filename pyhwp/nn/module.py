@@ -49,14 +49,20 @@ class SparseModule(nn.Module):
     def weight(self) -> SparseWeight:
         """The SparseWeight over this module's current values and index arrays.
 
-        In eager mode the object is reused while none of the arrays was replaced or changed in
-        place, so data a pattern derives from it once (CSR's 16-bit kernel indices, conv2d's
+        In eager mode without autograd the object is reused while none of the arrays was replaced
+        or changed in place, so data a pattern derives from it once (CSR's 16-bit kernel indices, conv2d's
         kernel-tap split) is not derived again on every forward of a frozen model.
         """
-        arrays = {name: getattr(self, name) for name in self._arrays}
-        if torch.compiler.is_compiling() or any(type(t) not in _PLAIN or t.is_inference() for t in arrays.values()):
+        arrays = {name: (self._parameters if name == "values" else self._buffers)[name] for name in self._arrays}
+        if torch.compiler.is_compiling():
             return self._format._unchecked(self.weight_shape, **arrays, **self._plain)
-        key = tuple((id(t), t._version, t.data_ptr()) for t in arrays.values())
+        grad, key = torch.is_grad_enabled(), []
+        for t in arrays.values():
+            if type(t) not in _PLAIN or t.is_inference() or (grad and t.requires_grad):
+                # Recording autograd (data derived from the values would join the graph), or a
+                # tensor without a usable version counter: build afresh.
+                return self._format._unchecked(self.weight_shape, **arrays, **self._plain)
+            key.append((id(t), t._version, t.data_ptr()))
         hit = _WEIGHTS.get(self)
         if hit is None or hit[0] != key:
             hit = (key, self._format._unchecked(self.weight_shape, **arrays, **self._plain))

@@ -137,6 +137,8 @@ def _kernel_taps(weight: SparseWeight):
     tensors = weight._tensors().values()
     if any(torch.is_inference(t) for t in tensors):  # no version counter to detect changes
         return weight.kernel_taps()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return weight.kernel_taps()  # taps in a recorded graph are freed by its backward
     version = tuple(t._version for t in tensors)
     hit = _TAPS.get(weight)
     if hit is None or hit[0] != version:

@@ -7,6 +7,9 @@ from collections.abc import Callable
 import torch
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: a plain tensor here
+
+
 def needs_op(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on `tensors` must go through the torch.library op.
 
@@ -21,7 +24,7 @@ def needs_op(*tensors: torch.Tensor | None) -> bool:
         return True
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return True
     return False
 

@@ -17,8 +17,11 @@ _sparse24_op = torch.ops.pyhwp.sparse24_matmul.default
 
 
 def _csr(x2, w, bias, transpose_out=False):
-    return call_matmul(_csr_op, csr_matmul_impl, x2, (w.row_offsets, w.kernel_col_indices, w.values), w.values,
-                       bias, transpose_out, w.row_order)
+    # kernel_col_indices is a cached_property, whose lock torch.compile cannot trace: compiled
+    # graphs pass the int32 indices, which the kernels take too.
+    ci = w.col_indices if torch.compiler.is_compiling() else w.kernel_col_indices
+    return call_matmul(_csr_op, csr_matmul_impl, x2, (w.row_offsets, ci, w.values), w.values, bias,
+                       transpose_out, w.row_order)
 
 
 def _sparse24(x2, w, bias, transpose_out=False):

@@ -122,10 +122,10 @@ def test_transpose_out_conv_layout(isa, p):
     sw = pyhwp.to_sparse(w, "masked")
     bias = torch.randn(37, generator=g)
     xt = torch.randn(50, p, generator=g)  # conv patches: (K, P) with p contiguous
-    y = torch.ops.pyhwp.masked_matmul(xt.t(), sw.tile_ptr, sw.tile_idx, sw.values, 37, bias, True)
+    y = torch.ops.pyhwp.masked_matmul(xt.t(), sw.tile_ptr, sw.tile_idx, sw.values, sw.mask_bits, bias, True)
     assert y.shape == (37, p) and y.is_contiguous()
     assert_linear_close(y.t(), xt.t(), w, bias)
-    y2 = torch.ops.pyhwp.masked_matmul(xt.t().contiguous(), sw.tile_ptr, sw.tile_idx, sw.values, 37, None, True)
+    y2 = torch.ops.pyhwp.masked_matmul(xt.t().contiguous(), sw.tile_ptr, sw.tile_idx, sw.values, sw.mask_bits, None, True)
     assert_linear_close(y2.t(), xt.t(), w)
 
 
@@ -158,7 +158,7 @@ def test_nonfinite_inputs_propagate_like_dense(isa):
         assert torch.equal(torch.isnan(y), torch.isnan(ref))
         assert torch.equal(torch.isinf(y), torch.isinf(ref))
         assert torch.equal(y[torch.isinf(y)], ref[torch.isinf(ref)])
-        yt = torch.ops.pyhwp.masked_matmul(x, sw.tile_ptr, sw.tile_idx, sw.values, 50, None, True)
+        yt = torch.ops.pyhwp.masked_matmul(x, sw.tile_ptr, sw.tile_idx, sw.values, sw.mask_bits, None, True)
         assert torch.equal(torch.isnan(yt), torch.isnan(ref.t()))
 
 
@@ -252,7 +252,7 @@ def test_empty_batch_and_empty_shapes():
     sw = pyhwp.to_sparse(torch.randn(5, 4), "masked")
     assert pyhwp.linear(torch.randn(0, 4), sw).shape == (0, 5)
     sw0 = pyhwp.to_sparse(torch.zeros(5, 0), "masked")  # no input features: y = bias
-    y0 = torch.ops.pyhwp.masked_matmul(torch.randn(3, 0), sw0.tile_ptr, sw0.tile_idx, sw0.values, 5,
+    y0 = torch.ops.pyhwp.masked_matmul(torch.randn(3, 0), sw0.tile_ptr, sw0.tile_idx, sw0.values, sw0.mask_bits,
                                        torch.ones(5), False)
     assert torch.equal(y0, torch.ones(3, 5))
     sw1 = pyhwp.to_sparse(torch.zeros(0, 4), "masked")

@@ -55,6 +55,29 @@ def _tiled(m: torch.Tensor, tn: int, tk: int) -> torch.Tensor:
     return padded.view(np_, tn, kt, tk).permute(0, 2, 3, 1)
 
 
+def tile_panels(tile_ptr: torch.Tensor, ntiles: int) -> torch.Tensor:
+    """int64 (ntiles,): the row panel of every stored tile."""
+    panels = tile_ptr.numel() - 1
+    return torch.repeat_interleave(torch.arange(panels, device=tile_ptr.device), tile_ptr.diff(),
+                                   output_size=ntiles)
+
+
+def dense_from_tiles(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: torch.Tensor, n: int,
+                     k: int) -> torch.Tensor:
+    """The (n, k) dense matrix of stored tiles (see MaskedWeight), zeros elsewhere."""
+    tn, tk = tile_shape()
+    np_, kt = -(-n // tn), -(-k // tk)
+    tiles = values.new_zeros((np_, kt, tk, tn))
+    tiles = tiles.index_put((tile_panels(tile_ptr, tile_idx.numel()), tile_idx.long()), values)
+    return tiles.permute(0, 3, 1, 2).reshape(np_ * tn, kt * tk)[:n, :k]
+
+
+def tiles_from_dense(dense: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor) -> torch.Tensor:
+    """The stored tiles' entries of an (n, k) matrix, shaped like MaskedWeight.values."""
+    tn, tk = tile_shape()
+    return _tiled(dense, tn, tk)[tile_panels(tile_ptr, tile_idx.numel()), tile_idx.long()]
+
+
 @register_pattern
 @dataclass(frozen=True, eq=False, repr=False)  # SparseWeight.__repr__: a summary, not the arrays
 class MaskedWeight(SparseWeight):
@@ -133,14 +156,7 @@ class MaskedWeight(SparseWeight):
         return unpack_bits(self.mask_bits, self.in_features).reshape(self.shape)
 
     def to_dense(self) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        tn, tk = self.tile
-        np_, kt = -(-n // tn), -(-k // tk)
-        tiles = torch.zeros((np_, kt, tk, tn), dtype=self.dtype, device=self.device)
-        panel = torch.repeat_interleave(torch.arange(np_, device=self.device), self.tile_ptr.diff(),
-                                        output_size=self.ntiles)
-        tiles[panel, self.tile_idx.long()] = self.values
-        dense = tiles.permute(0, 3, 1, 2).reshape(np_ * tn, kt * tk)[:n, :k]
+        dense = dense_from_tiles(self.tile_ptr, self.tile_idx, self.values, self.out_features, self.in_features)
         return dense.reshape(self.shape).contiguous()
 
     def validate(self) -> None:

@@ -11,6 +11,7 @@
 #include "common/cpu_features.h"
 #include "common/dense.h"
 #include "csr/csr_matmul.h"
+#include "masked/masked_matmul.h"
 #include "sparse24/sparse24_matmul.h"
 #ifdef PYHWP_WITH_CUDA
 #include "common/dense_cuda.h"
@@ -23,6 +24,7 @@ namespace py = pybind11;
 using pyhwp::CsrMatrix;
 using pyhwp::DenseIn;
 using pyhwp::DenseOut;
+using pyhwp::MaskedMatrix;
 using Addr = std::uintptr_t;
 
 namespace {
@@ -37,6 +39,12 @@ CsrMatrix make_csr(int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Ad
   return CsrMatrix{rows, cols, nnz, ptr<const int64_t>(row_offsets),
                    ptr<const int32_t>(col_indices), ptr<const float>(values),
                    ptr<const uint16_t>(col_indices16)};
+}
+
+MaskedMatrix make_masked(int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx,
+                         Addr values) {
+  return MaskedMatrix{rows, cols, ntiles, ptr<const int64_t>(tile_ptr), ptr<const int32_t>(tile_idx),
+                      ptr<const float>(values)};
 }
 
 py::dict build_info() {
@@ -154,6 +162,34 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias with W 2:4-compressed (rows x cols: float32 values "
       "(rows, Kp/2), uint32 meta (rows, Kp/32), Kp = cols rounded up to 32) and X (cols x p), "
+      "host float32; element strides for X (k, p) and Y (n, p); bias address 0 for none");
+
+  m.def(
+      "masked_tile", [] { return py::make_tuple(pyhwp::MaskedCpuConfig::kTileN, pyhwp::MaskedCpuConfig::kTileK); },
+      "(rows, cols) of the tiles the masked kernels store and skip");
+  m.def(
+      "masked_validate",
+      [](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values) {
+        pyhwp::masked_validate(make_masked(rows, cols, ntiles, tile_ptr, tile_idx, values));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("ntiles"), py::arg("tile_ptr"), py::arg("tile_idx"),
+      py::arg("values"), py::call_guard<py::gil_scoped_release>(),
+      "Check the tile structure of a masked weight (host arrays: int64 tile_ptr, int32 tile_idx)");
+  m.def(
+      "masked_matmul",
+      [](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values,
+         Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads) {
+        const MaskedMatrix w = make_masked(rows, cols, ntiles, tile_ptr, tile_idx, values);
+        const DenseIn xin{ptr<const float>(x), cols, p, x_stride_k, x_stride_p};
+        const DenseOut yout{ptr<float>(y), rows, p, y_stride_n, y_stride_p};
+        pyhwp::masked_matmul(w, xin, ptr<const float>(bias), yout, num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("ntiles"), py::arg("tile_ptr"), py::arg("tile_idx"),
+      py::arg("values"), py::arg("x"), py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"),
+      py::arg("bias"), py::arg("y"), py::arg("y_stride_n"), py::arg("y_stride_p"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "Y (rows x p) = W X + bias with W in the masked tile layout (rows x cols) and X (cols x p), "
       "host float32; element strides for X (k, p) and Y (n, p); bias address 0 for none");
 
 #ifdef PYHWP_WITH_CUDA

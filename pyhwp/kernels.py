@@ -66,6 +66,8 @@ KERNELS: tuple[Kernel, ...] = (
            note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch; bfloat16 accumulates in float32"),
     Kernel("sparse24_matmul", "2:4", ("linear", "conv2d"), "cpu", (torch.float32,),
            note="2:4 compressed GEMM (x selected in registers, no gather); AVX-512/AVX2/scalar"),
+    Kernel("masked_matmul", "masked", ("linear", "conv2d"), "cpu", (torch.float32,),
+           note="register-blocked dense micro-kernel over stored 16x16 tiles; AVX-512/AVX2/scalar"),
     Kernel("torch_dense", "dense", ("linear", "conv2d"), "cpu", (torch.float32, torch.float64, torch.bfloat16),
            provider="torch", note="torch.nn.functional.linear / conv2d on the dense weight (MKL/oneDNN)"),
     Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),
@@ -80,11 +82,46 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("csr_matmul_cuda", "csr", ("linear", "conv2d"), "cuda", (torch.float32, torch.float16, torch.bfloat16),
            needs_cuda_build=True, min_cuda_arch=(8, 0),
            note="Sputnik-style SpMM: rows by length, 16-byte vector loads, subwarps; float32 accumulation"),
+    # float64 paths of the pyhwp ops (torch ops on the dense weight, inside the same op): what
+    # torch.autograd.gradcheck runs. Correctness paths, not fast ones.
+    Kernel("csr_matmul_torch", "csr", ("linear", "conv2d"), "cpu", (torch.float64,),
+           note="float64 path of the csr_matmul op: torch ops on the dense weight (gradcheck)"),
+    Kernel("csr_matmul_torch_cuda", "csr", ("linear", "conv2d"), "cuda", (torch.float64,),
+           note="float64 path of the csr_matmul op: torch ops on the dense weight (gradcheck)"),
+    Kernel("sparse24_matmul_torch", "2:4", ("linear", "conv2d"), "cpu", (torch.float64,),
+           note="float64 path of the sparse24_matmul op: torch ops on the dense weight (gradcheck)"),
+    Kernel("sparse24_matmul_torch_cuda", "2:4", ("linear", "conv2d"), "cuda", (torch.float64,),
+           note="float64 path of the sparse24_matmul op: torch ops on the dense weight (gradcheck)"),
+    Kernel("masked_matmul_torch", "masked", ("linear", "conv2d"), "cpu", (torch.float64,),
+           note="float64 path of the masked_matmul op: torch ops on the dense weight (gradcheck)"),
 )
 
 
+_BY_NAME = {k.name: k for k in KERNELS}
+
+
+def kernel_named(name: str) -> Kernel:
+    """The KERNELS entry called `name` (KeyError if none)."""
+    return _BY_NAME[name]
+
+
+_FOUND: dict[tuple, Kernel] = {}
+
+
 def find_kernel(op: str, pattern: str, device: torch.device, dtype: torch.dtype) -> Kernel:
-    """The pyhwp kernel that runs `op` on a `pattern` weight; TypeError/ValueError with every reason."""
+    """The pyhwp kernel that runs `op` on a `pattern` weight; TypeError/ValueError with every reason.
+
+    Answers are remembered per (op, pattern, device, dtype): what a build and machine can run does
+    not change while the process lives, and this sits on every call of pyhwp.linear.
+    """
+    key = (op, pattern, device, dtype)
+    found = _FOUND.get(key)
+    if found is None:
+        found = _FOUND[key] = _find_kernel(op, pattern, device, dtype)
+    return found
+
+
+def _find_kernel(op: str, pattern: str, device: torch.device, dtype: torch.dtype) -> Kernel:
     candidates = [k for k in KERNELS if k.provider == "pyhwp" and k.pattern == pattern]
     reasons: list[str] = []
     for k in candidates:

@@ -260,7 +260,7 @@ X = torch.randn(2, 4, 9, 9)
     (lambda sw: pyhwp.conv2d(X, sw, torch.randn(4)), ValueError, r"bias has shape \(4,\)"),
     (lambda sw: pyhwp.conv2d(X, sw, torch.randn(6).double()), TypeError, "bias has dtype"),
     (lambda sw: pyhwp.conv2d(X, sw, [0.0] * 6), TypeError, "bias must be a torch.Tensor"),
-    (lambda sw: pyhwp.conv2d(X.double(), SparseWeight.to(pyhwp.to_sparse(torch.randn(6, 4, 3, 3).double(), "csr"),
+    (lambda sw: pyhwp.conv2d(X.half(), SparseWeight.to(pyhwp.to_sparse(torch.randn(6, 4, 3, 3).half(), "csr"),
                                                          "cpu")), TypeError, "csr_matmul supports dtypes float32"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_conv2d_bad_input(csr_conv, call, exc, match):

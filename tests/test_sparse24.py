@@ -299,7 +299,7 @@ def sw():
     (lambda sw: pyhwp.linear(torch.randn(2, 5), sw, torch.randn(5)), ValueError, "bias has shape"),
     (lambda sw: pyhwp.linear(torch.randn(2, 5), sw, torch.randn(6).double()), TypeError, "bias has dtype"),
     (lambda sw: pyhwp.linear(torch.randn(2, 5, device="meta"), sw), ValueError, "x is on meta"),
-    (lambda sw: pyhwp.linear(torch.randn(2, 5).double(), pyhwp.to_sparse(torch.zeros(6, 5).double(), "2:4")),
+    (lambda sw: pyhwp.linear(torch.randn(2, 5).half(), pyhwp.to_sparse(torch.zeros(6, 5).half(), "2:4")),
      TypeError, "sparse24_matmul supports dtypes float32"),
 ])
 def test_linear_bad_input(sw, call, exc, match):

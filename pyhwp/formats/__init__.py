@@ -2,6 +2,7 @@
 
 from pyhwp.formats.base import SparseWeight, patterns, register_pattern, to_sparse
 from pyhwp.formats.csr import CSRWeight
+from pyhwp.formats.masked import MaskedWeight
 from pyhwp.formats.sparse24 import Sparse24Weight
 
-__all__ = ["CSRWeight", "Sparse24Weight", "SparseWeight", "patterns", "register_pattern", "to_sparse"]
+__all__ = ["CSRWeight", "MaskedWeight", "Sparse24Weight", "SparseWeight", "patterns", "register_pattern", "to_sparse"]

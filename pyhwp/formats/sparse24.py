@@ -36,9 +36,14 @@ def _slot_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torc
 def _decode_positions(meta: torch.Tensor) -> torch.Tensor:
     """(N, Kp/32) int32 metadata -> (N, Kp/2) int64 input position of every slot."""
     n, words = meta.shape
-    m = meta.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, 2, device=meta.device)
-    within = (m.unsqueeze(-1) >> shifts) & 3  # (N, words, 16)
+    # Remainders rather than shifts and masks: the same integers, in ops the ONNX export of the
+    # sparse layers (which decodes this in its graph) translates exactly. Field j is
+    # (m mod 4^(j+1) - m mod 4^j) / 4^j; the quotient's operands are r * 4^j and 4^j, exact even
+    # where an exporter divides in floating point.
+    m = meta.to(torch.int64) % 2**32  # the uint32 bit patterns
+    scales = 4 ** torch.arange(17, device=meta.device)
+    low = m.unsqueeze(-1) % scales  # (N, words, 17): m mod 4^j
+    within = (low[..., 1:] - low[..., :-1]).div(scales[:-1], rounding_mode="floor")  # (N, words, 16)
     group_base = GROUP * torch.arange(words * 16, device=meta.device).div(KEEP, rounding_mode="floor")
     return within.reshape(n, words * 16) + group_base
 

@@ -137,6 +137,8 @@ def _kernel_taps(weight: SparseWeight):
     tensors = weight._tensors().values()
     if any(torch.is_inference(t) for t in tensors):  # no version counter to detect changes
         return weight.kernel_taps()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return weight.kernel_taps()  # taps in a recorded graph are freed by its backward
     version = tuple(t._version for t in tensors)
     hit = _TAPS.get(weight)
     if hit is None or hit[0] != version:
@@ -181,7 +183,9 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     pt, pb, pl, pr = pads
     pointwise = kh == kw == 1 and pads == (0, 0, 0, 0)
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
-        taps = _kernel_taps(weight)
+        # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported
+        # graphs take im2col.
+        taps = None if torch.compiler.is_compiling() else _kernel_taps(weight)
         if taps is not None:
             return _shifted_conv(matmul, taps, x, bias, pads, dilation, (kh, kw), out_hw)
     if pointwise and stride != (1, 1):

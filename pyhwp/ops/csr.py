@@ -1,4 +1,5 @@
-"""torch.library custom ops over the CSR kernels (csrc/csr): CPU and CUDA behind one op."""
+"""torch.library custom op over the CSR kernels (csrc/csr): CPU and CUDA behind one op, with its
+autograd, its float64 torch path and its export decomposition."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import torch
 
 from pyhwp._ext import _C
 from pyhwp.formats.csr import row_order_by_length
+from pyhwp.kernels import kernel_named
+from pyhwp.ops.autograd import MatmulPattern, register_matmul_autograd, torch_matmul
+from pyhwp.ops.decompositions import register_matmul_decomposition
 
 # pyhwp::DType codes of the CUDA kernels (csrc/common/dtype.h).
 CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# device type -> dtypes the compiled kernels serve; the op runs everything else on the torch path.
+_NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("csr_matmul", "csr_matmul_cuda"))}
 
 
 def cuda_dtype_code(dtype: torch.dtype, op: str) -> int:
@@ -22,6 +29,22 @@ def cuda_workspace(nbytes: int, device: torch.device) -> torch.Tensor:
     """Scratch bytes from torch's caching allocator (blocks are 512-byte aligned), stream-ordered
     on the current stream like the op's output."""
     return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=device)
+
+
+def csr_positions(row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor):
+    """(rows, cols) int64 of every stored value, in values order; col_indices int32, or int16
+    holding uint16 bits (CSRWeight.kernel_col_indices)."""
+    # rows[j] = how many rows end at or before position j. A scatter-add of the row ends and a
+    # cumsum: O(nnz), no host sync, and both map to ONNX ops (ScatterElements, CumSum), unlike
+    # repeat_interleave, which the ONNX exporter expands to an (out x nnz) comparison.
+    ends = row_offsets[1:]
+    marks = row_offsets.new_zeros(values.shape[0] + 1).scatter_add(0, ends, torch.ones_like(ends))
+    cols = col_indices.long()
+    return marks.cumsum(0)[:-1], cols % 2**16 if col_indices.dtype == torch.int16 else cols
+
+
+CSR_PATTERN = MatmulPattern(n_arrays=3, values_index=2, positions=csr_positions,
+                            out_features=lambda row_offsets, col_indices, values: row_offsets.shape[0] - 1)
 
 
 def _csr_matmul_cuda(x, row_offsets, col_indices, values, bias, row_order, y, y_stride_n, y_stride_p):
@@ -47,10 +70,9 @@ def _csr_matmul_cuda(x, row_offsets, col_indices, values, bias, row_order, y, y_
 _KERNEL = {torch.float32: _C.csr_matmul, torch.bfloat16: _C.csr_matmul_bf16}
 
 
-@torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())
-def csr_matmul(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
-               values: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False,
-               row_order: torch.Tensor | None = None) -> torch.Tensor:
+def csr_matmul_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
+                    values: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False,
+                    row_order: torch.Tensor | None = None) -> torch.Tensor:
     """x (P, K) @ W.T + bias with W (N, K) in CSR; x may have any strides.
 
     col_indices is int32, or int16 holding the indices as uint16 bits (K <= 65536; the kernels
@@ -60,8 +82,11 @@ def csr_matmul(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Te
     contiguous (N, P) tensor (the layout of a conv output image). On CUDA tensors it runs the
     CUDA kernels (float32, float16, bfloat16; float32 accumulation) on the current stream, rows in
     `row_order` (int32 permutation, longest rows first; computed when None); the CPU kernels
-    take float32 or bfloat16 and ignore row_order.
+    take float32 or bfloat16 and ignore row_order. Other dtypes (float64, for gradcheck) run the
+    torch path on the dense weight (KERNELS entries csr_matmul_torch*).
     """
+    if x.dtype not in _NATIVE.get(x.device.type, ()):
+        return torch_matmul(CSR_PATTERN, x, (row_offsets, col_indices, values), bias, transpose_out)
     p, k = x.shape
     n = row_offsets.shape[0] - 1
     y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
@@ -85,7 +110,14 @@ def csr_matmul(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Te
     return y
 
 
+csr_matmul = torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())(csr_matmul_impl)
+
+
 @csr_matmul.register_fake
 def _(x, row_offsets, col_indices, values, bias, transpose_out=False, row_order=None):
     n = row_offsets.shape[0] - 1
     return x.new_empty((n, x.shape[0]) if transpose_out else (x.shape[0], n))
+
+
+register_matmul_autograd(csr_matmul, CSR_PATTERN)
+register_matmul_decomposition(csr_matmul, CSR_PATTERN)

@@ -8,23 +8,40 @@ import torch
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
-from pyhwp.ops import csr as _csr  # noqa: F401  (registers torch.ops.pyhwp.csr_matmul)
-from pyhwp.ops import sparse24 as _sparse24  # noqa: F401  (registers torch.ops.pyhwp.sparse24_matmul)
+from pyhwp.ops.csr import csr_matmul_impl
+from pyhwp.ops.eager import call_matmul
+from pyhwp.ops.masked import masked_matmul_impl
+from pyhwp.ops.sparse24 import sparse24_matmul_impl
+
+_csr_op = torch.ops.pyhwp.csr_matmul.default
+_sparse24_op = torch.ops.pyhwp.sparse24_matmul.default
+_masked_op = torch.ops.pyhwp.masked_matmul.default
 
 
 def _csr(x2, w, bias, transpose_out=False):
-    return torch.ops.pyhwp.csr_matmul(x2, w.row_offsets, w.kernel_col_indices, w.values, bias, transpose_out,
-                                      w.row_order)
+    # kernel_col_indices is a cached_property, whose lock torch.compile cannot trace: compiled
+    # graphs pass the int32 indices, which the kernels take too.
+    ci = w.col_indices if torch.compiler.is_compiling() else w.kernel_col_indices
+    return call_matmul(_csr_op, csr_matmul_impl, x2, (w.row_offsets, ci, w.values), w.values, bias,
+                       transpose_out, w.row_order)
 
 
 def _sparse24(x2, w, bias, transpose_out=False):
-    return torch.ops.pyhwp.sparse24_matmul(x2, w.values, w.meta, bias, transpose_out)
+    return call_matmul(_sparse24_op, sparse24_matmul_impl, x2, (w.values, w.meta), w.values, bias, transpose_out)
+
+
+def _masked(x2, w, bias, transpose_out=False):
+    return call_matmul(_masked_op, masked_matmul_impl, x2, (w.tile_ptr, w.tile_idx, w.values, w.mask_bits),
+                       w.values, bias, transpose_out)
 
 
 # Kernel name -> fn(x2, weight, bias, transpose_out): y (P, N) = x2 (P, K) @ W.T + bias for x2 of
 # any strides, or its transpose (N, P) contiguous when transpose_out. Every pyhwp kernel in
 # pyhwp.kernels.KERNELS has an entry; conv2d runs its GEMMs through the same table.
-MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr, "sparse24_matmul": _sparse24}
+MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr, "sparse24_matmul": _sparse24,
+           "masked_matmul": _masked, "masked_matmul_torch": _masked,
+           "csr_matmul_torch": _csr, "csr_matmul_torch_cuda": _csr,
+           "sparse24_matmul_torch": _sparse24, "sparse24_matmul_torch_cuda": _sparse24}
 
 
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
@@ -44,8 +61,9 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     """y = x @ weight.T + bias with a pruned weight, equal to F.linear on weight.to_dense().
 
     Args:
-        x: (..., in_features) tensor, any leading dims and strides; float32 on the CPU (bfloat16 too for CSR), float32,
-            float16 or bfloat16 on CUDA (see pyhwp.kernels.KERNELS).
+        x: (..., in_features) tensor, any leading dims and strides; float32 on the CPU (bfloat16 too
+            for CSR), float32, float16 or bfloat16 on CUDA, float64 anywhere through the ops' torch
+            path (for gradcheck); pyhwp.kernels.KERNELS says which.
         weight: a 2-D SparseWeight from pyhwp.to_sparse (shape (out_features, in_features)).
         bias: optional (out_features,) tensor, same dtype and device as x.
     Returns:
@@ -69,6 +87,8 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     kernel = find_kernel("linear", weight.pattern, x.device, x.dtype)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    if x.dim() == 2:  # skip two reshapes (~5 us of the ~10 us Python overhead at batch 1)
+        return MATMULS[kernel.name](x, weight, bias)
     x2 = x.reshape(math.prod(x.shape[:-1]), weight.in_features)  # -1 is ambiguous when in_features == 0
     y = MATMULS[kernel.name](x2, weight, bias)
     return y.reshape(*x.shape[:-1], weight.out_features)

@@ -1,21 +1,44 @@
-"""torch.library custom op over the CPU 2:4 kernels (csrc/sparse24)."""
+"""torch.library custom op over the CPU 2:4 kernels (csrc/sparse24), with its autograd, its
+float64 torch path and its export decomposition."""
 
 from __future__ import annotations
 
 import torch
 
 from pyhwp._ext import _C
+from pyhwp.formats.sparse24 import KEEP, _decode_positions
+from pyhwp.kernels import kernel_named
+from pyhwp.ops.autograd import MatmulPattern, register_matmul_autograd, torch_matmul
+from pyhwp.ops.decompositions import register_matmul_decomposition
+
+# device type -> dtypes the compiled kernels serve; the op runs everything else on the torch path.
+_NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("sparse24_matmul",))}
 
 
-@torch.library.custom_op("pyhwp::sparse24_matmul", mutates_args=())
-def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-                    transpose_out: bool = False) -> torch.Tensor:
+def sparse24_positions(values: torch.Tensor, meta: torch.Tensor):
+    """(rows, cols) int64 of every slot, in values.reshape(-1) order; cols < Kp (padding included)."""
+    n, slots = values.shape
+    rows = torch.arange(n, device=values.device).unsqueeze(1).expand(n, slots).reshape(-1)
+    return rows, _decode_positions(meta).reshape(-1)
+
+
+SPARSE24_PATTERN = MatmulPattern(n_arrays=2, values_index=0, positions=sparse24_positions,
+                                 out_features=lambda values, meta: values.shape[0],
+                                 padded_in_features=lambda k, values, meta: values.shape[1] * KEEP)
+
+
+def sparse24_matmul_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
+                         transpose_out: bool = False) -> torch.Tensor:
     """x (P, K) @ W.T + bias with W (N, K) in 2:4 storage (Sparse24Weight values (N, Kp/2) float32
     and meta (N, Kp/32) int32, Kp = K rounded up to 32); x may have any strides.
 
     Returns y (P, N), or with transpose_out=True its transpose Y = W @ x.T + bias[:, None] as a
-    contiguous (N, P) tensor (the layout of a conv output image).
+    contiguous (N, P) tensor (the layout of a conv output image). Dtypes and devices the CPU
+    kernel does not serve (float64, for gradcheck) run the torch path on the dense weight
+    (KERNELS entries sparse24_matmul_torch*).
     """
+    if x.dtype not in _NATIVE.get(x.device.type, ()):
+        return torch_matmul(SPARSE24_PATTERN, x, (values, meta), bias, transpose_out)
     p, k = x.shape
     n = values.shape[0]
     values, meta = values.contiguous(), meta.contiguous()
@@ -29,7 +52,14 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     return y
 
 
+sparse24_matmul = torch.library.custom_op("pyhwp::sparse24_matmul", mutates_args=())(sparse24_matmul_impl)
+
+
 @sparse24_matmul.register_fake
 def _(x, values, meta, bias, transpose_out=False):
     n = values.shape[0]
     return x.new_empty((n, x.shape[0]) if transpose_out else (x.shape[0], n))
+
+
+register_matmul_autograd(sparse24_matmul, SPARSE24_PATTERN)
+register_matmul_decomposition(sparse24_matmul, SPARSE24_PATTERN)

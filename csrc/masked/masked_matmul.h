@@ -1,0 +1,149 @@
+// Masked dense matmul on the CPU: Y = W X (+ bias) with W stored as its non-zero 16x16 tiles.
+#pragma once
+#include <cstdint>
+
+#include "common/dense.h"
+
+namespace pyhwp {
+
+// Tiling knobs of the CPU masked kernels.
+struct MaskedCpuConfig {
+  // A tile is kTileN output rows x kTileK input columns. kTileN = 16 float32 = one 512-bit
+  // register, so one tile row of k is one vector load; kTileK = 16 makes a tile 1 KiB (16 cache
+  // lines) and the skip granularity fine enough that 75% zero 16x16 blocks skip 75% of the work.
+  static constexpr int64_t kTileN = 16;
+  static constexpr int64_t kTileK = 16;
+  static constexpr int64_t kTileSize = kTileN * kTileK;
+  // Register block of the micro-kernels: 16 rows x kMr columns of Y (p, the batch). AVX-512 keeps
+  // kMr accumulators + 1 weight vector in its 32 zmm registers; AVX2 needs two ymm per 16 rows,
+  // so 2 * 6 accumulators + 2 weight vectors + 1 broadcast fill its 16 registers.
+  static constexpr int kMrAvx512 = 28;
+  static constexpr int kMrAvx2 = 6;
+  static constexpr int kMrScalar = 8;
+  // Above kMrAvx512 columns (where the narrow block would need two passes over the weights),
+  // AVX-512 switches to the wide register block: 8 rows x kNvAvx512 vectors of 16 columns (24
+  // accumulators). Each weight broadcast then feeds kNvAvx512 FMAs instead of each x broadcast
+  // feeding one, so loads per FMA drop from (kMr + 1) / kMr to (8 + kNvAvx512) / (8 kNvAvx512):
+  // measured +10% at 128 columns. Below, one narrow pass (weights read once) wins.
+  static constexpr int kNvAvx512 = 3;
+  static constexpr int64_t kWideMinP = kMrAvx512 + 1;
+  // Tiles per group in the wide path: both row halves replay the group's x (16 x 48 floats =
+  // 3 KiB a tile) from L1.
+  static constexpr int64_t kWideGroupTiles = 8;
+  // K is processed in chunks whose packed x (the columns of one work item) takes at most this
+  // many bytes, so it stays in the 2 MiB L2 of each core while the output panels stream past it.
+  static constexpr int64_t kXChunkBytes = int64_t{1024} << 10;
+  // Within a chunk a panel's tiles are replayed for every p-block in groups of at most this many
+  // tiles (kWGroupTiles KiB), so they come from the 48 KiB L1d rather than from L2.
+  static constexpr int64_t kWGroupTiles = 24;
+  // The AVX-512 kernels prefetch the weights this many tiles (of 1 KiB) ahead: at 16 columns a tile
+  // is ~130 cycles of FMAs, and streaming the weights from DRAM at batch 16 measured 1.5x faster
+  // with 8 tiles ahead than with 2 (4096x4096, 75% zero tiles).
+  static constexpr int64_t kPrefetchTiles = 8;
+  // Parallel work items per thread when panels are too few (conv: few outputs, many pixels).
+  static constexpr int64_t kItemsPerThread = 4;
+  // Multiply-adds below this run on one thread (a fork costs a few microseconds).
+  static constexpr int64_t kSerialWork = int64_t{1} << 16;
+
+  static_assert(kTileN == 16, "the AVX-512 kernel holds one tile row in one zmm register");
+  static_assert(kTileK >= 1 && kTileK % 4 == 0, "tile rows of k are unrolled by 4");
+  static_assert(kMrAvx512 >= 1 && kMrAvx512 + 2 <= 32, "accumulators + weight + spare fit 32 zmm");
+  static_assert(2 * kMrAvx2 + 3 <= 16, "accumulators + 2 weight + 1 broadcast fit 16 ymm");
+  static_assert(kMrScalar >= 1, "the scalar kernel serves at least one column");
+  static_assert(8 * kNvAvx512 + kNvAvx512 + 1 <= 32, "wide accumulators + x + broadcast fit 32 zmm");
+  static_assert(kWideMinP >= 16, "the wide block is at least one vector wide");
+  static_assert(kXChunkBytes >= kTileK * kMrAvx512 * 4, "a chunk holds at least one tile row of x");
+  static_assert(kWGroupTiles >= 1, "a group holds at least one tile");
+  static_assert(kPrefetchTiles >= 1, "prefetch at least the next tile");
+  static_assert(kMrAvx512 <= 2 * kTileK, "two x lines are prefetched per k step");
+  static_assert(kTileN * 4 == 64, "one tile row of k is one cache line (prefetched one per k)");
+  static_assert(kTileK * 4 == 64, "a packed x block holds mr lines per tile (two prefetched per k)");
+};
+
+// W (rows x cols) in the masked tile layout, host memory. Rows are grouped into
+// ceil(rows/16) panels of 16 and columns into ceil(cols/16) k-tiles of 16; only tiles holding a
+// kept weight are stored. Panel j stores tiles tile_ptr[j] .. tile_ptr[j+1]-1, in increasing
+// k-tile order tile_idx[t] (int32). Tile t is 256 floats at values + 256 t, laid out k-major:
+// element (row 16 j + r, column 16 tile_idx[t] + c) at values[256 t + 16 c + r]. Positions past
+// rows or cols (the padding of the last panel or k-tile) hold zeros.
+struct MaskedMatrix {
+  int64_t rows = 0;                  // N
+  int64_t cols = 0;                  // K
+  int64_t ntiles = 0;                // stored tiles
+  const int64_t* tile_ptr = nullptr;  // host, ceil(rows/16) + 1, from 0 to ntiles, non-decreasing
+  const int32_t* tile_idx = nullptr;  // host, ntiles, each in [0, ceil(cols/16))
+  const float* values = nullptr;     // host, 256 * ntiles
+};
+
+// Structural check of tile_ptr and tile_idx (monotonic, in range, strictly increasing per
+// panel). O(panels + ntiles). Throws std::invalid_argument naming the first violation.
+void masked_validate(const MaskedMatrix& w);
+
+// Y (N x P) = W (N x K) X (K x P) + bias (N floats, host, or nullptr), for any strides of X and Y
+// (see DenseIn / DenseOut): linear passes x (P, K) row-major, conv a (K, P) patch matrix.
+// Skipped tiles cost nothing; NaN/Inf in X propagate exactly as in the dense product. Uses up to
+// num_threads OpenMP threads. Y must not overlap X or W. Throws std::invalid_argument on sizes
+// that do not match.
+void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, const DenseOut& y,
+                   int num_threads);
+
+// One micro-kernel call: a 16-row panel times one packed block of mr columns of X, over `count`
+// consecutive stored tiles of the panel. The packed block holds X(k, p0 + i) at xp[k * mr + i]
+// for k in [0, 16 * ceil(K/16)) (zeros past K). The 16 x mr result goes to acc[16 i + r] (row r,
+// column i; 64-byte aligned), replacing or, with accumulate, adding to what acc holds.
+struct MaskedBlock {
+  const float* tiles = nullptr;    // count tiles of 256 floats
+  const int32_t* tidx = nullptr;   // their k-tile indices
+  int64_t count = 0;
+  const float* xp = nullptr;
+  int mr = 0;                      // 1 .. the ISA's kMr
+  float* acc = nullptr;            // 16 * mr floats
+  bool accumulate = false;
+};
+
+// The wide micro-kernel (AVX-512, large P): rows 8 half .. 8 half + 7 of a panel times a packed
+// block of 16 nv columns (X(k, p0 + i) at xp[k * 16 nv + i], zero past P and past K), over
+// `count` stored tiles. Row r of the result goes to acc[r * ld .. r * ld + 16 nv) (64-byte
+// aligned), replacing or, with accumulate, adding to it.
+struct MaskedWideBlock {
+  const float* tiles = nullptr;
+  const int32_t* tidx = nullptr;
+  int64_t count = 0;
+  const float* xp = nullptr;
+  int nv = 0;                      // 1 .. kNvAvx512
+  int half = 0;                    // 0: rows 0..7, 1: rows 8..15
+  float* acc = nullptr;            // row 0 of the panel; this call writes its half
+  int64_t ld = 0;                  // floats between rows of acc, a multiple of 16
+  bool accumulate = false;
+};
+void masked_wide_avx512(const MaskedWideBlock& b);
+
+// One kernel per ISA (masked_matmul_{cpu,avx2,avx512}.cpp); masked_matmul picks one.
+using MaskedBlockFn = void (*)(const MaskedBlock& b);
+void masked_block_scalar(const MaskedBlock& b);
+void masked_block_avx2(const MaskedBlock& b);
+void masked_block_avx512(const MaskedBlock& b);
+
+// Writes a finished accumulator tile to Y: Y(r, p) = y[r * sn + p * sp] for r < rows, p < cols
+// becomes acc[16 p + r] + bias[r] (bias may be nullptr), or with accumulate, Y(r, p) + acc[16 p + r].
+using MaskedStoreFn = void (*)(const float* acc, int64_t cols, int rows, const float* bias,
+                               bool accumulate, float* y, int64_t sn, int64_t sp);
+void masked_store_scalar(const float* acc, int64_t cols, int rows, const float* bias,
+                         bool accumulate, float* y, int64_t sn, int64_t sp);
+void masked_store_avx512(const float* acc, int64_t cols, int rows, const float* bias,
+                         bool accumulate, float* y, int64_t sn, int64_t sp);
+// The same for a wide accumulator tile: row r, column p at acc[r * ld + p].
+void masked_store_wide_avx512(const float* acc, int64_t ld, int64_t cols, int rows,
+                              const float* bias, bool accumulate, float* y, int64_t sn, int64_t sp);
+
+// Packs rows [k0, k1) of X's columns [p0, p0 + width) into dst: X(k, p0 + i) at dst[k * ld + i],
+// zeros at i in [width, ld). Returns the largest IEEE exponent field among the packed values
+// (0x7f800000: a NaN or Inf), so non-finite inputs are found without a second pass over x.
+using MaskedPackFn = uint32_t (*)(const DenseIn& x, int64_t p0, int width, int ld, int64_t k0,
+                                  int64_t k1, float* dst);
+uint32_t masked_pack_scalar(const DenseIn& x, int64_t p0, int width, int ld, int64_t k0, int64_t k1,
+                            float* dst);
+uint32_t masked_pack_avx512(const DenseIn& x, int64_t p0, int width, int ld, int64_t k0, int64_t k1,
+                            float* dst);
+
+}  // namespace pyhwp

@@ -1,4 +1,4 @@
-"""pyhwp.optimize: profile -> score -> select -> prune -> restructure/redistribute -> fine-tune -> convert -> measure."""
+"""pyhwp.optimize: profile -> score -> select -> prune -> restructure -> fine-tune -> convert -> measure."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pyhwp.report import OptimizeReport, model_bytes
 from pyhwp.select.candidates import channel_consumers, model_candidates
 from pyhwp.select.cost import candidate_mask, layer_grams, score
 from pyhwp.select.layers import at_batch, describe_layers
-from pyhwp.select.retime import check_pick, label, retime_layer
+from pyhwp.select.retime import check_pick, retime_layer
 from pyhwp.select.solver import Candidate, solve, useful_candidates
 from pyhwp.select.torch_layers import TORCH_LAYERS
 
@@ -128,6 +128,11 @@ def _make_finetune(finetune_fn, train_loader, loss_fn, epochs, lr, progress):
     return run
 
 
+def _entry(i: int, stage: str, plan: Plan, metric: float, drop: float) -> dict:
+    return {"plan": i, "stage": stage, "predicted_latency_s": sum(c.latency_s for c in plan.values()),
+            "cost": sum(c.cost for c in plan.values()), "metric": metric, "drop": drop}
+
+
 def _search(pipe: _Pipeline, plans: list[Plan], baseline: float, max_drop: float, max_finetunes: int,
             bar) -> tuple[Plan, _Built, list[dict]]:
     """The fastest plan whose metric after the final pipeline stays within `max_drop` of `baseline`.
@@ -143,8 +148,7 @@ def _search(pipe: _Pipeline, plans: list[Plan], baseline: float, max_drop: float
         b = pipe.build(plan, final=False)
         screened.append(b.metric)
         drop = baseline - b.metric
-        log.append({"plan": i, "stage": "screen", "predicted_latency_s": sum(c.latency_s for c in plan.values()),
-                    "cost": sum(c.cost for c in plan.values()), "metric": b.metric, "drop": drop})
+        log.append(_entry(i, "screen", plan, b.metric, drop))
         bar.update(1)
         if drop <= max_drop:
             safe = i
@@ -157,8 +161,7 @@ def _search(pipe: _Pipeline, plans: list[Plan], baseline: float, max_drop: float
         b = pipe.build(plans[mid], final=True)
         tried[mid], runs = b, runs + 1
         drop = baseline - b.metric
-        log.append({"plan": mid, "stage": "final", "predicted_latency_s": sum(c.latency_s for c in plans[mid].values()),
-                    "cost": sum(c.cost for c in plans[mid].values()), "metric": b.metric, "drop": drop})
+        log.append(_entry(mid, "final", plans[mid], b.metric, drop))
         bar.update(1)
         if drop <= max_drop:
             hi, best_i, best = mid, mid, b
@@ -168,8 +171,7 @@ def _search(pipe: _Pipeline, plans: list[Plan], baseline: float, max_drop: float
         b = tried.get(safe) or pipe.build(plans[safe], final=True)
         drop = baseline - b.metric
         if safe not in tried:
-            log.append({"plan": safe, "stage": "final", "predicted_latency_s": sum(c.latency_s for c in plans[safe].values()),
-                        "cost": sum(c.cost for c in plans[safe].values()), "metric": b.metric, "drop": drop})
+            log.append(_entry(safe, "final", plans[safe], b.metric, drop))
         if drop <= max_drop:
             best_i, best = safe, b
         else:  # the full pipeline did worse than the screen: keep the screened model
@@ -324,17 +326,21 @@ def optimize(model: nn.Module, example_inputs, *, target="cpu", eval_fn: Callabl
     retimed = {}
     if retime:
         for name in tqdm(infos, desc="re-time candidates", disable=not progress, leave=False):
-            cons = [(modules[c.info.name], c.info, c.factor, plan[c.info.name]) for c in (consumers.get(name) or [])]
-            times = retime_layer(modules[name], infos[name], cands[name], masks[name], cons, budget_s=max(0.5, 3 * budget_s))
+            cons = [(modules[c.info.name], c.info, c.factor, plan[c.info.name])
+                    for c in (consumers.get(name) or [])]
+            times = retime_layer(modules[name], infos[name], cands[name], masks[name], cons,
+                                 budget_s=max(1.0, 5 * budget_s))
             retimed[name] = {"times_s": times, **check_pick(plan[name], cands[name], times)}
     step("re-time")
     steps.close()
 
     report = OptimizeReport.build(
         infos=infos, cands=cands, skipped=skipped, plan=plan, masks=built.masks, retimed=retimed,
-        e2e=e2e, before=before, after=after, metric_name="test_fn" if test_fn else ("eval_fn" if eval_fn else None),
+        e2e=e2e, before=before, after=after,
+        metric_name="test_fn" if test_fn else ("eval_fn" if eval_fn else None),
         baseline_eval=baseline, eval_after=built.metric, search_log=search_log, hardware=hardware,
-        device=str(device), batch_size=x[0].shape[0], dense_bytes=model_bytes(dense), optimized_bytes=model_bytes(optimized),
-        folded=folded, finetuned=built.finetuned, max_accuracy_drop=max_accuracy_drop, latency_budget=latency_budget,
+        device=str(device), batch_size=x[0].shape[0], dense_bytes=model_bytes(dense),
+        optimized_bytes=model_bytes(optimized), folded=folded, finetuned=built.finetuned,
+        max_accuracy_drop=max_accuracy_drop, latency_budget=latency_budget,
         seconds=time.perf_counter() - t_start)
     return optimized, report

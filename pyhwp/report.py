@@ -137,7 +137,8 @@ class OptimizeReport:
                f"{hw.get('torch_threads', '?')}), batch {d['batch_size']}, pyhwp {d['pyhwp_version']}, torch "
                f"{d['torch_version']}, {d['created']}. Load average while running: {d['machine_load']}. "
                f"Pipeline time {d['seconds']:.0f} s. All latencies are medians of interleaved runs; only ratios "
-               "measured in one run are comparable on a shared machine.", "", "## Model", "", "```", self.summary(), "```", ""]
+               "measured in one run are comparable on a shared machine.", "",
+               "## Model", "", "```", self.summary(), "```", ""]
         if d["energy_j"]:
             out += ["Energy per inference (measured load power x latency): "
                     + ", ".join(f"{k} {v * 1e3:.3f} mJ" for k, v in d["energy_j"].items()), ""]
@@ -158,7 +159,8 @@ class OptimizeReport:
                        f"{'x'.join(map(str, ly['input_shape']))} | {ly['pattern']} | "
                        f"{(ly['weight_sparsity'] if ly['weight_sparsity'] is not None else ly['sparsity']):.2f} | "
                        f"{ly['kernel']} ({ly['provider']}) | {ly['latency_s'] * 1e6:.0f} us | "
-                       f"{ly['dense_latency_s'] * 1e6:.0f} us | {_x(ly['speedup'])} | {rts} | {ly['cost']:.4f} | {check} |")
+                       f"{ly['dense_latency_s'] * 1e6:.0f} us | {_x(ly['speedup'])} | {rts} | {ly['cost']:.4f} | "
+                       f"{check} |")
         out += ["", "Table latency: from the cached kernel latency tables (each pattern's ratio to dense in its own "
                 "run, times the layer's dense latency; channel removal: the layer at the kept width plus the change it "
                 "causes in its consumers run dense, at least 0). Re-timed: every candidate of the layer timed again "
@@ -169,7 +171,8 @@ class OptimizeReport:
                 "## Every candidate", ""]
         for ly in d["layers"]:
             out += [f"### {ly['name']} ({ly['op']} {'x'.join(map(str, ly['weight_shape']))})", "",
-                    "| candidate | kernel | table latency | re-timed | proxy cost | pruned saliency | on the frontier |",
+                    "| candidate | kernel | table latency | re-timed | proxy cost | pruned saliency "
+                    "| on the frontier |",
                     "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
             for c in ly["candidates"]:
                 name = "dense" if c["pattern"] == "dense" else f"{c['pattern']}@{c['sparsity']:g}"

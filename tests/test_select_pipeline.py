@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyhwp.select import Candidate, select_pattern, solve
+from pyhwp.select import select_pattern
 from pyhwp.select.cost import candidate_mask, layer_grams, relative_output_error
 from pyhwp.select.layers import at_batch, describe_layers
-from pyhwp.select.retime import check_pick
 from tiny_models import single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -74,43 +73,6 @@ def test_relative_output_error_matches_direct_computation():
     assert not candidate_mask(model[3].weight, "channel", 0.5).reshape(7, -1).any(1).all()
     with pytest.raises(ValueError, match="pattern must be"):
         candidate_mask(model[3].weight, "bogus", 0.5)
-
-
-def _cand(layer, pattern, s, lat, cost):
-    return Candidate(layer, pattern, s, f"k_{pattern}", lat, cost)
-
-
-def test_candidate_plans_are_budget_solutions_fastest_first():
-    from pyhwp.optimize import candidate_plans
-
-    layers = {
-        "a": [_cand("a", "dense", 0, 1.0, 0), _cand("a", "csr", 0.9, 0.3, 0.5), _cand("a", "csr", 0.5, 1.4, 0.1),
-              _cand("a", "channel", 0.5, 0.6, 0.2)],
-        "b": [_cand("b", "dense", 0, 2.0, 0), _cand("b", "2:4", 0.5, 1.5, 0.05), _cand("b", "csr", 0.9, 0.5, 0.8)],
-    }
-    plans = candidate_plans(layers)
-    lat = [sum(c.latency_s for c in p.values()) for p in plans]
-    assert lat == sorted(lat)
-    assert all(c.pattern == "dense" for c in plans[-1].values())  # the slowest plan prunes nothing
-    assert plans[0]["a"].pattern == "csr" and plans[0]["b"].pattern == "csr"  # no budget: fastest everywhere
-    assert len({tuple((c.pattern, c.sparsity) for c in p.values()) for p in plans}) == len(plans)
-    for p in plans:
-        assert all(c.pattern != "csr" or c.sparsity != 0.5 for c in p.values()), "slower than dense: never picked"
-    # The latency budget: most accurate within it, and respected.
-    pick = solve(layers, max_latency_s=2.2)
-    assert sum(c.latency_s for c in pick.values()) <= 2.2
-    assert sum(c.cost for c in pick.values()) == pytest.approx(0.25)  # channel on a, 2:4 on b
-
-
-def test_check_pick_compares_with_admissible_candidates():
-    cands = [_cand("a", "dense", 0, 1.0, 0), _cand("a", "csr", 0.9, 0.3, 0.5), _cand("a", "2:4", 0.5, 0.6, 0.1)]
-    retimed = {"dense": 1.0, "csr@0.9": 0.2, "2:4@0.5": 0.62}
-    ok = check_pick(cands[2], cands, retimed)
-    assert ok["passes"] and ok["fastest_admissible"] == "2:4@0.5" and ok["fastest_any"] == "csr@0.9"
-    bad = check_pick(cands[0], cands, {"dense": 1.0, "csr@0.9": 0.2, "2:4@0.5": 0.62})
-    assert bad["passes"]  # dense costs nothing: nothing cheaper competes with it
-    slow = check_pick(cands[1], cands, {"dense": 0.25, "csr@0.9": 0.3, "2:4@0.5": 0.62})
-    assert not slow["passes"] and slow["fastest_admissible"] == "dense" and slow["ratio"] == pytest.approx(1.2)
 
 
 def test_describe_layers_resizes_the_batch():
@@ -206,3 +168,29 @@ def test_cli_parses_demo_and_prune():
     assert b.command == "demo" and b.out == "r" and b.batch_size == 8 and b.latency_budget_ms is None
     with pytest.raises(SystemExit):
         _parser().parse_args(["prune", "--model", "resnet"])
+
+
+def test_optimize_torchvision_style_resnet(tmp_path):
+    from pyhwp.optimize import optimize
+    from pyhwp.select.candidates import channel_consumers
+    from tiny_models import tiny_resnet
+
+    model = tiny_resnet("basic")
+    xs = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        labels = model(xs).argmax(1)
+
+    def agreement(m):
+        with torch.no_grad():
+            return 100.0 * float((m(xs).argmax(1) == labels).float().mean())
+
+    infos = describe_layers(model, xs[:2])
+    consumers = channel_consumers(model, infos)
+    inner = [n for n, c in consumers.items() if c is not None]
+    assert inner and all(n.endswith("conv1") for n in inner)  # residual streams are not removed alone
+    optimized, report = optimize(
+        model, xs[:2], eval_fn=agreement, calib_loader=[xs], max_accuracy_drop=100.0,
+        sparsities={"csr": (0.9,), "masked": (), "channel": (0.5,)}, cache_dir=tmp_path, budget_s=0.01,
+        timing_s=0.1, retime=False, progress=False)
+    assert report.data["accuracy"]["after"] == pytest.approx(agreement(optimized))
+    assert optimized(xs[:2]).shape == model(xs[:2]).shape

@@ -28,8 +28,10 @@ class Selection:
         rows = [f"{'pattern':<8} {'sparsity':>8} {'kernel':<18} {'latency':>11} {'vs dense':>8}"]
         for c in self.candidates:
             mark = "  <- pick" if c is self.pick else ""
-            rows.append(f"{c.pattern:<8} {c.sparsity:>8.2f} {c.kernel + ' (' + c.extra.get('provider', '?') + ')':<18} "
-                        f"{c.latency_s * 1e6:>9.1f}us {dense / c.latency_s if c.latency_s else float('inf'):>7.2f}x{mark}")
+            kernel = f"{c.kernel} ({c.extra.get('provider', '?')})"
+            speedup = dense / c.latency_s if c.latency_s else float("inf")
+            rows.append(f"{c.pattern:<8} {c.sparsity:>8.2f} {kernel:<18} {c.latency_s * 1e6:>9.1f}us "
+                        f"{speedup:>7.2f}x{mark}")
         return "\n".join(rows)
 
 
@@ -39,8 +41,9 @@ def _layer_info(weight, example_input: torch.Tensor, stride, padding) -> LayerIn
     elif isinstance(weight, nn.Linear):
         weight = weight.weight
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
-        raise TypeError("weight must be a 2-D (out, in) or 4-D (out, in, kh, kw) tensor, or an nn.Linear / "
-                        f"nn.Conv2d, got {type(weight).__name__}{'' if not isinstance(weight, torch.Tensor) else tuple(weight.shape)}")
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"weight must be a 2-D (out, in) or 4-D (out, in, kh, kw) tensor, or an nn.Linear / "
+                        f"nn.Conv2d, got {got}")
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     shape = tuple(weight.shape)
@@ -55,7 +58,9 @@ def _layer_info(weight, example_input: torch.Tensor, stride, padding) -> LayerIn
                          f"got {tuple(example_input.shape)}")
     st = (stride, stride) if isinstance(stride, int) else tuple(stride)
     kh, kw = shape[2:]
-    pad = (kh // 2, kw // 2) if padding is None else ((padding, padding) if isinstance(padding, int) else tuple(padding))
+    if padding is None:
+        padding = (kh // 2, kw // 2)
+    pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
     h, w = x.shape[2:]
     out_hw = ((h + 2 * pad[0] - kh) // st[0] + 1, (w + 2 * pad[1] - kw) // st[1] + 1)
     return LayerInfo("layer", "conv2d", shape, tuple(x.shape), out_hw, st, pad)

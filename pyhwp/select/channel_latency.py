@@ -35,9 +35,9 @@ def channel_latency(info: LayerInfo, kept: int, consumers: Sequence, *, device="
     on random normal weights and inputs (convs as kernel_latency times them: stride 1, padding k // 2)."""
     dev, dt = resolve_device(device), parse_dtype(dtype)
     cases = {"own_full": _case(info), "own_reduced": _case(info.with_out(kept))}
-    for c in consumers:
-        cases[f"{c.info.name}|full"] = _case(c.info)
-        cases[f"{c.info.name}|reduced"] = _case(c.info.with_in(kept * c.factor))
+    for i, c in enumerate(consumers):  # by position: the cache key holds shapes, not layer names
+        cases[f"c{i}|full"] = _case(c.info)
+        cases[f"c{i}|reduced"] = _case(c.info.with_in(kept * c.factor))
     key = "|".join(f"{op}:{'x'.join(map(str, shape))}:b{b}" for op, shape, b in cases.values()) + \
         f"|{dtype_name(dt)}|{dev}"
     path = cache.cache_dir(cache_dir) / f"channel_latency-{device_slug(dev)}.json"
@@ -52,5 +52,5 @@ def channel_latency(info: LayerInfo, kept: int, consumers: Sequence, *, device="
         entries[key] = hit
         cache.store(path, fp, version, entries)
     return {"own_full_s": hit["own_full"], "own_reduced_s": hit["own_reduced"],
-            "consumers": {c.info.name: {"full_s": hit[f"{c.info.name}|full"],
-                                        "reduced_s": hit[f"{c.info.name}|reduced"]} for c in consumers}}
+            "consumers": {c.info.name: {"full_s": hit[f"c{i}|full"], "reduced_s": hit[f"c{i}|reduced"]}
+                          for i, c in enumerate(consumers)}}

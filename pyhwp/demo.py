@@ -20,12 +20,12 @@ MODELS = ("digits-cnn",)
 
 def digits_split(size: int = 32, seed: int = 0):
     """(fit, val, test) TensorDatasets: the digits test split (20%) and the training split cut again into
-    fit (80%) and validation (20%), deterministically. Validation steers the search; test is reported."""
+    fit (70%) and validation (30%), deterministically. Validation steers the search; test is reported."""
     from pyhwp.data import load_digits
 
     d = load_digits(size, seed=seed)
     order = torch.randperm(len(d.y_train), generator=torch.Generator().manual_seed(seed + 1))
-    n_val = round(0.2 * len(order))
+    n_val = round(0.3 * len(order))
     val, fit = order[:n_val], order[n_val:]
     return (TensorDataset(d.x_train[fit], d.y_train[fit]), TensorDataset(d.x_train[val], d.y_train[val]),
             TensorDataset(d.x_test, d.y_test))
@@ -37,7 +37,7 @@ def trained_digits_cnn(fit, *, cache_dir=None, refresh: bool = False, progress: 
     from pyhwp.models import DigitsCNN, train_digits_cnn
 
     cfg = DEMO_MODEL
-    key = f"digits-cnn-s{cfg['size']}-w{'-'.join(map(str, cfg['widths']))}-h{cfg['hidden']}-e{DEMO_EPOCHS}"
+    key = f"digits-cnn-fit70-s{cfg['size']}-w{'-'.join(map(str, cfg['widths']))}-h{cfg['hidden']}-e{DEMO_EPOCHS}"
     path = cache.cache_dir(cache_dir) / "models" / f"{key}-torch{torch.__version__.split('+')[0]}.pt"
     model = DigitsCNN(cfg["size"], cfg["widths"], cfg["hidden"])
     if path.exists() and not refresh:
@@ -59,7 +59,7 @@ def trained_digits_cnn(fit, *, cache_dir=None, refresh: bool = False, progress: 
 
 def run(*, target: str = "cpu", max_accuracy_drop: float | None = 1.0, latency_budget: float | None = None,
         batch_size: int = 64, out: str | Path = "pyhwp-report", cache_dir=None, progress: bool = True,
-        budget_s: float = 0.3, finetune_epochs: int = 3, retrain: bool = False):
+        budget_s: float = 0.3, finetune_epochs: int = 4, retrain: bool = False):
     """Train (or load) the demo CNN, run pyhwp.optimize on it and write the report to `out`.
     Returns (optimized model, report, {file kind: path})."""
     from pyhwp.metrics import accuracy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from pyhwp.report import OptimizeReport, model_bytes
 from pyhwp.select.candidates import channel_consumers, model_candidates
 from pyhwp.select.cost import candidate_mask, layer_grams, score
 from pyhwp.select.layers import at_batch, describe_layers
-from pyhwp.select.retime import check_pick, retime_layer
+from pyhwp.select.retime import check_pick, label, retime_layer
 from pyhwp.select.solver import Candidate, solve, useful_candidates
 from pyhwp.select.torch_layers import TORCH_LAYERS
 
@@ -56,6 +56,14 @@ def _cost_grid(layers: dict[str, list[Candidate]], points: int) -> list[float]:
     return [0.0] + [lo * (hi / lo) ** (i / (points - 1)) for i in range(points)]
 
 
+def drop_negligible(layers: dict[str, list[Candidate]], min_gain: float) -> dict[str, list[Candidate]]:
+    """Without the candidates that save less than `min_gain` of the model's summed dense layer latency:
+    pruning that buys no measurable speed only costs accuracy."""
+    dense = {n: next(c for c in cs if c.pattern == "dense").latency_s for n, cs in layers.items()}
+    floor = min_gain * sum(dense.values())
+    return {n: [c for c in cs if c.pattern == "dense" or dense[n] - c.latency_s >= floor] for n, cs in layers.items()}
+
+
 def candidate_plans(layers: dict[str, list[Candidate]], points: int = 24) -> list[Plan]:
     """Distinct "fastest within accuracy cost" solutions over a grid of cost budgets, fastest first."""
     plans: dict[tuple, Plan] = {}
@@ -66,6 +74,25 @@ def candidate_plans(layers: dict[str, list[Candidate]], points: int = 24) -> lis
         plan = solve(layers, max_cost=budget * (1 + (len(layers) + 1) / bins), bins=bins)
         plans.setdefault(_plan_key(plan), plan)
     return sorted(plans.values(), key=lambda p: (sum(c.latency_s for c in p.values()), sum(c.cost for c in p.values())))
+
+
+def remeasure(cands: dict[str, list[Candidate]], modules: dict[str, nn.Module], infos, consumers, masks, *,
+              budget_s: float, progress: bool) -> dict[str, list[Candidate]]:
+    """The candidates with latencies re-measured on the layers' own weights and masks, each layer's
+    candidates interleaved in one run (consumers dense; channel removal counts their change), so the
+    choice rests on one consistent measurement rather than on table cases timed at other moments.
+    Candidates the tables put above 1.5x dense keep their table latency: they cannot be picked."""
+    out = {}
+    for name in tqdm(cands, desc="re-measure candidates", disable=not progress, leave=False):
+        dense = next(c for c in cands[name] if c.pattern == "dense").latency_s
+        near = [c for c in cands[name] if c.latency_s <= 1.5 * dense]
+        cons = [(modules[c.info.name], c.info, c.factor, None) for c in (consumers.get(name) or [])]
+        times = retime_layer(modules[name], infos[name], near, masks[name], cons, budget_s=budget_s,
+                             attributable=True)
+        out[name] = [replace(c, latency_s=max(0.0, times.get(label(c), c.latency_s)),
+                             extra={**c.extra, "table_latency_s": c.latency_s, "remeasured": label(c) in times})
+                     for c in cands[name]]
+    return out
 
 
 class _Pipeline:
@@ -218,7 +245,8 @@ def optimize(model: nn.Module, example_inputs, *, target="cpu", eval_fn: Callabl
              finetune_epochs: int = 2, finetune_lr: float = 1e-3, patterns=None, sparsities=None,
              criterion: str = "wanda", calib_batches: int | None = 8, redistribute: bool = True,
              fold_bn: bool = True, retime: bool = True, max_finetunes: int = 4, hardware=None, cache_dir=None,
-             budget_s: float = 0.3, timing_s: float = 3.0, progress: bool = True) -> tuple[nn.Module, OptimizeReport]:
+             budget_s: float = 0.3, remeasure_s: float = 1.0, timing_s: float = 3.0, min_gain: float = 0.01,
+             progress: bool = True) -> tuple[nn.Module, OptimizeReport]:
     """Prune `model` for `target` so it runs faster there, within an accuracy or latency budget.
 
     Args:
@@ -238,7 +266,11 @@ def optimize(model: nn.Module, example_inputs, *, target="cpu", eval_fn: Callabl
         patterns, sparsities: candidate patterns and sparsity levels (pyhwp.select.candidates).
         criterion: "wanda" (|w| * input norm) or "magnitude" for the masks.
         hardware: a HardwareProfile of `target` (default: pyhwp.hardware.profile(target, quick=True), cached).
-        budget_s: timing budget per latency-table case; timing_s: for the end-to-end timings.
+        budget_s: timing budget per latency-table case; remeasure_s: per layer, for re-measuring the
+            candidates that can compete with dense on the layer's own weights before choosing (0: use
+            the tables alone); timing_s: for the end-to-end timings.
+        min_gain: a pattern must save at least this fraction of the summed dense layer latency to be
+            considered (pruning for no measurable speed only costs accuracy).
     Returns (optimized model in eval mode with pyhwp sparse layers, OptimizeReport).
     """
     if (max_accuracy_drop is None) == (latency_budget is None):
@@ -284,6 +316,8 @@ def optimize(model: nn.Module, example_inputs, *, target="cpu", eval_fn: Callabl
     for name in infos:
         cands[name], masks[name] = score(cands[name], modules[name].weight, grams[name], criterion=criterion)
     del grams
+    if remeasure_s:
+        cands = remeasure(cands, modules, infos, consumers, masks, budget_s=remeasure_s, progress=progress)
     step("accuracy proxy")
 
     finetune = _make_finetune(finetune_fn, train_loader, loss_fn, finetune_epochs, finetune_lr, progress)
@@ -292,7 +326,7 @@ def optimize(model: nn.Module, example_inputs, *, target="cpu", eval_fn: Callabl
     baseline = float(eval_fn(dense)) if eval_fn is not None else None
     search_log: list[dict] = []
     if max_accuracy_drop is not None:
-        plans = candidate_plans(cands)
+        plans = candidate_plans(drop_negligible(cands, min_gain))
         with tqdm(total=len(plans) + max_finetunes, desc="search plans", disable=not progress, leave=False) as bar:
             plan, built, search_log = _search(pipe, plans, baseline, max_accuracy_drop, max_finetunes, bar)
     else:
@@ -303,7 +337,7 @@ def optimize(model: nn.Module, example_inputs, *, target="cpu", eval_fn: Callabl
         if latency_budget - rest <= 0:
             raise ValueError(f"latency_budget {latency_budget:.3g} s is below the model's non-prunable part "
                              f"({rest:.3g} s measured)")
-        plan = solve(cands, max_latency_s=latency_budget - rest)
+        plan = solve(drop_negligible(cands, min_gain), max_latency_s=latency_budget - rest)
         built = pipe.build(plan, final=True)
         search_log.append({"stage": "latency budget", "layers_budget_s": latency_budget - rest, "rest_s": rest})
     step("select + prune + fine-tune")

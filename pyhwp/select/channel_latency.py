@@ -43,7 +43,7 @@ def channel_latency(info: LayerInfo, kept: int, consumers: Sequence, *, device="
     path = cache.cache_dir(cache_dir) / f"channel_latency-{device_slug(dev)}.json"
     fp, version = fingerprint(dev), pyhwp.__version__
     hit = None if refresh else cache.load(path, fp, version).get(key)
-    if hit is None:
+    if not isinstance(hit, dict) or set(hit) != set(cases):  # absent, or an entry of another layout
         gen = torch.Generator().manual_seed(0)
         fns = {name: _runner(*case, dt, dev, gen) for name, case in cases.items()}
         with on_device(dev):

@@ -65,7 +65,7 @@ def _consumer_fn(module: nn.Module, info: LayerInfo, factor: int, pick: Candidat
 @torch.no_grad()
 def retime_layer(module: nn.Module, info: LayerInfo, cands: Sequence[Candidate], masks: dict,
                  consumers: Sequence[tuple[nn.Module, LayerInfo, int, Candidate | None]] = (), *,
-                 budget_s: float = 1.0, seed: int = 0) -> dict[str, float]:
+                 budget_s: float = 1.0, seed: int = 0, attributable: bool = False) -> dict[str, float]:
     """Median seconds of every candidate of one layer, all timed in one interleaved run on the layer's
     own weights pruned by each candidate's mask (masks: (pattern, sparsity) -> bool tensor), at its
     real shape, batch and conv parameters, with the candidate's kernel; random normal inputs.
@@ -73,7 +73,9 @@ def retime_layer(module: nn.Module, info: LayerInfo, cands: Sequence[Candidate],
     When the layer's channels can be removed, its consumers (module, info, features per channel,
     their own pick) count too: each candidate's time is the layer plus its consumers as picked,
     reading the input width the candidate leaves them (all of it, except for channel removal).
-    Returns candidate label ("dense", "csr@0.9", ...) -> seconds.
+    Returns candidate label ("dense", "csr@0.9", ...) -> seconds. With `attributable`, the consumers'
+    time at full input is subtracted from every candidate: the layer's own time, and for channel
+    removal the layer shrunk plus the change in its consumers (the additive form the solver uses).
     """
     w = module.weight.detach()
     b = None if module.bias is None else module.bias.detach()
@@ -99,7 +101,8 @@ def retime_layer(module: nn.Module, info: LayerInfo, cands: Sequence[Candidate],
                        for _, ci, _, _ in consumers]
     with on_device(device):
         med = interleaved_medians(fns, budget_s=budget_s, device=str(device))
-    return {name: med[name] + sum(med[p] for p in ps) for name, ps in parts.items()}
+    base = sum(med[f"|{ci.name}|full"] for _, ci, _, _ in consumers) if attributable else 0.0
+    return {name: med[name] + sum(med[p] for p in ps) - base for name, ps in parts.items()}
 
 
 def check_pick(pick: Candidate, cands: Sequence[Candidate], retimed: dict[str, float],

@@ -59,8 +59,11 @@ def _tiled(m: torch.Tensor, tn: int, tk: int) -> torch.Tensor:
 def tile_panels(tile_ptr: torch.Tensor, ntiles: int) -> torch.Tensor:
     """int64 (ntiles,): the row panel of every stored tile."""
     panels = tile_ptr.numel() - 1
-    # No output_size: the ONNX exporter's repeat_interleave does not take it.
-    return torch.repeat_interleave(torch.arange(panels, device=tile_ptr.device), tile_ptr.diff())
+    arange = torch.arange(panels, device=tile_ptr.device)
+    if torch.onnx.is_in_onnx_export():  # the ONNX repeat_interleave does not take output_size
+        return torch.repeat_interleave(arange, tile_ptr.diff())
+    # output_size keeps the shape static for fake tensors (torch.compile, opcheck).
+    return torch.repeat_interleave(arange, tile_ptr.diff(), output_size=ntiles)
 
 
 def dense_from_tiles(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: torch.Tensor, n: int,

@@ -278,11 +278,16 @@ def test_linear_bad_input(sw, call, exc, match):
         call(sw)
 
 
-def test_float64_weight_is_stored_but_not_run():
-    sw = pyhwp.to_sparse(torch.randn(4, 4, dtype=torch.float64), "masked")
+def test_float64_runs_on_the_torch_path_and_float16_is_refused():
+    w = torch.randn(20, 19, dtype=torch.float64)
+    w[w.abs() < 0.5] = 0
+    sw = pyhwp.to_sparse(w, "masked")
     assert sw.dtype == torch.float64
+    x = torch.randn(3, 19, dtype=torch.float64)
+    torch.testing.assert_close(pyhwp.linear(x, sw), x @ w.t(), rtol=1e-12, atol=1e-12)
+    sw16 = pyhwp.to_sparse(torch.randn(4, 4).half(), "masked")
     with pytest.raises(TypeError, match="masked_matmul supports dtypes float32"):
-        pyhwp.linear(torch.randn(2, 4, dtype=torch.float64), sw)
+        pyhwp.linear(torch.randn(2, 4).half(), sw16)
 
 
 def _raw(n=20, k=20, **override):

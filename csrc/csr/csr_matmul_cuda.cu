@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "common/checks.h"
+#include "common/dtype_cuda.cuh"
 #include "common/cuda_check.h"
 #include "common/dense_cuda.cuh"
 #include "csr/csr_cuda.h"
@@ -353,22 +354,13 @@ void csr_matmul_cuda(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x
   const Plan pl = make_plan(dtype, x, y);
   if (w.rows == 0 || x.cols == 0) return;
   PYHWP_CHECK(y.data != nullptr && (x.data != nullptr || x.rows == 0), "csr_matmul_cuda: null x or y");
-  PYHWP_CHECK(workspace != nullptr && workspace_bytes >= pl.bytes, "csr_matmul_cuda: workspace of ",
-              workspace_bytes, " bytes, needs ", pl.bytes);
-  PYHWP_CHECK((reinterpret_cast<uintptr_t>(workspace) & 255u) == 0, "csr_matmul_cuda: workspace is not 256-byte aligned");
+  check_workspace("csr_matmul_cuda", workspace, workspace_bytes, pl.bytes);
   char* ws = static_cast<char*>(workspace);
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      run<float>(w, x, static_cast<const float*>(bias), y, pl, ws, s);
-      break;
-    case DType::kFloat16:
-      run<__half>(w, x, static_cast<const __half*>(bias), y, pl, ws, s);
-      break;
-    case DType::kBFloat16:
-      run<__nv_bfloat16>(w, x, static_cast<const __nv_bfloat16*>(bias), y, pl, ws, s);
-      break;
-  }
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    run<T>(w, x, static_cast<const T*>(bias), y, pl, ws, s);
+  });
 }
 
 }  // namespace pyhwp

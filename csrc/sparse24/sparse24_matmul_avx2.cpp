@@ -1,6 +1,8 @@
 // AVX2 2:4 kernels: the fallback for CPUs without AVX-512 (same structure, 8 lanes).
 #include <immintrin.h>
 
+#include "common/simd_avx2.h"
+
 #include <type_traits>
 
 #include "sparse24/sparse24_matmul.h"
@@ -11,16 +13,8 @@ namespace {
 
 using Cfg = Sparse24CpuConfig;
 
-inline __m256i tail_mask8(int64_t count) {  // count in [1, 8]: lanes < count all-ones
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes);
-}
-
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
+using avx2::hsum;
+using avx2::tail_mask8;
 
 // Selects the x of 8 slots (half h of a metadata word: 4 groups, 16 inputs [xlo | xhi]): lanes
 // 0-3 come from xlo and lanes 4-7 from xhi, so two in-register permutes and a blend.

@@ -28,7 +28,8 @@ def _popcount_table(device: torch.device) -> torch.Tensor:
 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
-    return torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=device)
+    # 2**arange rather than torch.tensor([...]): export traces it as ops, not a lifted constant.
+    return torch.pow(2, torch.arange(8, device=device)).to(torch.uint8)
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,11 @@ def _tiled(m: torch.Tensor, tn: int, tk: int) -> torch.Tensor:
 def tile_panels(tile_ptr: torch.Tensor, ntiles: int) -> torch.Tensor:
     """int64 (ntiles,): the row panel of every stored tile."""
     panels = tile_ptr.numel() - 1
-    return torch.repeat_interleave(torch.arange(panels, device=tile_ptr.device), tile_ptr.diff(),
-                                   output_size=ntiles)
+    arange = torch.arange(panels, device=tile_ptr.device)
+    if torch.onnx.is_in_onnx_export():  # the ONNX repeat_interleave does not take output_size
+        return torch.repeat_interleave(arange, tile_ptr.diff())
+    # output_size keeps the shape static for fake tensors (torch.compile, opcheck).
+    return torch.repeat_interleave(arange, tile_ptr.diff(), output_size=ntiles)
 
 
 def dense_from_tiles(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: torch.Tensor, n: int,

@@ -29,7 +29,9 @@ def _positions(tile_ptr, tile_idx, values, mask_bits):
 
 
 def _dense(k, tile_ptr, tile_idx, values, mask_bits):
-    return dense_from_tiles(tile_ptr, tile_idx, values, mask_bits.shape[0], k)
+    # Masking here keeps the torch path's derivative equal to the backward's: pruned entries of
+    # values are zero by invariant, and do not influence the output either way.
+    return dense_from_tiles(tile_ptr, tile_idx, values, mask_bits.shape[0], k) * unpack_bits(mask_bits, k)
 
 
 def _grad_values(gy, x, tile_ptr, tile_idx, values, mask_bits):

@@ -69,3 +69,46 @@ def test_rss_flat_over_10000_calls(pattern):
     grown = _rss_bytes() - before
     # A leak of even one 64x4 float output per call would be 10 MB; allow 2 MB of noise.
     assert grown < 2 * 2**20, f"RSS grew by {grown / 2**20:.2f} MiB over 10,000 calls"
+
+
+def _sparse_model(pattern):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(_weight(pattern, 32, 64, 2))
+    return pyhwp.sparsify(model, {"0": pattern})
+
+
+@pytest.mark.parametrize("pattern", patterns())
+def test_truncated_or_corrupted_saved_model_fails_clearly(pattern, tmp_path):
+    model = _sparse_model(pattern)
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    # torch's reader refuses a cut archive (RuntimeError or OSError, by where the cut falls).
+    with pytest.raises((RuntimeError, OSError)):
+        torch.load(tmp_path / "truncated.pt", weights_only=True)
+
+    # A file that loads but whose index arrays were tampered with is refused by
+    # load_state_dict, naming the broken invariant, before any kernel sees it.
+    state = torch.load(path, weights_only=True)
+    index_keys = [k for k, v in state.items() if k.startswith("0.") and not v.is_floating_point()]
+    assert index_keys
+    for key in index_keys:
+        bad = {k: v.clone() for k, v in state.items()}
+        flat = bad[key].view(-1)
+        if flat.numel() == 0:
+            continue
+        flat[-1] = torch.iinfo(flat.dtype).max if flat.dtype != torch.uint8 else 255
+        fresh = _sparse_model(pattern)
+        try:
+            fresh.load_state_dict(bad)
+        except (ValueError, RuntimeError) as exc:
+            assert str(exc)
+            continue
+        # Accepted: then the tampered value was still a valid weight; it must compute
+        # what its dense form says.
+        x = torch.randn(3, 64)
+        ref = torch.nn.functional.linear(x, fresh[0].weight.to_dense(), fresh[0].bias)
+        torch.testing.assert_close(fresh[0](x), ref, rtol=1e-4, atol=1e-4)

@@ -112,3 +112,46 @@ def test_truncated_or_corrupted_saved_model_fails_clearly(pattern, tmp_path):
         x = torch.randn(3, 64)
         ref = torch.nn.functional.linear(x, fresh[0].weight.to_dense(), fresh[0].bias)
         torch.testing.assert_close(fresh[0](x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", patterns())
+def test_out_argument_writes_in_place(pattern):
+    w = _weight(pattern, 40, 64, 3)
+    sw = pyhwp.to_sparse(w, pattern)
+    b = torch.randn(40)
+    for shape in ((1, 64), (5, 64), (2, 3, 64)):
+        x = torch.randn(shape)
+        out = torch.full((*shape[:-1], 40), float("nan"))  # poisoned: every element must be written
+        y = pyhwp.linear(x, sw, b, out=out)
+        assert y is out
+        assert_linear_close(out, x, w, b)
+    # Any strides: a column-strided view of a larger buffer.
+    big = torch.full((7, 80), float("nan"))
+    x = torch.randn(7, 64)
+    pyhwp.linear(x, sw, out=big[:, ::2])
+    assert_linear_close(big[:, ::2], x, w)
+    assert torch.isnan(big[:, 1::2]).all()
+
+
+def test_out_argument_rejects_bad_use():
+    sw = pyhwp.to_sparse(_weight("csr", 8, 16, 4), "csr")
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="out has shape"):
+        pyhwp.linear(x, sw, out=torch.empty(3, 9))
+    with pytest.raises(TypeError, match="out is"):
+        pyhwp.linear(x, sw, out=torch.empty(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="inference"):
+        pyhwp.linear(x.requires_grad_(), sw, out=torch.empty(3, 8))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+@pytest.mark.skipif(_C.build_info()["sanitize"], reason="ASan's quarantine holds freed memory")
+def test_out_argument_allocates_nothing_per_call():
+    sw = pyhwp.to_sparse(_weight("csr", 512, 256, 5), "csr")
+    x, out = torch.randn(64, 256), torch.empty(64, 512)
+    for _ in range(200):
+        pyhwp.linear(x, sw, out=out)
+    before = _rss_bytes()
+    for _ in range(2000):
+        pyhwp.linear(x, sw, out=out)
+    assert _rss_bytes() - before < 2 * 2**20

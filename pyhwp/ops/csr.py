@@ -87,17 +87,29 @@ def csr_matmul_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: tor
     """
     if x.dtype not in _NATIVE.get(x.device.type, ()):
         return torch_matmul(CSR_PATTERN, x, (row_offsets, col_indices, values), bias, transpose_out)
+    p, n = x.shape[0], row_offsets.shape[0] - 1
+    y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
+    csr_matmul_into(y.t() if transpose_out else y, x, row_offsets, col_indices, values, bias, row_order)
+    return y
+
+
+def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
+                    values: torch.Tensor, bias: torch.Tensor | None, row_order: torch.Tensor | None = None) -> None:
+    """Writes x @ W.T + bias into y (P, N) of any strides (not overlapping x): csr_matmul_impl
+    without the output allocation, for pyhwp.linear(..., out=)."""
+    if x.dtype not in _NATIVE.get(x.device.type, ()):
+        y.copy_(torch_matmul(CSR_PATTERN, x, (row_offsets, col_indices, values), bias, False))
+        return
     p, k = x.shape
     n = row_offsets.shape[0] - 1
-    y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
-    y_stride_n, y_stride_p = (p, 1) if transpose_out else (1, n)
+    y_stride_n, y_stride_p = y.stride(1), y.stride(0)
     row_offsets, col_indices, values = row_offsets.contiguous(), col_indices.contiguous(), values.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     if x.device.type == "cuda":
         _csr_matmul_cuda(x, row_offsets, col_indices, values, bias,
                          None if row_order is None else row_order.contiguous(), y, y_stride_n, y_stride_p)
-        return y
+        return
     if x.dtype not in _KERNEL or values.dtype != x.dtype:
         raise TypeError(f"pyhwp::csr_matmul: the CPU kernels take float32 or bfloat16 x and values of the "
                         f"same dtype, got x {x.dtype}, values {values.dtype}")
@@ -107,7 +119,6 @@ def csr_matmul_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: tor
         values.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
         y.data_ptr(), y_stride_n, y_stride_p, torch.get_num_threads(), col_indices.data_ptr() if narrow else 0,
     )
-    return y
 
 
 csr_matmul = torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())(csr_matmul_impl)

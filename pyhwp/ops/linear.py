@@ -8,10 +8,10 @@ import torch
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
-from pyhwp.ops.csr import csr_matmul_impl
-from pyhwp.ops.eager import call_matmul
-from pyhwp.ops.masked import masked_matmul_impl
-from pyhwp.ops.sparse24 import sparse24_matmul_impl
+from pyhwp.ops.csr import csr_matmul_impl, csr_matmul_into
+from pyhwp.ops.eager import call_matmul, needs_op
+from pyhwp.ops.masked import masked_matmul_impl, masked_matmul_into
+from pyhwp.ops.sparse24 import sparse24_matmul_impl, sparse24_matmul_into
 
 _csr_op = torch.ops.pyhwp.csr_matmul.default
 _sparse24_op = torch.ops.pyhwp.sparse24_matmul.default
@@ -44,6 +44,27 @@ MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr, "sparse24_matmul": _spar
            "sparse24_matmul_torch": _sparse24, "sparse24_matmul_torch_cuda": _sparse24}
 
 
+def _csr_into(y, x2, w, bias):
+    csr_matmul_into(y, x2, w.row_offsets, w.kernel_col_indices, w.values, bias, w.row_order)
+
+
+def _sparse24_into(y, x2, w, bias):
+    sparse24_matmul_into(y, x2, w.values, w.meta, bias)
+
+
+def _masked_into(y, x2, w, bias):
+    masked_matmul_into(y, x2, w.tile_ptr, w.tile_idx, w.values, w.mask_bits, bias)
+
+
+# Kernel name -> fn(y, x2, weight, bias) writing y (P, N) = x2 @ W.T + bias into a given tensor
+# (pyhwp.linear's out=): the same kernels as MATMULS, without the output allocation.
+MATMULS_INTO = {name: into for names, into in (
+    (("csr_matmul", "csr_matmul_cuda", "csr_matmul_torch", "csr_matmul_torch_cuda"), _csr_into),
+    (("sparse24_matmul", "sparse24_matmul_torch", "sparse24_matmul_torch_cuda"), _sparse24_into),
+    (("masked_matmul", "masked_matmul_torch"), _masked_into),
+) for name in names}
+
+
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
     if bias is None:
         return
@@ -57,7 +78,8 @@ def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tens
         raise ValueError(f"pyhwp.{op}: bias is on {bias.device}, input on {like.device}")
 
 
-def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = None, *,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias with a pruned weight, equal to F.linear on weight.to_dense().
 
     Args:
@@ -66,9 +88,13 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
             path (for gradcheck); pyhwp.kernels.KERNELS says which.
         weight: a 2-D SparseWeight from pyhwp.to_sparse (shape (out_features, in_features)).
         bias: optional (out_features,) tensor, same dtype and device as x.
+        out: optional (..., out_features) tensor (dtype and device of x, any strides, not
+            overlapping x) the result is written into, so a caller that reuses it allocates
+            nothing per call. Inference only: not with tensors that require grad, nor under
+            torch.compile / export tracing.
     Returns:
-        (..., out_features) tensor, contiguous, dtype and device of x. NaN/Inf in x propagate
-        exactly as in the dense product.
+        (..., out_features) tensor, contiguous, dtype and device of x (or `out`). NaN/Inf in x
+        propagate exactly as in the dense product.
     """
     if not isinstance(weight, SparseWeight):
         raise TypeError(f"pyhwp.linear: weight must be a pyhwp.SparseWeight (from pyhwp.to_sparse), "
@@ -87,8 +113,30 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     kernel = find_kernel("linear", weight.pattern, x.device, x.dtype)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    if out is not None:
+        return _linear_into(out, x, weight, bias, kernel.name)
     if x.dim() == 2:  # skip two reshapes (~5 us of the ~10 us Python overhead at batch 1)
         return MATMULS[kernel.name](x, weight, bias)
     x2 = x.reshape(math.prod(x.shape[:-1]), weight.in_features)  # -1 is ambiguous when in_features == 0
     y = MATMULS[kernel.name](x2, weight, bias)
     return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None,
+                 kernel: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"pyhwp.linear: out must be a torch.Tensor or None, got {type(out).__name__}")
+    expected = (*x.shape[:-1], weight.out_features)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"pyhwp.linear: out has shape {tuple(out.shape)}, expected {expected}")
+    if out.dtype != x.dtype or out.device != x.device:
+        raise TypeError(f"pyhwp.linear: out is {out.dtype} on {out.device}, expected {x.dtype} on {x.device}")
+    if needs_op(x, weight.values, bias, out) or out.requires_grad:
+        raise ValueError("pyhwp.linear: out= is for inference: not with tensors that require grad, "
+                         "nor under torch.compile / export tracing")
+    x2 = x.reshape(math.prod(x.shape[:-1]), weight.in_features)
+    y2 = out.view(x2.shape[0], weight.out_features) if out.dim() != 2 else out
+    if y2.numel() and x2.numel() and y2.untyped_storage().data_ptr() == x2.untyped_storage().data_ptr():
+        raise ValueError("pyhwp.linear: out shares memory with x")
+    MATMULS_INTO[kernel](y2, x2, weight, bias)
+    return out

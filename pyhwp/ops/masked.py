@@ -62,17 +62,27 @@ def masked_matmul_impl(x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.
     """
     if x.dtype not in _NATIVE.get(x.device.type, ()):
         return torch_matmul(MASKED_PATTERN, x, (tile_ptr, tile_idx, values, mask_bits), bias, transpose_out)
+    p, n = x.shape[0], mask_bits.shape[0]
+    y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
+    masked_matmul_into(y.t() if transpose_out else y, x, tile_ptr, tile_idx, values, mask_bits, bias)
+    return y
+
+
+def masked_matmul_into(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor,
+                       values: torch.Tensor, mask_bits: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Writes x @ W.T + bias into y (P, N) of any strides (not overlapping x): masked_matmul_impl
+    without the output allocation, for pyhwp.linear(..., out=)."""
+    if x.dtype not in _NATIVE.get(x.device.type, ()):
+        y.copy_(torch_matmul(MASKED_PATTERN, x, (tile_ptr, tile_idx, values, mask_bits), bias, False))
+        return
     p, k = x.shape
     n = mask_bits.shape[0]
     values = values.contiguous()
-    y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
-    y_stride_n, y_stride_p = (p, 1) if transpose_out else (1, n)
     _C.masked_matmul(
         n, k, tile_idx.shape[0], tile_ptr.data_ptr(), tile_idx.data_ptr(), values.data_ptr(),
         x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
-        y.data_ptr(), y_stride_n, y_stride_p, torch.get_num_threads(),
+        y.data_ptr(), y.stride(1), y.stride(0), torch.get_num_threads(),
     )
-    return y
 
 
 masked_matmul = torch.library.custom_op("pyhwp::masked_matmul", mutates_args=())(masked_matmul_impl)

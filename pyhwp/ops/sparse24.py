@@ -39,17 +39,27 @@ def sparse24_matmul_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     """
     if x.dtype not in _NATIVE.get(x.device.type, ()):
         return torch_matmul(SPARSE24_PATTERN, x, (values, meta), bias, transpose_out)
+    p, n = x.shape[0], values.shape[0]
+    y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
+    sparse24_matmul_into(y.t() if transpose_out else y, x, values, meta, bias)
+    return y
+
+
+def sparse24_matmul_into(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                         bias: torch.Tensor | None) -> None:
+    """Writes x @ W.T + bias into y (P, N) of any strides (not overlapping x): sparse24_matmul_impl
+    without the output allocation, for pyhwp.linear(..., out=)."""
+    if x.dtype not in _NATIVE.get(x.device.type, ()):
+        y.copy_(torch_matmul(SPARSE24_PATTERN, x, (values, meta), bias, False))
+        return
     p, k = x.shape
     n = values.shape[0]
     values, meta = values.contiguous(), meta.contiguous()
-    y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
-    y_stride_n, y_stride_p = (p, 1) if transpose_out else (1, n)
     _C.sparse24_matmul(
         n, k, values.data_ptr(), meta.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0),
-        0 if bias is None else bias.data_ptr(), y.data_ptr(), y_stride_n, y_stride_p,
+        0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(1), y.stride(0),
         torch.get_num_threads(),
     )
-    return y
 
 
 sparse24_matmul = torch.library.custom_op("pyhwp::sparse24_matmul", mutates_args=())(sparse24_matmul_impl)

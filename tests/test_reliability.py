@@ -155,3 +155,19 @@ def test_out_argument_allocates_nothing_per_call():
     for _ in range(2000):
         pyhwp.linear(x, sw, out=out)
     assert _rss_bytes() - before < 2 * 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+@pytest.mark.skipif(_C.build_info()["sanitize"], reason="ASan's quarantine holds freed memory")
+@pytest.mark.parametrize("pattern", patterns())
+def test_conv2d_rss_flat_over_10000_calls(pattern):
+    w = _weight(pattern, 8, 36, 6).reshape(8, 4, 3, 3)  # 36 = 4 * 3 * 3: whole groups of 4
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(1, 4, 6, 6)
+    for _ in range(1000):
+        pyhwp.conv2d(x, sw, padding=1)
+    before = _rss_bytes()
+    for _ in range(10_000):
+        pyhwp.conv2d(x, sw, padding=1)
+    grown = _rss_bytes() - before
+    assert grown < 2 * 2**20, f"RSS grew by {grown / 2**20:.2f} MiB over 10,000 conv2d calls"

@@ -64,6 +64,21 @@ def test_full_groups_and_large_shape(isa):
         assert_linear_close(pyhwp.linear(x, sw), x, w, terms=500)
 
 
+@pytest.mark.parametrize("batch", [64, 100, 200])
+def test_row_packed_tile_path(isa, batch):
+    # K >= 4096 and batch >= 64: the AVX-512 tile kernel re-lays out each work item's rows
+    # K-block-major (Sparse24CpuConfig::kPackRowsMinK/MinP); K = 4100 ends in a partial word and
+    # a partial K block, 70 rows end in a partial work item.
+    g = torch.Generator().manual_seed(batch)
+    w = random_24((70, 4100), g)
+    sw = pyhwp.to_sparse(w, "2:4")
+    bias = torch.randn(70, generator=g)
+    x = torch.randn(batch, 4100, generator=g)
+    assert_linear_close(pyhwp.linear(x, sw, bias), x, w, bias, terms(w))
+    y_t = torch.ops.pyhwp.sparse24_matmul(x, sw.values, sw.meta, bias, transpose_out=True)
+    assert_linear_close(y_t.t(), x, w, bias, terms(w))
+
+
 def test_3d_input(isa):
     g = torch.Generator().manual_seed(2)
     w = random_24((96, 80), g)

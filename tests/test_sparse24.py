@@ -65,10 +65,9 @@ def test_full_groups_and_large_shape(isa):
 
 
 @pytest.mark.parametrize("batch", [64, 100, 200])
-def test_row_packed_tile_path(isa, batch):
-    # K >= 4096 and batch >= 64: the AVX-512 tile kernel re-lays out each work item's rows
-    # K-block-major (Sparse24CpuConfig::kPackRowsMinK/MinP); K = 4100 ends in a partial word and
-    # a partial K block, 70 rows end in a partial work item.
+def test_long_rows_tile_path(isa, batch):
+    # LLM-sized K on the tile kernels: K = 4100 ends in a partial metadata word and a partial K
+    # block, 70 rows end in a partial 64-row work item; also the transposed output.
     g = torch.Generator().manual_seed(batch)
     w = random_24((70, 4100), g)
     sw = pyhwp.to_sparse(w, "2:4")

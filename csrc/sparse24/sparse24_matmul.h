@@ -43,11 +43,6 @@ struct Sparse24CpuConfig {
   static constexpr int64_t kTileBytes = 32 * 1024;  // a K block of a panel fits L1
   static constexpr int64_t kTileRows = 64;      // rows per work item of the tile kernels
   static constexpr int64_t kSerialWork = 1 << 15;  // slots * P below this runs on one thread
-  // From P >= kPackRowsMinP and K >= kPackRowsMinK the AVX-512 tile kernel first copies a work
-  // item's rows K-block-major (one sequential stream per K block). Measured (bench/NOTES.md):
-  // +2..10% at K = 4096, batch 128; -3..8% at K <= 3072, where the row runs already prefetch.
-  static constexpr int64_t kPackRowsMinP = 64;
-  static constexpr int64_t kPackRowsMinK = 4096;
   static_assert(kChunk == 32 && kGroup == 4 && kKeep == 2,
                 "one uint32 of 2-bit indices covers 16 slots = 8 groups = 32 inputs");
   static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");

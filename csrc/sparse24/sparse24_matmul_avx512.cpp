@@ -1,8 +1,6 @@
 // AVX-512 2:4 kernels: x selected in registers for small batches, register tiles for large ones.
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 #include "sparse24/sparse24_matmul.h"
@@ -103,7 +101,7 @@ inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseI
 // whose X operand comes straight from L1 (the K block of the panel fits there): (V+1) loads per
 // V FMAs, against two 512-bit loads per cycle.
 template <int R, int V, bool Masked>
-inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t c0, int64_t K,
+inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
                        int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
                        float* out, int64_t out_stride, __mmask16 last) {
   const __mmask16 full = 0xFFFF;
@@ -126,8 +124,8 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
     const float* v[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      m[r] = meta[r * words + c - c0];
-      v[r] = vals + r * words * 16 + 16 * (c - c0);
+      m[r] = meta[r * words + c];
+      v[r] = vals + r * words * 16 + 16 * c;
     }
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
@@ -147,8 +145,8 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
   for (; c < c_end; ++c) {  // the last word, partly beyond K: skip padding (X has K rows)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      uint32_t m = meta[r * words + c - c0];
-      const float* v = vals + r * words * 16 + 16 * (c - c0);
+      uint32_t m = meta[r * words + c];
+      const float* v = vals + r * words * 16 + 16 * c;
       for (int j = 0; j < 16; ++j, m >>= 2) {
         const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
         if (k >= K) continue;
@@ -169,43 +167,18 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
 
 // Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
 // panel's block stays in L1 while every row of the range passes over it.
-// The weight rows of one work item, re-laid out K block by K block: block b holds, for every
-// row r of the range, its metadata words [c0, c1) of that block (r * (c1 - c0) + c - c0) and
-// their 16 values each. The tile loop then reads one sequential stream per K block instead of
-// 64 short runs rows words*64 bytes apart (which the hardware prefetcher does not follow).
-struct PackedRows {
-  const float* vals = nullptr;     // all blocks' values, block after block
-  const uint32_t* meta = nullptr;  // all blocks' metadata words, block after block
-};
-
-inline PackedRows pack_rows(const Sparse24Matrix& w, int64_t words, int64_t tile_k, int64_t row_begin,
-                            int64_t row_end) {
-  const int64_t rows = row_end - row_begin, K = w.cols;
-  float* buf = scratch(2, rows * words * 17 + 16);
-  float* vdst = buf;
-  uint32_t* mdst = reinterpret_cast<uint32_t*>(buf + rows * words * 16);
-  PackedRows out{vdst, mdst};
-  for (int64_t k0 = 0; k0 < K; k0 += tile_k) {
-    const int64_t c0 = k0 / 32, c1 = std::min(words, (std::min(K, k0 + tile_k) + 31) / 32), bw = c1 - c0;
-    for (int64_t n = row_begin; n < row_end; ++n) {
-      std::memcpy(vdst, w.values + n * words * 16 + 16 * c0, sizeof(float) * 16 * bw);
-      std::memcpy(mdst, w.meta + n * words + c0, sizeof(uint32_t) * bw);
-      vdst += 16 * bw;
-      mdst += bw;
-    }
-  }
-  return out;
-}
-
-// Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
-// panel's block stays in L1 while every row of the range passes over it. `packed` (or nullptr
-// members) holds the rows in pack_rows' order.
 template <int V, bool Masked>
 inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
                       const float* bias, const DenseOut& y, int64_t row_begin, int64_t row_end,
-                      __mmask16 last, const PackedRows& packed) {
+                      __mmask16 last) {
   constexpr int R = 2;
   const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
+  auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
+    constexpr int RR = decltype(r_tag)::value;
+    tile_block<RR, V, Masked>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel, x.stride_k,
+                              bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
+                              y.stride_n, last);
+  };
   // A K block touches 128 bytes of values per row, rows words*64 bytes apart: too many short
   // streams for the hardware prefetcher, so fetch the rows kAhead steps ahead (wrapping to the
   // start of the next K block).
@@ -220,29 +193,14 @@ inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, 
     for (int64_t b = 0; b < tile_k / 2 * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w.meta + n * words + k0 / 32), _MM_HINT_T0);
   };
-  const float* pv = packed.vals;
-  const uint32_t* pm = packed.meta;
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
-    const int64_t c0 = k0 / 32, bw = std::min(words, (k1 + 31) / 32) - c0;
-    auto block = [&](auto r_tag, int64_t n) {
-      constexpr int RR = decltype(r_tag)::value;
-      const float* vals = pv ? pv + (n - row_begin) * bw * 16 : w.values + n * words * 16;
-      const uint32_t* meta = pm ? pm + (n - row_begin) * bw : w.meta + n * words;
-      tile_block<RR, V, Masked>(vals, meta, pv ? bw : words, pv ? c0 : 0, K, k0, k1, panel, x.stride_k,
-                                bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
-                                y.stride_n, last);
-    };
     int64_t n = row_begin;
     for (; n + R <= row_end; n += R) {
-      if (!pv) for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
-      block(std::integral_constant<int, R>{}, n);
+      for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
+      block(std::integral_constant<int, R>{}, n, k0, k1);
     }
-    for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n);
-    if (pv) {
-      pv += (row_end - row_begin) * bw * 16;
-      pm += (row_end - row_begin) * bw;
-    }
+    for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);
   }
 }
 
@@ -261,9 +219,6 @@ void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const 
                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
   const int64_t L = x.stride_k;  // panel width, a multiple of 16 up to kPanel = 8 vectors
-  const PackedRows packed = P >= Cfg::kPackRowsMinP && w.cols >= Cfg::kPackRowsMinK
-                                ? pack_rows(w, words, sparse24_tile_k(L), row_begin, row_end)
-                                : PackedRows{};
   for (int64_t p0 = 0; p0 < P; p0 += L) {
     const float* panel = x.data + (p0 / L) * K * L;
     const int64_t rem = P - p0;
@@ -272,9 +227,9 @@ void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const 
     auto run = [&](auto v_tag) {
       constexpr int V = decltype(v_tag)::value;
       if (last == 0xFFFF) {
-        tile_rows<V, false>(w, words, x, panel, p0, bias, y, row_begin, row_end, last, packed);
+        tile_rows<V, false>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
       } else {
-        tile_rows<V, true>(w, words, x, panel, p0, bias, y, row_begin, row_end, last, packed);
+        tile_rows<V, true>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
       }
     };
     switch (nv) {

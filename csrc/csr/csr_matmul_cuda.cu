@@ -330,12 +330,8 @@ void run(const CsrCudaMatrix& w, const DeviceDenseIn& xv, const T* bias, const D
 
 // Sizes and dtype only: the workspace query passes no arrays.
 void check_sizes(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x, const DeviceDenseOut& y) {
-  PYHWP_CHECK(dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16,
-              "csr_matmul_cuda: unknown dtype code ", static_cast<int>(dtype));
-  PYHWP_CHECK(w.rows >= 0 && w.cols >= 0 && w.nnz >= 0 && x.cols >= 0, "csr_matmul_cuda: negative size");
-  PYHWP_CHECK(x.rows == w.cols, "csr_matmul_cuda: x has ", x.rows, " rows, W has ", w.cols, " columns");
-  PYHWP_CHECK(y.rows == w.rows && y.cols == x.cols, "csr_matmul_cuda: y is ", y.rows, "x", y.cols,
-              ", expected ", w.rows, "x", x.cols);
+  check_gemm_sizes("csr_matmul_cuda", dtype, w.rows, w.cols, x, y);
+  PYHWP_CHECK(w.nnz >= 0, "csr_matmul_cuda: negative nnz");
 }
 
 }  // namespace

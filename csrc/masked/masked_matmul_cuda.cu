@@ -592,14 +592,9 @@ void run(const MaskedCudaWeight& w, const DeviceDenseIn& xv, const T* bias, cons
 }
 
 void check_args(const MaskedCudaWeight& w, DType dtype, const DeviceDenseIn& x, const DeviceDenseOut& y) {
-  PYHWP_CHECK(dtype == DType::kFloat32 || dtype == DType::kFloat16 || dtype == DType::kBFloat16,
-              "masked_matmul_cuda: unknown dtype code ", static_cast<int>(dtype));
-  PYHWP_CHECK(w.rows >= 0 && w.cols >= 0 && x.cols >= 0, "masked_matmul_cuda: negative size");
+  check_gemm_sizes("masked_matmul_cuda", dtype, w.rows, w.cols, x, y);
   PYHWP_CHECK(w.ld >= w.cols || w.rows <= 1, "masked_matmul_cuda: values row stride ", w.ld,
               " is below the ", w.cols, " columns");
-  PYHWP_CHECK(x.rows == w.cols, "masked_matmul_cuda: x has ", x.rows, " rows, W has ", w.cols, " columns");
-  PYHWP_CHECK(y.rows == w.rows && y.cols == x.cols, "masked_matmul_cuda: y is ", y.rows, "x", y.cols,
-              ", expected ", w.rows, "x", x.cols);
 }
 
 }  // namespace

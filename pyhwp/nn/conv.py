@@ -27,9 +27,7 @@ class SparseConv2d(SparseModule):
         self.kernel_size = (kh, kw)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._set_weight(weight, requires_grad)
-        if bias is not None:
-            bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
-        self.bias = bias
+        self._set_bias(bias, requires_grad)
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, pattern: str, mask: torch.Tensor | None = None) -> SparseConv2d:

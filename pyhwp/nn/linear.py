@@ -23,9 +23,7 @@ class SparseLinear(SparseModule):
             raise TypeError("SparseLinear: weight must be a 2-D pyhwp.SparseWeight (out_features, in_features)")
         self.out_features, self.in_features = weight.shape
         self._set_weight(weight, requires_grad)
-        if bias is not None:
-            bias = nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
-        self.bias = bias
+        self._set_bias(bias, requires_grad)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, pattern: str, mask: torch.Tensor | None = None) -> SparseLinear:

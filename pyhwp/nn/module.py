@@ -26,6 +26,9 @@ class SparseModule(nn.Module):
     on each access without re-validating: validation runs once when the weight is set or loaded.
     """
 
+    def _set_bias(self, bias: torch.Tensor | None, requires_grad: bool) -> None:
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=requires_grad)
+
     def _set_weight(self, weight: SparseWeight, requires_grad: bool = True) -> None:
         self._format = type(weight)
         self.pattern = weight.pattern

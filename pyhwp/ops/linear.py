@@ -35,15 +35,6 @@ def _masked(x2, w, bias, transpose_out=False):
                        w.values, bias, transpose_out)
 
 
-# Kernel name -> fn(x2, weight, bias, transpose_out): y (P, N) = x2 (P, K) @ W.T + bias for x2 of
-# any strides, or its transpose (N, P) contiguous when transpose_out. Every pyhwp kernel in
-# pyhwp.kernels.KERNELS has an entry; conv2d runs its GEMMs through the same table.
-MATMULS = {"csr_matmul": _csr, "csr_matmul_cuda": _csr, "sparse24_matmul": _sparse24,
-           "masked_matmul": _masked, "masked_matmul_torch": _masked,
-           "csr_matmul_torch": _csr, "csr_matmul_torch_cuda": _csr,
-           "sparse24_matmul_torch": _sparse24, "sparse24_matmul_torch_cuda": _sparse24}
-
-
 def _csr_into(y, x2, w, bias):
     csr_matmul_into(y, x2, w.row_offsets, w.kernel_col_indices, w.values, bias, w.row_order)
 
@@ -56,13 +47,18 @@ def _masked_into(y, x2, w, bias):
     masked_matmul_into(y, x2, w.tile_ptr, w.tile_idx, w.values, w.mask_bits, bias)
 
 
-# Kernel name -> fn(y, x2, weight, bias) writing y (P, N) = x2 @ W.T + bias into a given tensor
-# (pyhwp.linear's out=): the same kernels as MATMULS, without the output allocation.
-MATMULS_INTO = {name: into for names, into in (
-    (("csr_matmul", "csr_matmul_cuda", "csr_matmul_torch", "csr_matmul_torch_cuda"), _csr_into),
-    (("sparse24_matmul", "sparse24_matmul_torch", "sparse24_matmul_torch_cuda"), _sparse24_into),
-    (("masked_matmul", "masked_matmul_torch"), _masked_into),
-) for name in names}
+# Every pyhwp kernel in pyhwp.kernels.KERNELS, by pattern, with how to call it on a 2-D input:
+#   MATMULS[name](x2, weight, bias, transpose_out): y (P, N) = x2 (P, K) @ W.T + bias for x2 of any
+#     strides, or its transpose (N, P) contiguous when transpose_out; conv2d runs its GEMMs
+#     through the same table;
+#   MATMULS_INTO[name](y, x2, weight, bias): the same into a given y (pyhwp.linear's out=).
+_KERNELS_BY_PATTERN = (
+    (("csr_matmul", "csr_matmul_cuda", "csr_matmul_torch", "csr_matmul_torch_cuda"), _csr, _csr_into),
+    (("sparse24_matmul", "sparse24_matmul_torch", "sparse24_matmul_torch_cuda"), _sparse24, _sparse24_into),
+    (("masked_matmul", "masked_matmul_torch"), _masked, _masked_into),
+)
+MATMULS = {name: fn for names, fn, _ in _KERNELS_BY_PATTERN for name in names}
+MATMULS_INTO = {name: into for names, _, into in _KERNELS_BY_PATTERN for name in names}
 
 
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:

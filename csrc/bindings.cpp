@@ -128,6 +128,26 @@ PYBIND11_MODULE(_C, m) {
       "optional uint16 copy of the indices (cols <= 65536) that the kernels then read");
 
   m.def(
+      "csr_conv2d",
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
+         Addr col_indices16, int64_t images, int64_t channels, int64_t h, int64_t w_in, int64_t pt, int64_t pl,
+         int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t ho, int64_t wo, Addr x, Addr bias, Addr y,
+         int num_threads) {
+        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
+        const pyhwp::ConvGeometry g{images, channels, h, w_in, pt, pl, kh, kw, dh, dw, ho, wo};
+        return pyhwp::csr_conv2d(w, g, ptr<const float>(x), ptr<const float>(bias), ptr<float>(y), num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
+      py::arg("values"), py::arg("col_indices16"), py::arg("images"), py::arg("channels"), py::arg("h"),
+      py::arg("w"), py::arg("pt"), py::arg("pl"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"),
+      py::arg("ho"), py::arg("wo"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Stride-1 conv2d with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM: x is the "
+      "contiguous (images, C, h, w) input, padded by pt rows on top and pl columns on the left, y the "
+      "contiguous (images, out, ho, wo) output; returns True when x holds a NaN/Inf (y then lacks the "
+      "dense 0*Inf = NaN terms)");
+
+  m.def(
       "csr_matmul_bf16",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
          Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,

@@ -150,6 +150,28 @@ def test_nonfinite_inputs_propagate_like_dense(pattern, k, groups):
     torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch, c_in, hw, padding, dilation", [
+    (3, 70, (20, 23), 1, 1),          # 3 channel blocks, 4 column tiles per image
+    (1, 70, (5, 5), (2, 0), (2, 1)),  # one column tile: rows split over threads
+    (2, 9, (11, 8), "same", 2),
+], ids=str)
+def test_csr_implicit_gemm_conv_matches_the_op_path(batch, c_in, hw, padding, dilation):
+    # Inference takes the implicit-GEMM kernel (csr_conv2d); with autograd the op runs one GEMM per
+    # tap. Both must equal the dense conv.
+    conv2d_module = __import__("sys").modules["pyhwp.ops.conv2d"]
+    g_ = torch.Generator().manual_seed(c_in + batch)
+    w, sw = make_weight((40, c_in, 3, 3), "csr", g_, sparsity=0.9)
+    bias = torch.randn(40, generator=g_)
+    x = torch.randn(batch, c_in, *hw, generator=g_)
+    assert conv2d_module._implicit_csr(x, sw, bias)
+    y = pyhwp.conv2d(x, sw, bias, 1, padding, dilation)
+    assert_conv_close(y, x, w, bias, 1, padding, dilation)
+    xg = x.clone().requires_grad_()
+    assert not conv2d_module._implicit_csr(xg, sw, bias)
+    y_op = pyhwp.conv2d(xg, sw, bias, 1, padding, dilation)
+    assert_conv_close(y_op.detach(), x, w, bias, 1, padding, dilation)
+
+
 def test_conv2d_reference_is_dense_conv():
     g_ = torch.Generator().manual_seed(500)
     w = random_sparse((6, 4, 3, 3), 0.5, g_)

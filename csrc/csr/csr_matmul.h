@@ -1,7 +1,9 @@
 // CSR sparse x dense matmul on the CPU: Y = W X (+ bias), W in CSR with int32 column indices.
 #pragma once
 #include <cstdint>
+#include <vector>
 
+#include "common/cpu_features.h"
 #include "common/dense.h"
 
 namespace pyhwp {
@@ -68,7 +70,8 @@ using CsrGatherFn = void (*)(CsrArrays<I, T> a, const int64_t* begin, int64_t ro
                              int64_t ldx, int64_t P, const float* bias, float* y, int64_t ldy_n,
                              int64_t ldy_p);
 
-// Tile kernel (X packed with p contiguous, rows 64-byte aligned): for rows i in [0, rows),
+// Tile kernel (X with p contiguous: row k at x + k*ldx, any alignment; the matmul driver packs X
+// to 64-byte aligned rows, the conv driver reads shifted rows in place): for rows i in [0, rows),
 // y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
 //                  + sum_{j in [begin[i], end[i])} vals[j] * x[cols[j]*ldx + 0:P].
 // P <= kTileP; begin/end are per-row position ranges (a K block of each row).
@@ -92,6 +95,29 @@ TransposeFn transpose_avx512();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_scalar();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx2();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx512();
+// The one ISA dispatch point of the CSR kernels (defined in csr_matmul_cpu.cpp).
+template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
+
+// Row boundaries of `parts` chunks of rows with about equal work (stored weights + kRowCost per
+// row): (*bounds)[c] .. (*bounds)[c + 1] for c < parts.
+void csr_balanced_rows(const int64_t* row_offsets, int64_t rows, int64_t parts, std::vector<int64_t>* bounds);
+
+// Stride-1 conv2d as an implicit GEMM over the tile kernels (no im2col). W is the (out, C*kh*kw)
+// CSR matrix of a conv weight (column j = (c*kh + r)*kw + s); x is the contiguous (images, C, h, w)
+// input, zero-padded by pt rows on top and pl columns on the left (the bottom and right padding
+// follow from ho, wo). The driver copies each image into a padded plane hp x wp with hp = ho +
+// dh*(kh-1) + 1 (one spare zero row keeps a channel's last window inside it) and wp = wo +
+// dw*(kw-1). With p = a*wp + b, column j of W then reads X at the offset (c*hp + r*dh)*wp + s*dw
+// from pixel p: every column is a contiguous row of X and the tile kernel runs unchanged (ldx =
+// 1); the wp - wo wrapped columns of each output row are computed and dropped. Output:
+// y[((i*out + n)*ho + a)*wo + b] = bias[n] + sum_j W(n, j) * padded_x[i][c][a + r*dh][b + s*dw].
+// Returns true, having written y, when x holds a NaN/Inf: the caller then needs the dense-exact
+// propagation of 0 * Inf (see propagate_nonfinite), which this path does not do.
+struct ConvGeometry {
+  int64_t images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo;
+};
+bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+                int num_threads);
 
 // Tiling knobs of the CPU CSR kernels.
 struct CsrCpuConfig {

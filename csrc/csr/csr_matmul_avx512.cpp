@@ -89,7 +89,7 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
       const __m512 v = _mm512_set1_ps(to_float(vals[j + u]));
       _Pragma("GCC unroll 8")
       for (int i = 0; i < V; ++i) {
-        const __m512 xv = i == V - 1 ? _mm512_maskz_loadu_ps(last, xr + 16 * i) : _mm512_load_ps(xr + 16 * i);
+        const __m512 xv = i == V - 1 ? _mm512_maskz_loadu_ps(last, xr + 16 * i) : _mm512_loadu_ps(xr + 16 * i);
         acc[u][i] = _mm512_fmadd_ps(v, xv, acc[u][i]);
       }
     }
@@ -99,7 +99,7 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
     const __m512 v = _mm512_set1_ps(to_float(vals[j]));
     _Pragma("GCC unroll 8")
     for (int i = 0; i < V; ++i) {
-      const __m512 xv = i == V - 1 ? _mm512_maskz_loadu_ps(last, xr + 16 * i) : _mm512_load_ps(xr + 16 * i);
+      const __m512 xv = i == V - 1 ? _mm512_maskz_loadu_ps(last, xr + 16 * i) : _mm512_loadu_ps(xr + 16 * i);
       acc[0][i] = _mm512_fmadd_ps(v, xv, acc[0][i]);
     }
   }

@@ -111,30 +111,23 @@ template CsrKernels<int32_t, uint16_t> csr_kernels_scalar();
 template CsrKernels<uint16_t, uint16_t> csr_kernels_scalar();
 TransposeFn transpose_scalar() { return &transpose_block_scalar; }
 
-// -- the driver ---------------------------------------------------------------------------------
-
-namespace {
-
-using Cfg = CsrCpuConfig;
-
-// The one ISA dispatch point of the CSR kernels.
 template <typename I, typename T>
-CsrKernels<I, T> pick_kernels(Isa isa) {
+CsrKernels<I, T> csr_kernels(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return csr_kernels_avx512<I, T>();
     case Isa::kAvx2: return csr_kernels_avx2<I, T>();
     default: return csr_kernels_scalar<I, T>();
   }
 }
+template CsrKernels<int32_t, float> csr_kernels(Isa);
+template CsrKernels<uint16_t, float> csr_kernels(Isa);
+template CsrKernels<int32_t, uint16_t> csr_kernels(Isa);
+template CsrKernels<uint16_t, uint16_t> csr_kernels(Isa);
 
-TransposeFn pick_transpose(Isa isa) { return isa == Isa::kAvx512 ? transpose_avx512() : transpose_scalar(); }
-
-// Row boundaries of `parts` chunks with about equal work (stored weights + kRowCost per row):
-// bounds[c] .. bounds[c + 1] for c < parts.
-void balanced_rows(const int64_t* ro, int64_t rows, int64_t parts, std::vector<int64_t>* bounds) {
+void csr_balanced_rows(const int64_t* ro, int64_t rows, int64_t parts, std::vector<int64_t>* bounds) {
   bounds->assign(static_cast<size_t>(parts + 1), rows);
   (*bounds)[0] = 0;
-  const double total = static_cast<double>(ro[rows]) + static_cast<double>(Cfg::kRowCost) * rows;
+  const double total = static_cast<double>(ro[rows]) + static_cast<double>(CsrCpuConfig::kRowCost) * rows;
   int64_t n = 0;
   for (int64_t c = 1; c < parts; ++c) {
     const double target = total * c / parts;
@@ -142,13 +135,23 @@ void balanced_rows(const int64_t* ro, int64_t rows, int64_t parts, std::vector<i
     int64_t lo = n, hi = rows;
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (static_cast<double>(ro[mid]) + static_cast<double>(Cfg::kRowCost) * mid < target) lo = mid + 1;
+      if (static_cast<double>(ro[mid]) + static_cast<double>(CsrCpuConfig::kRowCost) * mid < target) lo = mid + 1;
       else hi = mid;
     }
     n = lo;
     (*bounds)[static_cast<size_t>(c)] = n;
   }
 }
+
+// -- the driver ---------------------------------------------------------------------------------
+
+namespace {
+
+using Cfg = CsrCpuConfig;
+
+
+TransposeFn pick_transpose(Isa isa) { return isa == Isa::kAvx512 ? transpose_avx512() : transpose_scalar(); }
+
 
 // Float32 X as the kernels read it: `data` with element (k, p) at data[k*sk + p*sp].
 struct XView {
@@ -225,7 +228,7 @@ void run_gather(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, const flo
                 const float* bias, YView y, int nt) {
   const int64_t parts = nt == 1 ? 1 : nt * Cfg::kChunksPerThread;
   std::vector<int64_t> bounds;
-  balanced_rows(pr.ro, pr.N, parts, &bounds);
+  csr_balanced_rows(pr.ro, pr.N, parts, &bounds);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t c = 0; c < parts; ++c) {
     const int64_t r0 = bounds[static_cast<size_t>(c)], r1 = bounds[static_cast<size_t>(c + 1)];
@@ -250,7 +253,7 @@ void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   const bool direct = y.sp == 1;
   const int64_t parts = nt == 1 ? 1 : nt * (nkb > 1 ? 1 : Cfg::kChunksPerThread);
   std::vector<int64_t> bounds;
-  balanced_rows(pr.ro, N, parts, &bounds);
+  csr_balanced_rows(pr.ro, N, parts, &bounds);
   // Many column tiles and few rows (conv images): spread the column tiles over threads instead.
   const bool by_columns = nkb == 1 && ptiles >= 2 * nt;
   const int64_t items = by_columns ? ptiles : parts * ptiles;
@@ -344,7 +347,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   const int64_t K = pr.K, P = pr.P;
   const int nt = pr.ro[pr.N] * P < Cfg::kSerialWork ? 1 : num_threads;
   const Isa isa = active_isa();
-  const CsrKernels<I, T> kern = pick_kernels<I, T>(isa);
+  const CsrKernels<I, T> kern = csr_kernels<I, T>(isa);
   const TransposeFn transpose = pick_transpose(isa);
   constexpr bool kFloat = std::is_same_v<S, float>;
 

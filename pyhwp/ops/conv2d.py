@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
+from pyhwp.ops.csr import csr_conv2d_impl
+from pyhwp.ops.eager import needs_op
 from pyhwp.ops.linear import MATMULS, check_bias
 
 
@@ -175,6 +177,21 @@ def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
     return torch.stack(ys)
 
 
+def _implicit_csr(x, weight, bias) -> bool:
+    """Whether the implicit-GEMM CSR conv (float32 CPU kernels, no autograd) serves this call."""
+    return (weight.pattern == "csr" and x.device.type == "cpu" and x.dtype == torch.float32
+            and not needs_op(x, weight.values, bias))
+
+
+def _implicit_csr_conv(x, weight, bias, pads, dilation, kernel, out_hw):
+    """Stride-1 CSR conv in one kernel call over the batch (see csr_conv2d_impl), or None when x
+    holds a NaN/Inf (the per-tap path then gives dense-exact propagation)."""
+    ci = weight.kernel_col_indices
+    return csr_conv2d_impl(x, weight.row_offsets, weight.col_indices, weight.values,
+                           ci if ci.dtype == torch.int16 else None, kernel, (pads[0], pads[2]), dilation,
+                           out_hw, bias)
+
+
 def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last):
     """(N, out, H_out, W_out): one `matmul` (a MATMULS entry) per image and group."""
     n, c, _, _ = x.shape
@@ -183,6 +200,10 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     pt, pb, pl, pr = pads
     pointwise = kh == kw == 1 and pads == (0, 0, 0, 0)
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
+        if _implicit_csr(x, weight, bias):
+            y = _implicit_csr_conv(x, weight, bias, pads, dilation, (kh, kw), out_hw)
+            if y is not None:
+                return y
         # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported
         # graphs take im2col.
         taps = None if torch.compiler.is_compiling() else _kernel_taps(weight)

@@ -121,6 +121,29 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
     )
 
 
+def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+                    col_indices16: torch.Tensor | None, kernel: tuple[int, int], pads: tuple[int, int],
+                    dilation: tuple[int, int], out_hw: tuple[int, int], bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Stride-1 conv2d of x (N, C, H, W) float32 CPU with a CSR weight (out, C*kh*kw) as one
+    implicit GEMM (csrc/csr/csr_conv2d_cpu.cpp): padding (top, left) = pads, the bottom and right
+    padding implied by out_hw. Returns y (N, out, H_out, W_out) contiguous, or None when x holds
+    a NaN/Inf, where the caller must take a path with dense-exact 0 * Inf propagation. Inference
+    only (no autograd). col_indices16 is CSRWeight.kernel_col_indices when it is int16.
+    """
+    x = x.contiguous()
+    n, c, h, w = x.shape
+    rows = row_offsets.shape[0] - 1
+    (ho, wo), (kh, kw) = out_hw, kernel
+    y = torch.empty((n, rows, ho, wo), dtype=x.dtype)
+    narrow = col_indices16 is not None
+    bad = _C.csr_conv2d(rows, c * kh * kw, values.shape[0], row_offsets.data_ptr(),
+                        0 if narrow else col_indices.data_ptr(), values.data_ptr(),
+                        col_indices16.data_ptr() if narrow else 0, n, c, h, w, pads[0], pads[1], kh, kw,
+                        dilation[0], dilation[1], ho, wo, x.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                        y.data_ptr(), torch.get_num_threads())
+    return None if bad else y
+
+
 csr_matmul = torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())(csr_matmul_impl)
 
 

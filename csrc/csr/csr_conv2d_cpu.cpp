@@ -1,0 +1,182 @@
+// Stride-1 CSR conv2d on the CPU as an implicit GEMM: the matmul tile kernels read shifted rows of
+// a padded copy of the input, so no im2col matrix and no per-tap GEMM is ever materialized.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "csr/csr_matmul.h"
+
+namespace pyhwp {
+
+namespace {
+
+using Cfg = CsrCpuConfig;
+
+// The padded planes the kernels read: hp x wp per channel (see csr_conv2d in csr_matmul.h).
+struct Padded {
+  int64_t hp, wp;
+  explicit Padded(const ConvGeometry& g) : hp(g.ho + g.dh * (g.kh - 1) + 1), wp(g.wo + g.dw * (g.kw - 1)) {}
+};
+
+// Copies every (image, channel) plane of x into its zero-padded plane of xp; returns whether x
+// holds a NaN/Inf (found on the way, while each plane is in cache).
+bool pad_planes(const float* x, const ConvGeometry& g, const Padded& pd, float* xp, int nt) {
+  const int64_t planes = g.images * g.channels;
+  int bad = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
+  for (int64_t q = 0; q < planes; ++q) {
+    const float* src = x + q * g.h * g.w;
+    float* dst = xp + q * pd.hp * pd.wp;
+    uint32_t seen = 0;
+    for (int64_t a = 0; a < pd.hp; ++a) {
+      float* row = dst + a * pd.wp;
+      const int64_t i = a - g.pt;
+      if (i < 0 || i >= g.h) {
+        std::memset(row, 0, sizeof(float) * pd.wp);
+        continue;
+      }
+      const int64_t lo = std::min(g.pl, pd.wp), n = std::max<int64_t>(0, std::min(g.w, pd.wp - g.pl));
+      std::memset(row, 0, sizeof(float) * lo);
+      const uint32_t* in = reinterpret_cast<const uint32_t*>(src + i * g.w);
+      uint32_t* out = reinterpret_cast<uint32_t*>(row + lo);
+      for (int64_t b = 0; b < n; ++b) {
+        out[b] = in[b];
+        seen |= (in[b] & 0x7f800000u) == 0x7f800000u;
+      }
+      std::memset(row + lo + n, 0, sizeof(float) * (pd.wp - lo - n));
+    }
+    bad |= seen != 0;
+  }
+  return bad != 0;
+}
+
+// Column j of W -> its offset in a padded image: (c*hp + r*dh)*wp + s*dw, j = (c*kh + r)*kw + s.
+// Offsets of every stored weight, in values order: the `cols` the tile kernel reads with ldx = 1.
+template <typename I>
+void stored_offsets(const I* cols, int64_t nnz, const ConvGeometry& g, const Padded& pd, int32_t* out) {
+  const int64_t taps = g.kh * g.kw;
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t col = cols[j], c = col / taps, t = col % taps, r = t / g.kw, s = t % g.kw;
+    out[j] = static_cast<int32_t>((c * pd.hp + r * g.dh) * pd.wp + s * g.dw);
+  }
+}
+
+// Copies the computed wide tile (rows x width at p0, wp columns per output row) into the NCHW
+// output planes (ld = ho*wo per row), dropping the wrapped columns b >= wo.
+void store_tile(const float* tile, int64_t ld_tile, int64_t rows, int64_t p0, int64_t width,
+                const ConvGeometry& g, const Padded& pd, float* y, int64_t ld_y) {
+  for (int64_t q = 0; q < width;) {
+    const int64_t p = p0 + q, a = p / pd.wp, b = p % pd.wp;
+    const int64_t run = std::min(width - q, pd.wp - b);
+    if (b < g.wo) {
+      const int64_t keep = std::min(run, g.wo - b);
+      for (int64_t i = 0; i < rows; ++i)
+        std::memcpy(y + i * ld_y + a * g.wo + b, tile + i * ld_tile + q, sizeof(float) * keep);
+    }
+    q += run;
+  }
+}
+
+// Channel blocks: a tile's X rows are the shifted windows of each channel's padded plane, all taps
+// of one channel within width + (kh-1)*dh*wp + (kw-1)*dw floats. Every row of a row block sweeps
+// all channels, so unless a block of channels stays in L1 each sweep refetches X from L2
+// (kL1Bytes: half of a 48 KiB L1 data cache, the other half for W and the accumulators).
+constexpr int64_t kL1Bytes = 24 << 10;
+constexpr int64_t kTileP = 128;
+
+int64_t channels_per_block(const ConvGeometry& g, const Padded& pd, int64_t width) {
+  const int64_t per_channel = 4 * (width + (g.kh - 1) * g.dh * pd.wp + (g.kw - 1) * g.dw);
+  return std::max<int64_t>(1, std::min(g.channels, kL1Bytes / per_channel));
+}
+
+// starts[b * N + n]: the first stored position of row n whose channel is >= b * cb, b <= blocks.
+template <typename I>
+void block_starts(const int64_t* ro, int64_t N, const I* cols, const ConvGeometry& g, int64_t cb, int64_t blocks,
+                  int64_t* starts) {
+  const int64_t per_block = cb * g.kh * g.kw;
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t j = ro[n];
+    for (int64_t b = 0; b < blocks; ++b) {
+      while (j < ro[n + 1] && static_cast<int64_t>(cols[j]) < b * per_block) ++j;
+      starts[b * N + n] = j;
+    }
+    starts[blocks * N + n] = ro[n + 1];
+  }
+}
+
+template <typename T>
+void run_conv(const int64_t* ro, int64_t N, const int64_t* starts, int64_t blocks, const int32_t* offs,
+              const T* vals, const ConvGeometry& g, const Padded& pd, const float* xp, const float* bias,
+              float* y, int nt) {
+  const CsrKernels<int32_t, T> kern = csr_kernels<int32_t, T>(active_isa());
+  const int64_t P = g.ho * pd.wp, x_image = g.channels * pd.hp * pd.wp;
+  const int64_t ptiles = (P + kTileP - 1) / kTileP;
+  // Few column tiles (small images, batch 1): split the rows too, so every thread has work.
+  const int64_t tiles = g.images * ptiles;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N / 16, (2 * nt + tiles - 1) / tiles));
+  std::vector<int64_t> bounds;
+  csr_balanced_rows(ro, N, parts, &bounds);
+  const CsrArrays<int32_t, T> a{offs, vals};
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t it = 0; it < tiles * parts; ++it) {
+    const int64_t part = it % parts, tile_id = it / parts, img = tile_id / ptiles;
+    const int64_t p0 = (tile_id % ptiles) * kTileP, width = std::min(kTileP, P - p0);
+    const int64_t r0 = bounds[static_cast<size_t>(part)], r1 = bounds[static_cast<size_t>(part + 1)];
+    float* tile = scratch(1, Cfg::kRowBlock * kTileP);
+    const float* x = xp + img * x_image + p0;
+    for (int64_t rb = r0; rb < r1; rb += Cfg::kRowBlock) {
+      const int64_t rows = std::min(Cfg::kRowBlock, r1 - rb);
+      for (int64_t b = 0; b < blocks; ++b) {
+        kern.tile(a, starts + b * N + rb, starts + (b + 1) * N + rb, rows, x, 1, width,
+                  bias ? bias + rb : nullptr, b > 0, tile, kTileP);
+      }
+      store_tile(tile, kTileP, rows, p0, width, g, pd, y + (img * N + rb) * g.ho * g.wo, g.ho * g.wo);
+    }
+  }
+}
+
+}  // namespace
+
+bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+                int num_threads) {
+  PYHWP_CHECK(g.images >= 0 && g.channels >= 1 && g.h >= 0 && g.w >= 0 && g.pt >= 0 && g.pl >= 0 && g.kh >= 1 &&
+              g.kw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ho >= 0 && g.wo >= 0, "csr_conv2d: bad geometry");
+  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "csr_conv2d: W has ", w.cols, " columns, expected C*kh*kw = ",
+              g.channels * g.kh * g.kw);
+  const Padded pd(g);
+  PYHWP_CHECK(g.channels * pd.hp * pd.wp <= std::numeric_limits<int32_t>::max(),
+              "csr_conv2d: a padded image must hold fewer than 2^31 elements");
+  PYHWP_CHECK(num_threads >= 1, "csr_conv2d: num_threads must be >= 1");
+  PYHWP_CHECK(w.row_offsets && (w.nnz == 0 || ((w.col_indices || w.col_indices16) && w.values)),
+              "csr_conv2d: null CSR array");
+  PYHWP_CHECK(w.row_offsets[w.rows] == w.nnz, "csr_conv2d: row_offsets[-1] != nnz");
+  if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
+  PYHWP_CHECK(x && y, "csr_conv2d: null x or y");
+
+  const int64_t work = w.nnz * g.images * g.ho * pd.wp;
+  const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
+  const int64_t cb = channels_per_block(g, pd, std::min(kTileP, g.ho * pd.wp));
+  const int64_t blocks = (g.channels + cb - 1) / cb;
+  // Scratch of the calling thread (slots 1-2 are the workers'): slot 0 the offsets, then the
+  // block starts; slot 3 the padded planes.
+  float* buf = scratch(0, w.nnz + 2 * (blocks + 1) * w.rows + 32);
+  int32_t* offs = reinterpret_cast<int32_t*>(buf);
+  int64_t* starts = reinterpret_cast<int64_t*>(buf + (w.nnz + 15) / 16 * 16);
+  float* xp = scratch(3, g.images * g.channels * pd.hp * pd.wp);
+  const bool bad = pad_planes(x, g, pd, xp, nt);
+  if (w.col_indices16) {
+    stored_offsets(w.col_indices16, w.nnz, g, pd, offs);
+    block_starts(w.row_offsets, w.rows, w.col_indices16, g, cb, blocks, starts);
+  } else {
+    stored_offsets(w.col_indices, w.nnz, g, pd, offs);
+    block_starts(w.row_offsets, w.rows, w.col_indices, g, cb, blocks, starts);
+  }
+  run_conv(w.row_offsets, w.rows, starts, blocks, offs, w.values, g, pd, xp, bias, y, nt);
+  return bad;
+}
+
+}  // namespace pyhwp

@@ -16,10 +16,14 @@ namespace {
 
 using Cfg = CsrCpuConfig;
 
-// The padded planes the kernels read: hp x wp per channel (see csr_conv2d in csr_matmul.h).
+// The padded planes the kernels read: hp x wp per channel (see csr_conv2d in csr_matmul.h). The
+// spare zero row is only read by windows that wrap past a row's end (kw > 1).
 struct Padded {
   int64_t hp, wp;
-  explicit Padded(const ConvGeometry& g) : hp(g.ho + g.dh * (g.kh - 1) + 1), wp(g.wo + g.dw * (g.kw - 1)) {}
+  explicit Padded(const ConvGeometry& g)
+      : hp(g.ho + g.dh * (g.kh - 1) + (g.kw > 1 ? 1 : 0)), wp(g.wo + g.dw * (g.kw - 1)) {}
+  // x is already its own padded copy: no padding, and no spare row needed.
+  bool is_input(const ConvGeometry& g) const { return g.pt == 0 && g.pl == 0 && hp == g.h && wp == g.w; }
 };
 
 // Copies every (image, channel) plane of x into its zero-padded plane of xp; returns whether x
@@ -166,8 +170,16 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const float* x, const
   float* buf = scratch(0, w.nnz + 2 * (blocks + 1) * w.rows + 32);
   int32_t* offs = reinterpret_cast<int32_t*>(buf);
   int64_t* starts = reinterpret_cast<int64_t*>(buf + (w.nnz + 15) / 16 * 16);
-  float* xp = scratch(3, g.images * g.channels * pd.hp * pd.wp);
-  const bool bad = pad_planes(x, g, pd, xp, nt);
+  const int64_t x_count = g.images * g.channels * pd.hp * pd.wp;
+  const float* xp = x;
+  bool bad;
+  if (pd.is_input(g)) {  // 1x1 convs without padding
+    bad = any_nonfinite(DenseIn{x, 1, x_count, x_count, 1});
+  } else {
+    float* buf = scratch(3, x_count);
+    bad = pad_planes(x, g, pd, buf, nt);
+    xp = buf;
+  }
   if (w.col_indices16) {
     stored_offsets(w.col_indices16, w.nnz, g, pd, offs);
     block_starts(w.row_offsets, w.rows, w.col_indices16, g, cb, blocks, starts);

@@ -106,8 +106,8 @@ void csr_balanced_rows(const int64_t* row_offsets, int64_t rows, int64_t parts, 
 // CSR matrix of a conv weight (column j = (c*kh + r)*kw + s); x is the contiguous (images, C, h, w)
 // input, zero-padded by pt rows on top and pl columns on the left (the bottom and right padding
 // follow from ho, wo). The driver copies each image into a padded plane hp x wp with hp = ho +
-// dh*(kh-1) + 1 (one spare zero row keeps a channel's last window inside it) and wp = wo +
-// dw*(kw-1). With p = a*wp + b, column j of W then reads X at the offset (c*hp + r*dh)*wp + s*dw
+// dh*(kh-1) + 1 (one spare zero row keeps a channel's last window inside it; none for kw = 1)
+// and wp = wo + dw*(kw-1); an input that needs no padding is read in place. With p = a*wp + b, column j of W then reads X at the offset (c*hp + r*dh)*wp + s*dw
 // from pixel p: every column is a contiguous row of X and the tile kernel runs unchanged (ldx =
 // 1); the wp - wo wrapped columns of each output row are computed and dropped. Output:
 // y[((i*out + n)*ho + a)*wo + b] = bias[n] + sum_j W(n, j) * padded_x[i][c][a + r*dh][b + s*dw].

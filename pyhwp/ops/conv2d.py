@@ -199,18 +199,19 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     ho, wo = out_hw
     pt, pb, pl, pr = pads
     pointwise = kh == kw == 1 and pads == (0, 0, 0, 0)
+    if pointwise and stride != (1, 1):
+        x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
+        stride = (1, 1)
+    if stride == (1, 1) and groups == 1 and not (pointwise and channels_last) and _implicit_csr(x, weight, bias):
+        y = _implicit_csr_conv(x, weight, bias, pads, dilation, (kh, kw), out_hw)
+        if y is not None:
+            return y
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
-        if _implicit_csr(x, weight, bias):
-            y = _implicit_csr_conv(x, weight, bias, pads, dilation, (kh, kw), out_hw)
-            if y is not None:
-                return y
         # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported
         # graphs take im2col.
         taps = None if torch.compiler.is_compiling() else _kernel_taps(weight)
         if taps is not None:
             return _shifted_conv(matmul, taps, x, bias, pads, dilation, (kh, kw), out_hw)
-    if pointwise and stride != (1, 1):
-        x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
 
     if pointwise and channels_last and groups == 1:
         # NHWC memory is already the (N*H*W, C) row-major matrix of a linear layer; y comes back

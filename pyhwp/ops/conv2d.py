@@ -1,4 +1,4 @@
-"""pyhwp.conv2d: sparse 2-D convolution as per-image, per-group GEMMs over the MATMULS kernels."""
+"""pyhwp.conv2d: sparse 2-D convolution as GEMMs over the MATMULS kernels (implicit GEMM for CSR)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,10 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     X_g (C/groups*kh*kw, L), L = H_out*W_out, run by the kernel of W's pattern with
     transpose_out=True so Y_g is already the NCHW output plane. X_g is x itself for 1x1 convs
     (subsampled for stride > 1) and torch's im2col (F.unfold) otherwise; W_g = weight.row_slice.
-    Stride-1 convs with groups == 1 whose pattern implements `kernel_taps` (CSR) skip im2col:
-    one GEMM per kernel tap on a shifted view of the padded input, summed (see _shifted_conv).
+    CSR float32 CPU inference with groups == 1 and stride 1 (or 1x1) runs the whole batch as one
+    implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
+    so no im2col matrix is built. With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM
+    per kernel tap on a shifted view of the padded input instead (see _shifted_conv).
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight:
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.

@@ -1,5 +1,6 @@
-"""GPU benchmark of the CUDA kernels: CSR at 90% vs torch dense (cuBLAS) and torch CSR
-(cuSPARSE), masked at 0% / 75% zero tiles vs torch dense, float16 and float32.
+"""GPU benchmark of the CUDA kernels: 2:4 (mma.sp) vs torch dense and torch semi-structured
+(8192^3, and batches 1-16 on 4096-wide weights), conv2d for CSR and 2:4 vs cuDNN, CSR at 90% vs
+torch dense (cuBLAS) and torch CSR (cuSPARSE), masked at 0% / 75% zero tiles vs torch dense.
 
 Run on a machine with an NVIDIA GPU and pyhwp built with CUDA (bench/gpu_check.sh does both):
     python bench/gpu_bench.py --out results.json [--quick]
@@ -33,7 +34,13 @@ LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (3072, 768), (768, 3072), (1536, 3
 CSR_BATCHES = [1, 16, 256, 1024]
 MASKED_BATCHES = [256, 1024]
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-TARGETS = {"csr_vs_dense": 2.0, "csr_vs_torch_csr": 3.0, "masked0_vs_dense": 0.8}
+TARGETS = {"csr_vs_dense": 2.0, "csr_vs_torch_csr": 3.0, "masked0_vs_dense": 0.8,
+           "sparse24_vs_dense_large": 1.2, "sparse24_vs_dense_decode": 1.3, "sparse24_vs_torch_24": 1.0}
+# (N, K, batch) of the 2:4 cases: the 8192^3 GEMM and decode batches on >= 4096 x 4096 weights.
+SPARSE24_CASES = [(8192, 8192, 8192)] + [(n, k, b) for (n, k) in [(4096, 4096), (11008, 4096)]
+                                          for b in (1, 2, 4, 8, 16)]
+# (batch, C, H, W, out, kernel, padding) of the conv cases (stride 1).
+CONV_CASES = [(8, 64, 56, 56, 64, 3, 1), (8, 256, 14, 14, 256, 3, 1), (8, 256, 28, 28, 128, 1, 0)]
 
 
 def git_commit() -> str:
@@ -172,6 +179,66 @@ def bench_masked(n, k, batch, dtype, l2, zero_tiles):
     return rec
 
 
+def random_24_cuda(n, k, dtype):
+    """A 2:4 weight on the GPU: the two largest of every group of 4 kept (magnitude pruning)."""
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    g = w.view(n, k // 4, 4)
+    drop = g.abs().argsort(-1)[..., :2]
+    return g.scatter(-1, drop, 0).view(n, k)
+
+
+def bench_sparse24(n, k, batch, dtype, l2):
+    w0 = random_24_cuda(n, k, dtype)
+    per_set = (n * k + batch * k + n * batch) * w0.element_size()
+    r = copies_for(per_set, l2)
+    ws = [w0.clone() for _ in range(r)]
+    sws = [pyhwp.to_sparse(w, "2:4") for w in ws]
+    xs = [torch.randn(batch, k, device="cuda", dtype=dtype) for _ in range(r)]
+    cyc = {name: itertools.cycle(range(r)) for name in ("p", "d", "t")}
+    fns = {"pyhwp_sparse24": lambda: pyhwp.linear(xs[(i := next(cyc["p"]))], sws[i]),
+           "torch_dense": lambda: F.linear(xs[(i := next(cyc["d"]))], ws[i])}
+    ref = F.linear(xs[0], ws[0])
+    errs = {"pyhwp_sparse24": rel_err(pyhwp.linear(xs[0], sws[0]), ref)}
+    notes = {}
+    try:
+        with _quiet():
+            semis = [torch.sparse.to_sparse_semi_structured(w) for w in ws]
+            errs["torch_sparse24"] = rel_err(F.linear(xs[0], semis[0]), ref)
+        fns["torch_sparse24"] = lambda: F.linear(xs[(i := next(cyc["t"]))], semis[i])
+    except (RuntimeError, ValueError) as e:
+        notes["torch_sparse24"] = f"unavailable: {str(e).splitlines()[0][:200]}"
+    with _quiet():
+        times = interleaved_cuda_medians(fns)
+    rec = {"kind": "sparse24", "shape": [n, k], "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+           "copies": r, "median_s": times, "rel_err_vs_dense": errs, "notes": notes}
+    rec["dense_equiv_tflops"] = {c: 2 * n * k * batch / t / 1e12 for c, t in times.items()}
+    rec["speedup_vs_torch_dense"] = {c: times["torch_dense"] / t for c, t in times.items()}
+    if "torch_sparse24" in times:
+        rec["speedup_vs_torch_sparse24"] = {c: times["torch_sparse24"] / t for c, t in times.items()}
+    return rec
+
+
+def bench_conv(batch, c, h, w_, out, ksz, pad, dtype):
+    """pyhwp.conv2d with CSR (90%) and 2:4 weights vs F.conv2d (cuDNN) on the dense weight."""
+    x = torch.randn(batch, c, h, w_, device="cuda", dtype=dtype)
+    dense = torch.randn(out, c, ksz, ksz, device="cuda", dtype=dtype)
+    w24 = random_24_cuda(out, c * ksz * ksz, dtype).view_as(dense)
+    wcsr = dense * (torch.rand_like(dense, dtype=torch.float32) >= 0.9)
+    s24, scsr = pyhwp.to_sparse(w24, "2:4"), pyhwp.to_sparse(wcsr, "csr")
+    fns = {"torch_dense": lambda: F.conv2d(x, w24, padding=pad),
+           "pyhwp_sparse24": lambda: pyhwp.conv2d(x, s24, padding=pad),
+           "pyhwp_csr90": lambda: pyhwp.conv2d(x, scsr, padding=pad)}
+    errs = {"pyhwp_sparse24": rel_err(pyhwp.conv2d(x, s24, padding=pad), F.conv2d(x, w24, padding=pad)),
+            "pyhwp_csr90": rel_err(pyhwp.conv2d(x, scsr, padding=pad), F.conv2d(x, wcsr, padding=pad))}
+    times = interleaved_cuda_medians(fns, max_reps=20, budget_s=2.0)
+    rec = {"kind": "conv2d", "shape": [out, c, ksz, ksz], "input": [batch, c, h, w_], "batch": batch,
+           "dtype": str(dtype).removeprefix("torch."), "median_s": times, "rel_err_vs_dense": errs,
+           "notes": {"path": "2:4: im2col (F.unfold) + per-image GEMM for kxk, direct for 1x1; csr: "
+                             "shifted views (no im2col) for stride-1 kxk"}}
+    rec["speedup_vs_torch_dense"] = {k: times["torch_dense"] / t for k, t in times.items()}
+    return rec
+
+
 class _quiet:
     """Silence torch's beta warning for sparse CSR tensors."""
 
@@ -199,6 +266,16 @@ def check_targets(results: list[dict]) -> list[dict]:
             s = r["speedup_vs_torch_dense"]["pyhwp_masked"]
             checks.append({"case": label, "target": "masked(0%) >= 0.8x torch dense", "value": s,
                            "pass": s >= TARGETS["masked0_vs_dense"]})
+        if r["kind"] == "sparse24":
+            s = r["speedup_vs_torch_dense"]["pyhwp_sparse24"]
+            decode = r["batch"] <= 16
+            key = "sparse24_vs_dense_decode" if decode else "sparse24_vs_dense_large"
+            checks.append({"case": label, "target": f"2:4 >= {TARGETS[key]}x torch dense", "value": s,
+                           "pass": s >= TARGETS[key]})
+            if "speedup_vs_torch_sparse24" in r:
+                s = r["speedup_vs_torch_sparse24"]["pyhwp_sparse24"]
+                checks.append({"case": label, "target": "2:4 >= torch 2:4", "value": s,
+                               "pass": s >= TARGETS["sparse24_vs_torch_24"]})
     return checks
 
 
@@ -206,6 +283,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="two shapes only (a smoke run)")
+    ap.add_argument("--kernels", default="sparse24,conv,csr,masked",
+                    help="comma-separated subset of sparse24, conv, csr, masked (run in that order)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not _C.build_info()["cuda"]:
         print("gpu_bench: needs a CUDA device and pyhwp built with CUDA", file=sys.stderr)
@@ -236,9 +315,32 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results, "targets": check_targets(results)}, f, indent=1)
 
+    kinds = set(args.kernels.split(","))
+    if "sparse24" in kinds:
+        for dname, dt in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+            for (n, k, batch) in SPARSE24_CASES[:3] if args.quick else SPARSE24_CASES:
+                r = bench_sparse24(n, k, batch, dt, l2)
+                results.append(r)
+                sp = r["speedup_vs_torch_dense"]
+                t24 = r.get("speedup_vs_torch_sparse24", {}).get("pyhwp_sparse24", float("nan"))
+                print(f"2:4    {dname:8s} {n:5d}x{k:<5d} b={batch:<5d} vs dense {sp['pyhwp_sparse24']:6.2f}x  "
+                      f"vs torch 2:4 {t24:6.2f}x  err {r['rel_err_vs_dense']['pyhwp_sparse24']:.1e}", flush=True)
+                save()
+                torch.cuda.empty_cache()
+    if "conv" in kinds:
+        for case in CONV_CASES[:1] if args.quick else CONV_CASES:
+            r = bench_conv(*case, torch.float16)
+            results.append(r)
+            sp = r["speedup_vs_torch_dense"]
+            print(f"conv   float16  {r['shape']} x {r['input']}: 2:4 {sp['pyhwp_sparse24']:6.2f}x  "
+                  f"csr90 {sp['pyhwp_csr90']:6.2f}x vs cuDNN", flush=True)
+            save()
+            torch.cuda.empty_cache()
     for dname, dt in DTYPES.items():
+        if not kinds & {"csr", "masked"}:
+            break
         for (n, k) in shapes:
-            for batch in CSR_BATCHES:
+            for batch in CSR_BATCHES if "csr" in kinds else ():
                 r = bench_csr(n, k, batch, dt, l2)
                 results.append(r)
                 sp = r["speedup_vs_torch_dense"]
@@ -248,7 +350,7 @@ def main(argv=None) -> int:
                       f"err {r['rel_err_vs_dense']['pyhwp_csr']:.1e}", flush=True)
                 save()
                 torch.cuda.empty_cache()
-            for batch in MASKED_BATCHES:
+            for batch in MASKED_BATCHES if "masked" in kinds else ():
                 for zt in (0.0, 0.75):
                     r = bench_masked(n, k, batch, dt, l2, zt)
                     results.append(r)

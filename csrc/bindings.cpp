@@ -18,6 +18,7 @@
 #include "common/dtype.h"
 #include "csr/csr_cuda.h"
 #include "masked/masked_matmul_cuda.h"
+#include "sparse24/sparse24_matmul_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -297,5 +298,47 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias on the GPU, W dense (row stride ld) with uint8 flags per 16x16 "
       "tile (0 = all zero, may be skipped); asynchronous on `stream`");
+  m.def(
+      "sparse24_matmul_cuda_workspace",
+      [](int64_t rows, int64_t cols, int dtype, Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr y,
+         int64_t y_stride_n, int64_t y_stride_p) {
+        const pyhwp::Sparse24CudaWeight w{rows, cols, nullptr, nullptr};
+        return pyhwp::sparse24_matmul_cuda_workspace(
+            w, static_cast<pyhwp::DType>(dtype),
+            pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
+            pyhwp::DeviceDenseOut{ptr<void>(y), rows, p, y_stride_n, y_stride_p});
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("x"), py::arg("p"), py::arg("x_stride_k"),
+      py::arg("x_stride_p"), py::arg("y"), py::arg("y_stride_n"), py::arg("y_stride_p"),
+      "Scratch bytes sparse24_matmul_cuda needs for these operands");
+  m.def(
+      "sparse24_matmul_cuda",
+      [](int64_t rows, int64_t cols, Addr values, Addr meta, int dtype, Addr x, int64_t p, int64_t x_stride_k,
+         int64_t x_stride_p, Addr bias, Addr y, int64_t y_stride_n, int64_t y_stride_p, Addr workspace,
+         size_t workspace_bytes, Addr stream) {
+        const pyhwp::Sparse24CudaWeight w{rows, cols, ptr<const void>(values), ptr<const uint32_t>(meta)};
+        pyhwp::sparse24_matmul_cuda(
+            w, static_cast<pyhwp::DType>(dtype),
+            pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
+            ptr<const void>(bias), pyhwp::DeviceDenseOut{ptr<void>(y), rows, p, y_stride_n, y_stride_p},
+            ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("meta"), py::arg("dtype"), py::arg("x"),
+      py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
+      py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Y (rows x p) = W X + bias on sparse tensor cores, W 2:4 (values (rows, Kp/2) float16/bfloat16, "
+      "uint32 meta (rows, Kp/32): the CPU layout), bias address 0 for none; asynchronous on `stream`");
+  m.def(
+      "sparse24_compress_cuda",
+      [](int64_t rows, int64_t cols, Addr dense, int64_t ld, int dtype, Addr values, Addr meta, Addr bad,
+         Addr stream) {
+        pyhwp::sparse24_compress_cuda(rows, cols, ptr<const void>(dense), ld, static_cast<pyhwp::DType>(dtype),
+                                      ptr<void>(values), ptr<uint32_t>(meta), ptr<int64_t>(bad), ptr<void>(stream));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("dense"), py::arg("ld"), py::arg("dtype"), py::arg("values"),
+      py::arg("meta"), py::arg("bad"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "Compress a dense (rows, cols) weight (row stride ld) into 2:4 values + meta on the GPU; `bad` (int64, "
+      "preset to INT64_MAX) receives the smallest row * (Kp/4) + group with more than 2 non-zeros");
 #endif
 }

@@ -82,6 +82,10 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("csr_matmul_cuda", "csr", ("linear", "conv2d"), "cuda", (torch.float32, torch.float16, torch.bfloat16),
            needs_cuda_build=True, min_cuda_arch=(8, 0),
            note="Sputnik-style SpMM: rows by length, 16-byte vector loads, subwarps; float32 accumulation"),
+    Kernel("sparse24_matmul_cuda", "2:4", ("linear", "conv2d"), "cuda", (torch.float16, torch.bfloat16),
+           needs_cuda_build=True, min_cuda_arch=(8, 0),
+           note="sparse tensor cores (mma.sp m16n8k32), the CPU 2:4 layout read in place; batches 1-16 "
+                "on n8 tiles without padding; float32 accumulation"),
     # float64 paths of the pyhwp ops (torch ops on the dense weight, inside the same op): what
     # torch.autograd.gradcheck runs. Correctness paths, not fast ones.
     Kernel("csr_matmul_torch", "csr", ("linear", "conv2d"), "cpu", (torch.float64,),

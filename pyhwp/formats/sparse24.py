@@ -1,4 +1,5 @@
-"""2:4 storage: half the weights plus 2-bit in-group positions (layout of csrc/sparse24)."""
+"""2:4 storage: half the weights plus 2-bit in-group positions (layout of csrc/sparse24), one
+layout on every device: the CUDA kernel (mma.sp) reads the CPU layout in place."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ from pyhwp.formats.base import SparseWeight, register_pattern
 GROUP = 4  # consecutive inputs per group
 KEEP = 2  # slots per group
 CHUNK = 32  # inputs per metadata word (16 slots of 2 bits)
+
+
+# pyhwp::DType codes of the CUDA compression kernel (csrc/common/dtype.h).
+_CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _has_cuda_compress() -> bool:
+    from pyhwp._ext import _C
+
+    return hasattr(_C, "sparse24_compress_cuda")
 
 
 def padded_cols(k: int) -> int:
@@ -64,6 +75,12 @@ class Sparse24Weight(SparseWeight):
 
     Bytes per weight: 2 + 1/8 (dense float32: 4). Weights that are 1:4 or 2:8 sparse are 2:4 too
     and store the same way.
+
+    Devices: one layout everywhere. The CPU kernels take float32 values; on CUDA, float16 and
+    bfloat16 values run on sparse tensor cores, which read these arrays in place (a meta word is
+    one row's eight 4-bit groups, the halves of the mma.sp metadata registers; every nibble has
+    first < second, valid ordered metadata). So .to(device) is a plain copy of both arrays, and
+    from_dense of a CUDA weight runs one compression kernel that gives the same arrays.
     """
 
     values: torch.Tensor
@@ -80,6 +97,8 @@ class Sparse24Weight(SparseWeight):
         n, k, dev = shape[0], math.prod(shape[1:]), weight.device
         w2 = weight.reshape(n, k)
         kp = padded_cols(k)
+        if mask is None and dev.type == "cuda" and weight.dtype in _CUDA_DTYPE_CODES and _has_cuda_compress():
+            return cls._from_dense_cuda(shape, w2)
         keep = (w2 != 0) if mask is None else mask.reshape(n, k)
         code = torch.zeros((n, kp), dtype=torch.uint8, device=dev)
         code[:, :k] = keep
@@ -105,6 +124,35 @@ class Sparse24Weight(SparseWeight):
             word |= nibble[..., i] << (4 * i)
         meta = (word - (word >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
         return cls._unchecked(shape, values=values.contiguous(), meta=meta)
+
+    @classmethod
+    def _from_dense_cuda(cls, shape: tuple[int, ...], w2: torch.Tensor) -> Sparse24Weight:
+        """from_dense of a CUDA (N, K) weight by one compression kernel (csrc/sparse24/
+        sparse24_compress_cuda.cu), bit-identical to the torch ops path; one host sync for the
+        2:4 check."""
+        from pyhwp._ext import _C
+
+        n, k = w2.shape
+        kp = padded_cols(k)
+        if w2.stride(1) != 1 or (n > 1 and w2.stride(0) < k):
+            w2 = w2.contiguous()
+        values = torch.empty((n, kp // KEEP), dtype=w2.dtype, device=w2.device)
+        meta = torch.empty((n, kp // CHUNK), dtype=torch.int32, device=w2.device)
+        no_bad = 2**63 - 1
+        bad = torch.full((1,), no_bad, dtype=torch.int64, device=w2.device)
+        with torch.cuda.device(w2.device):
+            _C.sparse24_compress_cuda(n, k, w2.data_ptr(), w2.stride(0) if n > 1 else k, _CUDA_DTYPE_CODES[w2.dtype],
+                                      values.data_ptr(), meta.data_ptr(), bad.data_ptr(),
+                                      torch.cuda.current_stream(w2.device).cuda_stream)
+        first = int(bad.item())
+        if first != no_bad:
+            row, group = divmod(first, kp // GROUP)
+            kept = int((w2[row, GROUP * group:GROUP * group + GROUP] != 0).sum())
+            raise ValueError(
+                f"not 2:4 sparse: row {row}, group {group} (inputs {GROUP * group}..{min(GROUP * group + 3, k - 1)})"
+                f" weight has {kept} nonzeros; at most {KEEP} of every {GROUP} consecutive inputs may be kept"
+            )
+        return cls._unchecked(shape, values=values, meta=meta)
 
     @property
     def padded_in_features(self) -> int:

@@ -54,7 +54,8 @@ def _masked_into(y, x2, w, bias):
 #   MATMULS_INTO[name](y, x2, weight, bias): the same into a given y (pyhwp.linear's out=).
 _KERNELS_BY_PATTERN = (
     (("csr_matmul", "csr_matmul_cuda", "csr_matmul_torch", "csr_matmul_torch_cuda"), _csr, _csr_into),
-    (("sparse24_matmul", "sparse24_matmul_torch", "sparse24_matmul_torch_cuda"), _sparse24, _sparse24_into),
+    (("sparse24_matmul", "sparse24_matmul_cuda", "sparse24_matmul_torch", "sparse24_matmul_torch_cuda"),
+     _sparse24, _sparse24_into),
     (("masked_matmul", "masked_matmul_torch"), _masked, _masked_into),
 )
 MATMULS = {name: fn for names, fn, _ in _KERNELS_BY_PATTERN for name in names}

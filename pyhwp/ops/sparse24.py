@@ -1,5 +1,6 @@
-"""torch.library custom op over the CPU 2:4 kernels (csrc/sparse24), with its autograd, its
-float64 torch path and its export decomposition."""
+"""torch.library custom op over the 2:4 kernels (csrc/sparse24): the CPU kernels and, for CUDA
+tensors, the sparse tensor-core kernel (mma.sp), with its autograd, its float64 torch path and its
+export decomposition."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import torch
 from pyhwp._ext import _C
 from pyhwp.formats.sparse24 import KEEP, _decode_positions
 from pyhwp.kernels import kernel_named
+from pyhwp.ops.csr import cuda_dtype_code, cuda_workspace
 from pyhwp.ops.autograd import MatmulPattern, register_matmul_autograd, torch_matmul
 from pyhwp.ops.decompositions import register_matmul_decomposition
 
 # device type -> dtypes the compiled kernels serve; the op runs everything else on the torch path.
-_NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("sparse24_matmul",))}
+_NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("sparse24_matmul", "sparse24_matmul_cuda"))}
 
 
 def sparse24_positions(values: torch.Tensor, meta: torch.Tensor):
@@ -33,8 +35,10 @@ def sparse24_matmul_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     and meta (N, Kp/32) int32, Kp = K rounded up to 32); x may have any strides.
 
     Returns y (P, N), or with transpose_out=True its transpose Y = W @ x.T + bias[:, None] as a
-    contiguous (N, P) tensor (the layout of a conv output image). Dtypes and devices the CPU
-    kernel does not serve (float64, for gradcheck) run the torch path on the dense weight
+    contiguous (N, P) tensor (the layout of a conv output image). CUDA tensors of float16 or
+    bfloat16 run the sparse tensor-core kernel (same values/meta layout, values of x's dtype,
+    float32 accumulation; compute capability >= 8.0) on the current stream. Dtypes the compiled
+    kernels do not serve (float64, for gradcheck) run the torch path on the dense weight
     (KERNELS entries sparse24_matmul_torch*).
     """
     if x.dtype not in _NATIVE.get(x.device.type, ()):
@@ -55,11 +59,36 @@ def sparse24_matmul_into(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
     p, k = x.shape
     n = values.shape[0]
     values, meta = values.contiguous(), meta.contiguous()
+    if x.device.type == "cuda":
+        _sparse24_matmul_cuda(x, values, meta, None if bias is None else bias.contiguous(), y)
+        return
     _C.sparse24_matmul(
         n, k, values.data_ptr(), meta.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0),
         0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(1), y.stride(0),
         torch.get_num_threads(),
     )
+
+
+def _sparse24_matmul_cuda(x, values, meta, bias, y):
+    p, k = x.shape
+    n = values.shape[0]
+    code = cuda_dtype_code(x.dtype, "sparse24_matmul")
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"pyhwp::sparse24_matmul: values {values.dtype}, bias and x {x.dtype} must share a dtype")
+    for name, t in (("values", values), ("meta", meta), ("bias", bias), ("y", y)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"pyhwp::sparse24_matmul: {name} is on {t.device}, x on {x.device}")
+    if values.data_ptr() % 16:  # a view into a bigger tensor; the kernel reads 16-byte chunks
+        values = values.clone()
+    with torch.cuda.device(x.device):
+        nbytes = _C.sparse24_matmul_cuda_workspace(n, k, code, x.data_ptr(), p, x.stride(1), x.stride(0),
+                                                   y.data_ptr(), y.stride(1), y.stride(0))
+        ws = cuda_workspace(nbytes, x.device)
+        _C.sparse24_matmul_cuda(
+            n, k, values.data_ptr(), meta.data_ptr(), code, x.data_ptr(), p, x.stride(1), x.stride(0),
+            0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(1), y.stride(0),
+            ws.data_ptr(), ws.numel(), torch.cuda.current_stream(x.device).cuda_stream,
+        )
 
 
 sparse24_matmul = torch.library.custom_op("pyhwp::sparse24_matmul", mutates_args=())(sparse24_matmul_impl)

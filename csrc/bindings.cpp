@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 
@@ -128,25 +129,43 @@ PYBIND11_MODULE(_C, m) {
       "element strides for X (k, p) and Y (n, p); bias address 0 for none; col_indices16: "
       "optional uint16 copy of the indices (cols <= 65536) that the kernels then read");
 
+  // Conv geometry as a tuple (images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo).
+  using Geometry = std::array<int64_t, 12>;
+  auto conv_geometry = [](const Geometry& t) {
+    return pyhwp::ConvGeometry{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11]};
+  };
   m.def(
-      "csr_conv2d",
-      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
-         Addr col_indices16, int64_t images, int64_t channels, int64_t h, int64_t w_in, int64_t pt, int64_t pl,
-         int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t ho, int64_t wo, Addr x, Addr bias, Addr y,
-         int num_threads) {
-        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
-        const pyhwp::ConvGeometry g{images, channels, h, w_in, pt, pl, kh, kw, dh, dw, ho, wo};
-        return pyhwp::csr_conv2d(w, g, ptr<const float>(x), ptr<const float>(bias), ptr<float>(y), num_threads);
+      "csr_conv2d_blocks", [=](const Geometry& geometry) { return pyhwp::csr_conv2d_blocks(conv_geometry(geometry)); },
+      py::arg("geometry"), "Channel blocks of the implicit-GEMM conv (its plan holds (blocks + 1) * rows starts)");
+  m.def(
+      "csr_conv2d_plan",
+      [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16,
+          const Geometry& geometry, Addr offsets, Addr starts) {
+        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, 0, col_indices16);
+        pyhwp::csr_conv2d_plan(w, conv_geometry(geometry), ptr<int32_t>(offsets), ptr<int64_t>(starts));
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
-      py::arg("values"), py::arg("col_indices16"), py::arg("images"), py::arg("channels"), py::arg("h"),
-      py::arg("w"), py::arg("pt"), py::arg("pl"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"),
-      py::arg("ho"), py::arg("wo"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("num_threads"),
+      py::arg("col_indices16"), py::arg("geometry"), py::arg("offsets"), py::arg("starts"),
       py::call_guard<py::gil_scoped_release>(),
-      "Stride-1 conv2d with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM: x is the "
-      "contiguous (images, C, h, w) input, padded by pt rows on top and pl columns on the left, y the "
-      "contiguous (images, out, ho, wo) output; returns True when x holds a NaN/Inf (y then lacks the "
-      "dense 0*Inf = NaN terms)");
+      "Writes the plan of a CSR conv weight (out x C*kh*kw) for a geometry: nnz int32 offsets and "
+      "(csr_conv2d_blocks + 1) * rows int64 block starts");
+  m.def(
+      "csr_conv2d",
+      [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr values, const Geometry& geometry,
+          Addr offsets, Addr starts, Addr x, Addr bias, Addr y, int num_threads) {
+        // The kernels read the plan's offsets, not the column indices: pass offsets as the indices.
+        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, offsets, values);
+        return pyhwp::csr_conv2d(w, conv_geometry(geometry), ptr<const int32_t>(offsets),
+                                 ptr<const int64_t>(starts), ptr<const float>(x), ptr<const float>(bias),
+                                 ptr<float>(y), num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("values"),
+      py::arg("geometry"), py::arg("offsets"), py::arg("starts"), py::arg("x"), py::arg("bias"), py::arg("y"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "Stride-1 conv2d with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM through its plan "
+      "(csr_conv2d_plan): x is the contiguous (images, C, h, w) input, padded by pt rows on top and pl "
+      "columns on the left, y the contiguous (images, out, ho, wo) output; returns True when x holds "
+      "a NaN/Inf (y then lacks the dense 0*Inf = NaN terms)");
 
   m.def(
       "csr_matmul_bf16",

@@ -230,14 +230,26 @@ def test_kernel_taps_are_the_weight_at_each_tap(pattern):
         assert torch.equal(wt.to_dense(), w[:, :, t // 5, t % 5])
 
 
-def test_tap_cache_follows_in_place_weight_changes():
+@pytest.mark.parametrize("grad", [False, True], ids=["implicit-gemm", "per-tap"])
+def test_cached_taps_and_plans_follow_in_place_weight_changes(grad):
     g_ = torch.Generator().manual_seed(604)
     w = random_sparse((6, 4, 3, 3), 0.5, g_)
     sw = pyhwp.to_sparse(w, "csr")
-    x = torch.randn(1, 4, 8, 8, generator=g_)
-    assert_conv_close(pyhwp.conv2d(x, sw, padding=1), x, w, padding=1)
-    sw.values.mul_(-2.0)  # e.g. an optimizer step on the stored values
-    assert_conv_close(pyhwp.conv2d(x, sw, padding=1), x, -2.0 * w, padding=1)
+    x = torch.randn(1, 4, 8, 8, generator=g_).requires_grad_(grad)
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=1).detach(), x, w, padding=1)
+    with torch.no_grad():
+        sw.values.mul_(-2.0)  # e.g. an optimizer step on the stored values
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=1).detach(), x, -2.0 * w, padding=1)
+
+
+def test_implicit_gemm_plans_are_per_input_geometry():
+    # One cached plan per (input size, padding, dilation): alternating geometries reuse the right one.
+    g_ = torch.Generator().manual_seed(605)
+    w = random_sparse((20, 8, 3, 3), 0.7, g_)
+    sw = pyhwp.to_sparse(w, "csr")
+    for hw, padding, dilation in [((8, 8), 1, 1), ((5, 11), 0, 1), ((8, 8), 2, 2), ((8, 8), 1, 1), ((5, 11), 0, 1)]:
+        x = torch.randn(2, 8, *hw, generator=g_)
+        assert_conv_close(pyhwp.conv2d(x, sw, None, 1, padding, dilation), x, w, None, 1, padding, dilation)
 
 
 @pytest.mark.parametrize("start, stop", [(-1, 2), (3, 2), (0, 11), (0.0, 2)])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
-from pyhwp.ops.csr import csr_conv2d_impl
+from pyhwp.ops.csr import csr_conv2d_impl, csr_conv2d_plan
 from pyhwp.ops.eager import needs_op
 from pyhwp.ops.linear import MATMULS, check_bias
 
@@ -132,23 +132,30 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     return y.squeeze(0) if unbatched else y
 
 
-# weight -> (version of its tensors, its kernel_taps()): splitting a weight into taps costs a sort
-# of its nnz, so it is done once per weight and redone only after an in-place change.
-_TAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# weight -> (versions of its tensors, {key: value}): what is derived from a weight (its kernel
+# taps, a sort of its nnz; implicit-GEMM conv plans, O(nnz) each) is built once per weight and
+# rebuilt only after an in-place change.
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _derived(weight: SparseWeight, key, build):
+    tensors = weight._tensors().values()
+    if any(torch.is_inference(t) for t in tensors):  # no version counter to detect changes
+        return build()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return build()  # taps in a recorded graph are freed by its backward
+    version = tuple(t._version for t in tensors)
+    hit = _DERIVED.get(weight)
+    if hit is None or hit[0] != version:
+        hit = (version, {})
+        _DERIVED[weight] = hit
+    if key not in hit[1]:
+        hit[1][key] = build()
+    return hit[1][key]
 
 
 def _kernel_taps(weight: SparseWeight):
-    tensors = weight._tensors().values()
-    if any(torch.is_inference(t) for t in tensors):  # no version counter to detect changes
-        return weight.kernel_taps()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return weight.kernel_taps()  # taps in a recorded graph are freed by its backward
-    version = tuple(t._version for t in tensors)
-    hit = _TAPS.get(weight)
-    if hit is None or hit[0] != version:
-        hit = (version, weight.kernel_taps())
-        _TAPS[weight] = hit
-    return hit[1]
+    return _derived(weight, "taps", weight.kernel_taps)
 
 
 def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
@@ -188,10 +195,16 @@ def _implicit_csr(x, weight, bias) -> bool:
 def _implicit_csr_conv(x, weight, bias, pads, dilation, kernel, out_hw):
     """Stride-1 CSR conv in one kernel call over the batch (see csr_conv2d_impl), or None when x
     holds a NaN/Inf (the per-tap path then gives dense-exact propagation)."""
-    ci = weight.kernel_col_indices
-    return csr_conv2d_impl(x, weight.row_offsets, weight.col_indices, weight.values,
-                           ci if ci.dtype == torch.int16 else None, kernel, (pads[0], pads[2]), dilation,
-                           out_hw, bias)
+    n, c, h, w = x.shape
+    geometry = (n, c, h, w, pads[0], pads[2], *kernel, *dilation, *out_hw)
+
+    def plan():
+        ci = weight.kernel_col_indices
+        return csr_conv2d_plan(weight.row_offsets, weight.col_indices, ci if ci.dtype == torch.int16 else None,
+                               geometry)
+
+    return csr_conv2d_impl(x, weight.row_offsets, weight.values, _derived(weight, ("plan", geometry[1:]), plan),
+                           geometry, bias)
 
 
 def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last):

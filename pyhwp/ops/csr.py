@@ -121,26 +121,37 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
     )
 
 
-def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
-                    col_indices16: torch.Tensor | None, kernel: tuple[int, int], pads: tuple[int, int],
-                    dilation: tuple[int, int], out_hw: tuple[int, int], bias: torch.Tensor | None) -> torch.Tensor | None:
+def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_indices16: torch.Tensor | None,
+                    geometry: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan the implicit-GEMM conv reads a CSR conv weight through, for one input geometry
+    (csrc/csr/csr_matmul.h): (offsets int32 (nnz,), block starts int64). O(nnz); build it once
+    per weight and input size. geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h,
+    dil_w, H_out, W_out); the plan does not depend on images."""
+    rows, nnz = row_offsets.shape[0] - 1, col_indices.shape[0]
+    offsets = torch.empty(nnz, dtype=torch.int32)
+    starts = torch.empty((_C.csr_conv2d_blocks(geometry) + 1) * rows, dtype=torch.int64)
+    narrow = col_indices16 is not None
+    _C.csr_conv2d_plan(rows, geometry[1] * geometry[6] * geometry[7], nnz, row_offsets.data_ptr(),
+                       0 if narrow else col_indices.data_ptr(), col_indices16.data_ptr() if narrow else 0,
+                       geometry, offsets.data_ptr(), starts.data_ptr())
+    return offsets, starts
+
+
+def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Tensor,
+                    plan: tuple[torch.Tensor, torch.Tensor], geometry: tuple[int, ...],
+                    bias: torch.Tensor | None) -> torch.Tensor | None:
     """Stride-1 conv2d of x (N, C, H, W) float32 CPU with a CSR weight (out, C*kh*kw) as one
-    implicit GEMM (csrc/csr/csr_conv2d_cpu.cpp): padding (top, left) = pads, the bottom and right
-    padding implied by out_hw. Returns y (N, out, H_out, W_out) contiguous, or None when x holds
-    a NaN/Inf, where the caller must take a path with dense-exact 0 * Inf propagation. Inference
-    only (no autograd). col_indices16 is CSRWeight.kernel_col_indices when it is int16.
+    implicit GEMM (csrc/csr/csr_conv2d_cpu.cpp) through its csr_conv2d_plan for `geometry`.
+    Returns y (N, out, H_out, W_out) contiguous, or None when x holds a NaN/Inf, where the caller
+    must take a path with dense-exact 0 * Inf propagation. Inference only (no autograd).
     """
     x = x.contiguous()
-    n, c, h, w = x.shape
     rows = row_offsets.shape[0] - 1
-    (ho, wo), (kh, kw) = out_hw, kernel
-    y = torch.empty((n, rows, ho, wo), dtype=x.dtype)
-    narrow = col_indices16 is not None
-    bad = _C.csr_conv2d(rows, c * kh * kw, values.shape[0], row_offsets.data_ptr(),
-                        0 if narrow else col_indices.data_ptr(), values.data_ptr(),
-                        col_indices16.data_ptr() if narrow else 0, n, c, h, w, pads[0], pads[1], kh, kw,
-                        dilation[0], dilation[1], ho, wo, x.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                        y.data_ptr(), torch.get_num_threads())
+    y = torch.empty((x.shape[0], rows, geometry[10], geometry[11]), dtype=x.dtype)
+    offsets, starts = plan
+    bad = _C.csr_conv2d(rows, geometry[1] * geometry[6] * geometry[7], values.shape[0], row_offsets.data_ptr(),
+                        values.data_ptr(), geometry, offsets.data_ptr(), starts.data_ptr(), x.data_ptr(),
+                        0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return None if bad else y
 
 

@@ -55,15 +55,20 @@ struct GemmArgs {
   bool pair_store = false;  // c_sn == 1, c_sm even, c 4-byte aligned: store column pairs as one word
 };
 
+// Where W's tiles are described: dense flags, the tile map, or whichever g holds (SIMT kernel).
+enum class TileSource { kFlags, kMap, kRuntime };
+
 // Whether W's 16x16 tile (fr, fc) may hold non-zeros (flag set, or a stored tile).
+template <TileSource kSrc>
 __device__ __forceinline__ bool tile_present(const GemmArgs& g, int64_t fr, int64_t fc) {
-  return g.tile_map ? g.tile_map[fr * g.flag_cols + fc] >= 0 : g.flags[fr * g.flag_cols + fc] != 0;
+  const bool map = kSrc == TileSource::kMap || (kSrc == TileSource::kRuntime && g.tile_map);
+  return map ? g.tile_map[fr * g.flag_cols + fc] >= 0 : g.flags[fr * g.flag_cols + fc] != 0;
 }
 
 // Lists, in order, the k-steps in [win, wend) (of kStepK columns each) where some 16x16 flag of
 // the W rows [w0, w0 + w_count) is non-zero. Every thread of the block must call it; returns the
 // count, the steps sit in steps[0, count). Ends with a barrier.
-template <int kThreads, int kStepK>
+template <int kThreads, int kStepK, TileSource kSrc>
 __device__ int list_active_steps(const GemmArgs& g, int64_t w0, int w_count, int64_t win,
                                  int64_t wend, int* steps, int* warp_tot, int* total) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -82,7 +87,7 @@ __device__ int list_active_steps(const GemmArgs& g, int64_t w0, int w_count, int
       const int64_t fc1_raw = (s * kStepK + kStepK + Cfg::kTile - 1) / Cfg::kTile;
       const int64_t fc1 = fc1_raw < g.flag_cols ? fc1_raw : g.flag_cols;
       for (int64_t fr = fr0; fr < fr1 && !act; ++fr)
-        for (int64_t fc = fc0; fc < fc1; ++fc) act |= tile_present(g, fr, fc);
+        for (int64_t fc = fc0; fc < fc1; ++fc) act |= tile_present<kSrc>(g, fr, fc);
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, act);
     if (lane == 0) warp_tot[warp] = __popc(ballot);
@@ -265,8 +270,9 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
   const int64_t w0 = kConv ? m0 : n0;
   for (int64_t win = 0; win < nsteps; win += Cfg::kStepWindow) {
     const int64_t wend = win + Cfg::kStepWindow < nsteps ? win + Cfg::kStepWindow : nsteps;
-    const int nact = list_active_steps<kThreads, BK>(g, w0, kConv ? BM : BN, win, wend, s_steps,
-                                                     s_warp_tot, &s_total);
+    constexpr TileSource kSrc = kTiled ? TileSource::kMap : TileSource::kFlags;
+    const int nact = list_active_steps<kThreads, BK, kSrc>(g, w0, kConv ? BM : BN, win, wend, s_steps,
+                                                           s_warp_tot, &s_total);
 #pragma unroll
     for (int st = 0; st < kStages - 1; ++st) {
       if (st < nact) load_stage(st, s_steps[st]);
@@ -417,8 +423,8 @@ __global__ void __launch_bounds__(256) masked_simt_kernel(const GemmArgs g) {
   const int64_t w0 = g.w_is_a ? m0 : n0;
   for (int64_t win = 0; win < nsteps; win += Cfg::kStepWindow) {
     const int64_t wend = win + Cfg::kStepWindow < nsteps ? win + Cfg::kStepWindow : nsteps;
-    const int nact = list_active_steps<256, BK>(g, w0, g.w_is_a ? BM : BN, win, wend, s_steps,
-                                                s_warp_tot, &s_total);
+    const int nact = list_active_steps<256, BK, TileSource::kRuntime>(g, w0, g.w_is_a ? BM : BN, win, wend,
+                                                                      s_steps, s_warp_tot, &s_total);
     if (nact == 0) continue;
     load_regs(s_steps[0]);
     store_smem(0);

@@ -1,6 +1,7 @@
 """GPU benchmark of the CUDA kernels: 2:4 (mma.sp) vs torch dense and torch semi-structured
-(8192^3, and batches 1-16 on 4096-wide weights), conv2d for CSR and 2:4 vs cuDNN, CSR at 90% vs
-torch dense (cuBLAS) and torch CSR (cuSPARSE), masked at 0% / 75% zero tiles vs torch dense.
+(8192^3, and batches 1-16 on 4096-wide weights), conv2d for CSR, 2:4 and masked vs cuDNN, CSR at 90%
+vs torch dense (cuBLAS) and torch CSR (cuSPARSE), masked (MaskedWeight through pyhwp.linear, and the
+dense-weight + tile-flags op) at 0% / 75% zero tiles vs torch dense.
 
 Run on a machine with an NVIDIA GPU and pyhwp built with CUDA (bench/gpu_check.sh does both):
     python bench/gpu_bench.py --out results.json [--quick]
@@ -149,31 +150,40 @@ def bench_masked(n, k, batch, dtype, l2, zero_tiles):
     r = copies_for(per_set, l2)
     ws = [w0.clone() for _ in range(r)]
     fl = [tile_flags(w) for w in ws]
+    mws = [pyhwp.to_sparse(w, "masked") for w in ws]  # stored tiles, read in place via the tile map
     xs = [torch.randn(batch, k, device="cuda", dtype=dtype) for _ in range(r)]
     xts = [x.t().contiguous() for x in xs]
-    cyc = {name: itertools.cycle(range(r)) for name in ("m", "mc", "d")}
+    cyc = {name: itertools.cycle(range(r)) for name in ("m", "mc", "mf", "d")}
 
     def masked():
         i = next(cyc["m"])
-        return masked_matmul_cuda(xs[i], ws[i], fl[i], None)
+        return pyhwp.linear(xs[i], mws[i])
 
-    def masked_conv():
-        i = next(cyc["mc"])
-        return masked_matmul_cuda(xts[i].t(), ws[i], fl[i], None, True)
+    def masked_conv(i=None):
+        i = next(cyc["mc"]) if i is None else i
+        m = mws[i]
+        return torch.ops.pyhwp.masked_matmul(xts[i].t(), m.tile_ptr, m.tile_idx, m.values, m.mask_bits, None,
+                                             True, m.kernel_tile_map)
+
+    def masked_flags():
+        i = next(cyc["mf"])
+        return masked_matmul_cuda(xs[i], ws[i], fl[i], None)
 
     def dense():
         i = next(cyc["d"])
         return F.linear(xs[i], ws[i])
 
     ref = F.linear(xs[0], ws[0])
-    errs = {"pyhwp_masked": rel_err(masked_matmul_cuda(xs[0], ws[0], fl[0], None), ref),
-            "pyhwp_masked_conv_layout": rel_err(masked_matmul_cuda(xts[0].t(), ws[0], fl[0], None, True).t(), ref)}
+    errs = {"pyhwp_masked": rel_err(pyhwp.linear(xs[0], mws[0]), ref),
+            "pyhwp_masked_conv_layout": rel_err(masked_conv(0).t(), ref),
+            "pyhwp_masked_dense_flags": rel_err(masked_matmul_cuda(xs[0], ws[0], fl[0], None), ref)}
     times = interleaved_cuda_medians({"pyhwp_masked": masked, "pyhwp_masked_conv_layout": masked_conv,
-                                      "torch_dense": dense})
+                                      "pyhwp_masked_dense_flags": masked_flags, "torch_dense": dense})
     kept = float(fl[0].float().mean())
     rec = {"kind": "masked", "shape": [n, k], "batch": batch, "dtype": str(dtype).removeprefix("torch."),
            "zero_tiles": zero_tiles, "kept_tile_fraction": kept, "copies": r, "median_s": times,
-           "rel_err_vs_dense": errs}
+           "rel_err_vs_dense": errs, "weight_bytes": {"masked_tiles": mws[0].nbytes,
+                                                      "dense": w0.numel() * w0.element_size()}}
     rec["dense_equiv_gflops"] = {c: 2 * n * k * batch / t / 1e9 for c, t in times.items()}
     rec["speedup_vs_torch_dense"] = {c: times["torch_dense"] / t for c, t in times.items()}
     return rec
@@ -219,22 +229,28 @@ def bench_sparse24(n, k, batch, dtype, l2):
 
 
 def bench_conv(batch, c, h, w_, out, ksz, pad, dtype):
-    """pyhwp.conv2d with CSR (90%) and 2:4 weights vs F.conv2d (cuDNN) on the dense weight."""
+    """pyhwp.conv2d with CSR (90%), 2:4 and masked (75% zero 16x16 tiles of the GEMM-form weight)
+    weights vs F.conv2d (cuDNN) on the dense weight."""
     x = torch.randn(batch, c, h, w_, device="cuda", dtype=dtype)
     dense = torch.randn(out, c, ksz, ksz, device="cuda", dtype=dtype)
     w24 = random_24_cuda(out, c * ksz * ksz, dtype).view_as(dense)
     wcsr = dense * (torch.rand_like(dense, dtype=torch.float32) >= 0.9)
-    s24, scsr = pyhwp.to_sparse(w24, "2:4"), pyhwp.to_sparse(wcsr, "csr")
+    kg = c * ksz * ksz
+    keep = torch.rand(-(-out // 16), -(-kg // 16), device="cuda") >= 0.75
+    wmask = dense * keep.repeat_interleave(16, 0).repeat_interleave(16, 1)[:out, :kg].view_as(dense)
+    s24, scsr, smask = pyhwp.to_sparse(w24, "2:4"), pyhwp.to_sparse(wcsr, "csr"), pyhwp.to_sparse(wmask, "masked")
     fns = {"torch_dense": lambda: F.conv2d(x, w24, padding=pad),
            "pyhwp_sparse24": lambda: pyhwp.conv2d(x, s24, padding=pad),
-           "pyhwp_csr90": lambda: pyhwp.conv2d(x, scsr, padding=pad)}
+           "pyhwp_csr90": lambda: pyhwp.conv2d(x, scsr, padding=pad),
+           "pyhwp_masked75": lambda: pyhwp.conv2d(x, smask, padding=pad)}
     errs = {"pyhwp_sparse24": rel_err(pyhwp.conv2d(x, s24, padding=pad), F.conv2d(x, w24, padding=pad)),
-            "pyhwp_csr90": rel_err(pyhwp.conv2d(x, scsr, padding=pad), F.conv2d(x, wcsr, padding=pad))}
+            "pyhwp_csr90": rel_err(pyhwp.conv2d(x, scsr, padding=pad), F.conv2d(x, wcsr, padding=pad)),
+            "pyhwp_masked75": rel_err(pyhwp.conv2d(x, smask, padding=pad), F.conv2d(x, wmask, padding=pad))}
     times = interleaved_cuda_medians(fns, max_reps=20, budget_s=2.0)
     rec = {"kind": "conv2d", "shape": [out, c, ksz, ksz], "input": [batch, c, h, w_], "batch": batch,
            "dtype": str(dtype).removeprefix("torch."), "median_s": times, "rel_err_vs_dense": errs,
-           "notes": {"path": "2:4: im2col (F.unfold) + per-image GEMM for kxk, direct for 1x1; csr: "
-                             "shifted views (no im2col) for stride-1 kxk"}}
+           "notes": {"path": "2:4 and masked: im2col (F.unfold) + per-image GEMM for kxk, direct for 1x1; "
+                             "csr: shifted views (no im2col) for stride-1 kxk"}}
     rec["speedup_vs_torch_dense"] = {k: times["torch_dense"] / t for k, t in times.items()}
     return rec
 
@@ -333,7 +349,7 @@ def main(argv=None) -> int:
             results.append(r)
             sp = r["speedup_vs_torch_dense"]
             print(f"conv   float16  {r['shape']} x {r['input']}: 2:4 {sp['pyhwp_sparse24']:6.2f}x  "
-                  f"csr90 {sp['pyhwp_csr90']:6.2f}x vs cuDNN", flush=True)
+                  f"csr90 {sp['pyhwp_csr90']:6.2f}x  masked75 {sp['pyhwp_masked75']:6.2f}x vs cuDNN", flush=True)
             save()
             torch.cuda.empty_cache()
     for dname, dt in DTYPES.items():
@@ -356,7 +372,8 @@ def main(argv=None) -> int:
                     results.append(r)
                     sp = r["speedup_vs_torch_dense"]
                     print(f"masked {dname:8s} {n:5d}x{k:<5d} b={batch:<5d} zero tiles {zt:.2f} vs dense "
-                          f"{sp['pyhwp_masked']:6.2f}x (conv layout {sp['pyhwp_masked_conv_layout']:6.2f}x)  "
+                          f"{sp['pyhwp_masked']:6.2f}x (conv layout {sp['pyhwp_masked_conv_layout']:6.2f}x, "
+                          f"dense+flags {sp['pyhwp_masked_dense_flags']:6.2f}x)  "
                           f"err {r['rel_err_vs_dense']['pyhwp_masked']:.1e}", flush=True)
                     save()
                     torch.cuda.empty_cache()

@@ -287,8 +287,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "masked_matmul_cuda_workspace",
       [](int64_t rows, int64_t cols, Addr values, int64_t ld, int dtype, Addr x, int64_t p,
-         int64_t x_stride_k, int64_t x_stride_p, Addr y, int64_t y_stride_n, int64_t y_stride_p) {
-        const pyhwp::MaskedCudaWeight w{rows, cols, ptr<const void>(values), ld, nullptr};
+         int64_t x_stride_k, int64_t x_stride_p, Addr y, int64_t y_stride_n, int64_t y_stride_p, Addr tile_map) {
+        const pyhwp::MaskedCudaWeight w{rows, cols, ptr<const void>(values), ld, nullptr,
+                                        ptr<const int32_t>(tile_map)};
         return pyhwp::masked_matmul_cuda_workspace(
             w, static_cast<pyhwp::DType>(dtype),
             pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
@@ -296,14 +297,15 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("ld"), py::arg("dtype"),
       py::arg("x"), py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("y"),
-      py::arg("y_stride_n"), py::arg("y_stride_p"), "Scratch bytes masked_matmul_cuda needs");
+      py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("tile_map") = 0,
+      "Scratch bytes masked_matmul_cuda needs");
   m.def(
       "masked_matmul_cuda",
       [](int64_t rows, int64_t cols, Addr values, int64_t ld, Addr tile_flags, int dtype, Addr x,
          int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y, int64_t y_stride_n,
-         int64_t y_stride_p, Addr workspace, size_t workspace_bytes, Addr stream) {
+         int64_t y_stride_p, Addr workspace, size_t workspace_bytes, Addr stream, Addr tile_map) {
         const pyhwp::MaskedCudaWeight w{rows, cols, ptr<const void>(values), ld,
-                                        ptr<const uint8_t>(tile_flags)};
+                                        ptr<const uint8_t>(tile_flags), ptr<const int32_t>(tile_map)};
         pyhwp::masked_matmul_cuda(
             w, static_cast<pyhwp::DType>(dtype),
             pyhwp::DeviceDenseIn{ptr<const void>(x), cols, p, x_stride_k, x_stride_p},
@@ -313,10 +315,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("ld"), py::arg("tile_flags"),
       py::arg("dtype"), py::arg("x"), py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"),
       py::arg("bias"), py::arg("y"), py::arg("y_stride_n"), py::arg("y_stride_p"),
-      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"), py::arg("tile_map") = 0,
       py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias on the GPU, W dense (row stride ld) with uint8 flags per 16x16 "
-      "tile (0 = all zero, may be skipped); asynchronous on `stream`");
+      "tile (0 = all zero, may be skipped), or with tile_map W's stored 16x16 tiles (values, "
+      "tile_flags and ld unused: see MaskedCudaWeight); asynchronous on `stream`");
   m.def(
       "sparse24_matmul_cuda_workspace",
       [](int64_t rows, int64_t cols, int dtype, Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr y,

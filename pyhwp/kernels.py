@@ -86,6 +86,10 @@ KERNELS: tuple[Kernel, ...] = (
            needs_cuda_build=True, min_cuda_arch=(8, 0),
            note="sparse tensor cores (mma.sp m16n8k32), the CPU 2:4 layout read in place; batches 1-16 "
                 "on n8 tiles without padding; float32 accumulation"),
+    Kernel("masked_matmul_cuda", "masked", ("linear", "conv2d"), "cuda", (torch.float32, torch.float16, torch.bfloat16),
+           needs_cuda_build=True, min_cuda_arch=(8, 0),
+           note="stored 16x16 tiles read in place through a tile map; tensor cores (mma.sync, ldmatrix, "
+                "cp.async) for float16/bfloat16, exact float32 SIMT; tiles not stored are skipped"),
     # float64 paths of the pyhwp ops (torch ops on the dense weight, inside the same op): what
     # torch.autograd.gradcheck runs. Correctness paths, not fast ones.
     Kernel("csr_matmul_torch", "csr", ("linear", "conv2d"), "cpu", (torch.float64,),
@@ -97,6 +101,8 @@ KERNELS: tuple[Kernel, ...] = (
     Kernel("sparse24_matmul_torch_cuda", "2:4", ("linear", "conv2d"), "cuda", (torch.float64,),
            note="float64 path of the sparse24_matmul op: torch ops on the dense weight (gradcheck)"),
     Kernel("masked_matmul_torch", "masked", ("linear", "conv2d"), "cpu", (torch.float64,),
+           note="float64 path of the masked_matmul op: torch ops on the dense weight (gradcheck)"),
+    Kernel("masked_matmul_torch_cuda", "masked", ("linear", "conv2d"), "cuda", (torch.float64,),
            note="float64 path of the masked_matmul op: torch ops on the dense weight (gradcheck)"),
 )
 

@@ -135,6 +135,11 @@ def test_masked_workspace_plan():
     assert ws(40, 37, W, 37, F32, X, 30, 1, 37, Y, 1, 40) == 256                # SIMT reads any strides
     with pytest.raises(ValueError, match="row stride"):
         ws(40, 64, W, 60, F16, X, 30, 1, 64, Y, 1, 40)
+    # Tile storage (MaskedWeight on CUDA): W is read in place through the tile map, never copied,
+    # and ld is ignored; only x is copied when its rows do not suit 16-byte loads.
+    M = 0x40000
+    assert ws(40, 64, W, 0, F16, X, 30, 1, 64, Y, 1, 40, tile_map=M) == 256
+    assert ws(40, 37, W, 0, F16, X, 30, 1, 37, Y, 1, 40, tile_map=M) == 256 + 2560
 
 
 @needs_cuda_build

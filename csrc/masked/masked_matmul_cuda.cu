@@ -8,10 +8,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "common/checks.h"
 #include "common/dtype_cuda.cuh"
 #include "common/cuda_check.h"
 #include "common/dense_cuda.cuh"
+#include "common/mma_sm80.cuh"
+#include "masked/masked_matmul.h"
 #include "masked/masked_matmul_cuda.h"
 
 namespace pyhwp {
@@ -19,9 +23,18 @@ namespace pyhwp {
 namespace {
 
 using Cfg = MaskedCudaConfig;
+static_assert(MaskedCpuConfig::kTileN == Cfg::kTile && MaskedCpuConfig::kTileK == Cfg::kTile,
+              "tile storage (MaskedWeight) is read in place: its tiles are the flag tiles");
 using cuda::from_float;
 using cuda::nonfinite;
 using cuda::to_float;
+using cuda::cp_async16;
+using cuda::cp_async_commit;
+using cuda::cp_async_wait;
+using cuda::ldmatrix_x4;
+using cuda::ldmatrix_x4_trans;
+using cuda::mma16816;
+using cuda::smem_u32;
 
 // Operands of one launch, by value. Element type erased; the kernels cast.
 struct GemmArgs {
@@ -33,6 +46,8 @@ struct GemmArgs {
   bool w_is_a = false;      // conv form: W is A (rows m), else W is B (rows n)
   int64_t w_rows = 0;       // N
   const uint8_t* flags = nullptr;
+  const int32_t* tile_map = nullptr;  // tile storage (MaskedCudaWeight::tile_map): W is read from
+                                      // its tiles, flags unused; else W is dense
   int64_t flag_cols = 0;    // ceil(K / 16)
   const void* bias = nullptr;  // indexed by W's row
   void* c = nullptr;        // C(m, n) at c[m * c_sm + n * c_sn]
@@ -40,10 +55,20 @@ struct GemmArgs {
   bool pair_store = false;  // c_sn == 1, c_sm even, c 4-byte aligned: store column pairs as one word
 };
 
+// Where W's tiles are described: dense flags, the tile map, or whichever g holds (SIMT kernel).
+enum class TileSource { kFlags, kMap, kRuntime };
+
+// Whether W's 16x16 tile (fr, fc) may hold non-zeros (flag set, or a stored tile).
+template <TileSource kSrc>
+__device__ __forceinline__ bool tile_present(const GemmArgs& g, int64_t fr, int64_t fc) {
+  const bool map = kSrc == TileSource::kMap || (kSrc == TileSource::kRuntime && g.tile_map);
+  return map ? g.tile_map[fr * g.flag_cols + fc] >= 0 : g.flags[fr * g.flag_cols + fc] != 0;
+}
+
 // Lists, in order, the k-steps in [win, wend) (of kStepK columns each) where some 16x16 flag of
 // the W rows [w0, w0 + w_count) is non-zero. Every thread of the block must call it; returns the
 // count, the steps sit in steps[0, count). Ends with a barrier.
-template <int kThreads, int kStepK>
+template <int kThreads, int kStepK, TileSource kSrc>
 __device__ int list_active_steps(const GemmArgs& g, int64_t w0, int w_count, int64_t win,
                                  int64_t wend, int* steps, int* warp_tot, int* total) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -62,7 +87,7 @@ __device__ int list_active_steps(const GemmArgs& g, int64_t w0, int w_count, int
       const int64_t fc1_raw = (s * kStepK + kStepK + Cfg::kTile - 1) / Cfg::kTile;
       const int64_t fc1 = fc1_raw < g.flag_cols ? fc1_raw : g.flag_cols;
       for (int64_t fr = fr0; fr < fr1 && !act; ++fr)
-        for (int64_t fc = fc0; fc < fc1; ++fc) act |= g.flags[fr * g.flag_cols + fc] != 0;
+        for (int64_t fc = fc0; fc < fc1; ++fc) act |= tile_present<kSrc>(g, fr, fc);
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, act);
     if (lane == 0) warp_tot[warp] = __popc(ballot);
@@ -82,50 +107,6 @@ __device__ int list_active_steps(const GemmArgs& g, int64_t w0, int w_count, int
 }
 
 // -- tensor-core kernel (float16 / bfloat16) ----------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Copies src_bytes (0..16) from global to shared memory and zero-fills the rest of the 16 bytes.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Shared-memory layouts (16-byte chunks of 8 elements, XOR-swizzled so that both the cp.async
 // writes and the ldmatrix reads of 8 rows hit 8 distinct bank groups):
@@ -147,12 +128,17 @@ struct MmaShape {
 };
 
 // Block (blockIdx.x, blockIdx.y) computes C[BM*bx : +BM, BN*by : +BN]. kConv: conv form (B is
-// n-contiguous, read with ldmatrix.trans), else linear form (B k-contiguous).
-template <typename T, int BM, int BN, int kWarpsM, int kWarpsN, bool kConv>
+// n-contiguous, read with ldmatrix.trans), else linear form (B k-contiguous). kTiled: W comes
+// from its stored tiles (g.tile_map), which are n-contiguous: W's operand (A in the conv form, B
+// in the linear form) is then staged [kMmaK][rows of W] n-contiguous like the conv form's X and
+// read with ldmatrix.trans; a tile that is not stored is zero-filled.
+template <typename T, int BM, int BN, int kWarpsM, int kWarpsN, bool kConv, bool kTiled>
 __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
     masked_mma_kernel(const GemmArgs g) {
   using S = MmaShape<BM, BN, kWarpsM, kWarpsN>;
   constexpr int BK = Cfg::kMmaK, kStages = Cfg::kStages, kThreads = S::kThreads;
+  static_assert(!kTiled || (kConv ? BM : BN) % 64 == 0, "n-contiguous W rows hold >= 8 chunks for the swizzle");
+  static_assert(BK == 2 * Cfg::kTile, "a k-step spans two tile columns (load_w_tiles)");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sA = reinterpret_cast<T*>(smem_raw);
   T* sB = sA + kStages * BM * BK;
@@ -162,6 +148,7 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
 
   const T* A = static_cast<const T*>(g.a);
   const T* B = static_cast<const T*>(g.b);
+  const T* W_tiles = kConv ? A : B;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / kWarpsN, warp_n = warp % kWarpsN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM, n0 = static_cast<int64_t>(blockIdx.y) * BN;
@@ -174,20 +161,46 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
+  // Tile storage: the (16 k) x (16 W rows) tiles of k-step `step` for the W rows [w0, w0 + BW)
+  // into dst, laid out [BK][BW] (row = k within the step, swz_n). A 512-byte tile is 16 rows
+  // of 2 chunks; consecutive threads take consecutive chunks, so a warp reads one whole tile.
+  auto load_w_tiles = [&](auto bw_tag, T* dst, int64_t w0, int64_t step) {
+    constexpr int BW = decltype(bw_tag)::value;
+    const int64_t flag_rows = (g.w_rows + Cfg::kTile - 1) / Cfg::kTile;
+#pragma unroll
+    for (int c = tid; c < BW * 4; c += kThreads) {
+      const int half = c & 1, kr = (c >> 1) & (BK - 1), panel = c / (2 * BK);
+      const int64_t fr = w0 / Cfg::kTile + panel, fc = step * (BK / Cfg::kTile) + kr / Cfg::kTile;
+      const int32_t t = fr < flag_rows && fc < g.flag_cols ? g.tile_map[fr * g.flag_cols + fc] : -1;
+      // A tile that is not stored is zero-filled from a valid dummy address (the map itself:
+      // values may be empty).
+      const T* src = t >= 0 ? W_tiles + static_cast<int64_t>(t) * (Cfg::kTile * Cfg::kTile) +
+                                  (kr % Cfg::kTile) * Cfg::kTile + half * 8
+                            : reinterpret_cast<const T*>(g.tile_map);
+      cp_async16(smem_u32(dst + swz_n<BW>(kr, panel * 2 + half)), src, t >= 0 ? 16 : 0);
+    }
+  };
+
   // Issues the cp.async copies of k-step `step` into pipeline buffer `buf`.
   auto load_stage = [&](int buf, int64_t step) {
     const int64_t k0 = step * BK;
     T* a_dst = sA + buf * BM * BK;
+    if constexpr (kTiled && kConv) {
+      load_w_tiles(std::integral_constant<int, BM>{}, a_dst, m0, step);
+    } else {
 #pragma unroll
-    for (int c = tid; c < BM * 4; c += kThreads) {
-      const int row = c >> 2, ch = c & 3;
-      const int64_t gm = m0 + row, gk = k0 + ch * 8;
-      const int64_t left = g.K - gk;
-      const int bytes = gm < g.M && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
-      cp_async16(smem_u32(a_dst + swz_k(row, ch)), bytes ? A + gm * g.a_sm + gk : A, bytes);
+      for (int c = tid; c < BM * 4; c += kThreads) {
+        const int row = c >> 2, ch = c & 3;
+        const int64_t gm = m0 + row, gk = k0 + ch * 8;
+        const int64_t left = g.K - gk;
+        const int bytes = gm < g.M && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
+        cp_async16(smem_u32(a_dst + swz_k(row, ch)), bytes ? A + gm * g.a_sm + gk : A, bytes);
+      }
     }
     T* b_dst = sB + buf * BN * BK;
-    if constexpr (kConv) {
+    if constexpr (kTiled && !kConv) {
+      load_w_tiles(std::integral_constant<int, BN>{}, b_dst, n0, step);
+    } else if constexpr (kConv) {
       constexpr int kChunks = BN / 8;
 #pragma unroll
       for (int c = tid; c < BK * kChunks; c += kThreads) {
@@ -219,13 +232,21 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
       uint32_t bf[2 * S::kNj][2];
 #pragma unroll
       for (int mi = 0; mi < S::kMi; ++mi) {
-        const int row = warp_m * S::kWarpTileM + mi * 16 + (lane & 15);
-        ldmatrix_x4(af[mi], smem_u32(a_src + swz_k(row, ks * 2 + (lane >> 4))));
+        if constexpr (kTiled && kConv) {
+          // A stored [k][m]: matrices (m 0-7 | 8-15) x (k 0-7 | 8-15) in a0..a3 order, each
+          // transposed so lane (g, t) gets row m = g, columns k = 2t, 2t + 1.
+          const int krow = ks * 16 + (lane & 7) + ((lane >> 4) << 3);
+          const int ch = (warp_m * S::kWarpTileM + mi * 16) / 8 + ((lane >> 3) & 1);
+          ldmatrix_x4_trans(af[mi], smem_u32(a_src + swz_n<BM>(krow, ch)));
+        } else {
+          const int row = warp_m * S::kWarpTileM + mi * 16 + (lane & 15);
+          ldmatrix_x4(af[mi], smem_u32(a_src + swz_k(row, ks * 2 + (lane >> 4))));
+        }
       }
 #pragma unroll
       for (int nj = 0; nj < S::kNj; ++nj) {
         uint32_t r[4];
-        if constexpr (kConv) {
+        if constexpr (kConv || kTiled) {
           const int krow = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
           const int ch = (warp_n * S::kWarpTileN + nj * 16) / 8 + (lane >> 4);
           ldmatrix_x4_trans(r, smem_u32(b_src + swz_n<BN>(krow, ch)));
@@ -249,8 +270,9 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
   const int64_t w0 = kConv ? m0 : n0;
   for (int64_t win = 0; win < nsteps; win += Cfg::kStepWindow) {
     const int64_t wend = win + Cfg::kStepWindow < nsteps ? win + Cfg::kStepWindow : nsteps;
-    const int nact = list_active_steps<kThreads, BK>(g, w0, kConv ? BM : BN, win, wend, s_steps,
-                                                     s_warp_tot, &s_total);
+    constexpr TileSource kSrc = kTiled ? TileSource::kMap : TileSource::kFlags;
+    const int nact = list_active_steps<kThreads, BK, kSrc>(g, w0, kConv ? BM : BN, win, wend, s_steps,
+                                                           s_warp_tot, &s_total);
 #pragma unroll
     for (int st = 0; st < kStages - 1; ++st) {
       if (st < nact) load_stage(st, s_steps[st]);
@@ -323,7 +345,16 @@ __global__ void __launch_bounds__(256) masked_simt_kernel(const GemmArgs g) {
   const float* B = static_cast<const float*>(g.b);
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM, n0 = static_cast<int64_t>(blockIdx.y) * BN;
-  const bool a_k_fast = g.a_sk <= g.a_sm, b_k_fast = g.b_sk <= g.b_sn;
+  // Tile storage keeps 16 rows of W contiguous: read W's operand rows-fastest.
+  const bool tiled = g.tile_map != nullptr;
+  const bool a_k_fast = tiled && g.w_is_a ? false : g.a_sk <= g.a_sm;
+  const bool b_k_fast = tiled && !g.w_is_a ? false : g.b_sk <= g.b_sn;
+  // W(n, k) from its stored tile (0 where the tile is not stored); n < N, k < K.
+  auto w_tiled = [&](const float* tiles, int64_t n, int64_t k) {
+    const int32_t t = g.tile_map[(n / Cfg::kTile) * g.flag_cols + k / Cfg::kTile];
+    return t < 0 ? 0.f : __ldg(tiles + static_cast<int64_t>(t) * (Cfg::kTile * Cfg::kTile) +
+                                   (k % Cfg::kTile) * Cfg::kTile + n % Cfg::kTile);
+  };
 
   float acc[TM][TN];
 #pragma unroll
@@ -341,14 +372,16 @@ __global__ void __launch_bounds__(256) masked_simt_kernel(const GemmArgs g) {
       const int q = i * 256 + tid;
       const int r = a_k_fast ? q / BK : q % BM, k = a_k_fast ? q % BK : q / BM;
       const int64_t gm = m0 + r, gk = k0 + k;
-      ra[i] = gm < g.M && gk < g.K ? __ldg(A + gm * g.a_sm + gk * g.a_sk) : 0.f;
+      ra[i] = gm < g.M && gk < g.K ? (tiled && g.w_is_a ? w_tiled(A, gm, gk) : __ldg(A + gm * g.a_sm + gk * g.a_sk))
+                                   : 0.f;
     }
 #pragma unroll
     for (int i = 0; i < kBLoads; ++i) {
       const int q = i * 256 + tid;
       const int r = b_k_fast ? q / BK : q % BN, k = b_k_fast ? q % BK : q / BN;
       const int64_t gn = n0 + r, gk = k0 + k;
-      rb[i] = gn < g.Ng && gk < g.K ? __ldg(B + gk * g.b_sk + gn * g.b_sn) : 0.f;
+      rb[i] = gn < g.Ng && gk < g.K ? (tiled && !g.w_is_a ? w_tiled(B, gn, gk) : __ldg(B + gk * g.b_sk + gn * g.b_sn))
+                                    : 0.f;
     }
   };
   auto store_smem = [&](int buf) {
@@ -390,8 +423,8 @@ __global__ void __launch_bounds__(256) masked_simt_kernel(const GemmArgs g) {
   const int64_t w0 = g.w_is_a ? m0 : n0;
   for (int64_t win = 0; win < nsteps; win += Cfg::kStepWindow) {
     const int64_t wend = win + Cfg::kStepWindow < nsteps ? win + Cfg::kStepWindow : nsteps;
-    const int nact = list_active_steps<256, BK>(g, w0, g.w_is_a ? BM : BN, win, wend, s_steps,
-                                                s_warp_tot, &s_total);
+    const int nact = list_active_steps<256, BK, TileSource::kRuntime>(g, w0, g.w_is_a ? BM : BN, win, wend,
+                                                                      s_steps, s_warp_tot, &s_total);
     if (nact == 0) continue;
     load_regs(s_steps[0]);
     store_smem(0);
@@ -429,8 +462,8 @@ __global__ void __launch_bounds__(256) masked_simt_kernel(const GemmArgs g) {
 template <typename T>
 __global__ void __launch_bounds__(256)
     masked_nonfinite_kernel(const int* __restrict__ record, int64_t N, int64_t K, int64_t P,
-                            const uint8_t* __restrict__ flags, int64_t flag_cols,
-                            const T* __restrict__ x, int64_t sk, int64_t sp, T* __restrict__ y,
+                            const uint8_t* __restrict__ flags, const int32_t* __restrict__ tile_map,
+                            int64_t flag_cols, const T* __restrict__ x, int64_t sk, int64_t sp, T* __restrict__ y,
                             int64_t ysn, int64_t ysp) {
   if (record[0] == 0) return;
   const int* count = record + 1;
@@ -441,7 +474,7 @@ __global__ void __launch_bounds__(256)
     if (count[p] == 0) continue;
     bool hit = false;
     for (int64_t kt = 0; kt < flag_cols && !hit; ++kt) {
-      if (flags[tr * flag_cols + kt]) continue;
+      if (tile_map ? tile_map[tr * flag_cols + kt] >= 0 : flags[tr * flag_cols + kt] != 0) continue;
       const int64_t k1 = (kt + 1) * Cfg::kTile < K ? (kt + 1) * Cfg::kTile : K;
       for (int64_t k = kt * Cfg::kTile; k < k1; ++k)
         if (nonfinite(to_float(x[k * sk + p * sp]))) {
@@ -474,7 +507,7 @@ Plan make_plan(const MaskedCudaWeight& w, DType dtype, const DeviceDenseIn& x) {
     pl.conv_form = x.stride_p == 1 && x.stride_k != 1;
   } else {
     pl.ldk = cuda::round_up(K, 8);
-    pl.w_direct = w.ld % 8 == 0 && cuda::aligned16(w.values);
+    pl.w_direct = w.tile_map != nullptr || (w.ld % 8 == 0 && cuda::aligned16(w.values));
     const bool x_ok = cuda::aligned16(x.data);
     if (x.stride_k == 1 && x.stride_p % 8 == 0 && x_ok) {
       pl.conv_form = false;
@@ -495,10 +528,10 @@ Plan make_plan(const MaskedCudaWeight& w, DType dtype, const DeviceDenseIn& x) {
   return pl;
 }
 
-template <typename T, int BM, int BN, int kWarpsM, int kWarpsN, bool kConv>
+template <typename T, int BM, int BN, int kWarpsM, int kWarpsN, bool kConv, bool kTiled>
 void launch_mma(const GemmArgs& g, cudaStream_t s) {
   using S = MmaShape<BM, BN, kWarpsM, kWarpsN>;
-  auto kernel = masked_mma_kernel<T, BM, BN, kWarpsM, kWarpsN, kConv>;
+  auto kernel = masked_mma_kernel<T, BM, BN, kWarpsM, kWarpsN, kConv, kTiled>;
   PYHWP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSmemBytes));
   const int64_t gx = (g.M + BM - 1) / BM, gy = (g.Ng + BN - 1) / BN;
   PYHWP_CHECK(gx <= INT32_MAX && gy <= 65535, "masked_matmul_cuda: ", g.M, " x ", g.Ng, " output exceeds the launch grid");
@@ -552,6 +585,7 @@ void run(const MaskedCudaWeight& w, const DeviceDenseIn& xv, const T* bias, cons
   g.K = K;
   g.w_rows = N;
   g.flags = w.tile_flags;
+  g.tile_map = w.tile_map;
   g.flag_cols = (K + Cfg::kTile - 1) / Cfg::kTile;
   g.bias = bias;
   g.c = y;
@@ -574,26 +608,33 @@ void run(const MaskedCudaWeight& w, const DeviceDenseIn& xv, const T* bias, cons
     else launch_simt<64, 64>(g, s);
   } else {
     const bool big = use_big_tile(g.M, g.Ng, Cfg::kBigM, Cfg::kBigN);
-    if (pl.conv_form) {
-      if (big) launch_mma<T, Cfg::kBigM, Cfg::kBigN, 2, 4, true>(g, s);
-      else launch_mma<T, Cfg::kSmallM, Cfg::kSmallN, 2, 2, true>(g, s);
+    const auto go = [&](auto conv, auto tiled) {
+      constexpr bool kC = decltype(conv)::value, kT = decltype(tiled)::value;
+      if (big) launch_mma<T, Cfg::kBigM, Cfg::kBigN, 2, 4, kC, kT>(g, s);
+      else launch_mma<T, Cfg::kSmallM, Cfg::kSmallN, 2, 2, kC, kT>(g, s);
+    };
+    using On = std::true_type;
+    using Off = std::false_type;
+    if (g.tile_map) {
+      if (pl.conv_form) go(On{}, On{});
+      else go(Off{}, On{});
     } else {
-      if (big) launch_mma<T, Cfg::kBigM, Cfg::kBigN, 2, 4, false>(g, s);
-      else launch_mma<T, Cfg::kSmallM, Cfg::kSmallN, 2, 2, false>(g, s);
+      if (pl.conv_form) go(On{}, Off{});
+      else go(Off{}, Off{});
     }
   }
 
   const int64_t work = ((N + Cfg::kTile - 1) / Cfg::kTile) * P;
   const int64_t want = (work + 255) / 256, cap = 2 * static_cast<int64_t>(cuda::device_sm_count());
   masked_nonfinite_kernel<T><<<static_cast<unsigned>(want < cap ? want : cap), 256, 0, s>>>(
-      record, N, K, P, w.tile_flags, g.flag_cols, x, xv.stride_k, xv.stride_p, y, yv.stride_n,
+      record, N, K, P, w.tile_flags, w.tile_map, g.flag_cols, x, xv.stride_k, xv.stride_p, y, yv.stride_n,
       yv.stride_p);
   PYHWP_CUDA_CHECK(cudaGetLastError());
 }
 
 void check_args(const MaskedCudaWeight& w, DType dtype, const DeviceDenseIn& x, const DeviceDenseOut& y) {
   check_gemm_sizes("masked_matmul_cuda", dtype, w.rows, w.cols, x, y);
-  PYHWP_CHECK(w.ld >= w.cols || w.rows <= 1, "masked_matmul_cuda: values row stride ", w.ld,
+  PYHWP_CHECK(w.tile_map || w.ld >= w.cols || w.rows <= 1, "masked_matmul_cuda: values row stride ", w.ld,
               " is below the ", w.cols, " columns");
 }
 
@@ -612,7 +653,11 @@ void masked_matmul_cuda(const MaskedCudaWeight& w, DType dtype, const DeviceDens
   const Plan pl = make_plan(w, dtype, x);
   if (w.rows == 0 || x.cols == 0) return;
   PYHWP_CHECK(y.data != nullptr, "masked_matmul_cuda: null y");
-  PYHWP_CHECK(x.rows == 0 || (x.data && w.values && w.tile_flags), "masked_matmul_cuda: null x, values or tile_flags");
+  // Tile storage of an all-zero weight stores no tile: values may then be empty (null).
+  PYHWP_CHECK(x.rows == 0 || (x.data && (w.tile_map || (w.values && w.tile_flags))),
+              "masked_matmul_cuda: null x, values or tile_flags / tile_map");
+  PYHWP_CHECK(x.rows == 0 || !w.tile_map || cuda::aligned16(w.values),
+              "masked_matmul_cuda: stored tiles must be 16-byte aligned");
   check_workspace("masked_matmul_cuda", workspace, workspace_bytes, pl.bytes);
   char* ws = static_cast<char*>(workspace);
   const auto s = static_cast<cudaStream_t>(stream);

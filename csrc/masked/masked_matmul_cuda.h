@@ -20,12 +20,22 @@ namespace pyhwp {
 //               is all zeros. The kernel may skip such a tile or compute it (same result); it
 //               never reads a flag as a promise of non-zeros. (pyhwp's CPU masked format stores
 //               exactly the non-zero 16x16 tiles, so its tile list maps onto these flags.)
+//
+// Or, when tile_map is not null, W in pyhwp's masked tile storage (MaskedWeight) read in place:
+//   tile_map:   int32, ceil(rows/16) x ceil(cols/16), row-major: the index t of the stored tile
+//               W[16i:16i+16, 16j:16j+16], or -1 where that tile is not stored (all zeros).
+//   values:     the stored tiles, (ntiles, 16, 16) contiguous, each k-major: element (c, r) of
+//               tile t is W[16i + r, 16j + c] (16 rows of one column contiguous); zeros at the
+//               padding past rows / cols. 16-byte aligned. ld and tile_flags are ignored.
+// The tensor-core kernels then stage W n-contiguous in shared memory and read it with
+// ldmatrix.trans; the float32 SIMT kernel looks each element up through the map.
 struct MaskedCudaWeight {
   int64_t rows = 0;  // N
   int64_t cols = 0;  // K
   const void* values = nullptr;
   int64_t ld = 0;
   const uint8_t* tile_flags = nullptr;
+  const int32_t* tile_map = nullptr;
 };
 
 // Tiling knobs of the CUDA masked kernels (masked_matmul_cuda.cu).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import torch
 
@@ -76,6 +76,17 @@ def dense_from_tiles(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: tor
     return tiles.permute(0, 3, 1, 2).reshape(np_ * tn, kt * tk)[:n, :k]
 
 
+def tile_map(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """int32 (ceil(n/16), ceil(k/16)): the index into values of the stored tile at (panel, k-tile),
+    -1 where no tile is stored. What the CUDA kernel reads the tiles through (MaskedCudaWeight
+    tile_map); built on tile_ptr's device without a host sync."""
+    tn, tk = tile_shape()
+    t = tile_idx.numel()
+    m = torch.full((-(-n // tn), -(-k // tk)), -1, dtype=torch.int32, device=tile_idx.device)
+    m[tile_panels(tile_ptr, t), tile_idx.long()] = torch.arange(t, dtype=torch.int32, device=tile_idx.device)
+    return m
+
+
 def tiles_from_dense(dense: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor) -> torch.Tensor:
     """The stored tiles' entries of an (n, k) matrix, shaped like MaskedWeight.values."""
     tn, tk = tile_shape()
@@ -119,8 +130,29 @@ class MaskedWeight(SparseWeight):
         tile_ptr = torch.zeros(present.shape[0] + 1, dtype=torch.int64, device=w2.device)
         torch.cumsum(present.sum(1), 0, out=tile_ptr[1:])
         tile_idx = present.nonzero()[:, 1].to(torch.int32).contiguous()
-        return cls._unchecked(shape, tile_ptr=tile_ptr, tile_idx=tile_idx, values=values,
-                              mask_bits=pack_bits(keep))
+        mw = cls._unchecked(shape, tile_ptr=tile_ptr, tile_idx=tile_idx, values=values,
+                            mask_bits=pack_bits(keep))
+        mw.kernel_tile_map  # noqa: B018 - derive the CUDA kernel's map now, not on the first call
+        return mw
+
+    @cached_property
+    def kernel_tile_map(self) -> torch.Tensor | None:
+        """For a weight on CUDA, the int32 (panels, ktiles) map from tile position to stored tile
+        (`tile_map`, -1 = not stored) through which the CUDA kernel reads `values` in place; None
+        on the CPU (the CPU kernels walk tile_ptr / tile_idx). Derived once per weight (at
+        to_sparse; weights from .to() or raw arrays on first use), 4 bytes per 16x16 tile
+        position, counted in nbytes."""
+        if self.device.type != "cuda":
+            return None
+        return tile_map(self.tile_ptr, self.tile_idx, self.out_features, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: tile_ptr, tile_idx, values (the stored tiles, padding included) and
+        mask_bits; on CUDA also the kernel's tile map (kernel_tile_map, 4 bytes per tile
+        position). The CUDA kernel reads the tiles in place: there is no dense copy."""
+        m = self.kernel_tile_map
+        return super().nbytes + (0 if m is None else m.numel() * m.element_size())
 
     @property
     def tile(self) -> tuple[int, int]:

@@ -70,6 +70,9 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
     so no im2col matrix is built. With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM
     per kernel tap on a shifted view of the padded input instead (see _shifted_conv).
+    On CUDA, stride-1 CSR convs take the per-tap path; 2:4 and masked k x k convs (and every
+    strided or grouped one) take im2col with one GEMM per image and group: there is no implicit
+    GEMM on CUDA yet.
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight:
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.

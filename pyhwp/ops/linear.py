@@ -30,9 +30,14 @@ def _sparse24(x2, w, bias, transpose_out=False):
     return call_matmul(_sparse24_op, sparse24_matmul_impl, x2, (w.values, w.meta), w.values, bias, transpose_out)
 
 
+def _masked_tile_map(w):
+    # kernel_tile_map is a cached_property (see _csr): compiled graphs let the op build the map.
+    return None if torch.compiler.is_compiling() else w.kernel_tile_map
+
+
 def _masked(x2, w, bias, transpose_out=False):
     return call_matmul(_masked_op, masked_matmul_impl, x2, (w.tile_ptr, w.tile_idx, w.values, w.mask_bits),
-                       w.values, bias, transpose_out)
+                       w.values, bias, transpose_out, _masked_tile_map(w))
 
 
 def _csr_into(y, x2, w, bias):
@@ -44,7 +49,7 @@ def _sparse24_into(y, x2, w, bias):
 
 
 def _masked_into(y, x2, w, bias):
-    masked_matmul_into(y, x2, w.tile_ptr, w.tile_idx, w.values, w.mask_bits, bias)
+    masked_matmul_into(y, x2, w.tile_ptr, w.tile_idx, w.values, w.mask_bits, bias, w.kernel_tile_map)
 
 
 # Every pyhwp kernel in pyhwp.kernels.KERNELS, by pattern, with how to call it on a 2-D input:
@@ -56,7 +61,8 @@ _KERNELS_BY_PATTERN = (
     (("csr_matmul", "csr_matmul_cuda", "csr_matmul_torch", "csr_matmul_torch_cuda"), _csr, _csr_into),
     (("sparse24_matmul", "sparse24_matmul_cuda", "sparse24_matmul_torch", "sparse24_matmul_torch_cuda"),
      _sparse24, _sparse24_into),
-    (("masked_matmul", "masked_matmul_torch"), _masked, _masked_into),
+    (("masked_matmul", "masked_matmul_cuda", "masked_matmul_torch", "masked_matmul_torch_cuda"), _masked,
+     _masked_into),
 )
 MATMULS = {name: fn for names, fn, _ in _KERNELS_BY_PATTERN for name in names}
 MATMULS_INTO = {name: into for names, _, into in _KERNELS_BY_PATTERN for name in names}

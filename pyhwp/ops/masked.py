@@ -1,5 +1,6 @@
-"""torch.library custom op over the masked tile kernels (csrc/masked), with its autograd, its
-float64 torch path and its export decomposition."""
+"""torch.library custom op over the masked tile kernels (csrc/masked): the CPU kernels and, for CUDA
+tensors, the tensor-core kernel reading the stored tiles in place, with its autograd, its float64
+torch path and its export decomposition."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import torch
 
 from pyhwp._ext import _C
 from pyhwp.formats.masked import dense_from_tiles, tile_panels, tile_shape, tiles_from_dense, unpack_bits
+from pyhwp.formats.masked import tile_map as build_tile_map
 from pyhwp.kernels import kernel_named
 from pyhwp.ops.autograd import MatmulPattern, register_matmul_autograd, torch_matmul
+from pyhwp.ops.csr import cuda_dtype_code, cuda_workspace
 from pyhwp.ops.decompositions import register_matmul_decomposition
 
 # device type -> dtypes the compiled kernels serve; the op runs everything else on the torch path.
-_NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("masked_matmul",))}
+_NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("masked_matmul", "masked_matmul_cuda"))}
 
 
 def _positions(tile_ptr, tile_idx, values, mask_bits):
@@ -50,26 +53,32 @@ MASKED_PATTERN = MatmulPattern(
 
 
 def masked_matmul_impl(x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: torch.Tensor,
-                       mask_bits: torch.Tensor, bias: torch.Tensor | None,
-                       transpose_out: bool = False) -> torch.Tensor:
+                       mask_bits: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False,
+                       tile_map: torch.Tensor | None = None) -> torch.Tensor:
     """x (P, K) @ W.T + bias with W (N, K) in the masked tile layout (MaskedWeight: tile_ptr,
     tile_idx, values; mask_bits (N, ceil(K/8)) names the kept positions for the gradient and
     gives N); x may have any strides.
 
     Returns y (P, N), or with transpose_out=True its transpose Y = W @ x.T + bias[:, None] as a
-    contiguous (N, P) tensor (the layout of a conv output image). Dtypes the CPU kernel does not
-    serve (float64, for gradcheck) run the torch path on the dense weight (masked_matmul_torch).
+    contiguous (N, P) tensor (the layout of a conv output image). CUDA tensors of float32,
+    float16 or bfloat16 run the CUDA kernel (tensor cores for float16/bfloat16, exact float32
+    SIMT for float32; float32 accumulation; compute capability >= 8.0) on the current stream. It
+    reads the stored tiles in place through `tile_map` (int32 (ceil(N/16), ceil(K/16)), the
+    stored tile at each tile position or -1: MaskedWeight.kernel_tile_map; built per call when
+    None), skipping tiles that are not stored. Dtypes the compiled kernels do not serve (float64,
+    for gradcheck) run the torch path on the dense weight (masked_matmul_torch*).
     """
     if x.dtype not in _NATIVE.get(x.device.type, ()):
         return torch_matmul(MASKED_PATTERN, x, (tile_ptr, tile_idx, values, mask_bits), bias, transpose_out)
     p, n = x.shape[0], mask_bits.shape[0]
     y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
-    masked_matmul_into(y.t() if transpose_out else y, x, tile_ptr, tile_idx, values, mask_bits, bias)
+    masked_matmul_into(y.t() if transpose_out else y, x, tile_ptr, tile_idx, values, mask_bits, bias, tile_map)
     return y
 
 
 def masked_matmul_into(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor,
-                       values: torch.Tensor, mask_bits: torch.Tensor, bias: torch.Tensor | None) -> None:
+                       values: torch.Tensor, mask_bits: torch.Tensor, bias: torch.Tensor | None,
+                       tile_map: torch.Tensor | None = None) -> None:
     """Writes x @ W.T + bias into y (P, N) of any strides (not overlapping x): masked_matmul_impl
     without the output allocation, for pyhwp.linear(..., out=)."""
     if x.dtype not in _NATIVE.get(x.device.type, ()):
@@ -78,6 +87,9 @@ def masked_matmul_into(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor,
     p, k = x.shape
     n = mask_bits.shape[0]
     values = values.contiguous()
+    if x.device.type == "cuda":
+        _masked_matmul_cuda(x, tile_ptr, tile_idx, values, n, bias, y, tile_map)
+        return
     _C.masked_matmul(
         n, k, tile_idx.shape[0], tile_ptr.data_ptr(), tile_idx.data_ptr(), values.data_ptr(),
         x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
@@ -85,11 +97,45 @@ def masked_matmul_into(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor,
     )
 
 
+def _masked_matmul_cuda(x, tile_ptr, tile_idx, values, n, bias, y, tile_map):
+    p, k = x.shape
+    code = cuda_dtype_code(x.dtype, "masked_matmul")
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"pyhwp::masked_matmul: values {values.dtype}, bias and x {x.dtype} must share a dtype")
+    for name, t in (("tile_ptr", tile_ptr), ("tile_idx", tile_idx), ("values", values), ("bias", bias),
+                    ("tile_map", tile_map), ("y", y)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"pyhwp::masked_matmul: {name} is on {t.device}, x on {x.device}")
+    tn, tk = tile_shape()
+    want = (-(-n // tn), -(-k // tk))
+    if tile_map is None:  # weights rebuilt without one (SparseWeight._unchecked, compiled graphs)
+        tile_map = build_tile_map(tile_ptr, tile_idx, n, k)
+    elif tile_map.dtype != torch.int32 or tuple(tile_map.shape) != want:
+        raise ValueError(f"pyhwp::masked_matmul: tile_map must be int32 of shape {want}, "
+                         f"got {tile_map.dtype} {tuple(tile_map.shape)}")
+    tile_map = tile_map.contiguous()
+    if values.data_ptr() % 16:  # a view into a bigger tensor; the kernel reads 16-byte chunks
+        values = values.clone()
+    if bias is not None:
+        bias = bias.contiguous()
+    with torch.cuda.device(x.device):
+        nbytes = _C.masked_matmul_cuda_workspace(n, k, values.data_ptr(), 0, code, x.data_ptr(), p, x.stride(1),
+                                                 x.stride(0), y.data_ptr(), y.stride(1), y.stride(0),
+                                                 tile_map=tile_map.data_ptr())
+        ws = cuda_workspace(nbytes, x.device)
+        _C.masked_matmul_cuda(
+            n, k, values.data_ptr(), 0, 0, code, x.data_ptr(), p, x.stride(1), x.stride(0),
+            0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(1), y.stride(0),
+            ws.data_ptr(), ws.numel(), torch.cuda.current_stream(x.device).cuda_stream,
+            tile_map=tile_map.data_ptr(),
+        )
+
+
 masked_matmul = torch.library.custom_op("pyhwp::masked_matmul", mutates_args=())(masked_matmul_impl)
 
 
 @masked_matmul.register_fake
-def _(x, tile_ptr, tile_idx, values, mask_bits, bias, transpose_out=False):
+def _(x, tile_ptr, tile_idx, values, mask_bits, bias, transpose_out=False, tile_map=None):
     n = mask_bits.shape[0]
     return x.new_empty((n, x.shape[0]) if transpose_out else (x.shape[0], n))
 

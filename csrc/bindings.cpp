@@ -205,6 +205,22 @@ PYBIND11_MODULE(_C, m) {
       "host float32; element strides for X (k, p) and Y (n, p); bias address 0 for none");
 
   m.def(
+      "sparse24_matmul_bf16",
+      [](int64_t rows, int64_t cols, Addr values, Addr meta, Addr x, int64_t p, int64_t x_stride_k,
+         int64_t x_stride_p, Addr bias, Addr y, int64_t y_stride_n, int64_t y_stride_p,
+         int num_threads) {
+        const pyhwp::Sparse24MatrixBf16 w{rows, cols, ptr<const uint16_t>(values), ptr<const uint32_t>(meta)};
+        const pyhwp::DenseInBf16 xin{ptr<const uint16_t>(x), cols, p, x_stride_k, x_stride_p};
+        const pyhwp::DenseOutBf16 yout{ptr<uint16_t>(y), rows, p, y_stride_n, y_stride_p};
+        pyhwp::sparse24_matmul_bf16(w, xin, ptr<const uint16_t>(bias), yout, num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("meta"), py::arg("x"),
+      py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
+      py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "sparse24_matmul with bfloat16 values, X, bias and Y (float32 accumulation, one rounding)");
+
+  m.def(
       "masked_tile", [] { return py::make_tuple(pyhwp::MaskedCpuConfig::kTileN, pyhwp::MaskedCpuConfig::kTileK); },
       "(rows, cols) of the tiles the masked kernels store and skip");
   m.def(
@@ -231,6 +247,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias with W in the masked tile layout (rows x cols) and X (cols x p), "
       "host float32; element strides for X (k, p) and Y (n, p); bias address 0 for none");
+  m.def(
+      "masked_matmul_bf16",
+      [](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values,
+         Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads) {
+        const pyhwp::MaskedMatrixBf16 w{rows, cols, ntiles, ptr<const int64_t>(tile_ptr),
+                                        ptr<const int32_t>(tile_idx), ptr<const uint16_t>(values)};
+        const pyhwp::DenseInBf16 xin{ptr<const uint16_t>(x), cols, p, x_stride_k, x_stride_p};
+        const pyhwp::DenseOutBf16 yout{ptr<uint16_t>(y), rows, p, y_stride_n, y_stride_p};
+        pyhwp::masked_matmul_bf16(w, xin, ptr<const uint16_t>(bias), yout, num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("ntiles"), py::arg("tile_ptr"), py::arg("tile_idx"),
+      py::arg("values"), py::arg("x"), py::arg("p"), py::arg("x_stride_k"), py::arg("x_stride_p"),
+      py::arg("bias"), py::arg("y"), py::arg("y_stride_n"), py::arg("y_stride_p"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "masked_matmul with bfloat16 values, X, bias and Y (float32 accumulation, one rounding)");
 
 #ifdef PYHWP_WITH_CUDA
   m.def(

@@ -64,10 +64,12 @@ def _cuda_built() -> bool:
 KERNELS: tuple[Kernel, ...] = (
     Kernel("csr_matmul", "csr", ("linear", "conv2d"), "cpu", (torch.float32, torch.bfloat16),
            note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch; bfloat16 accumulates in float32"),
-    Kernel("sparse24_matmul", "2:4", ("linear", "conv2d"), "cpu", (torch.float32,),
-           note="2:4 compressed GEMM (x selected in registers, no gather); AVX-512/AVX2/scalar"),
-    Kernel("masked_matmul", "masked", ("linear", "conv2d"), "cpu", (torch.float32,),
-           note="register-blocked dense micro-kernel over stored 16x16 tiles; AVX-512/AVX2/scalar"),
+    Kernel("sparse24_matmul", "2:4", ("linear", "conv2d"), "cpu", (torch.float32, torch.bfloat16),
+           note="2:4 compressed GEMM (x selected in registers, no gather); AVX-512/AVX2/scalar; "
+                "bfloat16 accumulates in float32"),
+    Kernel("masked_matmul", "masked", ("linear", "conv2d"), "cpu", (torch.float32, torch.bfloat16),
+           note="register-blocked dense micro-kernel over stored 16x16 tiles; AVX-512/AVX2/scalar; "
+                "bfloat16 accumulates in float32"),
     Kernel("torch_dense", "dense", ("linear", "conv2d"), "cpu", (torch.float32, torch.float64, torch.bfloat16),
            provider="torch", note="torch.nn.functional.linear / conv2d on the dense weight (MKL/oneDNN)"),
     Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),

@@ -65,15 +65,19 @@ struct MaskedCpuConfig {
 // kept weight are stored. Panel j stores tiles tile_ptr[j] .. tile_ptr[j+1]-1, in increasing
 // k-tile order tile_idx[t] (int32). Tile t is 256 floats at values + 256 t, laid out k-major:
 // element (row 16 j + r, column 16 tile_idx[t] + c) at values[256 t + 16 c + r]. Positions past
-// rows or cols (the padding of the last panel or k-tile) hold zeros.
-struct MaskedMatrix {
+// rows or cols (the padding of the last panel or k-tile) hold zeros. T is the value type: float,
+// or uint16_t holding bfloat16 bits (widened to float32 in registers, exactly).
+template <typename T>
+struct MaskedMatrixT {
   int64_t rows = 0;                  // N
   int64_t cols = 0;                  // K
   int64_t ntiles = 0;                // stored tiles
   const int64_t* tile_ptr = nullptr;  // host, ceil(rows/16) + 1, from 0 to ntiles, non-decreasing
   const int32_t* tile_idx = nullptr;  // host, ntiles, each in [0, ceil(cols/16))
-  const float* values = nullptr;     // host, 256 * ntiles
+  const T* values = nullptr;         // host, 256 * ntiles
 };
+using MaskedMatrix = MaskedMatrixT<float>;
+using MaskedMatrixBf16 = MaskedMatrixT<uint16_t>;
 
 // Structural check of tile_ptr and tile_idx (monotonic, in range, strictly increasing per
 // panel). O(panels + ntiles). Throws std::invalid_argument naming the first violation.
@@ -87,12 +91,20 @@ void masked_validate(const MaskedMatrix& w);
 void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, const DenseOut& y,
                    int num_threads);
 
+// Y = W X + bias with bfloat16 W, X, bias and Y: float32 products and sums, one
+// round-to-nearest-even conversion of each output (the contract of csr_matmul_bf16). X and Y
+// are converted to/from float32 in scratch of the calling thread; the tiles stay bfloat16 in
+// memory (512 instead of 1024 bytes each).
+void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                        const DenseOutBf16& y, int num_threads);
+
 // One micro-kernel call: a 16-row panel times one packed block of mr columns of X, over `count`
 // consecutive stored tiles of the panel. The packed block holds X(k, p0 + i) at xp[k * mr + i]
 // for k in [0, 16 * ceil(K/16)) (zeros past K). The 16 x mr result goes to acc[16 i + r] (row r,
 // column i; 64-byte aligned), replacing or, with accumulate, adding to what acc holds.
-struct MaskedBlock {
-  const float* tiles = nullptr;    // count tiles of 256 floats
+template <typename T>
+struct MaskedBlockT {
+  const T* tiles = nullptr;        // count tiles of 256 values
   const int32_t* tidx = nullptr;   // their k-tile indices
   int64_t count = 0;
   const float* xp = nullptr;
@@ -105,8 +117,9 @@ struct MaskedBlock {
 // block of 16 nv columns (X(k, p0 + i) at xp[k * 16 nv + i], zero past P and past K), over
 // `count` stored tiles. Row r of the result goes to acc[r * ld .. r * ld + 16 nv) (64-byte
 // aligned), replacing or, with accumulate, adding to it.
-struct MaskedWideBlock {
-  const float* tiles = nullptr;
+template <typename T>
+struct MaskedWideBlockT {
+  const T* tiles = nullptr;
   const int32_t* tidx = nullptr;
   int64_t count = 0;
   const float* xp = nullptr;
@@ -116,13 +129,14 @@ struct MaskedWideBlock {
   int64_t ld = 0;                  // floats between rows of acc, a multiple of 16
   bool accumulate = false;
 };
-void masked_wide_avx512(const MaskedWideBlock& b);
 
-// One kernel per ISA (masked_matmul_{cpu,avx2,avx512}.cpp); masked_matmul picks one.
-using MaskedBlockFn = void (*)(const MaskedBlock& b);
-void masked_block_scalar(const MaskedBlock& b);
-void masked_block_avx2(const MaskedBlock& b);
-void masked_block_avx512(const MaskedBlock& b);
+// One kernel per ISA (masked_matmul_{cpu,avx2,avx512}.cpp); masked_matmul picks one. Each is
+// instantiated for T = float and T = uint16_t (bfloat16 bits).
+template <typename T> using MaskedBlockFn = void (*)(const MaskedBlockT<T>& b);
+template <typename T> void masked_block_scalar(const MaskedBlockT<T>& b);
+template <typename T> void masked_block_avx2(const MaskedBlockT<T>& b);
+template <typename T> void masked_block_avx512(const MaskedBlockT<T>& b);
+template <typename T> void masked_wide_avx512(const MaskedWideBlockT<T>& b);
 
 // Writes a finished accumulator tile to Y: Y(r, p) = y[r * sn + p * sp] for r < rows, p < cols
 // becomes acc[16 p + r] + bias[r] (bias may be nullptr), or with accumulate, Y(r, p) + acc[16 p + r].

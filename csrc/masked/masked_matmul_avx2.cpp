@@ -12,19 +12,26 @@ namespace {
 
 using Cfg = MaskedCpuConfig;
 
+// 8 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
+inline __m256 load8(const float* v) { return _mm256_loadu_ps(v); }
+inline __m256 load8(const uint16_t* v) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // AVX2 has no broadcast memory operand, so each x value is broadcast once into a register and
 // feeds the two FMAs of the 16-row tile column.
-template <int MR>
-void block(const MaskedBlock& b) {
+template <int MR, typename T>
+void block(const MaskedBlockT<T>& b) {
   __m256 c0[MR], c1[MR];
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
-  const float* w = b.tiles;
+  const T* w = b.tiles;
   for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
     const float* xt = b.xp + static_cast<int64_t>(b.tidx[j]) * (Cfg::kTileK * MR);
 #pragma GCC unroll 4
     for (int k = 0; k < Cfg::kTileK; ++k) {
-      const __m256 w0 = _mm256_loadu_ps(w + Cfg::kTileN * k);
-      const __m256 w1 = _mm256_loadu_ps(w + Cfg::kTileN * k + 8);
+      const __m256 w0 = load8(w + Cfg::kTileN * k);
+      const __m256 w1 = load8(w + Cfg::kTileN * k + 8);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m256 xv = _mm256_broadcast_ss(xt + k * MR + i);
@@ -45,15 +52,19 @@ void block(const MaskedBlock& b) {
   }
 }
 
-template <int... I>
-constexpr std::array<MaskedBlockFn, sizeof...(I)> table(std::integer_sequence<int, I...>) {
-  return {&block<I + 1>...};
+template <typename T, int... I>
+constexpr std::array<MaskedBlockFn<T>, sizeof...(I)> table(std::integer_sequence<int, I...>) {
+  return {&block<I + 1, T>...};
 }
 
-constexpr auto kBlocks = table(std::make_integer_sequence<int, Cfg::kMrAvx2>{});
+template <typename T>
+constexpr auto kBlocks = table<T>(std::make_integer_sequence<int, Cfg::kMrAvx2>{});
 
 }  // namespace
 
-void masked_block_avx2(const MaskedBlock& b) { kBlocks[b.mr - 1](b); }
+template <typename T>
+void masked_block_avx2(const MaskedBlockT<T>& b) { kBlocks<T>[b.mr - 1](b); }
+template void masked_block_avx2(const MaskedBlockT<float>&);
+template void masked_block_avx2(const MaskedBlockT<uint16_t>&);
 
 }  // namespace pyhwp

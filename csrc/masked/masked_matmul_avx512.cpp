@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include <array>
+#include <type_traits>
 #include <utility>
 
 #include "masked/masked_matmul.h"
@@ -12,15 +13,26 @@ namespace {
 
 using Cfg = MaskedCpuConfig;
 
+// 16 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
+inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
+inline __m512 load16(const uint16_t* v) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Lines of one stored tile: 16 for float32, 8 for bfloat16.
+template <typename T>
+constexpr int kTileLines = static_cast<int>(Cfg::kTileSize * sizeof(T) / 64);
+
 // Per k: one load of the tile row (16 rows of W), then MR fused multiply-adds whose x operand is a
 // {1to16} broadcast straight from the packed block, so MR + 1 loads feed MR FMAs and the MR
 // accumulators stay in registers for the whole run of tiles.
-template <int MR>
-void block(const MaskedBlock& b) {
+template <int MR, typename T>
+void block(const MaskedBlockT<T>& b) {
   __m512 c[MR];
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i) c[i] = _mm512_setzero_ps();
-  const float* w = b.tiles;
+  const T* w = b.tiles;
   for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
     const float* xt = b.xp + static_cast<int64_t>(b.tidx[j]) * (Cfg::kTileK * MR);
     // The next tile's x rows (MR lines) jump with the tile index, which the hardware prefetchers
@@ -33,8 +45,8 @@ void block(const MaskedBlock& b) {
     for (int k = 0; k < Cfg::kTileK; ++k) {
       if (2 * k < MR) _mm_prefetch(xn + 128 * k, _MM_HINT_T0);
       if (2 * k + 1 < MR) _mm_prefetch(xn + 128 * k + 64, _MM_HINT_T0);
-      _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
-      const __m512 wv = _mm512_loadu_ps(w + Cfg::kTileN * k);
+      if (k < kTileLines<T>) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
+      const __m512 wv = load16(w + Cfg::kTileN * k);
 #pragma GCC unroll 32
       for (int i = 0; i < MR; ++i) c[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xt[k * MR + i]), c[i]);
     }
@@ -47,12 +59,13 @@ void block(const MaskedBlock& b) {
   }
 }
 
-template <int... I>
-constexpr std::array<MaskedBlockFn, sizeof...(I)> table(std::integer_sequence<int, I...>) {
-  return {&block<I + 1>...};
+template <typename T, int... I>
+constexpr std::array<MaskedBlockFn<T>, sizeof...(I)> table(std::integer_sequence<int, I...>) {
+  return {&block<I + 1, T>...};
 }
 
-constexpr auto kBlocks = table(std::make_integer_sequence<int, Cfg::kMrAvx512>{});
+template <typename T>
+constexpr auto kBlocks = table<T>(std::make_integer_sequence<int, Cfg::kMrAvx512>{});
 
 constexpr uint32_t kExponent = 0x7f800000u;
 
@@ -96,30 +109,45 @@ inline __mmask16 first_n(int64_t n) {  // lanes < n (none for n <= 0)
 
 // 8 rows x NV vectors of 16 columns. Per k: NV vector loads of x, then each of the 8 weights is
 // broadcast once into a register and feeds NV FMAs.
-template <int NV>
-void wide(const MaskedWideBlock& b) {
+template <int NV, typename T>
+void wide(const MaskedWideBlockT<T>& b) {
   constexpr int64_t kLd = 16 * NV;  // packed x row length
   __m512 c[8][NV];
   for (int r = 0; r < 8; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
-  const float* w = b.tiles + 8 * b.half;
+  const T* w = b.tiles + 8 * b.half;
+  // bfloat16 tiles: this half's 16 x 8 weights widened once per tile, so that each weight stays a
+  // memory broadcast (16 conversions against 128 NV FMAs). float tiles are read in place.
+  constexpr int64_t kWs = std::is_same_v<T, float> ? Cfg::kTileN : 8;  // floats between k rows
+  alignas(32) float widened[std::is_same_v<T, float> ? 1 : Cfg::kTileK * 8];
   for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
     const float* xt = b.xp + int64_t{b.tidx[j]} * (Cfg::kTileK * kLd);
     const int64_t jn = j + 1 < b.count ? j + 1 : j;
     const char* xn = reinterpret_cast<const char*>(b.xp + int64_t{b.tidx[jn]} * (Cfg::kTileK * kLd));
     const char* wn = reinterpret_cast<const char*>(w + Cfg::kPrefetchTiles * Cfg::kTileSize);
+    const float* wf;
+    if constexpr (std::is_same_v<T, float>) {
+      wf = w;
+    } else {
+#pragma GCC unroll 16
+      for (int k = 0; k < Cfg::kTileK; ++k) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + Cfg::kTileN * k));
+        _mm256_store_ps(widened + 8 * k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+      }
+      wf = widened;
+    }
 #pragma GCC unroll 16
     for (int k = 0; k < Cfg::kTileK; ++k) {
       // The next tile's x: NV lines per k row, k-row by k-row; the weights kPrefetchTiles ahead.
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) _mm_prefetch(xn + 64 * (NV * k + v), _MM_HINT_T0);
-      _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
+      if (k < kTileLines<T>) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
       __m512 xv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(xt + k * kLd + 16 * v);
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) {
-        __m512 wb = _mm512_set1_ps(w[Cfg::kTileN * k + r]);
+        __m512 wb = _mm512_set1_ps(wf[kWs * k + r]);
         // Keep the broadcast in a register: folded into each FMA it would cost NV loads.
         asm("" : "+v"(wb));
 #pragma GCC unroll 4
@@ -136,12 +164,13 @@ void wide(const MaskedWideBlock& b) {
   }
 }
 
-template <int... I>
-constexpr std::array<void (*)(const MaskedWideBlock&), sizeof...(I)> wide_table(std::integer_sequence<int, I...>) {
-  return {&wide<I + 1>...};
+template <typename T, int... I>
+constexpr std::array<void (*)(const MaskedWideBlockT<T>&), sizeof...(I)> wide_table(std::integer_sequence<int, I...>) {
+  return {&wide<I + 1, T>...};
 }
 
-constexpr auto kWide = wide_table(std::make_integer_sequence<int, Cfg::kNvAvx512>{});
+template <typename T>
+constexpr auto kWide = wide_table<T>(std::make_integer_sequence<int, Cfg::kNvAvx512>{});
 
 }  // namespace
 
@@ -254,8 +283,14 @@ void masked_store_wide_avx512(const float* acc, int64_t ld, int64_t cols, int ro
   }
 }
 
-void masked_wide_avx512(const MaskedWideBlock& b) { kWide[b.nv - 1](b); }
+template <typename T>
+void masked_wide_avx512(const MaskedWideBlockT<T>& b) { kWide<T>[b.nv - 1](b); }
+template void masked_wide_avx512(const MaskedWideBlockT<float>&);
+template void masked_wide_avx512(const MaskedWideBlockT<uint16_t>&);
 
-void masked_block_avx512(const MaskedBlock& b) { kBlocks[b.mr - 1](b); }
+template <typename T>
+void masked_block_avx512(const MaskedBlockT<T>& b) { kBlocks<T>[b.mr - 1](b); }
+template void masked_block_avx512(const MaskedBlockT<float>&);
+template void masked_block_avx512(const MaskedBlockT<uint16_t>&);
 
 }  // namespace pyhwp

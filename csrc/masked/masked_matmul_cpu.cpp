@@ -1,5 +1,5 @@
 // CPU masked matmul: validation, packing of x, the one ISA dispatch point, the loop nest and the
-// portable scalar kernel.
+// portable scalar kernel. The float32 and bfloat16 entry points share one driver (run_masked).
 #include <omp.h>
 
 #include <algorithm>
@@ -7,6 +7,7 @@
 #include <cstring>
 #include <utility>
 
+#include "common/bf16.h"
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "masked/masked_matmul.h"
@@ -19,16 +20,16 @@ using Cfg = MaskedCpuConfig;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <int MR>
-void block_scalar(const MaskedBlock& b) {
+template <int MR, typename T>
+void block_scalar(const MaskedBlockT<T>& b) {
   float c[MR][Cfg::kTileN] = {};
-  const float* w = b.tiles;
+  const T* w = b.tiles;
   for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
     const float* xt = b.xp + static_cast<int64_t>(b.tidx[j]) * (Cfg::kTileK * MR);
     for (int k = 0; k < Cfg::kTileK; ++k) {
       for (int i = 0; i < MR; ++i) {
         const float xv = xt[k * MR + i];
-        for (int r = 0; r < Cfg::kTileN; ++r) c[i][r] += w[Cfg::kTileN * k + r] * xv;
+        for (int r = 0; r < Cfg::kTileN; ++r) c[i][r] += to_float(w[Cfg::kTileN * k + r]) * xv;
       }
     }
   }
@@ -38,32 +39,35 @@ void block_scalar(const MaskedBlock& b) {
   }
 }
 
-template <int... I>
-constexpr std::array<MaskedBlockFn, sizeof...(I)> scalar_table(std::integer_sequence<int, I...>) {
-  return {&block_scalar<I + 1>...};
+template <typename T, int... I>
+constexpr std::array<MaskedBlockFn<T>, sizeof...(I)> scalar_table(std::integer_sequence<int, I...>) {
+  return {&block_scalar<I + 1, T>...};
 }
 
-constexpr auto kScalarBlocks = scalar_table(std::make_integer_sequence<int, Cfg::kMrScalar>{});
+template <typename T>
+constexpr auto kScalarBlocks = scalar_table<T>(std::make_integer_sequence<int, Cfg::kMrScalar>{});
 
+template <typename T>
 struct IsaKernel {
-  MaskedBlockFn fn;
+  MaskedBlockFn<T> fn;
   MaskedPackFn pack;
   MaskedStoreFn store;
   int mr_max;
-  void (*wide)(const MaskedWideBlock&) = nullptr;  // the large-P kernel, where the ISA has one
+  void (*wide)(const MaskedWideBlockT<T>&) = nullptr;  // the large-P kernel, where the ISA has one
   void (*store_wide)(const float*, int64_t, int64_t, int, const float*, bool, float*, int64_t,
                      int64_t) = nullptr;
 };
 
 // The one ISA dispatch of this op. AVX2 packs and stores with the portable code: its blocks are 6
 // wide, too narrow for register transposes to pay.
-IsaKernel pick(Isa isa) {
+template <typename T>
+IsaKernel<T> pick(Isa isa) {
   switch (isa) {
     case Isa::kAvx512:
-      return {masked_block_avx512, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512,
-              masked_wide_avx512, masked_store_wide_avx512};
-    case Isa::kAvx2: return {masked_block_avx2, masked_pack_scalar, masked_store_scalar, Cfg::kMrAvx2};
-    default: return {masked_block_scalar, masked_pack_scalar, masked_store_scalar, Cfg::kMrScalar};
+      return {masked_block_avx512<T>, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512,
+              masked_wide_avx512<T>, masked_store_wide_avx512};
+    case Isa::kAvx2: return {masked_block_avx2<T>, masked_pack_scalar, masked_store_scalar, Cfg::kMrAvx2};
+    default: return {masked_block_scalar<T>, masked_pack_scalar, masked_store_scalar, Cfg::kMrScalar};
   }
 }
 
@@ -101,7 +105,10 @@ void masked_store_scalar(const float* acc, int64_t cols, int rows, const float* 
   }
 }
 
-void masked_block_scalar(const MaskedBlock& b) { kScalarBlocks[b.mr - 1](b); }
+template <typename T>
+void masked_block_scalar(const MaskedBlockT<T>& b) { kScalarBlocks<T>[b.mr - 1](b); }
+template void masked_block_scalar(const MaskedBlockT<float>&);
+template void masked_block_scalar(const MaskedBlockT<uint16_t>&);
 
 uint32_t masked_pack_scalar(const DenseIn& x, int64_t p0, int width, int ld, int64_t k0, int64_t k1,
                             float* dst) {
@@ -149,22 +156,27 @@ void masked_validate(const MaskedMatrix& w) {
   }
 }
 
-void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, const DenseOut& y,
-                   int num_threads) {
-  PYHWP_CHECK(x.rows == w.cols, "masked_matmul: x has ", x.rows, " rows, W has ", w.cols,
-              " columns");
-  PYHWP_CHECK(y.rows == w.rows && y.cols == x.cols, "masked_matmul: y is ", y.rows, "x", y.cols,
-              ", expected ", w.rows, "x", x.cols);
-  PYHWP_CHECK(num_threads >= 1, "masked_matmul: num_threads must be >= 1");
-  PYHWP_CHECK(w.tile_ptr && (w.ntiles == 0 || (w.tile_idx && w.values)),
-              "masked_matmul: null tile array");
+namespace {
+
+template <typename T>
+void check_args(const MaskedMatrixT<T>& w, int64_t x_rows, int64_t x_cols, int64_t y_rows, int64_t y_cols,
+                int num_threads, const char* op) {
+  PYHWP_CHECK(x_rows == w.cols, op, ": x has ", x_rows, " rows, W has ", w.cols, " columns");
+  PYHWP_CHECK(y_rows == w.rows && y_cols == x_cols, op, ": y is ", y_rows, "x", y_cols, ", expected ",
+              w.rows, "x", x_cols);
+  PYHWP_CHECK(num_threads >= 1, op, ": num_threads must be >= 1");
+  PYHWP_CHECK(w.tile_ptr && (w.ntiles == 0 || (w.tile_idx && w.values)), op, ": null tile array");
+  PYHWP_CHECK(w.tile_ptr[ceil_div(w.rows, Cfg::kTileN)] == w.ntiles, op, ": tile_ptr[-1] != ntiles");
+}
+
+// The driver: float32 X, bias and Y (any strides); T-valued tiles. Uses scratch slots 2 and 3.
+template <typename T>
+void run_masked(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, const DenseOut& y,
+                int num_threads) {
   const int64_t N = w.rows, K = w.cols, P = x.cols;
   const int64_t npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(K, Cfg::kTileK);
-  PYHWP_CHECK(w.tile_ptr[npanels] == w.ntiles, "masked_matmul: tile_ptr[-1] != ntiles");
-  if (N == 0 || P == 0) return;
-  PYHWP_CHECK(y.data && (K == 0 || x.data), "masked_matmul: null x or y");
 
-  const IsaKernel isa = pick(active_isa());
+  const IsaKernel<T> isa = pick<T>(active_isa());
   const int64_t kp = ktiles * Cfg::kTileK;  // packed rows of x, zero past K
   // Columns are split into p-blocks of (nearly) equal width, one register block each. Narrow
   // blocks are 1..mr_max columns: 128 columns on AVX-512 make 5 blocks of 26 or 24, not 4 of 28 and
@@ -242,7 +254,7 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
           const int64_t count = std::min(sub_tiles, t1 - s);
           for (int64_t bi = b0; bi < b1; ++bi) {
             if (wide) {
-              MaskedWideBlock blk;
+              MaskedWideBlockT<T> blk;
               blk.tiles = w.values + s * Cfg::kTileSize;
               blk.tidx = w.tile_idx + s;
               blk.count = count;
@@ -253,7 +265,7 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
               blk.accumulate = s > t0;
               for (blk.half = 0; blk.half < 2; ++blk.half) isa.wide(blk);
             } else {
-              MaskedBlock blk;
+              MaskedBlockT<T> blk;
               blk.tiles = w.values + s * Cfg::kTileSize;
               blk.tidx = w.tile_idx + s;
               blk.count = count;
@@ -291,6 +303,32 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
       return cnt;
     });
   }
+}
+
+}  // namespace
+
+void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, const DenseOut& y,
+                   int num_threads) {
+  check_args(w, x.rows, x.cols, y.rows, y.cols, num_threads, "masked_matmul");
+  if (w.rows == 0 || x.cols == 0) return;
+  PYHWP_CHECK(y.data && (w.cols == 0 || x.data), "masked_matmul: null x or y");
+  run_masked(w, x, bias, y, num_threads);
+}
+
+void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                        const DenseOutBf16& y, int num_threads) {
+  check_args(w, x.rows, x.cols, y.rows, y.cols, num_threads, "masked_matmul_bf16");
+  const int64_t N = w.rows, K = w.cols, P = x.cols;
+  if (N == 0 || P == 0) return;
+  PYHWP_CHECK(y.data && (K == 0 || x.data), "masked_matmul_bf16: null x or y");
+  // X widened in its own layout (the packing reads both fast); the driver uses slots 2 and 3.
+  const bool k_rows = x.stride_k == 1 && x.stride_p != 1;
+  const int64_t ld = k_rows ? K : P;
+  const DenseIn xf = widen_bf16(x, k_rows, ld, scratch(0, (k_rows ? P : K) * ld + 16), num_threads);
+  float* yf = scratch(1, N * P + N + 16);
+  const DenseOut yv = float_like(y, yf);
+  run_masked(w, xf, widen_bf16(bias, N, yf + N * P), yv, num_threads);
+  round_to_bf16(yv, y, num_threads);
 }
 
 }  // namespace pyhwp

@@ -22,14 +22,20 @@ namespace pyhwp {
 // - Invariants (sparse24 format validation, Python side): the two positions of a group strictly
 //   increase (so no input is counted twice), and every slot whose k >= K holds 0. The kernels
 //   never read x at k >= K: the weight's padding meets zero-padded or skipped x.
+// - T is the value type: float, or uint16_t holding bfloat16 bits (the kernels widen them to
+//   float32 in registers, exactly).
 //
-// Bytes per weight: 2 (values) + 0.125 (meta), against 4 for dense float32.
-struct Sparse24Matrix {
+// Bytes per weight: 2 (values) + 0.125 (meta) for float32 values, 1 + 0.125 for bfloat16,
+// against 4 (2) for dense.
+template <typename T>
+struct Sparse24MatrixT {
   int64_t rows = 0;  // N
   int64_t cols = 0;  // K, the logical input dimension (unpadded)
-  const float* values = nullptr;  // host, rows * sparse24_padded_cols(cols) / 2
+  const T* values = nullptr;  // host, rows * sparse24_padded_cols(cols) / 2
   const uint32_t* meta = nullptr;  // host, rows * sparse24_padded_cols(cols) / 32
 };
+using Sparse24Matrix = Sparse24MatrixT<float>;
+using Sparse24MatrixBf16 = Sparse24MatrixT<uint16_t>;
 
 // Tiling knobs of the CPU 2:4 kernels.
 struct Sparse24CpuConfig {
@@ -64,6 +70,13 @@ constexpr int64_t sparse24_padded_cols(int64_t k) {
 void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
                      const DenseOut& y, int num_threads);
 
+// Y = W X + bias with bfloat16 W, X, bias and Y: float32 products and sums, one
+// round-to-nearest-even conversion of each output (the contract of csr_matmul_bf16). X and Y
+// are converted to/from float32 in scratch of the calling thread; W's values stay bfloat16 in
+// memory (half the bytes of float32, which is what batch-1 products are bound by).
+void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                          const DenseOutBf16& y, int num_threads);
+
 // Rows [row_begin, row_end) of Y, one kernel per ISA (sparse24_matmul_{cpu,avx2,avx512}.cpp). Row n
 // goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr.
 // `permute` variants select x in registers: x.stride_k == 1 and x.rows == Kp, x zero-padded
@@ -88,13 +101,15 @@ constexpr int64_t sparse24_tile_k(int64_t ld) {
 // each other (K * L floats apart). Returns a scratch slot of the calling thread.
 const float* sparse24_pack_panels(const DenseIn& x, int num_threads);
 
-using Sparse24RowsFn = void (*)(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+template <typename T>
+using Sparse24RowsFn = void (*)(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                 const DenseOut& y, int64_t row_begin, int64_t row_end);
-void sparse24_rows_permute_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void sparse24_rows_tile_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void sparse24_rows_permute_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void sparse24_rows_tile_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void sparse24_rows_permute_avx512(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
-void sparse24_rows_tile_avx512(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+// Each instantiated for T = float and T = uint16_t (bfloat16 bits).
+template <typename T> void sparse24_rows_permute_scalar(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template <typename T> void sparse24_rows_tile_scalar(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template <typename T> void sparse24_rows_permute_avx2(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template <typename T> void sparse24_rows_tile_avx2(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template <typename T> void sparse24_rows_permute_avx512(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template <typename T> void sparse24_rows_tile_avx512(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 
 }  // namespace pyhwp

@@ -5,6 +5,7 @@
 
 #include <type_traits>
 
+#include "common/bf16.h"
 #include "sparse24/sparse24_matmul.h"
 
 namespace pyhwp {
@@ -15,6 +16,13 @@ using Cfg = Sparse24CpuConfig;
 
 using avx2::hsum;
 using avx2::tail_mask8;
+
+// 8 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
+inline __m256 load8(const float* v) { return _mm256_loadu_ps(v); }
+inline __m256 load8(const uint16_t* v) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 // Selects the x of 8 slots (half h of a metadata word: 4 groups, 16 inputs [xlo | xhi]): lanes
 // 0-3 come from xlo and lanes 4-7 from xhi, so two in-register permutes and a blend.
@@ -32,8 +40,8 @@ struct HalfSelect {
   }
 };
 
-template <int R, int PB>
-inline void permute_block(const float* vals, const uint32_t* meta, int64_t words, const float* x,
+template <int R, int PB, typename T>
+inline void permute_block(const T* vals, const uint32_t* meta, int64_t words, const float* x,
                           int64_t ldx, float* out, int64_t out_stride_n, int64_t out_stride_p,
                           const float* bias) {
   const HalfSelect sel;
@@ -49,7 +57,7 @@ inline void permute_block(const float* vals, const uint32_t* meta, int64_t words
       }
       for (int r = 0; r < R; ++r) {
         const __m256i idx = sel.indices(meta[r * words + c], h);
-        const __m256 v = _mm256_loadu_ps(vals + r * words * 16 + 16 * c + 8 * h);
+        const __m256 v = load8(vals + r * words * 16 + 16 * c + 8 * h);
         for (int q = 0; q < PB; ++q) {
           acc[r][q] = _mm256_fmadd_ps(v, HalfSelect::select(xlo[q], xhi[q], idx), acc[r][q]);
         }
@@ -62,8 +70,8 @@ inline void permute_block(const float* vals, const uint32_t* meta, int64_t words
   }
 }
 
-template <int PB>
-inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseIn& x, int64_t p,
+template <int PB, typename T>
+inline void permute_columns(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, int64_t p,
                             const float* bias, const DenseOut& y, int64_t row_begin,
                             int64_t row_end) {
   constexpr int R = PB >= 4 ? 2 : 4;
@@ -82,8 +90,8 @@ inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseI
 // One K block [k0, k1) of rows [n, n+R) against V*8 columns of a packed X panel (row stride
 // ld); the last vector is masked by `last`. acc starts from bias (first block) or the
 // partial sums already in `out`.
-template <int R, int V>
-inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
+template <int R, int V, typename T>
+inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64_t K,
                        int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
                        float* out, int64_t out_stride, __m256i last) {
   const __m256i full = _mm256_set1_epi32(-1);
@@ -98,13 +106,13 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
     const bool whole = 32 * c + 32 <= K;
     for (int r = 0; r < R; ++r) {
       uint32_t m = meta[r * words + c];
-      const float* v = vals + r * words * 16 + 16 * c;
+      const T* v = vals + r * words * 16 + 16 * c;
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j, m >>= 2) {
         const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
         if (!whole && k >= K) continue;  // padding slot: the panel has only K rows
         const float* xr = x + k * ld;
-        const __m256 vb = _mm256_set1_ps(v[j]);
+        const __m256 vb = _mm256_set1_ps(to_float(v[j]));
         for (int i = 0; i < V; ++i) {
           acc[r][i] = _mm256_fmadd_ps(vb, _mm256_maskload_ps(xr + 8 * i, i == V - 1 ? last : full),
                                       acc[r][i]);
@@ -119,15 +127,15 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
   }
 }
 
-template <int V>
-inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, const float* panel, int64_t q0,
+template <int V, typename T>
+inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, const float* panel, int64_t q0,
                       int64_t p0, const float* bias, const DenseOut& y, int64_t row_begin,
                       int64_t row_end, __m256i last) {
   constexpr int R = 2;
   const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
-    tile_block<RR, V>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel + q0, x.stride_k,
+    tile_block<RR, V, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel + q0, x.stride_k,
                       bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
                       y.stride_n, last);
   };
@@ -141,7 +149,8 @@ inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, 
 
 }  // namespace
 
-void sparse24_rows_permute_avx2(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+template <typename T>
+void sparse24_rows_permute_avx2(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                 const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t words = sparse24_padded_cols(w.cols) / 32, P = x.cols;
   int64_t p = 0;
@@ -150,7 +159,8 @@ void sparse24_rows_permute_avx2(const Sparse24Matrix& w, const DenseIn& x, const
   for (; p < P; ++p) permute_columns<1>(w, words, x, p, bias, y, row_begin, row_end);
 }
 
-void sparse24_rows_tile_avx2(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+template <typename T>
+void sparse24_rows_tile_avx2(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                              const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
   const int64_t L = x.stride_k;  // panel width, a multiple of 16
@@ -167,5 +177,10 @@ void sparse24_rows_tile_avx2(const Sparse24Matrix& w, const DenseIn& x, const fl
     }
   }
 }
+
+template void sparse24_rows_permute_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_permute_avx2(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_tile_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_tile_avx2(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 
 }  // namespace pyhwp

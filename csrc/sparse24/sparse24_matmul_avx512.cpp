@@ -3,6 +3,7 @@
 
 #include <type_traits>
 
+#include "common/bf16.h"
 #include "sparse24/sparse24_matmul.h"
 
 namespace pyhwp {
@@ -13,6 +14,13 @@ using Cfg = Sparse24CpuConfig;
 
 inline __mmask16 tail_mask(int64_t count) {  // count in [1, 16]
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+// 16 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
+inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
+inline __m512 load16(const uint16_t* v) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // Horizontal sum. The maskz forms with full masks avoid gcc 12's false -Wuninitialized inside
@@ -40,8 +48,8 @@ struct LaneIndices {
 };
 
 // R rows times PB columns of x: acc[r][q] accumulates row r against x column q.
-template <int R, int PB>
-inline void permute_block(const float* vals, const uint32_t* meta, int64_t words, const float* x,
+template <int R, int PB, typename T>
+inline void permute_block(const T* vals, const uint32_t* meta, int64_t words, const float* x,
                           int64_t ldx, float* out, int64_t out_stride_n, int64_t out_stride_p,
                           const float* bias) {
   const LaneIndices lanes;
@@ -57,11 +65,14 @@ inline void permute_block(const float* vals, const uint32_t* meta, int64_t words
     for (int r = 0; r < R; ++r) {
       // R rows are R concurrent streams of 64 bytes per step: the hardware prefetcher alone
       // leaves the batch-1 kernel at ~60% of the bandwidth MKL's dense sgemv gets from L3.
-      // (Reads past a row's end only prefetch the next row; prefetches never fault.)
-      _mm_prefetch(reinterpret_cast<const char*>(vals + r * words * 16 + 16 * (c + Cfg::kPermutePrefetch)),
-                   _MM_HINT_T0);
+      // (Reads past a row's end only prefetch the next row; prefetches never fault.) The same
+      // bytes ahead for bfloat16 values, whose 16 slots take half a line: every other word.
+      constexpr int64_t kAhead = 16 * Cfg::kPermutePrefetch * 4 / static_cast<int64_t>(sizeof(T));
+      if (sizeof(T) == 4 || (c & 1) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(vals + r * words * 16 + 16 * c + kAhead), _MM_HINT_T0);
+      }
       const __m512i idx = lanes(meta[r * words + c]);
-      const __m512 v = _mm512_loadu_ps(vals + r * words * 16 + 16 * c);
+      const __m512 v = load16(vals + r * words * 16 + 16 * c);
       for (int q = 0; q < PB; ++q) {
         acc[r][q] = _mm512_fmadd_ps(v, _mm512_permutex2var_ps(x0[q], idx, x1[q]), acc[r][q]);
       }
@@ -76,8 +87,8 @@ inline void permute_block(const float* vals, const uint32_t* meta, int64_t words
 }
 
 // Rows [n, n+R) of W times PB columns of x, written to Y.
-template <int R, int PB>
-inline void permute_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, int64_t p,
+template <int R, int PB, typename T>
+inline void permute_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, int64_t p,
                          const float* bias, const DenseOut& y, int64_t row_begin, int64_t n) {
   permute_block<R, PB>(w.values + n * words * 16, w.meta + n * words, words,
                        x.data + p * x.stride_p, x.stride_p,
@@ -85,8 +96,8 @@ inline void permute_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& 
                        y.stride_p, bias ? bias + n : nullptr);
 }
 
-template <int PB>
-inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseIn& x, int64_t p,
+template <int PB, typename T>
+inline void permute_columns(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, int64_t p,
                             const float* bias, const DenseOut& y, int64_t row_begin,
                             int64_t row_end) {
   constexpr int R = PB >= 4 ? 2 : 4;
@@ -100,8 +111,8 @@ inline void permute_columns(const Sparse24Matrix& w, int64_t words, const DenseI
 // (first block) or the partial sums already in `out`. Every slot costs one broadcast and V FMAs
 // whose X operand comes straight from L1 (the K block of the panel fits there): (V+1) loads per
 // V FMAs, against two 512-bit loads per cycle.
-template <int R, int V, bool Masked>
-inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, int64_t K,
+template <int R, int V, bool Masked, typename T>
+inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64_t K,
                        int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
                        float* out, int64_t out_stride, __mmask16 last) {
   const __mmask16 full = 0xFFFF;
@@ -122,10 +133,17 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
     const float* xc = x + 32 * c * ld;
     uint32_t m[R];
     const float* v[R];
+    // bfloat16 values: widen the word's 16 slots once, so each slot stays a memory broadcast.
+    alignas(64) float widened[std::is_same_v<T, float> ? 1 : R][16];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       m[r] = meta[r * words + c];
-      v[r] = vals + r * words * 16 + 16 * c;
+      if constexpr (std::is_same_v<T, float>) {
+        v[r] = vals + r * words * 16 + 16 * c;
+      } else {
+        _mm512_store_ps(widened[r], load16(vals + r * words * 16 + 16 * c));
+        v[r] = widened[r];
+      }
     }
 #pragma GCC unroll 16
     for (int j = 0; j < 16; ++j) {
@@ -146,11 +164,11 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       uint32_t m = meta[r * words + c];
-      const float* v = vals + r * words * 16 + 16 * c;
+      const T* v = vals + r * words * 16 + 16 * c;
       for (int j = 0; j < 16; ++j, m >>= 2) {
         const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
         if (k >= K) continue;
-        const __m512 vb = _mm512_set1_ps(v[j]);
+        const __m512 vb = _mm512_set1_ps(to_float(v[j]));
 #pragma GCC unroll 8
         for (int i = 0; i < V; ++i) {
           acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), x + k * ld + 16 * i), acc[r][i]);
@@ -167,15 +185,15 @@ inline void tile_block(const float* vals, const uint32_t* meta, int64_t words, i
 
 // Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
 // panel's block stays in L1 while every row of the range passes over it.
-template <int V, bool Masked>
-inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
+template <int V, bool Masked, typename T>
+inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
                       const float* bias, const DenseOut& y, int64_t row_begin, int64_t row_end,
                       __mmask16 last) {
   constexpr int R = 2;
   const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
-    tile_block<RR, V, Masked>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel, x.stride_k,
+    tile_block<RR, V, Masked, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel, x.stride_k,
                               bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
                               y.stride_n, last);
   };
@@ -190,7 +208,7 @@ inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, 
     }
     if (k0 >= K || n >= row_end) return;
     const char* v = reinterpret_cast<const char*>(w.values + n * words * 16 + k0 / 2);
-    for (int64_t b = 0; b < tile_k / 2 * 4; b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
+    for (int64_t b = 0; b < tile_k / 2 * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(w.meta + n * words + k0 / 32), _MM_HINT_T0);
   };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
@@ -206,7 +224,8 @@ inline void tile_rows(const Sparse24Matrix& w, int64_t words, const DenseIn& x, 
 
 }  // namespace
 
-void sparse24_rows_permute_avx512(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+template <typename T>
+void sparse24_rows_permute_avx512(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                   const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t words = sparse24_padded_cols(w.cols) / 32, P = x.cols;
   int64_t p = 0;
@@ -215,7 +234,8 @@ void sparse24_rows_permute_avx512(const Sparse24Matrix& w, const DenseIn& x, con
   for (; p < P; ++p) permute_columns<1>(w, words, x, p, bias, y, row_begin, row_end);
 }
 
-void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+template <typename T>
+void sparse24_rows_tile_avx512(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
   const int64_t L = x.stride_k;  // panel width, a multiple of 16 up to kPanel = 8 vectors
@@ -227,9 +247,9 @@ void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const 
     auto run = [&](auto v_tag) {
       constexpr int V = decltype(v_tag)::value;
       if (last == 0xFFFF) {
-        tile_rows<V, false>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
+        tile_rows<V, false, T>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
       } else {
-        tile_rows<V, true>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
+        tile_rows<V, true, T>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
       }
     };
     switch (nv) {
@@ -244,5 +264,10 @@ void sparse24_rows_tile_avx512(const Sparse24Matrix& w, const DenseIn& x, const 
     }
   }
 }
+
+template void sparse24_rows_permute_avx512(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_permute_avx512(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_tile_avx512(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_tile_avx512(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 
 }  // namespace pyhwp

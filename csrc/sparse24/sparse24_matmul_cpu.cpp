@@ -1,9 +1,11 @@
 // CPU 2:4 matmul: argument checks, the one ISA dispatch point, and the portable scalar kernels.
+// The float32 and bfloat16 entry points share one driver (run_sparse24).
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 
+#include "common/bf16.h"
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "sparse24/sparse24_matmul.h"
@@ -19,24 +21,26 @@ inline int64_t slot_input(uint32_t m, int j, int64_t base) {
 
 }  // namespace
 
-void sparse24_rows_permute_scalar(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+template <typename T>
+void sparse24_rows_permute_scalar(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                   const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t words = sparse24_padded_cols(w.cols) / 32;
   for (int64_t n = row_begin; n < row_end; ++n) {
-    const float* vals = w.values + n * words * 16;
+    const T* vals = w.values + n * words * 16;
     const uint32_t* meta = w.meta + n * words;
     for (int64_t p = 0; p < x.cols; ++p) {
       const float* xr = x.data + p * x.stride_p;
       float acc = 0.f;
       for (int64_t c = 0; c < words; ++c) {
-        for (int j = 0; j < 16; ++j) acc += vals[16 * c + j] * xr[slot_input(meta[c], j, 32 * c)];
+        for (int j = 0; j < 16; ++j) acc += to_float(vals[16 * c + j]) * xr[slot_input(meta[c], j, 32 * c)];
       }
       y.data[(n - row_begin) * y.stride_n + p * y.stride_p] = acc + (bias ? bias[n] : 0.f);
     }
   }
 }
 
-void sparse24_rows_tile_scalar(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+template <typename T>
+void sparse24_rows_tile_scalar(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t L = x.stride_k;
   const int64_t K = w.cols, P = x.cols, words = sparse24_padded_cols(K) / 32;
@@ -44,7 +48,7 @@ void sparse24_rows_tile_scalar(const Sparse24Matrix& w, const DenseIn& x, const 
     const float* panel = x.data + (p0 / L) * K * L;
     const int64_t width = std::min(L, P - p0);
     for (int64_t n = row_begin; n < row_end; ++n) {
-      const float* vals = w.values + n * words * 16;
+      const T* vals = w.values + n * words * 16;
       const uint32_t* meta = w.meta + n * words;
       float* out = y.data + (n - row_begin) * y.stride_n + p0;
       const float b = bias ? bias[n] : 0.f;
@@ -53,7 +57,7 @@ void sparse24_rows_tile_scalar(const Sparse24Matrix& w, const DenseIn& x, const 
         for (int j = 0; j < 16; ++j) {
           const int64_t k = slot_input(meta[c], j, 32 * c);
           if (k >= K) continue;  // padding slot (value 0); the panel has only K rows
-          const float v = vals[16 * c + j];
+          const float v = to_float(vals[16 * c + j]);
           const float* xr = panel + k * L;
           for (int64_t q = 0; q < width; ++q) out[q] += v * xr[q];
         }
@@ -61,6 +65,11 @@ void sparse24_rows_tile_scalar(const Sparse24Matrix& w, const DenseIn& x, const 
     }
   }
 }
+
+template void sparse24_rows_permute_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_permute_scalar(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_tile_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+template void sparse24_rows_tile_scalar(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 
 const float* sparse24_pack_panels(const DenseIn& x, int num_threads) {
   constexpr int64_t kBlock = 16;
@@ -90,19 +99,21 @@ const float* sparse24_pack_panels(const DenseIn& x, int num_threads) {
 
 namespace {
 
-Sparse24RowsFn pick(Isa isa, bool permute) {
+template <typename T>
+Sparse24RowsFn<T> pick(Isa isa, bool permute) {
   switch (isa) {
-    case Isa::kAvx512: return permute ? sparse24_rows_permute_avx512 : sparse24_rows_tile_avx512;
-    case Isa::kAvx2: return permute ? sparse24_rows_permute_avx2 : sparse24_rows_tile_avx2;
-    default: return permute ? sparse24_rows_permute_scalar : sparse24_rows_tile_scalar;
+    case Isa::kAvx512: return permute ? sparse24_rows_permute_avx512<T> : sparse24_rows_tile_avx512<T>;
+    case Isa::kAvx2: return permute ? sparse24_rows_permute_avx2<T> : sparse24_rows_tile_avx2<T>;
+    default: return permute ? sparse24_rows_permute_scalar<T> : sparse24_rows_tile_scalar<T>;
   }
 }
 
 // X as P columns of Kp contiguous floats, zero beyond K, so the permute kernels read whole
-// 32-input chunks without masks. Copies only when x is not already in that form.
-DenseIn padded_k_contiguous(const DenseIn& x, int64_t kp) {
+// 32-input chunks without masks. Copies only when x is not already in that form (x_padded: x
+// has stride_k 1 and zeros in [K, Kp) of every column).
+DenseIn padded_k_contiguous(const DenseIn& x, int64_t kp, bool x_padded) {
   const int64_t K = x.rows, P = x.cols;
-  if (x.stride_k == 1 && K == kp) return x;
+  if (x.stride_k == 1 && (K == kp || x_padded)) return x;
   float* buf = scratch(0, P * kp);
   for (int64_t p = 0; p < P; ++p) {
     float* dst = buf + p * kp;
@@ -117,28 +128,28 @@ DenseIn padded_k_contiguous(const DenseIn& x, int64_t kp) {
   return DenseIn{buf, kp, P, 1, kp};
 }
 
-}  // namespace
+template <typename T>
+void check_args(const Sparse24MatrixT<T>& w, int64_t x_rows, int64_t x_cols, int64_t y_rows, int64_t y_cols,
+                int num_threads, const char* op) {
+  PYHWP_CHECK(w.rows >= 0 && w.cols >= 0, op, ": negative weight size");
+  PYHWP_CHECK(x_rows == w.cols, op, ": x has ", x_rows, " rows, W has ", w.cols, " columns");
+  PYHWP_CHECK(y_rows == w.rows && y_cols == x_cols, op, ": y is ", y_rows, "x", y_cols, ", expected ",
+              w.rows, "x", x_cols);
+  PYHWP_CHECK(num_threads >= 1, op, ": num_threads must be >= 1");
+}
 
-void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
-                     const DenseOut& y, int num_threads) {
+// The driver: float32 X (x_padded: see padded_k_contiguous), bias and Y; T-valued W.
+template <typename T>
+void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, const float* bias,
+                  const DenseOut& y, int num_threads) {
   using Cfg = Sparse24CpuConfig;
-  PYHWP_CHECK(w.rows >= 0 && w.cols >= 0, "sparse24_matmul: negative weight size");
-  PYHWP_CHECK(x.rows == w.cols, "sparse24_matmul: x has ", x.rows, " rows, W has ", w.cols,
-              " columns");
-  PYHWP_CHECK(y.rows == w.rows && y.cols == x.cols, "sparse24_matmul: y is ", y.rows, "x", y.cols,
-              ", expected ", w.rows, "x", x.cols);
-  PYHWP_CHECK(num_threads >= 1, "sparse24_matmul: num_threads must be >= 1");
   const int64_t N = w.rows, K = w.cols, P = x.cols, Kp = sparse24_padded_cols(K);
-  if (N == 0 || P == 0) return;
-  PYHWP_CHECK(y.data != nullptr, "sparse24_matmul: null y");
-  PYHWP_CHECK(K == 0 || (x.data && w.values && w.meta), "sparse24_matmul: null x, values or meta");
-
   const int nt = N * (Kp / 2) * P < Cfg::kSerialWork ? 1 : num_threads;
   const Isa isa = active_isa();
 
   if (P < Cfg::kPermuteMaxP) {
-    const DenseIn xk = K == 0 ? DenseIn{x.data, 0, P, 1, 0} : padded_k_contiguous(x, Kp);
-    const Sparse24RowsFn fn = pick(isa, /*permute=*/true);
+    const DenseIn xk = K == 0 ? DenseIn{x.data, 0, P, 1, 0} : padded_k_contiguous(x, Kp, x_padded);
+    const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/true);
     const int64_t nblocks = (N + Cfg::kRowBlock - 1) / Cfg::kRowBlock;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t b = 0; b < nblocks; ++b) {
@@ -149,7 +160,7 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
     }
   } else {
     const DenseIn xp{K > 0 ? sparse24_pack_panels(x, nt) : x.data, K, P, sparse24_panel_width(P), 1};
-    const Sparse24RowsFn fn = pick(isa, /*permute=*/false);
+    const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
     const int64_t ld_tile = (P + 15) / 16 * 16;
     const int64_t items = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
@@ -188,6 +199,35 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
       return count;
     });
   }
+}
+
+}  // namespace
+
+void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bias,
+                     const DenseOut& y, int num_threads) {
+  check_args(w, x.rows, x.cols, y.rows, y.cols, num_threads, "sparse24_matmul");
+  if (w.rows == 0 || x.cols == 0) return;
+  PYHWP_CHECK(y.data != nullptr, "sparse24_matmul: null y");
+  PYHWP_CHECK(w.cols == 0 || (x.data && w.values && w.meta), "sparse24_matmul: null x, values or meta");
+  run_sparse24(w, x, /*x_padded=*/false, bias, y, num_threads);
+}
+
+void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                          const DenseOutBf16& y, int num_threads) {
+  check_args(w, x.rows, x.cols, y.rows, y.cols, num_threads, "sparse24_matmul_bf16");
+  const int64_t N = w.rows, K = w.cols, P = x.cols, Kp = sparse24_padded_cols(K);
+  if (N == 0 || P == 0) return;
+  PYHWP_CHECK(y.data != nullptr, "sparse24_matmul_bf16: null y");
+  PYHWP_CHECK(K == 0 || (x.data && w.values && w.meta), "sparse24_matmul_bf16: null x, values or meta");
+  // X widened k-contiguous and zero-padded to Kp (what the permute kernels read as is) unless it
+  // comes in the conv layout at a batch the tile kernels take; the driver uses slots 0 and 1.
+  const bool k_rows = P < Sparse24CpuConfig::kPermuteMaxP || x.stride_k == 1;
+  const int64_t ld = k_rows ? Kp : P;
+  const DenseIn xf = widen_bf16(x, k_rows, ld, scratch(2, (k_rows ? P : K) * ld + 16), num_threads);
+  float* yf = scratch(3, N * P + N + 16);
+  const DenseOut yv = float_like(y, yf);
+  run_sparse24(w, xf, /*x_padded=*/k_rows, widen_bf16(bias, N, yf + N * P), yv, num_threads);
+  round_to_bf16(yv, y, num_threads);
 }
 
 }  // namespace pyhwp

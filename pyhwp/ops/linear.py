@@ -86,8 +86,8 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     """y = x @ weight.T + bias with a pruned weight, equal to F.linear on weight.to_dense().
 
     Args:
-        x: (..., in_features) tensor, any leading dims and strides; float32 on the CPU (bfloat16 too
-            for CSR), float32, float16 or bfloat16 on CUDA, float64 anywhere through the ops' torch
+        x: (..., in_features) tensor, any leading dims and strides; float32 or bfloat16 on the CPU,
+            float32, float16 or bfloat16 on CUDA, float64 anywhere through the ops' torch
             path (for gradcheck); pyhwp.kernels.KERNELS says which.
         weight: a 2-D SparseWeight from pyhwp.to_sparse (shape (out_features, in_features)).
         bias: optional (out_features,) tensor, same dtype and device as x.

@@ -52,12 +52,16 @@ MASKED_PATTERN = MatmulPattern(
 )
 
 
+_KERNEL = {torch.float32: _C.masked_matmul, torch.bfloat16: _C.masked_matmul_bf16}
+
+
 def masked_matmul_impl(x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: torch.Tensor,
                        mask_bits: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False,
                        tile_map: torch.Tensor | None = None) -> torch.Tensor:
     """x (P, K) @ W.T + bias with W (N, K) in the masked tile layout (MaskedWeight: tile_ptr,
     tile_idx, values; mask_bits (N, ceil(K/8)) names the kept positions for the gradient and
-    gives N); x may have any strides.
+    gives N); x may have any strides. On the CPU x, values and bias are all float32 or all
+    bfloat16 (bfloat16: float32 products and sums, one rounding of each output).
 
     Returns y (P, N), or with transpose_out=True its transpose Y = W @ x.T + bias[:, None] as a
     contiguous (N, P) tensor (the layout of a conv output image). CUDA tensors of float32,
@@ -90,7 +94,11 @@ def masked_matmul_into(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor,
     if x.device.type == "cuda":
         _masked_matmul_cuda(x, tile_ptr, tile_idx, values, n, bias, y, tile_map)
         return
-    _C.masked_matmul(
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"pyhwp::masked_matmul: the CPU kernels take x, values and bias of one dtype "
+                        f"(float32 or bfloat16), got x {x.dtype}, values {values.dtype}"
+                        + ("" if bias is None else f", bias {bias.dtype}"))
+    _KERNEL[x.dtype](
         n, k, tile_idx.shape[0], tile_ptr.data_ptr(), tile_idx.data_ptr(), values.data_ptr(),
         x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
         y.data_ptr(), y.stride(1), y.stride(0), torch.get_num_threads(),

@@ -29,10 +29,16 @@ SPARSE24_PATTERN = MatmulPattern(n_arrays=2, values_index=0, positions=sparse24_
                                  padded_in_features=lambda k, values, meta: values.shape[1] * KEEP)
 
 
+_KERNEL = {torch.float32: _C.sparse24_matmul, torch.bfloat16: _C.sparse24_matmul_bf16}
+
+
 def sparse24_matmul_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
                          transpose_out: bool = False) -> torch.Tensor:
-    """x (P, K) @ W.T + bias with W (N, K) in 2:4 storage (Sparse24Weight values (N, Kp/2) float32
-    and meta (N, Kp/32) int32, Kp = K rounded up to 32); x may have any strides.
+    """x (P, K) @ W.T + bias with W (N, K) in 2:4 storage (Sparse24Weight values (N, Kp/2) and meta
+    (N, Kp/32) int32, Kp = K rounded up to 32); x may have any strides.
+
+    On the CPU x, values and bias are all float32 or all bfloat16 (bfloat16: float32 products and
+    sums, one rounding of each output).
 
     Returns y (P, N), or with transpose_out=True its transpose Y = W @ x.T + bias[:, None] as a
     contiguous (N, P) tensor (the layout of a conv output image). CUDA tensors of float16 or
@@ -62,7 +68,11 @@ def sparse24_matmul_into(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
     if x.device.type == "cuda":
         _sparse24_matmul_cuda(x, values, meta, None if bias is None else bias.contiguous(), y)
         return
-    _C.sparse24_matmul(
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"pyhwp::sparse24_matmul: the CPU kernels take x, values and bias of one dtype "
+                        f"(float32 or bfloat16), got x {x.dtype}, values {values.dtype}"
+                        + ("" if bias is None else f", bias {bias.dtype}"))
+    _KERNEL[x.dtype](
         n, k, values.data_ptr(), meta.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0),
         0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(1), y.stride(0),
         torch.get_num_threads(),

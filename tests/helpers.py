@@ -96,3 +96,27 @@ def assert_linear_close_accum(y, x, dense_w, bias=None, terms=None, accum=torch.
     err = (y.double().cpu() - ref).abs()
     worst = (err - tol).max().item() if err.numel() else 0.0
     assert worst <= 0, f"max error {err.max().item():.3e} exceeds bound by {worst:.3e}"
+
+
+def assert_linear_close_bf16(y, x, dense_w, bias=None, terms=None):
+    """y (bfloat16) must be F.linear(x, dense_w, bias) computed in float32 and rounded once.
+
+    x, dense_w and bias are the bfloat16 operands themselves (exact in float32 and float64), so the
+    reference is exact in float64. A float32 sum s of n products and the bias is within
+    gamma_n * sum|terms| of the exact value z (gamma_n = n u32 / (1 - n u32) <= (n + 1) u32 here);
+    rounding s to bfloat16 (nearest even) adds at most u_bf16 |s| <= u_bf16 (|z| + |s - z|), half an
+    ulp of bfloat16. So |y - z| <= u_bf16 |z| + (1 + u_bf16)(n + 2) u32 sum|terms|. `terms` is the
+    most non-zero products any output sums (zero products add exactly); default in_features.
+    """
+    assert y.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+    assert y.shape == (*x.shape[:-1], dense_w.shape[0])
+    xd, wd = x.detach().double().cpu(), dense_w.detach().double().cpu()
+    bd = None if bias is None else bias.detach().double().cpu()
+    ref = torch.nn.functional.linear(xd, wd, bd)
+    mag = torch.nn.functional.linear(xd.abs(), wd.abs(), None if bd is None else bd.abs())
+    n = (terms if terms is not None else dense_w.shape[1]) + 2
+    u16, u32 = UNIT_ROUNDOFF[torch.bfloat16], UNIT_ROUNDOFF[torch.float32]
+    tol = u16 * ref.abs() + (1 + u16) * n * u32 * mag + 1e-30
+    err = (y.double().cpu() - ref).abs()
+    worst = (err - tol).max().item() if err.numel() else 0.0
+    assert worst <= 0, f"max error {err.max().item():.3e} exceeds bound by {worst:.3e}"

@@ -106,12 +106,14 @@ class _RecordPyhwpOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", None), ("cpu", torch.bfloat16), pytest.param("cuda", None, marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_opcheck_every_op(pattern, device):
+def test_opcheck_every_op(pattern, device, dtype):
     """torch.library.opcheck on every pyhwp op that linear and conv2d call, as they call it
-    (both output layouts, with and without bias), with the stored values requiring grad."""
-    dtype = supported_dtype(pattern, device)
+    (both output layouts, with and without bias), with the stored values requiring grad; in the
+    kernels' float32 (None) and in bfloat16, which every CPU kernel serves."""
+    dtype = dtype or supported_dtype(pattern, device)
     _, sw = _weight(pattern, (9, 16), seed=8, dtype=dtype, device=device)
     _, sw4 = _weight(pattern, (5, 4, 2, 2), seed=9, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(10)

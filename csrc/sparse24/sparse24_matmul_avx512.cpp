@@ -133,7 +133,9 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
     const float* xc = x + 32 * c * ld;
     uint32_t m[R];
     const float* v[R];
-    // bfloat16 values: widen the word's 16 slots once, so each slot stays a memory broadcast.
+    // bfloat16 values: widen the word's 16 slots once into L1, so each slot stays a memory
+    // broadcast (load ports) as for float. The opaque pointer stops gcc from keeping them in a
+    // register and extracting lanes with two port-5 shuffles per slot (measured 20% slower).
     alignas(64) float widened[std::is_same_v<T, float> ? 1 : R][16];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
@@ -142,7 +144,9 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
         v[r] = vals + r * words * 16 + 16 * c;
       } else {
         _mm512_store_ps(widened[r], load16(vals + r * words * 16 + 16 * c));
-        v[r] = widened[r];
+        const float* wr = widened[r];
+        asm("" : "+r"(wr));
+        v[r] = wr;
       }
     }
 #pragma GCC unroll 16

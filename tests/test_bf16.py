@@ -1,0 +1,184 @@
+"""bfloat16 on the CPU for the 2:4 and masked patterns: float64 references, bit-equality with the
+float32 kernels rounded once, layouts, NaN/Inf, bad input (CSR's bfloat16: test_csr_paths.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyhwp
+from helpers import assert_linear_close_bf16, pattern_weight
+
+PATTERNS = ["2:4", "masked"]
+# Odd sizes around the 2:4 groups (4) and metadata words (32), masked tiles (16) and panels.
+SHAPES = [(1, 1), (5, 3), (17, 33), (16, 32), (37, 77), (33, 130), (70, 1000)]
+# Around the 2:4 permute/tile switch (8) and the masked narrow/wide switch (29 on AVX-512).
+BATCHES = [1, 2, 5, 8, 9, 17, 33, 64, 130]
+
+
+def bf16_weight(shape, pattern, g):
+    """A random bfloat16 weight `pattern` can store (masked: 16x16 tiles half zero, plus
+    unstructured zeros, so stored tiles hold pruned zeros too)."""
+    if pattern == "masked":
+        w = pattern_weight(shape, "csr", 0.4, g)
+        w2 = w.reshape(shape[0], -1)
+        n, k = w2.shape
+        keep = (torch.rand(-(-n // 16), -(-k // 16), generator=g) >= 0.5)
+        keep = keep.repeat_interleave(16, 0).repeat_interleave(16, 1)[:n, :k]
+        w = (w2 * keep).reshape(shape)
+    else:
+        w = pattern_weight(shape, pattern, generator=g)
+    return w.bfloat16()
+
+
+def terms(w):
+    w2 = w.reshape(w.shape[0], -1)
+    return int((w2 != 0).sum(1).max()) + 1 if w2.numel() else 1
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64_reference(isa, pattern, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    w = bf16_weight(shape, pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    assert sw.dtype == torch.bfloat16 and sw.values.dtype == torch.bfloat16
+    bias = torch.randn(shape[0], generator=g).bfloat16()
+    for batch in BATCHES:
+        x = torch.randn(batch, shape[1], generator=g).bfloat16()
+        for b in (None, bias):
+            assert_linear_close_bf16(pyhwp.linear(x, sw, b), x, w, b, terms(w))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("batch", [1, 3, 16, 45, 130])
+def test_equals_float32_kernel_rounded_once(isa, pattern, batch):
+    """The bfloat16 entry is the float32 kernel on exactly widened operands plus one rounding per
+    output: same products, same summation order, so the results agree bit for bit."""
+    g = torch.Generator().manual_seed(batch)
+    w = bf16_weight((45, 300), pattern, g)
+    sw, sw32 = pyhwp.to_sparse(w, pattern), pyhwp.to_sparse(w.float(), pattern)
+    x = torch.randn(batch, 300, generator=g).bfloat16()
+    bias = torch.randn(45, generator=g).bfloat16()
+    y = pyhwp.linear(x, sw, bias)
+    assert torch.equal(y, pyhwp.linear(x.float(), sw32, bias.float()).bfloat16())
+    xs = x.t().contiguous().t()  # the same values with k strided
+    assert torch.equal(pyhwp.linear(xs, sw), pyhwp.linear(xs.float(), sw32).bfloat16())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_3d_and_non_contiguous_input(isa, pattern):
+    g = torch.Generator().manual_seed(3)
+    w = bf16_weight((40, 66), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(3, 50, 66, generator=g).bfloat16()
+    y = pyhwp.linear(x, sw)
+    assert y.shape == (3, 50, 40) and y.dtype == torch.bfloat16
+    assert_linear_close_bf16(y, x, w, terms=terms(w))
+    for xs in (torch.randn(66, 20, generator=g).bfloat16().t(),          # transposed
+               torch.randn(20, 132, generator=g).bfloat16()[:, ::2],       # strided columns
+               torch.randn(1, 66, generator=g).bfloat16().expand(9, 66)):  # stride-0 rows
+        assert_linear_close_bf16(pyhwp.linear(xs, sw), xs, w, terms=terms(w))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("p", [1, 7, 45, 200])
+def test_transpose_out_conv_layout(isa, pattern, p):
+    """(K, P) patch matrices with p contiguous, output (N, P): the conv layout of both kernels."""
+    from pyhwp.kernels import find_kernel
+    from pyhwp.ops.linear import MATMULS
+
+    g = torch.Generator().manual_seed(p)
+    w = bf16_weight((37, 50), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    bias = torch.randn(37, generator=g).bfloat16()
+    xt = torch.randn(50, p, generator=g).bfloat16()
+    mm = MATMULS[find_kernel("linear", pattern, xt.device, xt.dtype).name]
+    y = mm(xt.t(), sw, bias, True)
+    assert y.shape == (37, p) and y.is_contiguous() and y.dtype == torch.bfloat16
+    assert_linear_close_bf16(y.t(), xt.t(), w, bias, terms(w))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_conv2d(isa, pattern):
+    g = torch.Generator().manual_seed(5)
+    w = bf16_weight((8, 4, 3, 3), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(2, 4, 7, 7, generator=g).bfloat16()
+    bias = torch.randn(8, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, sw, bias, padding=1)
+    ref = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+    mag = F.conv2d(x.double().abs(), w.double().abs(), bias.double().abs(), padding=1)
+    u16, u32 = 2.0**-8, 2.0**-24
+    tol = u16 * ref.abs() + (1 + u16) * (36 + 2) * u32 * mag
+    assert y.dtype == torch.bfloat16 and bool(((y.double() - ref).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("batch", [1, 4, 40])
+def test_nonfinite_inputs_propagate_like_dense(isa, pattern, batch):
+    g = torch.Generator().manual_seed(9)
+    w = bf16_weight((30, 40), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(batch, 40, generator=g).bfloat16()
+    x[0, 3] = float("nan")
+    x[-1, 7] = float("inf")
+    x[batch // 2, 20] = float("-inf")
+    y = pyhwp.linear(x, sw)
+    ref = F.linear(x.double(), w.double())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.equal(torch.signbit(y[torch.isinf(y)]), torch.signbit(ref[torch.isinf(ref)]))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_empty_batch_and_zero_weight(pattern):
+    sw = pyhwp.to_sparse(torch.zeros(20, 32).bfloat16(), pattern)
+    assert pyhwp.linear(torch.randn(0, 32).bfloat16(), sw).shape == (0, 20)
+    bias = torch.randn(20).bfloat16()
+    assert torch.equal(pyhwp.linear(torch.randn(3, 32).bfloat16(), sw, bias), bias.expand(3, 20))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_mixed_dtypes_are_refused(pattern):
+    w = bf16_weight((6, 8), pattern, torch.Generator().manual_seed(1))
+    sw = pyhwp.to_sparse(w, pattern)
+    with pytest.raises(TypeError, match="x has dtype torch.float32 but weight has torch.bfloat16"):
+        pyhwp.linear(torch.randn(2, 8), sw)
+    with pytest.raises(TypeError, match="bias has dtype torch.float32, input has torch.bfloat16"):
+        pyhwp.linear(torch.randn(2, 8).bfloat16(), sw, torch.randn(6))
+    # The op itself (what autograd and compiled graphs call) checks too.
+    op, arrays = ((torch.ops.pyhwp.sparse24_matmul, (sw.values, sw.meta)) if pattern == "2:4" else
+                  (torch.ops.pyhwp.masked_matmul, (sw.tile_ptr, sw.tile_idx, sw.values, sw.mask_bits)))
+    name = "sparse24_matmul" if pattern == "2:4" else "masked_matmul"
+    arrays32 = tuple(a.float() if a is sw.values else a for a in arrays)
+    with pytest.raises(TypeError, match=rf"pyhwp::{name}: .* one dtype .* got x torch.bfloat16, values torch.float32"):
+        op(torch.randn(2, 8).bfloat16(), *arrays32, None)
+    with pytest.raises(TypeError, match=r"values torch.bfloat16, bias torch.float32"):
+        op(torch.randn(2, 8).bfloat16(), *arrays, torch.randn(6))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("batch", [1, 40])
+def test_grads_match_dense_autograd(pattern, batch):
+    """bfloat16 backward (torch ops on the stored arrays) against dense float64 autograd on the same
+    bfloat16 values, within bfloat16 rounding of the results."""
+    g = torch.Generator().manual_seed(7)
+    w = bf16_weight((33, 40), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(batch, 40, generator=g).bfloat16()
+    b = torch.randn(33, generator=g).bfloat16()
+    gy = torch.randn(batch, 33, generator=g).bfloat16()
+    arrays = {k: v for k, v in sw._tensors().items()}
+    vs = sw.values.detach().clone().requires_grad_()
+    xs, bs = x.clone().requires_grad_(), b.clone().requires_grad_()
+    pyhwp.linear(xs, type(sw)._unchecked(sw.shape, **(arrays | {"values": vs})), bs).backward(gy)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    F.linear(xd, wd, bd).backward(gy.double())
+    assert xs.grad.dtype == vs.grad.dtype == bs.grad.dtype == torch.bfloat16
+    tol = dict(rtol=2**-7, atol=2**-7 * 8)
+    torch.testing.assert_close(xs.grad.double(), xd.grad, **tol)
+    torch.testing.assert_close(bs.grad.double(), bd.grad, **tol)
+    kept = type(sw)._unchecked(sw.shape, **(arrays | {"values": vs.grad})).to_dense().double()
+    torch.testing.assert_close(kept, wd.grad * (w != 0), **tol)

@@ -186,7 +186,9 @@ def suite_cases(suite: str, device: str, threads: int) -> list[Case]:
         cases = [linear_case((64, 48), 1, "csr", 0.9), linear_case((64, 48), 16, "csr", 0.7),
                  linear_case((32, 64), 4, "2:4", 0.5), linear_case((32, 32), 2, "masked", 0.5),
                  conv_case(ConvShape(8, 4, 3, 6), 1, "csr", 0.8),
-                 linear_case((64, 48), 3, "csr", 0.9, dtype="bfloat16", section="bf16")]
+                 linear_case((64, 48), 3, "csr", 0.9, dtype="bfloat16", section="bf16"),
+                 linear_case((32, 64), 4, "2:4", 0.5, dtype="bfloat16", section="bf16"),
+                 linear_case((32, 32), 2, "masked", 0.5, dtype="bfloat16", section="bf16")]
         cases += [linear_case((64, 48), 8, "csr", 0.9, threads=t, section="scaling") for t in (1, threads)] \
             if threads >= 2 else []
     else:

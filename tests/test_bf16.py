@@ -39,7 +39,7 @@ def terms(w):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_float64_reference(bf16_isa, pattern, shape):
+def test_matches_float64_reference(isa, pattern, shape):
     g = torch.Generator().manual_seed(sum(shape))
     w = bf16_weight(shape, pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -53,12 +53,9 @@ def test_matches_float64_reference(bf16_isa, pattern, shape):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("batch", [1, 3, 16, 45, 130])
-def test_equals_float32_kernel_rounded_once(bf16_isa, pattern, batch):
+def test_equals_float32_kernel_rounded_once(isa, pattern, batch):
     """The bfloat16 entry is the float32 kernel on exactly widened operands plus one rounding per
-    output: same products, same summation order, so the results agree bit for bit. (The
-    AVX512-BF16 masked kernel sums k in pairs instead; the float64-bound tests cover it.)"""
-    if bf16_isa == "avx512_bf16" and pattern == "masked":
-        pytest.skip("vdpbf16ps sums two k per step: a different summation order")
+    output: same products, same summation order, so the results agree bit for bit."""
     g = torch.Generator().manual_seed(batch)
     w = bf16_weight((45, 300), pattern, g)
     sw, sw32 = pyhwp.to_sparse(w, pattern), pyhwp.to_sparse(w.float(), pattern)
@@ -71,9 +68,9 @@ def test_equals_float32_kernel_rounded_once(bf16_isa, pattern, batch):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_long_k_and_wide_batch(bf16_isa, pattern):
-    """K = 4095 (odd: a k pair straddles K; several packing units and K chunks) at 300 columns
-    (several register blocks per panel)."""
+def test_long_k_and_wide_batch(isa, pattern):
+    """K = 4095 (odd; several packing units and K chunks) at 300 columns (several register
+    blocks per panel)."""
     g = torch.Generator().manual_seed(13)
     w = bf16_weight((40, 4095), pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -83,7 +80,7 @@ def test_long_k_and_wide_batch(bf16_isa, pattern):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_3d_and_non_contiguous_input(bf16_isa, pattern):
+def test_3d_and_non_contiguous_input(isa, pattern):
     g = torch.Generator().manual_seed(3)
     w = bf16_weight((40, 66), pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -99,7 +96,7 @@ def test_3d_and_non_contiguous_input(bf16_isa, pattern):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("p", [1, 7, 45, 200])
-def test_transpose_out_conv_layout(bf16_isa, pattern, p):
+def test_transpose_out_conv_layout(isa, pattern, p):
     """(K, P) patch matrices with p contiguous, output (N, P): the conv layout of both kernels."""
     from pyhwp.kernels import find_kernel
     from pyhwp.ops.linear import MATMULS
@@ -116,7 +113,7 @@ def test_transpose_out_conv_layout(bf16_isa, pattern, p):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_conv2d(bf16_isa, pattern):
+def test_conv2d(isa, pattern):
     g = torch.Generator().manual_seed(5)
     w = bf16_weight((8, 4, 3, 3), pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -132,7 +129,7 @@ def test_conv2d(bf16_isa, pattern):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("batch", [1, 4, 40])
-def test_nonfinite_inputs_propagate_like_dense(bf16_isa, pattern, batch):
+def test_nonfinite_inputs_propagate_like_dense(isa, pattern, batch):
     g = torch.Generator().manual_seed(9)
     w = bf16_weight((30, 40), pattern, g)
     sw = pyhwp.to_sparse(w, pattern)

@@ -27,9 +27,6 @@ const CpuFeatures& cpu_features() {
 
 static Isa best_isa() {
   const CpuFeatures& f = cpu_features();
-#ifdef PYHWP_HAVE_AVX512BF16  // the compiler built the AVX512-BF16 kernels
-  if (f.avx512_bf16) return Isa::kAvx512Bf16;
-#endif
   if (f.avx512) return Isa::kAvx512;
   if (f.avx2) return Isa::kAvx2;
   return Isa::kScalar;
@@ -48,7 +45,6 @@ Isa set_isa_cap(Isa cap) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -56,11 +52,10 @@ const char* isa_name(Isa isa) {
 }
 
 Isa isa_from_name(const std::string& name) {
-  if (name == "avx512_bf16") return Isa::kAvx512Bf16;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "scalar") return Isa::kScalar;
-  fail("unknown ISA '", name, "': expected 'scalar', 'avx2', 'avx512' or 'avx512_bf16'");
+  fail("unknown ISA '", name, "': expected 'scalar', 'avx2' or 'avx512'");
 }
 
 }  // namespace pyhwp

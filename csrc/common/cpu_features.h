@@ -4,9 +4,8 @@
 
 namespace pyhwp {
 
-// Kernel variants, from the most portable to the fastest. kAvx512Bf16 adds the AVX512-BF16 dot
-// products (vdpbf16ps) to AVX-512: kernels without a variant of their own run their kAvx512 one.
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// Kernel variants, from the most portable to the fastest.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA

@@ -114,7 +114,6 @@ TransposeFn transpose_scalar() { return &transpose_block_scalar; }
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512Bf16:
     case Isa::kAvx512: return csr_kernels_avx512<I, T>();
     case Isa::kAvx2: return csr_kernels_avx2<I, T>();
     default: return csr_kernels_scalar<I, T>();
@@ -151,7 +150,7 @@ namespace {
 using Cfg = CsrCpuConfig;
 
 
-TransposeFn pick_transpose(Isa isa) { return isa >= Isa::kAvx512 ? transpose_avx512() : transpose_scalar(); }
+TransposeFn pick_transpose(Isa isa) { return isa == Isa::kAvx512 ? transpose_avx512() : transpose_scalar(); }
 
 
 // Float32 X as the kernels read it: `data` with element (k, p) at data[k*sk + p*sp].

@@ -138,18 +138,6 @@ template <typename T> void masked_block_avx2(const MaskedBlockT<T>& b);
 template <typename T> void masked_block_avx512(const MaskedBlockT<T>& b);
 template <typename T> void masked_wide_avx512(const MaskedWideBlockT<T>& b);
 
-// AVX512-BF16 (masked_matmul_avx512bf16.cpp, built where the compiler has -mavx512bf16): the
-// MaskedBlock contract for bfloat16 tiles with X packed as bfloat16 pairs, read from b.xp as
-// uint32: the pair {X(2j, p0 + i) in the low half, X(2j + 1, p0 + i) in the high half} at
-// xq[j * mr + i] for j in [0, 8 ceil(K/16)) (zeros past K). vdpbf16ps: exact products, float32
-// sums (denormal inputs and results flushed to zero), two k per instruction. mr <= kMrAvx512.
-void masked_block_avx512bf16(const MaskedBlockT<uint16_t>& b);
-// Packs the pairs of rows [k0, k1) (k0, k1 even, zeros at k >= K) of bfloat16 X's columns
-// [p0, p0 + width) into dst: pair row j at dst[j * ld + i], zeros at i in [width, ld). Returns
-// 0x7f800000 when a packed value is NaN or Inf, else a smaller exponent field.
-uint32_t masked_pack_pairs_bf16(const DenseInBf16& x, int64_t p0, int width, int ld, int64_t k0,
-                                int64_t k1, uint32_t* dst);
-
 // Writes a finished accumulator tile to Y: Y(r, p) = y[r * sn + p * sp] for r < rows, p < cols
 // becomes acc[16 p + r] + bias[r] (bias may be nullptr), or with accumulate, Y(r, p) + acc[16 p + r].
 using MaskedStoreFn = void (*)(const float* acc, int64_t cols, int rows, const float* bias,

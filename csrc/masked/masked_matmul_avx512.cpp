@@ -116,25 +116,38 @@ void wide(const MaskedWideBlockT<T>& b) {
   for (int r = 0; r < 8; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
   const T* w = b.tiles + 8 * b.half;
-  // bfloat16 tiles: this half's 16 x 8 weights widened once per tile, so that each weight stays a
-  // memory broadcast (16 conversions against 128 NV FMAs). float tiles are read in place.
-  constexpr int64_t kWs = std::is_same_v<T, float> ? Cfg::kTileN : 8;  // floats between k rows
-  alignas(32) float widened[std::is_same_v<T, float> ? 1 : Cfg::kTileK * 8];
-  for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
+  // bfloat16 tiles: this half's 16 x 8 weights are widened into L1 once per tile, one tile ahead
+  // (double buffer), so that each weight stays a memory broadcast (16 conversions against 128 NV
+  // FMAs) and the widening is off the path to the tile's first FMA. The opaque pointer stops gcc
+  // from keeping them in registers, extracting lanes and spilling accumulators. float tiles are
+  // read in place.
+  constexpr bool kWiden = !std::is_same_v<T, float>;
+  constexpr int64_t kWs = kWiden ? 8 : Cfg::kTileN;  // floats between k rows
+  alignas(32) float widened[2][kWiden ? Cfg::kTileK * 8 : 1];
+  auto widen_tile = [&](int64_t jw) {
+    if constexpr (kWiden) {
+#pragma GCC unroll 16
+      for (int k = 0; k < Cfg::kTileK; ++k) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + jw * Cfg::kTileSize + Cfg::kTileN * k));
+        _mm256_store_ps(widened[jw & 1] + 8 * k,
+                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+      }
+    }
+  };
+  if (b.count > 0) widen_tile(0);
+  for (int64_t j = 0; j < b.count; ++j) {
     const float* xt = b.xp + int64_t{b.tidx[j]} * (Cfg::kTileK * kLd);
     const int64_t jn = j + 1 < b.count ? j + 1 : j;
     const char* xn = reinterpret_cast<const char*>(b.xp + int64_t{b.tidx[jn]} * (Cfg::kTileK * kLd));
-    const char* wn = reinterpret_cast<const char*>(w + Cfg::kPrefetchTiles * Cfg::kTileSize);
+    const T* wj = w + j * Cfg::kTileSize;
+    const char* wn = reinterpret_cast<const char*>(wj + Cfg::kPrefetchTiles * Cfg::kTileSize);
     const float* wf;
-    if constexpr (std::is_same_v<T, float>) {
-      wf = w;
+    if constexpr (kWiden) {
+      if (j + 1 < b.count) widen_tile(j + 1);
+      wf = widened[j & 1];
+      asm("" : "+r"(wf));
     } else {
-#pragma GCC unroll 16
-      for (int k = 0; k < Cfg::kTileK; ++k) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + Cfg::kTileN * k));
-        _mm256_store_ps(widened + 8 * k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-      }
-      wf = widened;
+      wf = wj;
     }
 #pragma GCC unroll 16
     for (int k = 0; k < Cfg::kTileK; ++k) {

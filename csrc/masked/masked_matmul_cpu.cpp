@@ -63,7 +63,6 @@ struct IsaKernel {
 template <typename T>
 IsaKernel<T> pick(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512Bf16:  // float32 tiles have no dot-product kernel; bfloat16 ones: run_bf16_dot
     case Isa::kAvx512:
       return {masked_block_avx512<T>, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512,
               masked_wide_avx512<T>, masked_store_wide_avx512};
@@ -170,16 +169,14 @@ void check_args(const MaskedMatrixT<T>& w, int64_t x_rows, int64_t x_cols, int64
   PYHWP_CHECK(w.tile_ptr[ceil_div(w.rows, Cfg::kTileN)] == w.ntiles, op, ": tile_ptr[-1] != ntiles");
 }
 
-// The driver: T-valued tiles times P columns of X packed by `pack`, float32 bias and Y (any
-// strides). pack(p0, width, ld, k0, k1, dst) writes rows [k0, k1) of block (p0, width) in the
-// layout isa.fn reads (zeros past K) and returns the largest exponent field it met (0x7f800000:
-// a NaN or Inf). Returns whether X held a NaN or Inf (the caller then calls propagate). Uses
-// scratch slots 2 and 3.
-template <typename T, typename Pack>
-bool run_masked(const MaskedMatrixT<T>& w, const IsaKernel<T>& isa, int64_t P, Pack pack, const float* bias,
-                const DenseOut& y, int num_threads) {
-  const int64_t N = w.rows, K = w.cols;
+// The driver: float32 X, bias and Y (any strides); T-valued tiles. Uses scratch slots 2 and 3.
+template <typename T>
+void run_masked(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, const DenseOut& y,
+                int num_threads) {
+  const int64_t N = w.rows, K = w.cols, P = x.cols;
   const int64_t npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(K, Cfg::kTileK);
+
+  const IsaKernel<T> isa = pick<T>(active_isa());
   const int64_t kp = ktiles * Cfg::kTileK;  // packed rows of x, zero past K
   // Columns are split into p-blocks of (nearly) equal width, one register block each. Narrow
   // blocks are 1..mr_max columns: 128 columns on AVX-512 make 5 blocks of 26 or 24, not 4 of 28 and
@@ -228,7 +225,9 @@ bool run_masked(const MaskedMatrixT<T>& w, const IsaKernel<T>& isa, int64_t P, P
       const int width = static_cast<int>(std::min(step, P - p0));
       const int ld = static_cast<int>(block_ld(bi));
       float* dst = xp + bi * step * kp;
-      worst = std::max(worst, pack(p0, width, ld, k0, std::min(kp, k0 + kPackRows), dst));
+      const int64_t k1 = std::min(kp, k0 + kPackRows);
+      worst = std::max(worst, isa.pack(x, p0, width, ld, k0, std::min(K, k1), dst));
+      for (int64_t k = std::max(k0, K); k < k1; ++k) std::fill(dst + k * ld, dst + (k + 1) * ld, 0.f);
     }
 
     // Each item accumulates its 16 x group_cols outputs in a contiguous thread-local tile (narrow:
@@ -291,37 +290,19 @@ bool run_masked(const MaskedMatrixT<T>& w, const IsaKernel<T>& isa, int64_t P, P
     }
   }
 
-  return worst == 0x7f800000u;
-}
-
-// Stored tiles multiply every x in their 16 columns (a kept or pruned zero times Inf is NaN
-// there as in dense); skipped tiles are what propagate_nonfinite has to make up for.
-template <typename T>
-void propagate(const MaskedMatrixT<T>& w, const DenseIn& x, const DenseOut& y) {
-  const int64_t K = w.cols;
-  propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) {
-    const int64_t panel = n / Cfg::kTileN;
-    int64_t cnt = 0;
-    for (int64_t t = w.tile_ptr[panel]; t < w.tile_ptr[panel + 1]; ++t) {
-      const int64_t k0 = int64_t{w.tile_idx[t]} * Cfg::kTileK, k1 = std::min(K, k0 + Cfg::kTileK);
-      for (int64_t k = k0; k < k1; ++k) cnt += flags[k];
-    }
-    return cnt;
-  });
-}
-
-// Float32 X (any strides) through the ISA's float packing.
-template <typename T>
-bool run_float_x(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, const DenseOut& y,
-                 int num_threads) {
-  const IsaKernel<T> isa = pick<T>(active_isa());
-  const int64_t K = w.cols;
-  auto pack = [&](int64_t p0, int width, int ld, int64_t k0, int64_t k1, float* dst) {
-    const uint32_t worst = k0 < K ? isa.pack(x, p0, width, ld, k0, std::min(K, k1), dst) : 0;
-    for (int64_t k = std::max(k0, K); k < k1; ++k) std::fill(dst + k * ld, dst + (k + 1) * ld, 0.f);
-    return worst;
-  };
-  return run_masked(w, isa, x.cols, pack, bias, y, num_threads);
+  if (worst == 0x7f800000u) {
+    // Stored tiles multiply every x in their 16 columns (a kept or pruned zero times Inf is NaN
+    // there as in dense); skipped tiles are what propagate_nonfinite has to make up for.
+    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) {
+      const int64_t panel = n / Cfg::kTileN;
+      int64_t cnt = 0;
+      for (int64_t t = w.tile_ptr[panel]; t < w.tile_ptr[panel + 1]; ++t) {
+        const int64_t k0 = int64_t{w.tile_idx[t]} * Cfg::kTileK, k1 = std::min(K, k0 + Cfg::kTileK);
+        for (int64_t k = k0; k < k1; ++k) cnt += flags[k];
+      }
+      return cnt;
+    });
+  }
 }
 
 }  // namespace
@@ -331,7 +312,7 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
   check_args(w, x.rows, x.cols, y.rows, y.cols, num_threads, "masked_matmul");
   if (w.rows == 0 || x.cols == 0) return;
   PYHWP_CHECK(y.data && (w.cols == 0 || x.data), "masked_matmul: null x or y");
-  if (run_float_x(w, x, bias, y, num_threads)) propagate(w, x, y);
+  run_masked(w, x, bias, y, num_threads);
 }
 
 void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
@@ -340,28 +321,13 @@ void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const u
   const int64_t N = w.rows, K = w.cols, P = x.cols;
   if (N == 0 || P == 0) return;
   PYHWP_CHECK(y.data && (K == 0 || x.data), "masked_matmul_bf16: null x or y");
-  float* yf = scratch(1, N * P + N + 16);
-  const DenseOut yv = float_like(y, yf);
-  const float* bf = widen_bf16(bias, N, yf + N * P);
   // X widened in its own layout (the packing reads both fast); the driver uses slots 2 and 3.
   const bool k_rows = x.stride_k == 1 && x.stride_p != 1;
   const int64_t ld = k_rows ? K : P;
-  auto widened = [&] { return widen_bf16(x, k_rows, ld, scratch(0, (k_rows ? P : K) * ld + 16), num_threads); };
-#ifdef PYHWP_HAVE_AVX512BF16
-  if (active_isa() == Isa::kAvx512Bf16) {
-    // vdpbf16ps on the bfloat16 tiles and X packed as bfloat16 pairs: nothing widened (X only on
-    // the slow path that propagates a NaN/Inf).
-    const IsaKernel<uint16_t> isa{masked_block_avx512bf16, nullptr, masked_store_avx512, Cfg::kMrAvx512};
-    auto pack = [&](int64_t p0, int width, int ld_pack, int64_t k0, int64_t k1, float* dst) {
-      return masked_pack_pairs_bf16(x, p0, width, ld_pack, k0, k1, reinterpret_cast<uint32_t*>(dst));
-    };
-    if (run_masked(w, isa, P, pack, bf, yv, num_threads)) propagate(w, widened(), yv);
-    round_to_bf16(yv, y, num_threads);
-    return;
-  }
-#endif
-  const DenseIn xf = widened();
-  if (run_float_x(w, xf, bf, yv, num_threads)) propagate(w, xf, yv);
+  const DenseIn xf = widen_bf16(x, k_rows, ld, scratch(0, (k_rows ? P : K) * ld + 16), num_threads);
+  float* yf = scratch(1, N * P + N + 16);
+  const DenseOut yv = float_like(y, yf);
+  run_masked(w, xf, widen_bf16(bias, N, yf + N * P), yv, num_threads);
   round_to_bf16(yv, y, num_threads);
 }
 

@@ -129,24 +129,33 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
   const int64_t c_end = (k1 + 31) / 32;
   const int64_t c_whole = K / 32 < c_end ? K / 32 : c_end;  // words entirely below K
   int64_t c = k0 / 32;
+  // bfloat16 values: each word's 16 slots are widened into L1 once, one word ahead (double
+  // buffer), so each slot stays a memory broadcast (load ports) as for float, and the widening
+  // is off the path to the word's first FMA. The opaque pointers stop gcc from keeping the
+  // widened values in registers and extracting lanes with two port-5 shuffles per slot.
+  constexpr bool kWiden = !std::is_same_v<T, float>;
+  alignas(64) float widened[2][kWiden ? R : 1][16];
+  auto widen_word = [&](int64_t cw) {
+    if constexpr (kWiden) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) _mm512_store_ps(widened[cw & 1][r], load16(vals + r * words * 16 + 16 * cw));
+    }
+  };
+  if (c < c_whole) widen_word(c);
   for (; c < c_whole; ++c) {
     const float* xc = x + 32 * c * ld;
     uint32_t m[R];
     const float* v[R];
-    // bfloat16 values: widen the word's 16 slots once into L1, so each slot stays a memory
-    // broadcast (load ports) as for float. The opaque pointer stops gcc from keeping them in a
-    // register and extracting lanes with two port-5 shuffles per slot (measured 20% slower).
-    alignas(64) float widened[std::is_same_v<T, float> ? 1 : R][16];
+    if (c + 1 < c_whole) widen_word(c + 1);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       m[r] = meta[r * words + c];
-      if constexpr (std::is_same_v<T, float>) {
-        v[r] = vals + r * words * 16 + 16 * c;
-      } else {
-        _mm512_store_ps(widened[r], load16(vals + r * words * 16 + 16 * c));
-        const float* wr = widened[r];
+      if constexpr (kWiden) {
+        const float* wr = widened[c & 1][r];
         asm("" : "+r"(wr));
         v[r] = wr;
+      } else {
+        v[r] = vals + r * words * 16 + 16 * c;
       }
     }
 #pragma GCC unroll 16

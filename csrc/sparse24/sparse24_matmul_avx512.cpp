@@ -23,6 +23,22 @@ inline __m512 load16(const uint16_t* v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Widened bfloat16 values of R rows, one word ahead (see tile_block); nothing for float, whose
+// kernels must keep the stack frame (and registers) they had.
+template <typename T, int R>
+struct WidenedWords {
+  alignas(64) float v[2][R][16];
+};
+template <int R>
+struct WidenedWords<float, R> {};
+
+// Widens word cw of R rows (words words apart) into buffer cw % 2.
+template <int R>
+inline void widen_words(WidenedWords<uint16_t, R>& buf, const uint16_t* vals, int64_t words, int64_t cw) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) _mm512_store_ps(buf.v[cw & 1][r], load16(vals + r * words * 16 + 16 * cw));
+}
+
 // Horizontal sum. The maskz forms with full masks avoid gcc 12's false -Wuninitialized inside
 // the unmasked intrinsics (and _mm512_reduce_add_ps), which pass an undefined source.
 inline float hsum(__m512 v) {
@@ -134,24 +150,22 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
   // is off the path to the word's first FMA. The opaque pointers stop gcc from keeping the
   // widened values in registers and extracting lanes with two port-5 shuffles per slot.
   constexpr bool kWiden = !std::is_same_v<T, float>;
-  alignas(64) float widened[2][kWiden ? R : 1][16];
-  auto widen_word = [&](int64_t cw) {
-    if constexpr (kWiden) {
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) _mm512_store_ps(widened[cw & 1][r], load16(vals + r * words * 16 + 16 * cw));
-    }
-  };
-  if (c < c_whole) widen_word(c);
+  WidenedWords<T, R> widened;
+  if constexpr (kWiden) {
+    if (c < c_whole) widen_words(widened, vals, words, c);
+  }
   for (; c < c_whole; ++c) {
     const float* xc = x + 32 * c * ld;
     uint32_t m[R];
     const float* v[R];
-    if (c + 1 < c_whole) widen_word(c + 1);
+    if constexpr (kWiden) {
+      if (c + 1 < c_whole) widen_words(widened, vals, words, c + 1);
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       m[r] = meta[r * words + c];
       if constexpr (kWiden) {
-        const float* wr = widened[c & 1][r];
+        const float* wr = widened.v[c & 1][r];
         asm("" : "+r"(wr));
         v[r] = wr;
       } else {
@@ -198,8 +212,10 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
 
 // Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
 // panel's block stays in L1 while every row of the range passes over it.
+// Out of line (as gcc chose before the kernels were templated on T; inlined into the V switch,
+// float32 batch 16 measured 4-5% slower).
 template <int V, bool Masked, typename T>
-inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
+__attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
                       const float* bias, const DenseOut& y, int64_t row_begin, int64_t row_end,
                       __mmask16 last) {
   constexpr int R = 2;

@@ -107,7 +107,8 @@ class _RecordPyhwpOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("device, dtype", [
-    ("cpu", None), ("cpu", torch.bfloat16), pytest.param("cuda", None, marks=pytest.mark.cuda)])
+    ("cpu", None), ("cpu", torch.bfloat16), pytest.param("cuda", None, marks=pytest.mark.cuda)],
+    ids=["cpu", "cpu-bfloat16", "cuda"])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_opcheck_every_op(pattern, device, dtype):
     """torch.library.opcheck on every pyhwp op that linear and conv2d call, as they call it

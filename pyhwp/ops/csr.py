@@ -113,11 +113,20 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
     if x.dtype not in _KERNEL or values.dtype != x.dtype:
         raise TypeError(f"pyhwp::csr_matmul: the CPU kernels take float32 or bfloat16 x and values of the "
                         f"same dtype, got x {x.dtype}, values {values.dtype}")
+    csr_matmul_cpu(y, x, row_offsets, col_indices, values, bias)
+
+
+def csr_matmul_cpu(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
+                   values: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The CPU kernel call of csr_matmul_into for inputs already checked: x (P, K) and y (P, N) CPU
+    tensors of any strides, x, values and a contiguous bias all float32 or all bfloat16,
+    contiguous weight arrays (the eager path of pyhwp.linear on a validated CSRWeight)."""
+    p, k = x.shape
     narrow = col_indices.dtype == torch.int16
     _KERNEL[x.dtype](
-        n, k, values.shape[0], row_offsets.data_ptr(), 0 if narrow else col_indices.data_ptr(),
+        row_offsets.shape[0] - 1, k, values.shape[0], row_offsets.data_ptr(), 0 if narrow else col_indices.data_ptr(),
         values.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
-        y.data_ptr(), y_stride_n, y_stride_p, torch.get_num_threads(), col_indices.data_ptr() if narrow else 0,
+        y.data_ptr(), y.stride(1), y.stride(0), torch.get_num_threads(), col_indices.data_ptr() if narrow else 0,
     )
 
 

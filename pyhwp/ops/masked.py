@@ -98,6 +98,15 @@ def masked_matmul_into(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor,
         raise TypeError(f"pyhwp::masked_matmul: the CPU kernels take x, values and bias of one dtype "
                         f"(float32 or bfloat16), got x {x.dtype}, values {values.dtype}"
                         + ("" if bias is None else f", bias {bias.dtype}"))
+    masked_matmul_cpu(y, x, tile_ptr, tile_idx, values, n, bias)
+
+
+def masked_matmul_cpu(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor,
+                      values: torch.Tensor, n: int, bias: torch.Tensor | None) -> None:
+    """The CPU kernel call of masked_matmul_into for inputs already checked: x (P, K) and y (P, n)
+    CPU tensors of any strides, x, values and a contiguous bias all float32 or all bfloat16,
+    contiguous weight arrays (the eager path of pyhwp.linear on a validated MaskedWeight)."""
+    p, k = x.shape
     _KERNEL[x.dtype](
         n, k, tile_idx.shape[0], tile_ptr.data_ptr(), tile_idx.data_ptr(), values.data_ptr(),
         x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),

@@ -72,8 +72,17 @@ def sparse24_matmul_into(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
         raise TypeError(f"pyhwp::sparse24_matmul: the CPU kernels take x, values and bias of one dtype "
                         f"(float32 or bfloat16), got x {x.dtype}, values {values.dtype}"
                         + ("" if bias is None else f", bias {bias.dtype}"))
+    sparse24_matmul_cpu(y, x, values, meta, bias)
+
+
+def sparse24_matmul_cpu(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                        bias: torch.Tensor | None) -> None:
+    """The CPU kernel call of sparse24_matmul_into for inputs already checked: x (P, K) and y (P, N)
+    CPU tensors of any strides, x, values and a contiguous bias all float32 or all bfloat16,
+    contiguous values and meta (the eager path of pyhwp.linear on a validated Sparse24Weight)."""
+    p, k = x.shape
     _KERNEL[x.dtype](
-        n, k, values.data_ptr(), meta.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0),
+        values.shape[0], k, values.data_ptr(), meta.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0),
         0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(1), y.stride(0),
         torch.get_num_threads(),
     )

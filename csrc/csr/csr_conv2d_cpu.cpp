@@ -136,20 +136,24 @@ void run_conv(const int64_t* ro, int64_t N, const int64_t* starts, int64_t block
   std::vector<int64_t> bounds;
   csr_balanced_rows(ro, N, parts, &bounds);
   const CsrArrays<int32_t, T> a{offs, vals};
+  const bool direct = pd.wp == g.wo;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t it = 0; it < tiles * parts; ++it) {
     const int64_t part = it % parts, tile_id = it / parts, img = tile_id / ptiles;
     const int64_t p0 = (tile_id % ptiles) * kTileP, width = std::min(kTileP, P - p0);
     const int64_t r0 = bounds[static_cast<size_t>(part)], r1 = bounds[static_cast<size_t>(part + 1)];
-    float* tile = scratch(1, Cfg::kRowBlock * kTileP);
     const float* x = xp + img * x_image + p0;
     for (int64_t rb = r0; rb < r1; rb += Cfg::kRowBlock) {
       const int64_t rows = std::min(Cfg::kRowBlock, r1 - rb);
+      float* out = y + (img * N + rb) * g.ho * g.wo;
+      // No wrapped columns (kw = 1): the tile is the output's; else a scratch tile, then copied.
+      float* tile = direct ? out + p0 : scratch(1, Cfg::kRowBlock * kTileP);
+      const int64_t ld = direct ? g.ho * g.wo : kTileP;
       for (int64_t b = 0; b < blocks; ++b) {
         kern.tile(a, starts + b * N + rb, starts + (b + 1) * N + rb, rows, x, 1, width,
-                  bias ? bias + rb : nullptr, b > 0, tile, kTileP);
+                  bias ? bias + rb : nullptr, b > 0, tile, ld);
       }
-      store_tile(tile, kTileP, rows, p0, width, g, pd, y + (img * N + rb) * g.ho * g.wo, g.ho * g.wo);
+      if (!direct) store_tile(tile, kTileP, rows, p0, width, g, pd, out, g.ho * g.wo);
     }
   }
 }

@@ -39,7 +39,7 @@ TARGETS = {"csr_vs_dense": 2.0, "csr_vs_torch_csr": 3.0, "masked0_vs_dense": 0.8
            "sparse24_vs_dense_large": 1.2, "sparse24_vs_dense_decode": 1.3, "sparse24_vs_torch_24": 1.0}
 # (N, K, batch) of the 2:4 cases: the 8192^3 GEMM and decode batches on >= 4096 x 4096 weights.
 SPARSE24_CASES = [(8192, 8192, 8192)] + [(n, k, b) for (n, k) in [(4096, 4096), (11008, 4096)]
-                                          for b in (1, 2, 4, 8, 16)]
+                                          for b in (1, 2, 4, 8, 16)] + [(4096, 4096, 128)]
 # (batch, C, H, W, out, kernel, padding) of the conv cases (stride 1).
 CONV_CASES = [(8, 64, 56, 56, 64, 3, 1), (8, 256, 14, 14, 256, 3, 1), (8, 256, 28, 28, 128, 1, 0)]
 
@@ -197,6 +197,21 @@ def random_24_cuda(n, k, dtype):
     return g.scatter(-1, drop, 0).view(n, k)
 
 
+def count_launches(fn):
+    """Device activities (kernels, memsets, copies) of one call of fn, from torch.profiler; None
+    when the profiler is unavailable. A structural count, not a timing."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        torch.cuda.synchronize()
+        with _quiet(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - a missing count must not end the benchmark
+        return None
+
+
 def bench_sparse24(n, k, batch, dtype, l2):
     w0 = random_24_cuda(n, k, dtype)
     per_set = (n * k + batch * k + n * batch) * w0.element_size()
@@ -221,6 +236,8 @@ def bench_sparse24(n, k, batch, dtype, l2):
         times = interleaved_cuda_medians(fns)
     rec = {"kind": "sparse24", "shape": [n, k], "batch": batch, "dtype": str(dtype).removeprefix("torch."),
            "copies": r, "median_s": times, "rel_err_vs_dense": errs, "notes": notes}
+    rec["launches"] = {"pyhwp_sparse24": count_launches(lambda: pyhwp.linear(xs[0], sws[0])),
+                       "torch_dense": count_launches(lambda: F.linear(xs[0], ws[0]))}
     rec["dense_equiv_tflops"] = {c: 2 * n * k * batch / t / 1e12 for c, t in times.items()}
     rec["speedup_vs_torch_dense"] = {c: times["torch_dense"] / t for c, t in times.items()}
     if "torch_sparse24" in times:

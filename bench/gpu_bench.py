@@ -39,7 +39,7 @@ TARGETS = {"csr_vs_dense": 2.0, "csr_vs_torch_csr": 3.0, "masked0_vs_dense": 0.8
            "sparse24_vs_dense_large": 1.2, "sparse24_vs_dense_decode": 1.3, "sparse24_vs_torch_24": 1.0}
 # (N, K, batch) of the 2:4 cases: the 8192^3 GEMM and decode batches on >= 4096 x 4096 weights.
 SPARSE24_CASES = [(8192, 8192, 8192)] + [(n, k, b) for (n, k) in [(4096, 4096), (11008, 4096)]
-                                          for b in (1, 2, 4, 8, 16)]
+                                          for b in (1, 2, 4, 8, 16)] + [(4096, 4096, 128)]
 # (batch, C, H, W, out, kernel, padding) of the conv cases (stride 1).
 CONV_CASES = [(8, 64, 56, 56, 64, 3, 1), (8, 256, 14, 14, 256, 3, 1), (8, 256, 28, 28, 128, 1, 0)]
 
@@ -197,6 +197,21 @@ def random_24_cuda(n, k, dtype):
     return g.scatter(-1, drop, 0).view(n, k)
 
 
+def count_launches(fn):
+    """Device activities (kernels, memsets, copies) of one call of fn, from torch.profiler; None
+    when the profiler is unavailable. A structural count, not a timing."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()
+        torch.cuda.synchronize()
+        with _quiet(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - a missing count must not end the benchmark
+        return None
+
+
 def bench_sparse24(n, k, batch, dtype, l2):
     w0 = random_24_cuda(n, k, dtype)
     per_set = (n * k + batch * k + n * batch) * w0.element_size()
@@ -221,6 +236,8 @@ def bench_sparse24(n, k, batch, dtype, l2):
         times = interleaved_cuda_medians(fns)
     rec = {"kind": "sparse24", "shape": [n, k], "batch": batch, "dtype": str(dtype).removeprefix("torch."),
            "copies": r, "median_s": times, "rel_err_vs_dense": errs, "notes": notes}
+    rec["launches"] = {"pyhwp_sparse24": count_launches(lambda: pyhwp.linear(xs[0], sws[0])),
+                       "torch_dense": count_launches(lambda: F.linear(xs[0], ws[0]))}
     rec["dense_equiv_tflops"] = {c: 2 * n * k * batch / t / 1e12 for c, t in times.items()}
     rec["speedup_vs_torch_dense"] = {c: times["torch_dense"] / t for c, t in times.items()}
     if "torch_sparse24" in times:
@@ -246,11 +263,19 @@ def bench_conv(batch, c, h, w_, out, ksz, pad, dtype):
     errs = {"pyhwp_sparse24": rel_err(pyhwp.conv2d(x, s24, padding=pad), F.conv2d(x, w24, padding=pad)),
             "pyhwp_csr90": rel_err(pyhwp.conv2d(x, scsr, padding=pad), F.conv2d(x, wcsr, padding=pad)),
             "pyhwp_masked75": rel_err(pyhwp.conv2d(x, smask, padding=pad), F.conv2d(x, wmask, padding=pad))}
+    if ksz > 1:  # the per-tap path the CSR implicit GEMM replaced on CUDA, for the ratio
+        from pyhwp.kernels import find_kernel
+        from pyhwp.ops.conv2d import _kernel_taps, _shifted_conv
+        from pyhwp.ops.linear import MATMULS
+        mm = MATMULS[find_kernel("conv2d", "csr", x.device, dtype).name]
+        taps, hw = _kernel_taps(scsr), (h + 2 * pad - ksz + 1, w_ + 2 * pad - ksz + 1)
+        fns["pyhwp_csr90_per_tap"] = lambda: _shifted_conv(mm, taps, x, None, (pad,) * 4, (1, 1), (ksz, ksz), hw)
     times = interleaved_cuda_medians(fns, max_reps=20, budget_s=2.0)
     rec = {"kind": "conv2d", "shape": [out, c, ksz, ksz], "input": [batch, c, h, w_], "batch": batch,
            "dtype": str(dtype).removeprefix("torch."), "median_s": times, "rel_err_vs_dense": errs,
            "notes": {"path": "2:4 and masked: im2col (F.unfold) + per-image GEMM for kxk, direct for 1x1; "
-                             "csr: shifted views (no im2col) for stride-1 kxk"}}
+                             "csr: implicit GEMM (csr_conv2d_cuda, whole batch) under inference_mode, "
+                             "shifted views (one GEMM per tap) with autograd"}}
     rec["speedup_vs_torch_dense"] = {k: times["torch_dense"] / t for k, t in times.items()}
     return rec
 
@@ -349,7 +374,8 @@ def main(argv=None) -> int:
             results.append(r)
             sp = r["speedup_vs_torch_dense"]
             print(f"conv   float16  {r['shape']} x {r['input']}: 2:4 {sp['pyhwp_sparse24']:6.2f}x  "
-                  f"csr90 {sp['pyhwp_csr90']:6.2f}x  masked75 {sp['pyhwp_masked75']:6.2f}x vs cuDNN", flush=True)
+                  f"csr90 {sp['pyhwp_csr90']:6.2f}x (per tap {sp.get('pyhwp_csr90_per_tap', float('nan')):6.2f}x)  "
+                  f"masked75 {sp['pyhwp_masked75']:6.2f}x vs cuDNN", flush=True)
             save()
             torch.cuda.empty_cache()
     for dname, dt in DTYPES.items():

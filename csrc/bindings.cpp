@@ -317,6 +317,38 @@ PYBIND11_MODULE(_C, m) {
       "Y (rows x p) = W X + bias on the GPU, W CSR (row_order address 0 = identity order), "
       "bias address 0 for none; asynchronous on `stream`");
   m.def(
+      "csr_conv2d_cuda_planes",
+      [=](const Geometry& geometry) {
+        const pyhwp::ConvPlanes pl = pyhwp::csr_conv2d_cuda_planes(conv_geometry(geometry));
+        return std::array<int64_t, 3>{pl.hp, pl.wp, pl.plane};
+      },
+      py::arg("geometry"), "(hp, wp, plane) of the padded planes the CUDA implicit-GEMM conv reads");
+  m.def(
+      "csr_conv2d_cuda_workspace",
+      [=](int64_t rows, int64_t cols, int64_t nnz, int dtype, const Geometry& geometry) {
+        const pyhwp::CsrCudaMatrix w{rows, cols, nnz, nullptr, nullptr, nullptr, nullptr};
+        return pyhwp::csr_conv2d_cuda_workspace(w, static_cast<pyhwp::DType>(dtype), conv_geometry(geometry));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("dtype"), py::arg("geometry"),
+      "Scratch bytes csr_conv2d_cuda needs for this geometry");
+  m.def(
+      "csr_conv2d_cuda",
+      [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr offsets, Addr values, Addr row_order,
+          int dtype, const Geometry& geometry, Addr x, Addr bias, Addr y, Addr workspace, size_t workspace_bytes,
+          Addr stream) {
+        const pyhwp::CsrCudaMatrix w{rows, cols, nnz, ptr<const int64_t>(row_offsets), nullptr,
+                                     ptr<const void>(values), ptr<const int32_t>(row_order)};
+        pyhwp::csr_conv2d_cuda(w, static_cast<pyhwp::DType>(dtype), conv_geometry(geometry),
+                               ptr<const int32_t>(offsets), ptr<const void>(x), ptr<const void>(bias), ptr<void>(y),
+                               ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("offsets"),
+      py::arg("values"), py::arg("row_order"), py::arg("dtype"), py::arg("geometry"), py::arg("x"),
+      py::arg("bias"), py::arg("y"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Stride-1 conv2d with a CSR weight on the GPU as one implicit GEMM over the batch, through the "
+      "per-nnz int32 offsets into padded planes (csr_conv2d_cuda_planes); asynchronous on `stream`");
+  m.def(
       "masked_matmul_cuda_workspace",
       [](int64_t rows, int64_t cols, Addr values, int64_t ld, int dtype, Addr x, int64_t p,
          int64_t x_stride_k, int64_t x_stride_p, Addr y, int64_t y_stride_n, int64_t y_stride_p, Addr tile_map) {

@@ -148,6 +148,40 @@ def test_sparse24_cuda_decode_split_k(dtype, batch):
     assert_close(pyhwp.linear(x.cuda(), sw, bias.cuda()), x, w, bias)
 
 
+def _raw_sparse24_cuda(sw, x, bias, y, y_sn, y_sp, fill):
+    """One sparse24_matmul_cuda call on x (P, K) row-major with a workspace of `fill` bytes."""
+    p, k = x.shape
+    n = sw.values.shape[0]
+    code = CUDA_DTYPE_CODES[x.dtype]
+    nbytes = _C.sparse24_matmul_cuda_workspace(n, k, code, x.data_ptr(), p, 1, k, y.data_ptr(), y_sn, y_sp)
+    ws = torch.full((max(nbytes, 1),), fill, dtype=torch.uint8, device="cuda")
+    _C.sparse24_matmul_cuda(n, k, sw.values.data_ptr(), sw.meta.data_ptr(), code, x.data_ptr(), p, 1, k,
+                            0 if bias is None else bias.data_ptr(), y.data_ptr(), y_sn, y_sp, ws.data_ptr(),
+                            ws.numel(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return nbytes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fill", [0x00, 0x7F, 0xFF])
+def test_sparse24_cuda_split_k_poisoned_workspace(dtype, fill):
+    """Split-K partials and the per-split non-finite counts live in the workspace and are never
+    zeroed: every byte read must have been written in the same call, whatever the scratch held
+    (0x7F bytes read as int counts would turn every output into NaN; 0xFF as float partials NaN)."""
+    g = _gen("split-poison", dtype, fill)
+    n, k = 96, 8192
+    w = random_24((n, k), g, dtype)
+    sw = pyhwp.to_sparse(w.cuda(), "2:4")
+    bias = torch.randn(n, generator=g).to(dtype).cuda()
+    for batch in (1, 3, 16, 20):
+        x = torch.randn(batch, k, generator=g).to(dtype).cuda()
+        y = torch.full((batch, n), float("nan"), dtype=dtype, device="cuda")
+        nbytes = _raw_sparse24_cuda(sw, x, bias, y, 1, n, fill)
+        assert nbytes >= 4 * batch * n * 2, "expected a split-K plan (float32 partials of >= 2 splits)"
+        assert not torch.isnan(y).any()
+        assert_close(y, x.cpu(), w, bias.cpu())
+
+
 def _assert_nonfinite_like_dense(y, x, w):
     ref = F.linear(x.double(), w.double())
     y = y.double().cpu()
@@ -234,3 +268,35 @@ def test_semi_structured_round_trip(dtype):
         assert torch.equal(semi.to_dense().cpu(), w)
         back = Sparse24Weight.from_semi_structured(semi)
     assert torch.equal(back.meta.cpu(), sw.meta.cpu()) and torch.equal(back.values.cpu(), sw.values.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 5, 16, 40])
+def test_sparse24_cuda_nonfinite_split_k_and_single(dtype, batch):
+    """NaN/Inf counted while the mma kernel loads X: with split-K (counts per split, patched in the
+    reduce; the non-finite inputs in different splits) and without (patched by the non-finite
+    kernel), in both operand layouts, with poisoned scratch."""
+    g = _gen("nonfinite-split", dtype, batch)
+    for n, k in ((64, 8192), (300, 96)):  # split-K decode / one split
+        w = random_24((n, k), g, dtype)
+        w[:, 4:8] = 0          # group 1 stores zeros only: Inf at input 7 -> NaN on the tensor cores
+        w[:, k - 4:] = 0       # the last group too, in the last split
+        w[0, 9] = 1.0          # rows 0 / 1: input 9 stored with a value / not at all
+        w[1, 8:12] = 0
+        w[1, 10] = 3.0
+        sw = pyhwp.to_sparse(w.cuda(), "2:4")
+        x = torch.randn(batch, k, generator=g).to(dtype)
+        x[0, 7] = float("inf")
+        x[0, k - 1] = float("nan")
+        x[-1, 9] = float("-inf")
+        x[-1, k // 2 + 3] = float("inf")  # a middle split
+        if batch > 2:
+            x[1, 9] = float("inf")
+        y = torch.empty(batch, n, dtype=dtype, device="cuda")
+        _raw_sparse24_cuda(sw, x.cuda(), None, y, 1, n, 0x7F)
+        _assert_nonfinite_like_dense(y, x, w)
+        _assert_nonfinite_like_dense(pyhwp.linear(x.cuda(), sw), x, w)
+        yc = torch.ops.pyhwp.sparse24_matmul(x.t().contiguous().cuda().t(), sw.values, sw.meta, None, True)
+        _assert_nonfinite_like_dense(yc.t(), x, w)
+        finite = torch.randn(batch, k, generator=g).to(dtype)
+        assert_close(pyhwp.linear(finite.cuda(), sw), finite, w)  # nothing left over from the last call

@@ -221,3 +221,34 @@ def test_every_format_nibble_is_valid_mma_metadata():
     m = w.meta.to(torch.int64) % 2**32
     nibbles = torch.stack([(m >> (4 * j)) & 0xF for j in range(8)], -1)
     assert bool(((nibbles & 3) < (nibbles >> 2)).all())
+
+
+@pytest.mark.parametrize("bn", [8, 16, 64, 128])
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_count_stage_columns_match_the_swizzled_stage(bn, conv):
+    """sparse24_mma_kernel's count_stage reads a landed X stage chunk by chunk in storage order
+    and attributes element i of chunk c to a column; load_stage put X(k0 + k, p0 + p) there. Every
+    element of the stage must map back to its own column, each exactly once."""
+    chunks_b = bn // 8
+    sb = [None] * (bn * STEP_K)
+    for k in range(STEP_K):  # where load_stage puts element (k, p) of the stage
+        for p in range(bn):
+            if conv:
+                pos = swz_bc(chunks_b, k, p // 8) + p % 8
+            else:
+                pos = swz_bl(p, k // 8) + k % 8
+            assert sb[pos] is None
+            sb[pos] = (k, p)
+    seen = set()
+    for c in range(bn * 8):  # the kernel's formula
+        for i in range(8):
+            if conv:
+                row, pos = c // chunks_b, c % chunks_b
+                sw = (row & 7) if chunks_b >= 8 else ((row * chunks_b // 8) & (chunks_b - 1))
+                col = ((pos ^ sw) << 3) + i
+            else:
+                col = c >> 3
+            k, p = sb[c * 8 + i]
+            assert col == p, (c, i, col, p)
+            seen.add((k, p))
+    assert len(seen) == bn * STEP_K

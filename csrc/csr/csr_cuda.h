@@ -62,4 +62,31 @@ size_t csr_matmul_cuda_workspace(const CsrCudaMatrix& w, DType dtype, const Devi
 void csr_matmul_cuda(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x, const void* bias,
                      const DeviceDenseOut& y, void* workspace, size_t workspace_bytes, void* stream);
 
+struct ConvGeometry;  // csr/csr_matmul.h: images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo
+
+// The padded planes of the CUDA implicit-GEMM conv (as the CPU driver's): hp x wp per channel,
+// hp = ho + dh*(kh-1) + 1 (a spare zero row for kw > 1, none for kw == 1), wp = wo + dw*(kw-1),
+// one every `plane` elements (hp*wp rounded up to 16). Column j = (c*kh + r)*kw + s of the weight
+// reads image element c*plane + r*dh*wp + s*dw + p for wide output pixel p = a*wp + b.
+struct ConvPlanes {
+  int64_t hp = 0, wp = 0, plane = 0;
+};
+ConvPlanes csr_conv2d_cuda_planes(const ConvGeometry& g);
+
+// Device bytes of scratch csr_conv2d_cuda needs: a flag and the padded planes of every image.
+size_t csr_conv2d_cuda_workspace(const CsrCudaMatrix& w, DType dtype, const ConvGeometry& g);
+
+// Stride-1 conv2d y = conv(x, W) + bias as one implicit GEMM over the batch, asynchronously on
+// `stream`: x (images, C, h, w) and y (images, rows, ho, wo) contiguous, device, of `dtype`
+// (float32, float16, bfloat16; float32 sums); W (rows x C*kh*kw) CSR of the same dtype, read
+// through `offsets` (nnz int32, device: the padded-image offset of every stored weight, see
+// ConvPlanes; w.col_indices is not read) in w.row_order. x is copied into zero-padded planes in
+// the workspace (pt rows on top, pl columns on the left), the CSR tile kernel runs over all
+// images at once (images as grid z) and writes only the output columns b < wo. NaN/Inf in x
+// propagate exactly as in the dense convolution (a check kernel that returns at once when x is
+// finite; no host sync). Launches: a 4-byte memset, the pad, the tile and the check kernel.
+void csr_conv2d_cuda(const CsrCudaMatrix& w, DType dtype, const ConvGeometry& g, const int32_t* offsets,
+                     const void* x, const void* bias, void* y, void* workspace, size_t workspace_bytes,
+                     void* stream);
+
 }  // namespace pyhwp

@@ -1,6 +1,7 @@
 // CSR sparse x dense matmul on NVIDIA GPUs: Sputnik-style row tiles (rows in length order,
 // 16-byte vector loads of x, subwarps per row) for batches above 8, and a row-splitting gather
-// kernel at or below; float32 / float16 / bfloat16 storage with float32 accumulation.
+// kernel at or below; float32 / float16 / bfloat16 storage with float32 accumulation. Also the
+// stride-1 implicit-GEMM conv2d: the same tile kernel reading shifted rows of padded planes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -10,6 +11,7 @@
 #include "common/cuda_check.h"
 #include "common/dense_cuda.cuh"
 #include "csr/csr_cuda.h"
+#include "csr/csr_matmul.h"
 
 namespace pyhwp {
 
@@ -29,6 +31,38 @@ __device__ __forceinline__ unsigned subwarp_mask(int linear_tid, int width) {
   return ((1u << width) - 1u) << base;
 }
 
+// The implicit-GEMM conv mode of the tile kernel (csr_conv2d_cuda): image blockIdx.z reads x at
+// x + z * x_image (its padded planes; the column "indices" are the per-nnz offsets of the plan,
+// ldx = 1) and writes output pixel p = a * wp + b of row n to y[z * y_image + n * ho * wo +
+// a * wo + b], dropping the wrapped columns b >= wo.
+struct ConvTile {
+  int64_t x_image = 0, y_image = 0, wp = 0, wo = 0, ho = 0;
+};
+
+// A 16-byte vector of x at p. Conv offsets are arbitrary, so that mode loads element by element
+// and stops at the row's `left` valid columns (the padded planes end right after the last one).
+template <typename T, bool kConv>
+__device__ __forceinline__ uint4 load_x(const T* p, int64_t left) {
+  if constexpr (!kConv) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  } else if constexpr (sizeof(T) == 4) {
+    const unsigned* q = reinterpret_cast<const unsigned*>(p);
+    uint32_t w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) w[e] = e < left ? __ldg(q + e) : 0u;
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  } else {
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+    uint32_t w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t lo = 2 * e < left ? __ldg(q + 2 * e) : 0u, hi = 2 * e + 1 < left ? __ldg(q + 2 * e + 1) : 0u;
+      w[e] = lo | (hi << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // One block = kTileThreads threads = kRows subwarps of kWidth threads. Subwarp `sub` computes
 // the row row_order[blockIdx.x * kRows + sub] of Y over the columns [blockIdx.y * kCols, +kCols):
 // thread `lane` owns kVecs 16-byte vectors of columns, interleaved so that each vector index is
@@ -37,12 +71,12 @@ __device__ __forceinline__ unsigned subwarp_mask(int linear_tid, int width) {
 // The row's (value, column) pairs are staged kStage at a time in shared memory and read back as
 // broadcasts; x (K x P, p contiguous, row stride ldx, 16-byte aligned rows) and y (N x P, p
 // contiguous, row stride ldy) are touched only by 16-byte vectors, except the last partial one.
-template <typename T, int kWidth, int kVecs>
+template <typename T, int kWidth, int kVecs, bool kConv = false>
 __global__ void __launch_bounds__(Cfg::kTileThreads)
     csr_tile_kernel(int64_t N, int64_t P, const int64_t* __restrict__ row_offsets,
                     const int32_t* __restrict__ col_indices, const T* __restrict__ values,
                     const int32_t* __restrict__ row_order, const T* __restrict__ x, int64_t ldx,
-                    const T* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
+                    const T* __restrict__ bias, T* __restrict__ y, int64_t ldy, const ConvTile cv) {
   constexpr int kRows = Cfg::kTileThreads / kWidth;
   constexpr int kVec = kVec16<T>;
   constexpr int kCols = kWidth * kVecs * kVec;
@@ -57,6 +91,7 @@ __global__ void __launch_bounds__(Cfg::kTileThreads)
   if (slot >= N) return;  // whole subwarps leave together; only subwarp-local syncs follow
   const unsigned mask = subwarp_mask(sub * kWidth + lane, kWidth);
   const int64_t n = row_order ? row_order[slot] : slot;
+  if constexpr (kConv) x += static_cast<int64_t>(blockIdx.z) * cv.x_image;
 
   int64_t pcol[kVecs];
   bool ok[kVecs];
@@ -95,8 +130,7 @@ __global__ void __launch_bounds__(Cfg::kTileThreads)
       for (int u = 0; u < 4; ++u)
 #pragma unroll
         for (int v = 0; v < kVecs; ++v)
-          d[u][v] = ok[v] ? __ldg(reinterpret_cast<const uint4*>(x + cc[u] * ldx + pcol[v]))
-                          : make_uint4(0u, 0u, 0u, 0u);
+          d[u][v] = ok[v] ? load_x<T, kConv>(x + cc[u] * ldx + pcol[v], P - pcol[v]) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
       for (int u = 0; u < 4; ++u)
 #pragma unroll
@@ -114,7 +148,7 @@ __global__ void __launch_bounds__(Cfg::kTileThreads)
       for (int v = 0; v < kVecs; ++v) {
         if (!ok[v]) continue;
         float f[kVec];
-        cuda::unpack16<T>(__ldg(reinterpret_cast<const uint4*>(x + off + pcol[v])), f);
+        cuda::unpack16<T>(load_x<T, kConv>(x + off + pcol[v], P - pcol[v]), f);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) acc[v][e] = fmaf(vv, f[e], acc[v][e]);
       }
@@ -123,13 +157,20 @@ __global__ void __launch_bounds__(Cfg::kTileThreads)
 
   const float b = bias ? to_float(bias[n]) : 0.f;
   T* out = y + n * ldy;
+  if constexpr (kConv) out = y + static_cast<int64_t>(blockIdx.z) * cv.y_image + n * cv.ho * cv.wo;
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
     if (!ok[v]) continue;
     float r[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) r[e] = acc[v][e] + b;
-    if (pcol[v] + kVec <= P) {
+    if constexpr (kConv) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const int64_t p = pcol[v] + e, a = p / cv.wp, c = p - a * cv.wp;
+        if (p < P && c < cv.wo) out[a * cv.wo + c] = from_float<T>(r[e]);
+      }
+    } else if (pcol[v] + kVec <= P) {
       *reinterpret_cast<uint4*>(out + pcol[v]) = cuda::pack16<T>(r);
     } else {
 #pragma unroll
@@ -245,18 +286,18 @@ Plan make_plan(DType dtype, const DeviceDenseIn& x, const DeviceDenseOut& y) {
   return pl;
 }
 
-template <typename T, int kWidth, int kVecs>
+template <typename T, int kWidth, int kVecs, bool kConv = false>
 void launch_tile(const CsrCudaMatrix& w, const T* x, int64_t ldx, const T* bias, T* y, int64_t ldy,
-                 int64_t P, cudaStream_t s) {
+                 int64_t P, cudaStream_t s, int64_t images = 1, const ConvTile& cv = ConvTile{}) {
   constexpr int kRows = Cfg::kTileThreads / kWidth;
   constexpr int kCols = kWidth * kVecs * kVec16<T>;
   const int64_t gx = (w.rows + kRows - 1) / kRows, gy = (P + kCols - 1) / kCols;
-  PYHWP_CHECK(gx <= INT32_MAX && gy <= 65535, "csr_matmul_cuda: ", w.rows, " rows x ", P,
-              " columns exceed the launch grid");
-  csr_tile_kernel<T, kWidth, kVecs><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-                                      dim3(kWidth, kRows), 0, s>>>(
-      w.rows, P, w.row_offsets, w.col_indices, static_cast<const T*>(w.values), w.row_order, x,
-      ldx, bias, y, ldy);
+  PYHWP_CHECK(gx <= INT32_MAX && gy <= 65535 && images <= 65535, "csr_matmul_cuda: ", w.rows, " rows x ", P,
+              " columns x ", images, " images exceed the launch grid");
+  csr_tile_kernel<T, kWidth, kVecs, kConv>
+      <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(images)),
+         dim3(kWidth, kRows), 0, s>>>(w.rows, P, w.row_offsets, w.col_indices, static_cast<const T*>(w.values),
+                                      w.row_order, x, ldx, bias, y, ldy, cv);
   PYHWP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -356,6 +397,134 @@ void csr_matmul_cuda(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     run<T>(w, x, static_cast<const T*>(bias), y, pl, ws, s);
+  });
+}
+
+// -- stride-1 implicit-GEMM conv2d ------------------------------------------------------------
+
+namespace {
+
+// Padded planes: ConvPlanes in csr_cuda.h (the CPU driver's Padded, csr_conv2d_cpu.cpp).
+ConvPlanes conv_planes(const ConvGeometry& g) {
+  ConvPlanes pl;
+  pl.hp = g.ho + g.dh * (g.kh - 1) + (g.kw > 1 ? 1 : 0);
+  pl.wp = g.wo + g.dw * (g.kw - 1);
+  pl.plane = (pl.hp * pl.wp + 15) / 16 * 16;
+  return pl;
+}
+
+// xp[q][a][b] (q = image * C + c, plane elements per q) = x[q][a - pt][b - pl] inside x, else 0
+// (borders, the spare row, the plane's tail); flag |= 1 when x holds a NaN/Inf.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    csr_conv2d_pad_kernel(const T* __restrict__ x, int64_t planes, int64_t h, int64_t w, int64_t pt, int64_t pl,
+                          int64_t hp, int64_t wp, int64_t plane, T* __restrict__ xp, int* flag) {
+  const int64_t total = planes * plane, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t q = i / plane, o = i - q * plane, a = o / wp, b = o - a * wp, r = a - pt, c = b - pl;
+    T v = from_float<T>(0.f);
+    if (a < hp && r >= 0 && r < h && c >= 0 && c < w) {
+      v = x[(q * h + r) * w + c];
+      if (nonfinite(to_float(v))) atomicOr(flag, 1);
+    }
+    xp[i] = v;
+  }
+}
+
+// Dense-exact NaN/Inf (see csr_nonfinite_kernel): y(i, n, a, b) becomes NaN when the window of
+// output pixel (a, b) holds more non-finite inputs than sit at row n's stored taps. One thread per
+// output; every thread returns at once when the pad kernel found x all finite.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    csr_conv2d_nonfinite_kernel(const int* __restrict__ flag, ConvGeometry g, ConvPlanes pd, int64_t N,
+                                const int64_t* __restrict__ row_offsets, const int32_t* __restrict__ offsets,
+                                const T* __restrict__ xp, T* __restrict__ y) {
+  if (*flag == 0) return;
+  const int64_t total = g.images * N * g.ho * g.wo, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t b = i % g.wo, a = (i / g.wo) % g.ho, n = (i / (g.wo * g.ho)) % N, img = i / (g.wo * g.ho * N);
+    const T* xi = xp + img * g.channels * pd.plane + a * pd.wp + b;
+    int need = 0;
+    for (int64_t c = 0; c < g.channels; ++c)
+      for (int64_t r = 0; r < g.kh; ++r)
+        for (int64_t s = 0; s < g.kw; ++s)
+          need += nonfinite(to_float(xi[c * pd.plane + r * g.dh * pd.wp + s * g.dw]));
+    if (need == 0) continue;
+    int seen = 0;
+    for (int64_t j = row_offsets[n]; j < row_offsets[n + 1]; ++j) seen += nonfinite(to_float(xi[offsets[j]]));
+    if (seen < need) y[i] = from_float<T>(__int_as_float(0x7fc00000));
+  }
+}
+
+void check_conv(const CsrCudaMatrix& w, const ConvGeometry& g) {
+  PYHWP_CHECK(g.images >= 0 && g.channels > 0 && g.h > 0 && g.w > 0 && g.kh > 0 && g.kw > 0 && g.dh > 0 &&
+                  g.dw > 0 && g.ho > 0 && g.wo > 0 && g.pt >= 0 && g.pl >= 0,
+              "csr_conv2d_cuda: bad geometry");
+  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "csr_conv2d_cuda: weight has ", w.cols, " columns, expected C*kh*kw = ",
+              g.channels * g.kh * g.kw);
+  const ConvPlanes pd = conv_planes(g);
+  PYHWP_CHECK(g.pt + g.h <= pd.hp && g.pl + g.w <= pd.wp,
+              "csr_conv2d_cuda: the input does not fit its padded planes (stride-1 geometry expected)");
+  PYHWP_CHECK(g.channels * pd.plane <= INT32_MAX, "csr_conv2d_cuda: ", g.channels, " padded planes of ", pd.plane,
+              " elements exceed int32 offsets");
+}
+
+size_t conv_flag_bytes() { return 256; }
+
+}  // namespace
+
+ConvPlanes csr_conv2d_cuda_planes(const ConvGeometry& g) { return conv_planes(g); }
+
+size_t csr_conv2d_cuda_workspace(const CsrCudaMatrix& w, DType dtype, const ConvGeometry& g) {
+  check_conv(w, g);
+  const ConvPlanes pd = conv_planes(g);
+  return conv_flag_bytes() +
+         static_cast<size_t>(cuda::round_up(g.images * g.channels * pd.plane * dtype_size(dtype), 256));
+}
+
+void csr_conv2d_cuda(const CsrCudaMatrix& w, DType dtype, const ConvGeometry& g, const int32_t* offsets,
+                     const void* x, const void* bias, void* y, void* workspace, size_t workspace_bytes,
+                     void* stream) {
+  check_conv(w, g);
+  PYHWP_CHECK(w.row_offsets != nullptr && (w.nnz == 0 || (offsets && w.values)), "csr_conv2d_cuda: null CSR array");
+  if (g.images == 0 || w.rows == 0) return;
+  PYHWP_CHECK(x != nullptr && y != nullptr, "csr_conv2d_cuda: null x or y");
+  check_workspace("csr_conv2d_cuda", workspace, workspace_bytes, csr_conv2d_cuda_workspace(w, dtype, g));
+  const ConvPlanes pd = conv_planes(g);
+  const auto s = static_cast<cudaStream_t>(stream);
+  int* flag = static_cast<int*>(workspace);
+  char* planes = static_cast<char*>(workspace) + conv_flag_bytes();
+  // Launches: flag memset, pad, the tile kernel over all images, the non-finite check.
+  PYHWP_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), s));
+  CsrCudaMatrix wc = w;
+  wc.col_indices = offsets;  // the tile kernel reads x rows at the plan's offsets (ldx = 1)
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* xp = reinterpret_cast<T*>(planes);
+    const int64_t total = g.images * g.channels * pd.plane;
+    const int64_t want = (total + 255) / 256, cap = 8 * static_cast<int64_t>(cuda::device_sm_count());
+    csr_conv2d_pad_kernel<T><<<static_cast<unsigned>(want < cap ? want : cap), 256, 0, s>>>(
+        static_cast<const T*>(x), g.images * g.channels, g.h, g.w, g.pt, g.pl, pd.hp, pd.wp, pd.plane, xp, flag);
+    PYHWP_CUDA_CHECK(cudaGetLastError());
+    ConvTile cv;
+    cv.x_image = g.channels * pd.plane, cv.y_image = w.rows * g.ho * g.wo, cv.wp = pd.wp, cv.wo = g.wo, cv.ho = g.ho;
+    const int64_t P = g.ho * pd.wp;
+    const T* b = static_cast<const T*>(bias);
+    T* yt = static_cast<T*>(y);
+    if constexpr (sizeof(T) == 4) {
+      if (P <= 16) launch_tile<T, 4, 1, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
+      else if (P <= 32) launch_tile<T, 8, 1, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
+      else launch_tile<T, 8, 2, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
+    } else {
+      if (P <= 16) launch_tile<T, 2, 1, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
+      else if (P <= 32) launch_tile<T, 4, 1, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
+      else launch_tile<T, 8, 1, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
+    }
+    const int64_t outs = g.images * w.rows * g.ho * g.wo, want2 = (outs + 255) / 256;
+    const int64_t cap2 = 4 * static_cast<int64_t>(cuda::device_sm_count());
+    csr_conv2d_nonfinite_kernel<T><<<static_cast<unsigned>(want2 < cap2 ? want2 : cap2), 256, 0, s>>>(
+        flag, g, pd, w.rows, w.row_offsets, offsets, xp, yt);
+    PYHWP_CUDA_CHECK(cudaGetLastError());
   });
 }
 

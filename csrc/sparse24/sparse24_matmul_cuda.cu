@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cuda_check.h"
@@ -48,7 +49,32 @@ struct Args {
   int64_t y_sn = 0, y_sp = 0;
   bool pair_store = false;  // y_sp == 1, y_sn even, y 4-byte aligned: store column pairs as one word
   float* partial = nullptr;  // split-K: float32 partial sums [split][N][P] (no bias), else nullptr
+  int* counts = nullptr;     // non-finite X(k, p) per [split][P] over the split's k range
 };
+
+// Exponent fields of two packed 16-bit floats: a half is NaN/Inf exactly when its field is all ones.
+template <typename T>
+constexpr uint32_t kExpMask2 = std::is_same_v<T, __half> ? 0x7c007c00u : 0x7f807f80u;
+
+// How many non-finite X(k, p) sit at row n's stored positions (both slots of every group, k < K):
+// the tensor cores multiply exactly these. The dense product is NaN at (n, p) when the column
+// holds more non-finite inputs than that (0 * Inf at a position the row does not store).
+template <typename T>
+__device__ __forceinline__ int stored_nonfinite(const uint32_t* __restrict__ meta, int64_t words, int64_t K,
+                                                const T* __restrict__ x, int64_t sk, int64_t sp, int64_t n,
+                                                int64_t p) {
+  int seen = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    const uint32_t m = meta[n * words + w];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t k = 32 * w + 4 * (j >> 1) + ((m >> (2 * j)) & 3u);
+      if (k < K && nonfinite(to_float(x[k * sk + p * sp]))) ++seen;
+    }
+  }
+  return seen;
+}
+
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
 template <int BM, int BN, int kWarpsM, int kWarpsN>
 struct Shape {
@@ -84,13 +110,22 @@ __device__ __forceinline__ int swz_bc(int row, int chunk) {
 }
 
 // Block (x, y, z) computes Y[BM*x : +BM, BN*y : +BN] over the k-steps of split z.
+// Blocks per SM asked of the register allocator (<= 128 registers a thread either way): what the
+// shared memory allows, 2 of the 256-thread 128x128 tile, 4 of the 128-thread tiles (the split-K
+// heuristic aims at 4 decode blocks per SM). Without the hint the 128x128 conv-form kernel took
+// 153-156 registers once the non-finite count was added (1 block per SM).
 template <typename T, int BM, int BN, int kWarpsM, int kWarpsN, bool kConv>
-__global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
+__global__ void __launch_bounds__(kWarpsM * kWarpsN * 32, kWarpsM * kWarpsN * 32 >= 256 ? 2 : 4)
     sparse24_mma_kernel(const Args g) {
   using S = Shape<BM, BN, kWarpsM, kWarpsN>;
   constexpr int kStages = Cfg::kStages, kThreads = S::kThreads;
   constexpr int kSub = Cfg::kStepK / Cfg::kMmaK;  // mma k-substeps per stage (2)
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  // s_bad[c]: non-finite X(k, p0 + c) over this block's k range, counted from each landed stage
+  // in shared memory (every loaded X element exactly once), so NaN/Inf propagation needs no scan
+  // of X. Only blocks of grid column 0 count (the others load the same X): they publish it as
+  // counts[z][p] for the split-K reduce or the non-finite kernel, which patch the outputs.
+  __shared__ int s_bad[BN];
 
   const T* V = static_cast<const T*>(g.values);
   const T* X = static_cast<const T*>(g.x);
@@ -101,6 +136,8 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
   const int64_t s_begin = static_cast<int64_t>(blockIdx.z) * g.steps_per_split;
   const int64_t s_end_raw = s_begin + g.steps_per_split;
   const int nsteps = static_cast<int>((s_end_raw < g.steps ? s_end_raw : g.steps) - s_begin);
+  const bool counting = blockIdx.x == 0;  // block-uniform
+  for (int i = tid; i < BN; i += kThreads) s_bad[i] = 0;  // published by the loop's first barrier
 
   auto stage_a = [&](int buf) { return reinterpret_cast<T*>(smem_raw + buf * S::kStageBytes); };
   auto stage_meta = [&](int buf) {
@@ -117,6 +154,37 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
     for (int j = 0; j < S::kNj; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  // Counts the non-finite X elements of buffer `buf` (landed) into s_bad: one 16-byte chunk per
+  // thread at a time, in storage order (conflict-free). Padding is zero-filled, so finite.
+  // Linear form: a chunk is 8 inputs of one column (its row). Conv form: 8 columns of one input,
+  // stored at chunk position ch ^ s(row) of the row, so column = 8 (position ^ s(row)) + i.
+  auto count_stage = [&](int buf) {
+    const uint4* b_src = reinterpret_cast<const uint4*>(stage_b(buf));
+#pragma unroll 1
+    for (int c = tid; c < BN * 8; c += kThreads) {
+      const uint4 v = b_src[c];
+      const uint32_t hit = __vcmpeq2(v.x & kExpMask2<T>, kExpMask2<T>) | __vcmpeq2(v.y & kExpMask2<T>, kExpMask2<T>) |
+                           __vcmpeq2(v.z & kExpMask2<T>, kExpMask2<T>) | __vcmpeq2(v.w & kExpMask2<T>, kExpMask2<T>);
+      if (hit == 0) continue;  // the normal case
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t h = (words[i >> 1] >> (16 * (i & 1))) & 0xffffu;
+        if ((h & (kExpMask2<T> & 0xffffu)) != (kExpMask2<T> & 0xffffu)) continue;
+        int col;
+        if constexpr (kConv) {
+          constexpr int C = S::kBChunks;
+          const int row = c / C, pos = c % C;
+          const int sw = C >= 8 ? (row & 7) : ((row * C / 8) & (C - 1));
+          col = ((pos ^ sw) << 3) + i;
+        } else {
+          col = c >> 3;
+        }
+        atomicAdd(&s_bad[col], 1);
+      }
+    }
+  };
 
   // Issues the copies of k-step `step` (inputs [64 step, 64 step + 64)) into buffer `buf`.
   auto load_stage = [&](int buf, int64_t step) {
@@ -219,9 +287,15 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
     const int nxt = i + kStages - 1;
     if (nxt < nsteps) load_stage(nxt % kStages, s_begin + nxt);
     cuda::cp_async_commit();
+    if (counting) count_stage(i % kStages);
     compute_stage(i % kStages, s_begin + i);
   }
   cuda::cp_async_wait<0>();
+  __syncthreads();  // s_bad is complete
+  if (counting) {
+    for (int i = tid; i < BN; i += kThreads)
+      if (p0 + i < g.P) g.counts[static_cast<int64_t>(blockIdx.z) * g.P + p0 + i] = s_bad[i];
+  }
 
   // Epilogue. Accumulator fragment (m16 x n8, PTX ISA 9.7.14.5.8): c0, c1 at row g, columns
   // 2t, 2t+1; c2, c3 eight rows below.
@@ -259,48 +333,39 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
       }
 }
 
-// Y(n, p) = bias(n) + the sum of the split-K partials, in split order.
+// Y(n, p) = bias(n) + the sum of the split-K partials, in split order; NaN where the column's
+// non-finite inputs (summed over the splits' counts) are not all at row n's stored positions.
 template <typename T>
-__global__ void __launch_bounds__(256)
-    sparse24_reduce_kernel(const float* __restrict__ partial, int splits, int64_t N, int64_t P,
-                           const T* __restrict__ bias, T* __restrict__ y, int64_t ysn, int64_t ysp) {
-  const int64_t total = N * P, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+__global__ void __launch_bounds__(256) sparse24_reduce_kernel(const Args g, int splits) {
+  const int64_t N = g.N, P = g.P, total = N * P, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const T* bias = static_cast<const T*>(g.bias);
+  T* y = static_cast<T*>(g.y);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const int64_t n = i / P, p = i % P;
     float s = 0.f;
-    for (int z = 0; z < splits; ++z) s += partial[z * total + i];
+    int need = 0;
+    for (int z = 0; z < splits; ++z) {
+      s += g.partial[z * total + i];
+      need += g.counts[z * P + p];
+    }
+    if (need && stored_nonfinite(g.meta, g.words, g.K, static_cast<const T*>(g.x), g.x_sk, g.x_sp, n, p) < need)
+      s = quiet_nan();
     if (bias) s += to_float(bias[n]);
-    y[n * ysn + p * ysp] = from_float<T>(s);
+    y[n * g.y_sn + p * g.y_sp] = from_float<T>(s);
   }
 }
 
-// Dense Y = W X is NaN at (n, p) when a non-finite X(k, p) meets W(n, k) == 0. The tensor cores
-// see the two stored slots of every group (stored zeros included, so 0 * Inf = NaN happens for
-// real there) but never the other two positions: y(n, p) must become NaN when fewer of column
-// p's non-finite inputs sit at row n's stored positions than the column holds. Slow path: returns
-// at once when the scan found X all finite.
+// Without split-K: Y(n, p) becomes NaN where column p's non-finite inputs are not all at row n's
+// stored positions. Every thread returns after one load of counts[p] when X is finite.
 template <typename T>
-__global__ void __launch_bounds__(256)
-    sparse24_nonfinite_kernel(const int* __restrict__ record, int64_t N, int64_t K, int64_t P,
-                              const uint32_t* __restrict__ meta, int64_t words, const T* __restrict__ x,
-                              int64_t sk, int64_t sp, T* __restrict__ y, int64_t ysn, int64_t ysp) {
-  if (record[0] == 0) return;
-  const int* count = record + 1;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+__global__ void __launch_bounds__(256) sparse24_nonfinite_kernel(const Args g) {
+  const int64_t N = g.N, P = g.P, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  T* y = static_cast<T*>(g.y);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N * P; i += stride) {
     const int64_t n = i / P, p = i % P;
-    const int need = count[p];
-    if (need == 0) continue;
-    int seen = 0;
-    for (int64_t w = 0; w < words; ++w) {
-      const uint32_t m = meta[n * words + w];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int64_t k = 32 * w + 4 * (j >> 1) + ((m >> (2 * j)) & 3u);
-        if (k < K && nonfinite(to_float(x[k * sk + p * sp]))) ++seen;
-      }
-    }
-    if (seen < need) y[n * ysn + p * ysp] = from_float<T>(__int_as_float(0x7fc00000));
+    const int need = g.counts[p];
+    if (need && stored_nonfinite(g.meta, g.words, g.K, static_cast<const T*>(g.x), g.x_sk, g.x_sp, n, p) < need)
+      y[n * g.y_sn + p * g.y_sp] = from_float<T>(quiet_nan());
   }
 }
 
@@ -315,7 +380,7 @@ struct Plan {
   int64_t ldk = 0;  // row stride of the padded copy of X (elements)
   int64_t steps = 0, steps_per_split = 0;
   int splits = 1;
-  size_t off_x = 0, off_partial = 0, bytes = 0;
+  size_t off_x = 0, off_partial = 0, off_counts = 0, bytes = 0;
 };
 
 int tile_m(Tile t) { return t == Tile::kBig ? Cfg::kBigM : t == Tile::kSmall ? Cfg::kSmallM : Cfg::kDecodeM; }
@@ -325,7 +390,7 @@ Plan make_plan(const Sparse24CudaWeight& w, const DeviceDenseIn& x) {
   Plan pl;
   const int64_t K = x.rows, P = x.cols, N = w.rows;
   const int64_t words = (K + 31) / 32;
-  size_t off = cuda::nonfinite_record_bytes(P);
+  size_t off = 0;
   const bool x_ok = cuda::aligned16(x.data);
   if (x.stride_k == 1 && (x.stride_p % 8 == 0 || P == 1) && x_ok) {
     pl.conv_form = false;
@@ -363,6 +428,8 @@ Plan make_plan(const Sparse24CudaWeight& w, const DeviceDenseIn& x) {
     pl.off_partial = off;
     off += static_cast<size_t>(cuda::round_up(static_cast<int64_t>(pl.splits) * N * P * 4, 256));
   }
+  pl.off_counts = off;
+  off += static_cast<size_t>(cuda::round_up(static_cast<int64_t>(pl.splits) * P * 4, 256));
   pl.bytes = off;
   return pl;
 }
@@ -404,9 +471,9 @@ void run(const Sparse24CudaWeight& w, const DeviceDenseIn& xv, const T* bias, co
   const int64_t K = xv.rows, P = xv.cols, N = yv.rows;
   const T* x = static_cast<const T*>(xv.data);
   T* y = static_cast<T*>(yv.data);
-  int* record = reinterpret_cast<int*>(ws);
-  PYHWP_CUDA_CHECK(cudaMemsetAsync(record, 0, sizeof(int) * static_cast<size_t>(P + 1), s));
-
+  // Two launches: the mma kernel, then the split-K reduce or the non-finite kernel (plus a copy of
+  // X first when its layout does not suit cp.async). Every workspace byte read is written earlier
+  // in the same call (counts by the blocks of grid column 0), so nothing is zeroed: no memset.
   Args g;
   g.N = N, g.P = P, g.K = K;
   g.words = (K + 31) / 32;
@@ -415,25 +482,20 @@ void run(const Sparse24CudaWeight& w, const DeviceDenseIn& xv, const T* bias, co
   g.bias = bias, g.y = y, g.y_sn = yv.stride_n, g.y_sp = yv.stride_p;
   g.pair_store = yv.stride_p == 1 && yv.stride_n % 2 == 0 && (reinterpret_cast<uintptr_t>(y) & 3u) == 0;
   if (pl.x_direct) {
-    cuda::scan_nonfinite(x, K, P, xv.stride_k, xv.stride_p, record, s);
     g.x = x, g.x_sk = xv.stride_k, g.x_sp = xv.stride_p;
   } else {
     T* xw = reinterpret_cast<T*>(ws + pl.off_x);
-    cuda::copy2d<T, true>(x, xv.stride_k, xv.stride_p, xw, 1, pl.ldk, K, P, record, s);
+    cuda::copy2d<T, false>(x, xv.stride_k, xv.stride_p, xw, 1, pl.ldk, K, P, nullptr, s);
     g.x = xw, g.x_sk = 1, g.x_sp = pl.ldk;
   }
   if (pl.splits > 1) g.partial = reinterpret_cast<float*>(ws + pl.off_partial);
+  g.counts = reinterpret_cast<int*>(ws + pl.off_counts);
 
   if (pl.conv_form) launch_tile<T, true>(pl.tile, g, pl.splits, s);
   else launch_tile<T, false>(pl.tile, g, pl.splits, s);
 
-  if (pl.splits > 1) {
-    sparse24_reduce_kernel<T><<<grid_1d(N * P), 256, 0, s>>>(g.partial, pl.splits, N, P, bias, y, yv.stride_n,
-                                                             yv.stride_p);
-    PYHWP_CUDA_CHECK(cudaGetLastError());
-  }
-  sparse24_nonfinite_kernel<T><<<grid_1d(N * P), 256, 0, s>>>(record, N, K, P, w.meta, g.words, x, xv.stride_k,
-                                                              xv.stride_p, y, yv.stride_n, yv.stride_p);
+  if (pl.splits > 1) sparse24_reduce_kernel<T><<<grid_1d(N * P), 256, 0, s>>>(g, pl.splits);
+  else sparse24_nonfinite_kernel<T><<<grid_1d(N * P), 256, 0, s>>>(g);
   PYHWP_CUDA_CHECK(cudaGetLastError());
 }
 

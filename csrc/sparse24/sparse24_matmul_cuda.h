@@ -52,9 +52,10 @@ struct Sparse24CudaConfig {
   static_assert(kDecodeM % 16 == 0 && kSmallM % 32 == 0 && kBigM % 64 == 0, "whole m16 tiles per warp");
 };
 
-// Device bytes of scratch sparse24_matmul_cuda needs (a non-finite record of P+1 ints, a
-// padded copy of X when its strides or alignment do not suit 16-byte cp.async, and float32
-// split-K partials when the grid is split). Pure host arithmetic apart from one cached device
+// Device bytes of scratch sparse24_matmul_cuda needs (a padded copy of X when its strides or
+// alignment do not suit 16-byte cp.async; with split-K, float32 partials and per-split counts
+// of non-finite X; 0 otherwise). The call writes every scratch byte it reads: the workspace
+// needs no zeroing. Pure host arithmetic apart from one cached device
 // attribute query (the SM count); pass the same arguments to the call.
 size_t sparse24_matmul_cuda_workspace(const Sparse24CudaWeight& w, DType dtype, const DeviceDenseIn& x,
                                       const DeviceDenseOut& y);
@@ -62,6 +63,9 @@ size_t sparse24_matmul_cuda_workspace(const Sparse24CudaWeight& w, DType dtype, 
 // Y (N x P) = W (N x K) X (K x P) + bias, asynchronously on `stream` (a cudaStream_t). W values,
 // X, bias (N elements or nullptr) and Y share `dtype`, float16 or bfloat16 (float32 products and
 // sums); any strides for X and Y. NaN/Inf in X propagate exactly as in the dense product.
+// Launches: one kernel, or two with split-K (the mma kernel counts non-finite X while it loads
+// X and patches the dense 0 * Inf = NaN outputs in its epilogue, or in the split-K reduce), plus
+// one copy of X when its layout does not suit cp.async.
 // `workspace`: device memory of at least sparse24_matmul_cuda_workspace(...) bytes, 256-byte
 // aligned. Needs compute capability >= 8.0. Y must not overlap X, W or the workspace. Throws
 // std::invalid_argument on bad sizes or dtypes, std::runtime_error on CUDA errors.

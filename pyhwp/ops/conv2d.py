@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
-from pyhwp.ops.csr import csr_conv2d_impl, csr_conv2d_plan
+from pyhwp.ops.csr import csr_conv2d_cuda_impl, csr_conv2d_cuda_plan, csr_conv2d_impl, csr_conv2d_plan
 from pyhwp.ops.eager import needs_op
 from pyhwp.ops.linear import MATMULS, check_bias
 
@@ -70,9 +70,11 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
     so no im2col matrix is built. With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM
     per kernel tap on a shifted view of the padded input instead (see _shifted_conv).
-    On CUDA, stride-1 CSR convs take the per-tap path; 2:4 and masked k x k convs (and every
-    strided or grouped one) take im2col with one GEMM per image and group: there is no implicit
-    GEMM on CUDA yet.
+    On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
+    (csr_conv2d_cuda_impl: the CSR tile kernel over padded planes, the whole batch in one launch,
+    float32/float16/bfloat16, NaN/Inf handled on the device without a host sync); with autograd,
+    stride-1 CSR convs take the per-tap path. 2:4 and masked k x k convs (and every strided or
+    grouped one) take im2col with one GEMM per image and group.
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight:
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.
@@ -189,17 +191,27 @@ def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
     return torch.stack(ys)
 
 
+_IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+
+
 def _implicit_csr(x, weight, bias) -> bool:
-    """Whether the implicit-GEMM CSR conv (float32 CPU kernels, no autograd) serves this call."""
-    return (weight.pattern == "csr" and x.device.type == "cpu" and x.dtype == torch.float32
+    """Whether the implicit-GEMM CSR conv (float32 CPU kernels, or the CUDA tile kernel for
+    float32/float16/bfloat16; no autograd) serves this call."""
+    return (weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ())
             and not needs_op(x, weight.values, bias))
 
 
 def _implicit_csr_conv(x, weight, bias, pads, dilation, kernel, out_hw):
     """Stride-1 CSR conv in one kernel call over the batch (see csr_conv2d_impl), or None when x
-    holds a NaN/Inf (the per-tap path then gives dense-exact propagation)."""
+    holds a NaN/Inf on the CPU (the per-tap path then gives dense-exact propagation; the CUDA
+    path propagates them itself)."""
     n, c, h, w = x.shape
     geometry = (n, c, h, w, pads[0], pads[2], *kernel, *dilation, *out_hw)
+    if x.device.type == "cuda":  # NaN/Inf handled on the device: never None
+        offsets = _derived(weight, ("cuda_plan", geometry[1:]),
+                           lambda: csr_conv2d_cuda_plan(weight.col_indices, geometry))
+        return csr_conv2d_cuda_impl(x, weight.row_offsets, weight.values, weight.row_order, offsets, geometry,
+                                    bias)
 
     def plan():
         ci = weight.kernel_col_indices

@@ -164,6 +164,43 @@ def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Te
     return None if bad else y
 
 
+def csr_conv2d_cuda_plan(col_indices: torch.Tensor, geometry: tuple[int, ...]) -> torch.Tensor:
+    """The per-nnz int32 offsets the CUDA implicit-GEMM conv reads a CSR conv weight through, for
+    one input geometry (see csr_conv2d_plan): stored weight j of column (c*kh + r)*kw + s reads the
+    padded image at c*plane + r*dh*wp + s*dw (csrc/csr/csr_cuda.h ConvPlanes). On the weight's
+    device, no host sync; build it once per weight and input size."""
+    _, wp, plane = _C.csr_conv2d_cuda_planes(geometry)
+    kh, kw, dh, dw = geometry[6:10]
+    cols = col_indices.long()
+    c, rs = cols // (kh * kw), cols % (kh * kw)
+    offsets = c * plane + (rs // kw) * (dh * wp) + (rs % kw) * dw
+    return offsets.to(torch.int32).contiguous()
+
+
+def csr_conv2d_cuda_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Tensor,
+                         row_order: torch.Tensor, offsets: torch.Tensor, geometry: tuple[int, ...],
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """Stride-1 conv2d of x (N, C, H, W) on CUDA (float32, float16 or bfloat16, values and bias of
+    the same dtype) with a CSR weight (out, C*kh*kw) as one implicit GEMM over the batch
+    (csrc/csr/csr_matmul_cuda.cu csr_conv2d_cuda) through its csr_conv2d_cuda_plan offsets.
+    Returns y (N, out, H_out, W_out) contiguous. NaN/Inf in x propagate as in the dense conv, on
+    the device (no host sync). Inference only (no autograd)."""
+    x = x.contiguous()
+    rows = row_offsets.shape[0] - 1
+    if values.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"pyhwp.conv2d: CSR values {values.dtype}, bias and x {x.dtype} must share a dtype")
+    code = cuda_dtype_code(x.dtype, "csr_conv2d")
+    y = torch.empty((x.shape[0], rows, geometry[10], geometry[11]), dtype=x.dtype, device=x.device)
+    cols = geometry[1] * geometry[6] * geometry[7]
+    with torch.cuda.device(x.device):
+        ws = cuda_workspace(_C.csr_conv2d_cuda_workspace(rows, cols, values.shape[0], code, geometry), x.device)
+        _C.csr_conv2d_cuda(rows, cols, values.shape[0], row_offsets.data_ptr(), offsets.data_ptr(),
+                           values.data_ptr(), row_order.data_ptr(), code, geometry, x.data_ptr(),
+                           0 if bias is None else bias.data_ptr(), y.data_ptr(), ws.data_ptr(), ws.numel(),
+                           torch.cuda.current_stream(x.device).cuda_stream)
+    return y
+
+
 csr_matmul = torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())(csr_matmul_impl)
 
 

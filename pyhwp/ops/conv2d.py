@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pyhwp.formats import SparseWeight
+from pyhwp.formats.csr import CSRWeight
 from pyhwp.kernels import find_kernel
 from pyhwp.ops.csr import csr_conv2d_cuda_impl, csr_conv2d_cuda_plan, csr_conv2d_impl, csr_conv2d_plan
 from pyhwp.ops.eager import needs_op
@@ -68,13 +69,15 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     (subsampled for stride > 1) and torch's im2col (F.unfold) otherwise; W_g = weight.row_slice.
     CSR float32 CPU inference with groups == 1 and stride 1 (or 1x1) runs the whole batch as one
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
-    so no im2col matrix is built. With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM
-    per kernel tap on a shifted view of the padded input instead (see _shifted_conv).
+    so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference run the same kernel
+    on a CSR copy of their kept values (derived once per weight, cached with it; see
+    _implicit_csr_weight). With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM per
+    kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4 im2col.
     On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
     (csr_conv2d_cuda_impl: the CSR tile kernel over padded planes, the whole batch in one launch,
     float32/float16/bfloat16, NaN/Inf handled on the device without a host sync); with autograd,
-    stride-1 CSR convs take the per-tap path. 2:4 and masked k x k convs (and every strided or
-    grouped one) take im2col with one GEMM per image and group.
+    stride-1 CSR convs take the per-tap path. Other 2:4 and masked k x k convs (and every strided
+    or grouped one) take im2col with one GEMM per image and group.
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight:
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.
@@ -196,9 +199,21 @@ _IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.f
 
 def _implicit_csr(x, weight, bias) -> bool:
     """Whether the implicit-GEMM CSR conv (float32 CPU kernels, or the CUDA tile kernel for
-    float32/float16/bfloat16; no autograd) serves this call."""
-    return (weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ())
-            and not needs_op(x, weight.values, bias))
+    float32/float16/bfloat16; no autograd) can serve this call's input, bias and weight values."""
+    return x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()) and not needs_op(x, weight.values, bias)
+
+
+def _implicit_csr_weight(x, weight, bias, kernel):
+    """The CSR weight that the implicit-GEMM conv runs for this call, or None: the weight itself
+    when it is CSR; for a 2:4 weight with a kxk kernel on the CPU, a CSR copy of its kept
+    values, derived once per weight and cached with it. The 2:4 kernel would need im2col there
+    (its groups run across taps), which measured 2-3.4x slower than the CSR kernel on the same
+    50% of the weights (ResNet-50 3x3 shapes, batch 1); 1x1 2:4 convs keep their own kernel."""
+    if weight.pattern == "2:4" and kernel != (1, 1) and x.device.type == "cpu":
+        if not _implicit_csr(x, weight, bias):
+            return None
+        return _derived(weight, "csr", lambda: CSRWeight.from_dense(weight.to_dense()))
+    return weight if weight.pattern == "csr" and _implicit_csr(x, weight, bias) else None
 
 
 def _implicit_csr_conv(x, weight, bias, pads, dilation, kernel, out_hw):
@@ -232,8 +247,9 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     if pointwise and stride != (1, 1):
         x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
         stride = (1, 1)
-    if stride == (1, 1) and groups == 1 and not (pointwise and channels_last) and _implicit_csr(x, weight, bias):
-        y = _implicit_csr_conv(x, weight, bias, pads, dilation, (kh, kw), out_hw)
+    if stride == (1, 1) and groups == 1 and not (pointwise and channels_last):
+        csr = _implicit_csr_weight(x, weight, bias, (kh, kw))
+        y = None if csr is None else _implicit_csr_conv(x, csr, bias, pads, dilation, (kh, kw), out_hw)
         if y is not None:
             return y
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:

@@ -78,8 +78,8 @@ def dense_from_tiles(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: tor
 
 def tile_map(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """int32 (ceil(n/16), ceil(k/16)): the index into values of the stored tile at (panel, k-tile),
-    -1 where no tile is stored. What the CUDA kernel reads the tiles through (MaskedCudaWeight
-    tile_map); built on tile_ptr's device without a host sync."""
+    -1 where no tile is stored. What the CUDA kernel reads the tiles through (MaskedWeight.
+    kernel_tile_map); built on tile_ptr's device without a host sync."""
     tn, tk = tile_shape()
     t = tile_idx.numel()
     m = torch.full((-(-n // tn), -(-k // tk)), -1, dtype=torch.int32, device=tile_idx.device)

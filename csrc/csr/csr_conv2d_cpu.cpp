@@ -32,42 +32,31 @@ struct Padded {
   }
 };
 
-// Copies x into the zero-padded planes of xp; returns whether x holds a NaN/Inf (found on the
-// way, while each row is in cache). Threads split the (image, padded row) space into contiguous
-// static ranges, each row for all channels: the same order in which run_conv's static schedule
-// hands out column tiles, so a thread mostly reads the rows it wrote, from its own L2 (split by
-// channels instead, half of every tile's X came from the other core: 1.5x scaling from 1 to 2
-// threads at 64->64 @56x56).
-bool pad_planes(const float* x, const ConvGeometry& g, const Padded& pd, float* xp, int nt) {
-  const int64_t rows = g.images * pd.hp;
-  int bad = 0;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
-  for (int64_t q = 0; q < rows; ++q) {
-    const int64_t img = q / pd.hp, a = q % pd.hp, i = a - g.pt;
-    const int64_t lo = std::min(g.pl, pd.wp), n = std::max<int64_t>(0, std::min(g.w, pd.wp - g.pl));
-    uint32_t seen = 0;
-    for (int64_t c = 0; c < g.channels; ++c) {
-      const int64_t plane = img * g.channels + c;
-      float* row = xp + plane * pd.plane + a * pd.wp;
-      if (a + 1 == pd.hp) {  // the alignment padding after the last row
-        std::memset(row + pd.wp, 0, sizeof(float) * (pd.plane - pd.hp * pd.wp));
-      }
-      if (i < 0 || i >= g.h) {
-        std::memset(row, 0, sizeof(float) * pd.wp);
-        continue;
-      }
-      std::memset(row, 0, sizeof(float) * lo);
-      const uint32_t* in = reinterpret_cast<const uint32_t*>(x + (plane * g.h + i) * g.w);
-      uint32_t* out = reinterpret_cast<uint32_t*>(row + lo);
-      for (int64_t b = 0; b < n; ++b) {
-        out[b] = in[b];
-        seen |= (in[b] & 0x7f800000u) == 0x7f800000u;
-      }
-      std::memset(row + lo + n, 0, sizeof(float) * (pd.wp - lo - n));
+// Copies padded row `a` of every channel of one image (x_img: its (C, h, w) input) into the
+// image's padded planes at xp_img; returns whether that input row holds a NaN/Inf.
+bool pad_row(const float* x_img, const ConvGeometry& g, const Padded& pd, float* xp_img, int64_t a) {
+  const int64_t i = a - g.pt;
+  const int64_t lo = std::min(g.pl, pd.wp), n = std::max<int64_t>(0, std::min(g.w, pd.wp - g.pl));
+  uint32_t seen = 0;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    float* row = xp_img + c * pd.plane + a * pd.wp;
+    if (a + 1 == pd.hp) {  // the alignment padding after the last row
+      std::memset(row + pd.wp, 0, sizeof(float) * (pd.plane - pd.hp * pd.wp));
     }
-    bad |= seen != 0;
+    if (i < 0 || i >= g.h) {
+      std::memset(row, 0, sizeof(float) * pd.wp);
+      continue;
+    }
+    std::memset(row, 0, sizeof(float) * lo);
+    const uint32_t* in = reinterpret_cast<const uint32_t*>(x_img + (c * g.h + i) * g.w);
+    uint32_t* out = reinterpret_cast<uint32_t*>(row + lo);
+    for (int64_t b = 0; b < n; ++b) {
+      out[b] = in[b];
+      seen |= (in[b] & 0x7f800000u) == 0x7f800000u;
+    }
+    std::memset(row + lo + n, 0, sizeof(float) * (pd.wp - lo - n));
   }
-  return bad != 0;
+  return seen != 0;
 }
 
 // Column j of W -> its offset in a padded image: c*plane + r*dh*wp + s*dw, j = (c*kh + r)*kw + s.
@@ -129,43 +118,92 @@ void block_starts(const int64_t* ro, int64_t N, const I* cols, const ConvGeometr
   }
 }
 
+// The plan and operands every work item of one call shares.
 template <typename T>
-void run_conv(const int64_t* ro, int64_t N, const int64_t* starts, int64_t blocks, const int32_t* offs,
-              const T* vals, const ConvGeometry& g, const Padded& pd, const float* xp, const float* bias,
-              float* y, int nt) {
-  const CsrKernels<int32_t, T> kern = csr_kernels<int32_t, T>(active_isa());
-  const int64_t P = g.ho * pd.wp, x_image = g.channels * pd.plane;
-  // Column tiles of equal width (a multiple of 16, at most kTileP) and, when the tiles do not
-  // divide evenly over the threads, row parts too: the static schedule then gives every thread
-  // the same work (measured at 256->256 @14x14: tiles of 128 + 96 pixels scaled 1.56x from 1 to 2
-  // threads).
-  const int64_t ptiles = (P + kTileP - 1) / kTileP;
-  const int64_t tile_p = ((P + ptiles - 1) / ptiles + 15) / 16 * 16;
+struct ConvRun {
+  CsrKernels<int32_t, T> kern;
+  CsrArrays<int32_t, T> a;
+  const int64_t* ro;
+  const int64_t* starts;
+  int64_t N, blocks, P;
+  const ConvGeometry& g;
+  const Padded& pd;
+  const float* bias;
+  float* y;  // (images, N, ho, wo)
+};
+
+// Rows [r0, r1) of one image's output over wide pixels [p0, p0 + width), from its padded planes.
+template <typename T>
+void conv_tile(const ConvRun<T>& c, const float* xp_img, int64_t img, int64_t r0, int64_t r1, int64_t p0,
+               int64_t width) {
+  const ConvGeometry& g = c.g;
+  const bool direct = c.pd.wp == g.wo;  // no wrapped columns (kw = 1): the tile is the output's
+  for (int64_t rb = r0; rb < r1; rb += Cfg::kRowBlock) {
+    const int64_t rows = std::min(Cfg::kRowBlock, r1 - rb);
+    float* out = c.y + (img * c.N + rb) * g.ho * g.wo;
+    float* tile = direct ? out + p0 : scratch(1, Cfg::kRowBlock * kTileP);
+    const int64_t ld = direct ? g.ho * g.wo : kTileP;
+    for (int64_t b = 0; b < c.blocks; ++b) {
+      c.kern.tile(c.a, c.starts + b * c.N + rb, c.starts + (b + 1) * c.N + rb, rows, xp_img + p0, 1, width,
+                  c.bias ? c.bias + rb : nullptr, b > 0, tile, ld);
+    }
+    if (!direct) store_tile(tile, kTileP, rows, p0, width, g, c.pd, out, g.ho * g.wo);
+  }
+}
+
+// Pads x (unless it is read in place) and runs every tile; returns whether x holds a NaN/Inf.
+// Column tiles have equal widths (a multiple of 16, at most kTileP).
+template <typename T>
+bool run_conv(const ConvRun<T>& c, const float* x, int nt) {
+  const ConvGeometry& g = c.g;
+  const Padded& pd = c.pd;
+  const int64_t ptiles = (c.P + kTileP - 1) / kTileP;
+  const int64_t tile_p = ((c.P + ptiles - 1) / ptiles + 15) / 16 * 16;
+  const int64_t x_image = g.channels * pd.plane, in_image = g.channels * g.h * g.w;
+  const bool in_place = pd.is_input(g);  // 1x1 convs without padding
+  if (in_place) {
+    const int64_t count = g.images * x_image;
+    if (any_nonfinite(DenseIn{x, 1, count, count, 1})) return true;  // caller redoes it exactly
+  }
+  if (g.images >= nt && !in_place) {
+    // At least an image per thread: each thread pads whole images into its own scratch and runs
+    // their tiles while the planes are in its L2 (one padded batch, written out and read back,
+    // measured 1.38x dense at 64->64 @56x56 batch 32).
+    int bad = 0;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : bad)
+    for (int64_t img = 0; img < g.images; ++img) {
+      float* xp = scratch(2, x_image);
+      for (int64_t a = 0; a < pd.hp; ++a) bad |= pad_row(x + img * in_image, g, pd, xp, a);
+      for (int64_t t = 0; t < ptiles; ++t) conv_tile(c, xp, img, 0, c.N, t * tile_p, std::min(tile_p, c.P - t * tile_p));
+    }
+    return bad != 0;
+  }
+  // Fewer images than threads: pad the batch by (image, row) ranges and hand out the column
+  // tiles statically in the same order, so that a thread mostly reads the rows it wrote, from its
+  // own L2 (padded by channels instead, half of every tile's X came from the other core: 1.5x
+  // scaling from 1 to 2 threads at 64->64 @56x56 against 2.1x now). When the tiles do not divide
+  // evenly over the threads, rows are split into parts too.
+  const float* xp = x;
+  int bad = 0;
+  if (!in_place) {
+    float* buf = scratch(3, g.images * x_image);  // the calling thread's; slots 1-2 are the workers'
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
+    for (int64_t q = 0; q < g.images * pd.hp; ++q)
+      bad |= pad_row(x + (q / pd.hp) * in_image, g, pd, buf + (q / pd.hp) * x_image, q % pd.hp);
+    xp = buf;
+  }
   const int64_t tiles = g.images * ptiles;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(N / 16, nt / std::gcd<int64_t>(tiles, nt)));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(c.N / 16, nt / std::gcd<int64_t>(tiles, nt)));
   std::vector<int64_t> bounds;
-  csr_balanced_rows(ro, N, parts, &bounds);
-  const CsrArrays<int32_t, T> a{offs, vals};
-  const bool direct = pd.wp == g.wo;
-#pragma omp parallel for num_threads(nt) schedule(static)  // see pad_planes
+  csr_balanced_rows(c.ro, c.N, parts, &bounds);
+#pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t it = 0; it < tiles * parts; ++it) {
     const int64_t part = it % parts, tile_id = it / parts, img = tile_id / ptiles;
-    const int64_t p0 = (tile_id % ptiles) * tile_p, width = std::min(tile_p, P - p0);
-    const int64_t r0 = bounds[static_cast<size_t>(part)], r1 = bounds[static_cast<size_t>(part + 1)];
-    const float* x = xp + img * x_image + p0;
-    for (int64_t rb = r0; rb < r1; rb += Cfg::kRowBlock) {
-      const int64_t rows = std::min(Cfg::kRowBlock, r1 - rb);
-      float* out = y + (img * N + rb) * g.ho * g.wo;
-      // No wrapped columns (kw = 1): the tile is the output's; else a scratch tile, then copied.
-      float* tile = direct ? out + p0 : scratch(1, Cfg::kRowBlock * kTileP);
-      const int64_t ld = direct ? g.ho * g.wo : kTileP;
-      for (int64_t b = 0; b < blocks; ++b) {
-        kern.tile(a, starts + b * N + rb, starts + (b + 1) * N + rb, rows, x, 1, width,
-                  bias ? bias + rb : nullptr, b > 0, tile, ld);
-      }
-      if (!direct) store_tile(tile, kTileP, rows, p0, width, g, pd, out, g.ho * g.wo);
-    }
+    const int64_t p0 = (tile_id % ptiles) * tile_p;
+    conv_tile(c, xp + img * x_image, img, bounds[static_cast<size_t>(part)], bounds[static_cast<size_t>(part + 1)],
+              p0, std::min(tile_p, c.P - p0));
   }
+  return bad != 0;
 }
 
 void check_geometry(const CsrMatrix& w, const ConvGeometry& g, const char* op) {
@@ -216,18 +254,9 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const int32_t* offset
   const Padded pd(g);
   const int64_t work = w.nnz * g.images * g.ho * pd.wp;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
-  const int64_t x_count = g.images * g.channels * pd.plane;
-  const float* xp = x;
-  bool bad;
-  if (pd.is_input(g)) {  // 1x1 convs without padding
-    bad = any_nonfinite(DenseIn{x, 1, x_count, x_count, 1});
-  } else {
-    float* buf = scratch(3, x_count);  // slots 1-2 are the workers'
-    bad = pad_planes(x, g, pd, buf, nt);
-    xp = buf;
-  }
-  run_conv(w.row_offsets, w.rows, starts, csr_conv2d_blocks(g), offsets, w.values, g, pd, xp, bias, y, nt);
-  return bad;
+  const ConvRun<float> run{csr_kernels<int32_t, float>(active_isa()), {offsets, w.values}, w.row_offsets, starts,
+                           w.rows, csr_conv2d_blocks(g), g.ho * pd.wp, g, pd, bias, y};
+  return run_conv(run, x, nt);
 }
 
 }  // namespace pyhwp

@@ -117,8 +117,8 @@ void csr_balanced_rows(const int64_t* row_offsets, int64_t rows, int64_t parts, 
 // once per weight and input size by csr_conv2d_plan: each stored weight's offset into the padded
 // image (nnz int32) and, per block of channels that the driver keeps in L1, where each row's
 // stored weights of that block start ((csr_conv2d_blocks(g) + 1) * rows int64). csr_conv2d
-// returns true, having written y, when x holds a NaN/Inf: the caller then needs the dense-exact
-// propagation of 0 * Inf (see propagate_nonfinite), which this path does not do.
+// returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs the
+// dense-exact propagation of 0 * Inf (see propagate_nonfinite), which this path does not do.
 struct ConvGeometry {
   int64_t images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo;
 };

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pyhwp
-from pyhwp.hardware import HardwareProfile, kernel_latency, profile
+from pyhwp.hardware import HardwareProfile, cache, kernel_latency, profile
 from pyhwp.hardware import latency as lat
 from pyhwp.hardware.cpu import caches, parse_size
 from pyhwp.hardware.device import resolve_device
@@ -223,7 +223,13 @@ def test_kernel_latency_cache_hit_and_invalidation(tmp_path, monkeypatch):
     monkeypatch.setattr(lat, "fingerprint", lambda device, facts=None: "another-machine")
     assert not kernel_latency(*args, cache_dir=tmp_path, budget_s=0.01).cached
     stamp = json.loads(lat.cache_path(torch.device("cpu"), tmp_path).read_text())
-    assert stamp["fingerprint"] == "another-machine" and stamp["pyhwp"] == "999.0"
+    assert stamp["fingerprint"] == "another-machine" and stamp["pyhwp"] == cache.code_version()
+    assert cache.code_version().startswith("999.0+")
+
+    # A rebuilt extension under the same version number (a source checkout, a reinstall): stale.
+    monkeypatch.setattr(cache, "_extension_digest", lambda: "rebuilt")
+    assert not kernel_latency(*args, cache_dir=tmp_path, budget_s=0.01).cached
+    assert kernel_latency(*args, cache_dir=tmp_path, budget_s=0.01).cached
 
 
 def test_cache_dir_default(monkeypatch, tmp_path):

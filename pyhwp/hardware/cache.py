@@ -1,11 +1,33 @@
-"""The user cache directory and its JSON files, each stamped with a fingerprint and pyhwp version."""
+"""The user cache directory and its JSON files, each stamped with a fingerprint and the code version."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import pyhwp
+
+
+@functools.cache
+def _extension_digest() -> str:
+    from pyhwp._ext import _C
+
+    h = hashlib.sha1()
+    with open(_C.__file__, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def code_version() -> str:
+    """pyhwp.__version__ plus a digest of the compiled extension: what cached measurements were
+    taken with. Measurements of kernels that have since been rebuilt (a source checkout, or a
+    reinstall under the same version number) are then stale, not silently reused."""
+    return f"{pyhwp.__version__}+{_extension_digest()}"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -17,7 +39,7 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def load(path: Path, fingerprint: str, version: str) -> dict:
-    """The `data` stored in `path` if it was written for this fingerprint and pyhwp version, else {}.
+    """The `data` stored in `path` if it was written for this fingerprint and code version, else {}.
 
     A file for another machine, another pyhwp, or a damaged file is treated as empty; the next
     store() replaces it, which is how a changed fingerprint or version invalidates the cache.

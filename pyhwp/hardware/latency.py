@@ -417,12 +417,13 @@ def kernel_latency(op: str, shape, batch: int, pattern: str, sparsity: float, dt
         cache_dir: cache directory (default $XDG_CACHE_HOME/pyhwp or ~/.cache/pyhwp).
         refresh: measure again even when the cache holds the case.
         budget_s: time spent timing the case (interleaved rounds until spent; at least 5 rounds).
-    The cache file holds the fingerprint of the device and the pyhwp version; when either differs
-    from this process's, the whole file is stale and is replaced.
+    The cache file holds the fingerprint of the device and the code version (pyhwp's version and a
+    digest of its compiled extension); when either differs from this process's, the whole file is
+    stale and is replaced.
     """
     case = make_case(op, shape, batch, pattern, sparsity, dtype, device)
     path = cache_path(case.device, cache_dir)
-    fp, version = fingerprint(case.device), pyhwp.__version__
+    fp, version = fingerprint(case.device), cache.code_version()
     if not refresh:
         hit = cache.load(path, fp, version).get(case.key)
         if hit is not None:

@@ -126,7 +126,7 @@ def profile(device: str | torch.device = "cpu", *, quick: bool = False, cache_di
     path = cache.cache_dir(cache_dir) / f"profile-{device_slug(dev)}.json"
     overrides = gemm_sizes is not None or bandwidth_bytes is not None or budget_s is not None
     if not refresh and not overrides:
-        hit = cache.load(path, fp, version)
+        hit = cache.load(path, fp, cache.code_version())
         if hit and (quick or not hit.get("quick")):
             try:
                 return HardwareProfile.from_dict(hit, cache_dir=cache_dir)
@@ -138,7 +138,7 @@ def profile(device: str | torch.device = "cpu", *, quick: bool = False, cache_di
         prof = _measure(dev, facts, fp, version, quick, gemm_sizes, bandwidth_bytes, budget_s, step)
     prof.cache_dir = cache_dir
     if not overrides:
-        cache.store(path, fp, version, prof.to_dict())
+        cache.store(path, fp, cache.code_version(), prof.to_dict())
     return prof
 
 

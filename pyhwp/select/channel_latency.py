@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 
-import pyhwp
 from pyhwp.bench.timing import interleaved_medians
 from pyhwp.hardware import cache
 from pyhwp.hardware.device import device_slug, fingerprint, on_device, resolve_device
@@ -41,7 +40,7 @@ def channel_latency(info: LayerInfo, kept: int, consumers: Sequence, *, device="
     key = "|".join(f"{op}:{'x'.join(map(str, shape))}:b{b}" for op, shape, b in cases.values()) + \
         f"|{dtype_name(dt)}|{dev}"
     path = cache.cache_dir(cache_dir) / f"channel_latency-{device_slug(dev)}.json"
-    fp, version = fingerprint(dev), pyhwp.__version__
+    fp, version = fingerprint(dev), cache.code_version()
     hit = None if refresh else cache.load(path, fp, version).get(key)
     if not isinstance(hit, dict) or set(hit) != set(cases):  # absent, or an entry of another layout
         gen = torch.Generator().manual_seed(0)

@@ -100,8 +100,6 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
     if x.dtype not in _NATIVE.get(x.device.type, ()):
         y.copy_(torch_matmul(CSR_PATTERN, x, (row_offsets, col_indices, values), bias, False))
         return
-    p, k = x.shape
-    n = row_offsets.shape[0] - 1
     y_stride_n, y_stride_p = y.stride(1), y.stride(0)
     row_offsets, col_indices, values = row_offsets.contiguous(), col_indices.contiguous(), values.contiguous()
     if bias is not None:

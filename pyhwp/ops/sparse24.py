@@ -62,8 +62,6 @@ def sparse24_matmul_into(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
     if x.dtype not in _NATIVE.get(x.device.type, ()):
         y.copy_(torch_matmul(SPARSE24_PATTERN, x, (values, meta), bias, False))
         return
-    p, k = x.shape
-    n = values.shape[0]
     values, meta = values.contiguous(), meta.contiguous()
     if x.device.type == "cuda":
         _sparse24_matmul_cuda(x, values, meta, None if bias is None else bias.contiguous(), y)

@@ -13,12 +13,9 @@ namespace {
 using avx2::hsum;
 using avx2::tail_mask8;
 
-// 8 values / indices widened to float32 / int32 lanes (bfloat16 bits: exact 16-bit shift).
-inline __m256 load8(const float* v) { return _mm256_loadu_ps(v); }
-inline __m256 load8(const uint16_t* v) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+using avx2::load8;
+
+// 8 indices widened to int32 lanes.
 inline __m256i load_idx8(const int32_t* c) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)); }
 inline __m256i load_idx8(const uint16_t* c) {
   return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));

@@ -1,6 +1,7 @@
 // AVX-512 CSR kernels: gather for small batches, register tiles of up to 128 columns for large ones.
 #include <immintrin.h>
 
+#include "common/simd_avx512.h"
 #include "csr/csr_matmul.h"
 #include "csr/csr_kernels_inl.h"
 
@@ -8,16 +9,10 @@ namespace pyhwp {
 
 namespace {
 
-inline __mmask16 tail_mask(int64_t count) {  // count in [1, 16]
-  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-}
+using avx512::load16;
+using avx512::tail_mask;
 
-// 16 values as float32: a load for float, a widening shift for bfloat16 bits (exact).
-inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
-inline __m512 load16(const uint16_t* v) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+// 16 values as float32 under a mask (bfloat16 bits: exact 16-bit shift).
 inline __m512 load16(const float* v, __mmask16 m) { return _mm512_maskz_loadu_ps(m, v); }
 inline __m512 load16(const uint16_t* v, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, v);

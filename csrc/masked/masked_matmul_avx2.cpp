@@ -4,6 +4,7 @@
 #include <array>
 #include <utility>
 
+#include "common/simd_avx2.h"
 #include "masked/masked_matmul.h"
 
 namespace pyhwp {
@@ -12,12 +13,7 @@ namespace {
 
 using Cfg = MaskedCpuConfig;
 
-// 8 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
-inline __m256 load8(const float* v) { return _mm256_loadu_ps(v); }
-inline __m256 load8(const uint16_t* v) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+using avx2::load8;
 
 // AVX2 has no broadcast memory operand, so each x value is broadcast once into a register and
 // feeds the two FMAs of the 16-row tile column.

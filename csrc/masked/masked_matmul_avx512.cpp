@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/simd_avx512.h"
 #include "masked/masked_matmul.h"
 
 namespace pyhwp {
@@ -13,12 +14,7 @@ namespace {
 
 using Cfg = MaskedCpuConfig;
 
-// 16 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
-inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
-inline __m512 load16(const uint16_t* v) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using avx512::load16;
 
 // Widened bfloat16 weights of half a tile, one tile ahead (see wide); nothing for float, whose
 // kernel must keep the stack frame (and registers) it had.

@@ -17,12 +17,7 @@ using Cfg = Sparse24CpuConfig;
 using avx2::hsum;
 using avx2::tail_mask8;
 
-// 8 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
-inline __m256 load8(const float* v) { return _mm256_loadu_ps(v); }
-inline __m256 load8(const uint16_t* v) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+using avx2::load8;
 
 // Selects the x of 8 slots (half h of a metadata word: 4 groups, 16 inputs [xlo | xhi]): lanes
 // 0-3 come from xlo and lanes 4-7 from xhi, so two in-register permutes and a blend.

@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "common/bf16.h"
+#include "common/simd_avx512.h"
 #include "sparse24/sparse24_matmul.h"
 
 namespace pyhwp {
@@ -12,16 +13,9 @@ namespace {
 
 using Cfg = Sparse24CpuConfig;
 
-inline __mmask16 tail_mask(int64_t count) {  // count in [1, 16]
-  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-}
+using avx512::load16;
+using avx512::tail_mask;
 
-// 16 stored values as float32: a load for float, a widening shift for bfloat16 bits (exact).
-inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
-inline __m512 load16(const uint16_t* v) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 // Widened bfloat16 values of R rows, one word ahead (see tile_block); nothing for float, whose
 // kernels must keep the stack frame (and registers) they had.

@@ -199,5 +199,11 @@ inline int device_sm_count() {
   return sms;
 }
 
+// Blocks of a grid-stride kernel: `want` (at least 1), capped at `per_sm` per multiprocessor.
+inline unsigned capped_grid(int64_t want, int per_sm) {
+  const int64_t cap = per_sm * static_cast<int64_t>(device_sm_count());
+  return static_cast<unsigned>(want < 1 ? 1 : want < cap ? want : cap);
+}
+
 }  // namespace cuda
 }  // namespace pyhwp

@@ -19,6 +19,12 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
+// Source bytes for cp_async16 of a chunk of eight 2-byte elements in a row that exists (`row_ok`)
+// with `left` elements from the chunk's start to the row's end: 16, the tail's 2 * left, or 0
+// (cp_async16 zero-fills the rest).
+__device__ __forceinline__ int chunk_bytes16(bool row_ok, int64_t left) {
+  return row_ok && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
+}
 // Copies 4 bytes (both addresses 4-byte aligned).
 __device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));

@@ -362,8 +362,7 @@ void run(const CsrCudaMatrix& w, const DeviceDenseIn& xv, const T* bias, const D
     if (!pl.y_direct) cuda::copy2d<T, false>(yt, pl.ldy, 1, y, yv.stride_n, yv.stride_p, N, P, nullptr, s);
   }
 
-  const int64_t want = (N + 7) / 8, cap = 2 * static_cast<int64_t>(cuda::device_sm_count());
-  csr_nonfinite_kernel<T><<<static_cast<unsigned>(want < cap ? want : cap), 256, 0, s>>>(
+  csr_nonfinite_kernel<T><<<cuda::capped_grid((N + 7) / 8, 2), 256, 0, s>>>(
       record, N, P, w.row_offsets, w.col_indices, x, xv.stride_k, xv.stride_p, y, yv.stride_n,
       yv.stride_p);
   PYHWP_CUDA_CHECK(cudaGetLastError());
@@ -502,8 +501,7 @@ void csr_conv2d_cuda(const CsrCudaMatrix& w, DType dtype, const ConvGeometry& g,
     using T = decltype(tag);
     T* xp = reinterpret_cast<T*>(planes);
     const int64_t total = g.images * g.channels * pd.plane;
-    const int64_t want = (total + 255) / 256, cap = 8 * static_cast<int64_t>(cuda::device_sm_count());
-    csr_conv2d_pad_kernel<T><<<static_cast<unsigned>(want < cap ? want : cap), 256, 0, s>>>(
+    csr_conv2d_pad_kernel<T><<<cuda::capped_grid((total + 255) / 256, 8), 256, 0, s>>>(
         static_cast<const T*>(x), g.images * g.channels, g.h, g.w, g.pt, g.pl, pd.hp, pd.wp, pd.plane, xp, flag);
     PYHWP_CUDA_CHECK(cudaGetLastError());
     ConvTile cv;
@@ -520,9 +518,8 @@ void csr_conv2d_cuda(const CsrCudaMatrix& w, DType dtype, const ConvGeometry& g,
       else if (P <= 32) launch_tile<T, 4, 1, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
       else launch_tile<T, 8, 1, true>(wc, xp, 1, b, yt, 0, P, s, g.images, cv);
     }
-    const int64_t outs = g.images * w.rows * g.ho * g.wo, want2 = (outs + 255) / 256;
-    const int64_t cap2 = 4 * static_cast<int64_t>(cuda::device_sm_count());
-    csr_conv2d_nonfinite_kernel<T><<<static_cast<unsigned>(want2 < cap2 ? want2 : cap2), 256, 0, s>>>(
+    const int64_t outs = g.images * w.rows * g.ho * g.wo;
+    csr_conv2d_nonfinite_kernel<T><<<cuda::capped_grid((outs + 255) / 256, 4), 256, 0, s>>>(
         flag, g, pd, w.rows, w.row_offsets, offsets, xp, yt);
     PYHWP_CUDA_CHECK(cudaGetLastError());
   });

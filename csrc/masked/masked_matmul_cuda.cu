@@ -28,6 +28,7 @@ static_assert(MaskedCpuConfig::kTileN == Cfg::kTile && MaskedCpuConfig::kTileK =
 using cuda::from_float;
 using cuda::nonfinite;
 using cuda::to_float;
+using cuda::chunk_bytes16;
 using cuda::cp_async16;
 using cuda::cp_async_commit;
 using cuda::cp_async_wait;
@@ -192,8 +193,7 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
       for (int c = tid; c < BM * 4; c += kThreads) {
         const int row = c >> 2, ch = c & 3;
         const int64_t gm = m0 + row, gk = k0 + ch * 8;
-        const int64_t left = g.K - gk;
-        const int bytes = gm < g.M && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
+        const int bytes = chunk_bytes16(gm < g.M, g.K - gk);
         cp_async16(smem_u32(a_dst + swz_k(row, ch)), bytes ? A + gm * g.a_sm + gk : A, bytes);
       }
     }
@@ -206,8 +206,7 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
       for (int c = tid; c < BK * kChunks; c += kThreads) {
         const int row = c / kChunks, ch = c % kChunks;
         const int64_t gk = k0 + row, gn = n0 + ch * 8;
-        const int64_t left = g.Ng - gn;
-        const int bytes = gk < g.K && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
+        const int bytes = chunk_bytes16(gk < g.K, g.Ng - gn);
         cp_async16(smem_u32(b_dst + swz_n<BN>(row, ch)), bytes ? B + gk * g.b_sk + gn : B, bytes);
       }
     } else {
@@ -215,8 +214,7 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
       for (int c = tid; c < BN * 4; c += kThreads) {
         const int row = c >> 2, ch = c & 3;
         const int64_t gn = n0 + row, gk = k0 + ch * 8;
-        const int64_t left = g.K - gk;
-        const int bytes = gn < g.Ng && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
+        const int bytes = chunk_bytes16(gn < g.Ng, g.K - gk);
         cp_async16(smem_u32(b_dst + swz_k(row, ch)), bytes ? B + gn * g.b_sn + gk : B, bytes);
       }
     }
@@ -625,8 +623,7 @@ void run(const MaskedCudaWeight& w, const DeviceDenseIn& xv, const T* bias, cons
   }
 
   const int64_t work = ((N + Cfg::kTile - 1) / Cfg::kTile) * P;
-  const int64_t want = (work + 255) / 256, cap = 2 * static_cast<int64_t>(cuda::device_sm_count());
-  masked_nonfinite_kernel<T><<<static_cast<unsigned>(want < cap ? want : cap), 256, 0, s>>>(
+  masked_nonfinite_kernel<T><<<cuda::capped_grid((work + 255) / 256, 2), 256, 0, s>>>(
       record, N, K, P, w.tile_flags, w.tile_map, g.flag_cols, x, xv.stride_k, xv.stride_p, y, yv.stride_n,
       yv.stride_p);
   PYHWP_CUDA_CHECK(cudaGetLastError());

@@ -72,8 +72,7 @@ void sparse24_compress_cuda(int64_t rows, int64_t cols, const void* dense, int64
   const int64_t work = rows * ((cols + 31) / 32);
   if (work == 0) return;
   PYHWP_CHECK(dense && values && meta && bad, "sparse24_compress_cuda: null pointer");
-  const int64_t want = (work + 255) / 256, cap = 8 * static_cast<int64_t>(cuda::device_sm_count());
-  const unsigned grid = static_cast<unsigned>(want < cap ? want : cap);
+  const unsigned grid = cuda::capped_grid((work + 255) / 256, 8);
   const auto s = static_cast<cudaStream_t>(stream);
   auto* bad_ll = reinterpret_cast<long long*>(bad);
   dispatch_dtype(dtype, [&](auto tag) {

@@ -213,8 +213,7 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32, kWarpsM * kWarpsN * 32
       for (int c = tid; c < Cfg::kStepK * C; c += kThreads) {
         const int row = c / C, ch = c % C;
         const int64_t gk = k0 + row, gp = p0 + ch * 8;
-        const int64_t left = g.P - gp;
-        const int bytes = gk < g.K && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
+        const int bytes = cuda::chunk_bytes16(gk < g.K, g.P - gp);
         cuda::cp_async16(cuda::smem_u32(b_dst + swz_bc<C>(row, ch)), bytes ? X + gk * g.x_sk + gp : X, bytes);
       }
     } else {
@@ -222,8 +221,7 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32, kWarpsM * kWarpsN * 32
       for (int c = tid; c < BN * 8; c += kThreads) {
         const int row = c >> 3, ch = c & 7;
         const int64_t gp = p0 + row, gk = k0 + ch * 8;
-        const int64_t left = g.K - gk;
-        const int bytes = gp < g.P && left > 0 ? (left >= 8 ? 16 : static_cast<int>(left) * 2) : 0;
+        const int bytes = cuda::chunk_bytes16(gp < g.P, g.K - gk);
         cuda::cp_async16(cuda::smem_u32(b_dst + swz_bl(row, ch)), bytes ? X + gp * g.x_sp + gk : X, bytes);
       }
     }
@@ -460,11 +458,6 @@ void launch_tile(Tile t, const Args& g, int splits, cudaStream_t s) {
   }
 }
 
-unsigned grid_1d(int64_t work) {
-  const int64_t want = (work + 255) / 256, cap = 4 * static_cast<int64_t>(cuda::device_sm_count());
-  return static_cast<unsigned>(want < 1 ? 1 : want < cap ? want : cap);
-}
-
 template <typename T>
 void run(const Sparse24CudaWeight& w, const DeviceDenseIn& xv, const T* bias, const DeviceDenseOut& yv,
          const Plan& pl, char* ws, cudaStream_t s) {
@@ -494,8 +487,8 @@ void run(const Sparse24CudaWeight& w, const DeviceDenseIn& xv, const T* bias, co
   if (pl.conv_form) launch_tile<T, true>(pl.tile, g, pl.splits, s);
   else launch_tile<T, false>(pl.tile, g, pl.splits, s);
 
-  if (pl.splits > 1) sparse24_reduce_kernel<T><<<grid_1d(N * P), 256, 0, s>>>(g, pl.splits);
-  else sparse24_nonfinite_kernel<T><<<grid_1d(N * P), 256, 0, s>>>(g);
+  if (pl.splits > 1) sparse24_reduce_kernel<T><<<cuda::capped_grid((N * P + 255) / 256, 4), 256, 0, s>>>(g, pl.splits);
+  else sparse24_nonfinite_kernel<T><<<cuda::capped_grid((N * P + 255) / 256, 4), 256, 0, s>>>(g);
   PYHWP_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -85,12 +85,6 @@ struct CsrKernels {
   CsrGatherFn<I, T> gather;
   CsrTileFn<I, T> tile;
 };
-// dst[c * ld_dst + r] = src[r * ld_src + c] for r < R, c < C, R and C at most 16: moves a tile
-// computed with p contiguous into an output with n contiguous (linear layers).
-using TransposeFn = void (*)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t R,
-                             int64_t C);
-TransposeFn transpose_scalar();
-TransposeFn transpose_avx512();
 
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_scalar();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx2();

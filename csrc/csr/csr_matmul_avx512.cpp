@@ -140,46 +140,6 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
   }
 }
 
-// Transposes a 16x16 block held in 16 registers (row r in m[r]) in place.
-inline void transpose16(__m512 m[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {  // t: row pairs interleaved within 128-bit lanes
-    t[i] = _mm512_unpacklo_ps(m[i], m[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(m[i], m[i + 1]);
-  }
-  // u[4g + e], lane l: rows 4g..4g+3 of column 4l + e.
-  for (int g = 0; g < 4; ++g) {
-    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-  }
-  // Output row 4l + e takes lane l of u[e], u[4+e], u[8+e], u[12+e]: a 4x4 transpose of lanes.
-  for (int e = 0; e < 4; ++e) {
-    const __m512 a = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44);
-    const __m512 b = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
-    const __m512 c = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44);
-    const __m512 d = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
-    m[0 + e] = _mm512_shuffle_f32x4(a, c, 0x88);
-    m[4 + e] = _mm512_shuffle_f32x4(a, c, 0xDD);
-    m[8 + e] = _mm512_shuffle_f32x4(b, d, 0x88);
-    m[12 + e] = _mm512_shuffle_f32x4(b, d, 0xDD);
-  }
-}
-
-// dst[c * ld_dst + r] = src[r * ld_src + c] for r < R, c < C (R, C <= 16 on the edges).
-void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t R, int64_t C) {
-  if (R == 16 && C == 16) {
-    __m512 m[16];
-    for (int r = 0; r < 16; ++r) m[r] = _mm512_loadu_ps(src + r * ld_src);
-    transpose16(m);
-    for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + c * ld_dst, m[c]);
-    return;
-  }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-}
-
 }  // namespace
 
 template <typename I, typename T>
@@ -190,7 +150,5 @@ template CsrKernels<int32_t, float> csr_kernels_avx512();
 template CsrKernels<uint16_t, float> csr_kernels_avx512();
 template CsrKernels<int32_t, uint16_t> csr_kernels_avx512();
 template CsrKernels<uint16_t, uint16_t> csr_kernels_avx512();
-
-TransposeFn transpose_avx512() { return &transpose_block; }
 
 }  // namespace pyhwp

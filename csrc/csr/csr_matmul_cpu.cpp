@@ -11,6 +11,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "common/transpose.h"
 #include "csr/csr_kernels_inl.h"
 #include "csr/csr_matmul.h"
 
@@ -94,11 +95,6 @@ void tile_scalar(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, in
   }
 }
 
-void transpose_block_scalar(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t R, int64_t C) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-}
-
 }  // namespace
 
 template <typename I, typename T>
@@ -109,7 +105,6 @@ template CsrKernels<int32_t, float> csr_kernels_scalar();
 template CsrKernels<uint16_t, float> csr_kernels_scalar();
 template CsrKernels<int32_t, uint16_t> csr_kernels_scalar();
 template CsrKernels<uint16_t, uint16_t> csr_kernels_scalar();
-TransposeFn transpose_scalar() { return &transpose_block_scalar; }
 
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels(Isa isa) {
@@ -148,10 +143,6 @@ void csr_balanced_rows(const int64_t* ro, int64_t rows, int64_t parts, std::vect
 namespace {
 
 using Cfg = CsrCpuConfig;
-
-
-TransposeFn pick_transpose(Isa isa) { return isa == Isa::kAvx512 ? transpose_avx512() : transpose_scalar(); }
-
 
 // Float32 X as the kernels read it: `data` with element (k, p) at data[k*sk + p*sp].
 struct XView {

@@ -15,6 +15,7 @@ namespace {
 using Cfg = MaskedCpuConfig;
 
 using avx512::load16;
+using avx512::transpose16;
 
 // Widened bfloat16 weights of half a tile, one tile ahead (see wide); nothing for float, whose
 // kernel must keep the stack frame (and registers) it had.
@@ -76,36 +77,6 @@ constexpr uint32_t kExponent = 0x7f800000u;
 
 inline __m512i exponent_max(__m512i worst, __m512 v) {
   return _mm512_max_epu32(worst, _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(kExponent)));
-}
-
-// In-register transpose: r[i][c] -> r[c][i] for a 16x16 block of floats.
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int m = 0; m < 8; ++m) {
-    t[2 * m] = _mm512_unpacklo_ps(r[2 * m], r[2 * m + 1]);
-    t[2 * m + 1] = _mm512_unpackhi_ps(r[2 * m], r[2 * m + 1]);
-  }
-  // s[q][j], lane L: rows 4q..4q+3 of column 4L + j.
-  __m512 s[4][4];
-  for (int q = 0; q < 4; ++q) {
-    const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * q + 1]), d = _mm512_castps_pd(t[4 * q + 3]);
-    s[q][0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    s[q][1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    s[q][2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    s[q][3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  // A 4x4 transpose of 128-bit lanes for each j.
-  for (int j = 0; j < 4; ++j) {
-    const __m512 v0 = _mm512_shuffle_f32x4(s[0][j], s[1][j], 0x44);
-    const __m512 v1 = _mm512_shuffle_f32x4(s[0][j], s[1][j], 0xEE);
-    const __m512 v2 = _mm512_shuffle_f32x4(s[2][j], s[3][j], 0x44);
-    const __m512 v3 = _mm512_shuffle_f32x4(s[2][j], s[3][j], 0xEE);
-    r[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    r[4 + j] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-    r[8 + j] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    r[12 + j] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
-  }
 }
 
 inline __mmask16 first_n(int64_t n) {  // lanes < n (none for n <= 0)

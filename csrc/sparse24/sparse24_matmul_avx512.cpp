@@ -1,6 +1,7 @@
 // AVX-512 2:4 kernels: x selected in registers for small batches, register tiles for large ones.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "common/bf16.h"
@@ -237,8 +238,19 @@ __attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t wo
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
     int64_t n = row_begin;
+    // The panel's next K block into L2, a share per row pair: once a long weight has streamed
+    // through L2, the block would otherwise come from L3 line by line (measured +1-3.5% at
+    // K >= 3072, batch 128).
+    const char* next = reinterpret_cast<const char*>(panel + k1 * x.stride_k);
+    const int64_t next_bytes = k1 < K ? (std::min(K, k1 + tile_k) - k1) * x.stride_k * 4 : 0;
+    const int64_t pairs = (row_end - row_begin) / R;
+    const int64_t share = pairs > 0 ? (next_bytes / 64 + pairs - 1) / pairs * 64 : 0;
+    int64_t next_at = 0;
     for (; n + R <= row_end; n += R) {
       for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
+      for (const int64_t e = std::min(next_bytes, next_at + share); next_at < e; next_at += 64) {
+        _mm_prefetch(next + next_at, _MM_HINT_T1);
+      }
       block(std::integral_constant<int, R>{}, n, k0, k1);
     }
     for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);

@@ -8,6 +8,7 @@
 #include "common/bf16.h"
 #include "common/checks.h"
 #include "common/cpu_features.h"
+#include "common/transpose.h"
 #include "sparse24/sparse24_matmul.h"
 
 namespace pyhwp {
@@ -162,6 +163,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     const DenseIn xp{K > 0 ? sparse24_pack_panels(x, nt) : x.data, K, P, sparse24_panel_width(P), 1};
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
+    const TransposeFn transpose = pick_transpose(isa);
     const int64_t ld_tile = (P + 15) / 16 * 16;
     const int64_t items = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -177,9 +179,19 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
         float* tile = scratch(1, Cfg::kTileRows * ld_tile);
         const DenseOut t{tile, r1 - r0, P, ld_tile, 1};
         fn(w, xp, bias, t, r0, r1);
-        for (int64_t p = 0; p < P; ++p) {
-          float* dst = y.data + r0 * y.stride_n + p * y.stride_p;
-          for (int64_t i = 0; i < r1 - r0; ++i) dst[i * y.stride_n] = tile[i * ld_tile + p];
+        for (int64_t i0 = r0; i0 < r1; i0 += 16) {
+          const int64_t rows = std::min<int64_t>(16, r1 - i0);
+          for (int64_t p = 0; p < P; p += 16) {
+            const float* src = tile + (i0 - r0) * ld_tile + p;
+            float* dst = y.data + i0 * y.stride_n + p * y.stride_p;
+            const int64_t cols = std::min<int64_t>(16, P - p);
+            if (y.stride_n == 1) {
+              transpose(src, ld_tile, dst, y.stride_p, rows, cols);
+            } else {
+              for (int64_t i = 0; i < rows; ++i)
+                for (int64_t j = 0; j < cols; ++j) dst[i * y.stride_n + j * y.stride_p] = src[i * ld_tile + j];
+            }
+          }
         }
       }
     }

@@ -1,0 +1,18 @@
+// Small-block transposes that move a tile computed with p contiguous into an output with n
+// contiguous (the (P, N) layout of linear layers), one implementation per ISA.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_features.h"
+
+namespace pyhwp {
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < R, c < C, R and C at most 16.
+using TransposeFn = void (*)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t R,
+                             int64_t C);
+TransposeFn transpose_scalar();  // common/transpose.cpp
+TransposeFn transpose_avx512();  // common/transpose_avx512.cpp: whole 16x16 blocks in registers
+
+inline TransposeFn pick_transpose(Isa isa) { return isa == Isa::kAvx512 ? transpose_avx512() : transpose_scalar(); }
+
+}  // namespace pyhwp

@@ -10,6 +10,7 @@ from pyhwp.formats.csr import row_order_by_length
 from pyhwp.kernels import kernel_named
 from pyhwp.ops.autograd import MatmulPattern, register_matmul_autograd, torch_matmul
 from pyhwp.ops.decompositions import register_matmul_decomposition
+from pyhwp.ops.eager import cpu_kernel_call
 
 # pyhwp::DType codes of the CUDA kernels (csrc/common/dtype.h).
 CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -114,18 +115,23 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
     csr_matmul_cpu(y, x, row_offsets, col_indices, values, bias)
 
 
+def csr_cpu_args(row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+                 k: int) -> tuple[dict, tuple, tuple]:
+    """(kernels by dtype, head, tail) for cpu_kernel_call on contiguous CPU CSR arrays (int16
+    col_indices: the uint16 kernel copy) with k inputs. The arrays must outlive the call."""
+    narrow = col_indices.dtype == torch.int16
+    head = (row_offsets.shape[0] - 1, k, values.shape[0], row_offsets.data_ptr(),
+            0 if narrow else col_indices.data_ptr(), values.data_ptr())
+    return _KERNEL, head, (col_indices.data_ptr() if narrow else 0,)
+
+
 def csr_matmul_cpu(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
                    values: torch.Tensor, bias: torch.Tensor | None) -> None:
     """The CPU kernel call of csr_matmul_into for inputs already checked: x (P, K) and y (P, N) CPU
     tensors of any strides, x, values and a contiguous bias all float32 or all bfloat16,
     contiguous weight arrays (the eager path of pyhwp.linear on a validated CSRWeight)."""
-    p, k = x.shape
-    narrow = col_indices.dtype == torch.int16
-    _KERNEL[x.dtype](
-        row_offsets.shape[0] - 1, k, values.shape[0], row_offsets.data_ptr(), 0 if narrow else col_indices.data_ptr(),
-        values.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
-        y.data_ptr(), y.stride(1), y.stride(0), torch.get_num_threads(), col_indices.data_ptr() if narrow else 0,
-    )
+    kernels, head, tail = csr_cpu_args(row_offsets, col_indices, values, x.shape[1])
+    cpu_kernel_call(kernels[x.dtype], head, tail, y, x, bias)
 
 
 def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_indices16: torch.Tensor | None,

@@ -36,3 +36,12 @@ def call_matmul(op, impl: Callable[..., torch.Tensor], x: torch.Tensor, arrays: 
     if needs_op(x, values, bias):
         return op(x, *arrays, bias, transpose_out, *extra)
     return impl(x, *arrays, bias, transpose_out, *extra)
+
+
+def cpu_kernel_call(kernel, head: tuple, tail: tuple, y: torch.Tensor, x: torch.Tensor,
+                    bias: torch.Tensor | None) -> None:
+    """y (P, N) = x (P, K) @ W.T + bias through a compiled CPU kernel of the common signature
+    kernel(*head, x, P, x strides, bias, y, y strides, threads, *tail), where head and tail carry
+    W's sizes and array addresses (see the *_cpu_args functions of the pattern ops)."""
+    kernel(*head, x.data_ptr(), x.shape[0], x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
+           y.data_ptr(), y.stride(1), y.stride(0), torch.get_num_threads(), *tail)

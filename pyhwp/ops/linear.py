@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -99,6 +100,23 @@ MATMULS = {name: fn for names, fn, _ in _KERNELS_BY_PATTERN for name in names}
 MATMULS_INTO = {name: into for names, _, into in _KERNELS_BY_PATTERN for name in names}
 
 
+# pyhwp.linear's fast path: (pattern, dtype) -> the direct call cpu(y, x2, weight, bias) of the
+# compiled CPU kernel find_kernel picks for it, or None (another kernel, or none: the general path
+# then runs it or raises the error).
+_CPU_CALLS = {"csr_matmul": _csr_cpu, "sparse24_matmul": _sparse24_cpu, "masked_matmul": _masked_cpu}
+_FAST_CPU: dict[tuple[str, torch.dtype], Callable | None] = {}
+_UNSET = object()
+
+
+def _fast_cpu_call(pattern: str, dtype: torch.dtype) -> Callable | None:
+    try:
+        name = find_kernel("linear", pattern, torch.device("cpu"), dtype).name
+    except (TypeError, ValueError):
+        name = None
+    call = _FAST_CPU[(pattern, dtype)] = _CPU_CALLS.get(name)
+    return call
+
+
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
     if bias is None:
         return
@@ -130,6 +148,22 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         (..., out_features) tensor, contiguous, dtype and device of x (or `out`). NaN/Inf in x
         propagate exactly as in the dense product.
     """
+    # Plain eager CPU inference on a 2-D input (the batch-1 serving case) runs the kernel after
+    # the fewest checks that decide it: there the Python time is a large part of a call, and more
+    # so when the previous layer has evicted the caches. Anything else takes the general path,
+    # which also raises the errors.
+    if out is None and type(x) is torch.Tensor and isinstance(weight, SparseWeight):
+        call = _FAST_CPU.get((weight.pattern, x.dtype), _UNSET)
+        if call is _UNSET:
+            call = _fast_cpu_call(weight.pattern, x.dtype)
+        if (call is not None and x.is_cpu and x.dim() == 2 and len(weight.shape) == 2
+                and x.shape[1] == weight.shape[1] and weight.values.dtype == x.dtype and weight.values.is_cpu
+                and (bias is None or (type(bias) is torch.Tensor and bias.dtype == x.dtype and bias.is_cpu
+                                      and bias.shape == (weight.shape[0],) and bias.stride(0) == 1))
+                and not needs_op(x, weight.values, bias)):
+            y = x.new_empty((x.shape[0], weight.shape[0]))
+            call(y, x, weight, bias)
+            return y
     if not isinstance(weight, SparseWeight):
         raise TypeError(f"pyhwp.linear: weight must be a pyhwp.SparseWeight (from pyhwp.to_sparse), "
                         f"got {type(weight).__name__}")

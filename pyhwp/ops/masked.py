@@ -13,6 +13,7 @@ from pyhwp.kernels import kernel_named
 from pyhwp.ops.autograd import MatmulPattern, register_matmul_autograd, torch_matmul
 from pyhwp.ops.csr import cuda_dtype_code, cuda_workspace
 from pyhwp.ops.decompositions import register_matmul_decomposition
+from pyhwp.ops.eager import cpu_kernel_call
 
 # device type -> dtypes the compiled kernels serve; the op runs everything else on the torch path.
 _NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("masked_matmul", "masked_matmul_cuda"))}
@@ -101,17 +102,20 @@ def masked_matmul_into(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor,
     masked_matmul_cpu(y, x, tile_ptr, tile_idx, values, n, bias)
 
 
+def masked_cpu_args(tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: torch.Tensor, n: int,
+                    k: int) -> tuple[dict, tuple, tuple]:
+    """(kernels by dtype, head, tail) for cpu_kernel_call on contiguous CPU masked arrays of an
+    n x k weight. The arrays must outlive the call."""
+    return _KERNEL, (n, k, tile_idx.shape[0], tile_ptr.data_ptr(), tile_idx.data_ptr(), values.data_ptr()), ()
+
+
 def masked_matmul_cpu(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor,
                       values: torch.Tensor, n: int, bias: torch.Tensor | None) -> None:
     """The CPU kernel call of masked_matmul_into for inputs already checked: x (P, K) and y (P, n)
     CPU tensors of any strides, x, values and a contiguous bias all float32 or all bfloat16,
     contiguous weight arrays (the eager path of pyhwp.linear on a validated MaskedWeight)."""
-    p, k = x.shape
-    _KERNEL[x.dtype](
-        n, k, tile_idx.shape[0], tile_ptr.data_ptr(), tile_idx.data_ptr(), values.data_ptr(),
-        x.data_ptr(), p, x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
-        y.data_ptr(), y.stride(1), y.stride(0), torch.get_num_threads(),
-    )
+    kernels, head, tail = masked_cpu_args(tile_ptr, tile_idx, values, n, x.shape[1])
+    cpu_kernel_call(kernels[x.dtype], head, tail, y, x, bias)
 
 
 def _masked_matmul_cuda(x, tile_ptr, tile_idx, values, n, bias, y, tile_map):

@@ -12,6 +12,7 @@ from pyhwp.kernels import kernel_named
 from pyhwp.ops.csr import cuda_dtype_code, cuda_workspace
 from pyhwp.ops.autograd import MatmulPattern, register_matmul_autograd, torch_matmul
 from pyhwp.ops.decompositions import register_matmul_decomposition
+from pyhwp.ops.eager import cpu_kernel_call
 
 # device type -> dtypes the compiled kernels serve; the op runs everything else on the torch path.
 _NATIVE = {k.device: k.dtypes for k in map(kernel_named, ("sparse24_matmul", "sparse24_matmul_cuda"))}
@@ -73,17 +74,19 @@ def sparse24_matmul_into(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
     sparse24_matmul_cpu(y, x, values, meta, bias)
 
 
+def sparse24_cpu_args(values: torch.Tensor, meta: torch.Tensor, k: int) -> tuple[dict, tuple, tuple]:
+    """(kernels by dtype, head, tail) for cpu_kernel_call on contiguous CPU 2:4 arrays with k
+    inputs. The arrays must outlive the call."""
+    return _KERNEL, (values.shape[0], k, values.data_ptr(), meta.data_ptr()), ()
+
+
 def sparse24_matmul_cpu(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                         bias: torch.Tensor | None) -> None:
     """The CPU kernel call of sparse24_matmul_into for inputs already checked: x (P, K) and y (P, N)
     CPU tensors of any strides, x, values and a contiguous bias all float32 or all bfloat16,
     contiguous values and meta (the eager path of pyhwp.linear on a validated Sparse24Weight)."""
-    p, k = x.shape
-    _KERNEL[x.dtype](
-        values.shape[0], k, values.data_ptr(), meta.data_ptr(), x.data_ptr(), p, x.stride(1), x.stride(0),
-        0 if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(1), y.stride(0),
-        torch.get_num_threads(),
-    )
+    kernels, head, tail = sparse24_cpu_args(values, meta, x.shape[1])
+    cpu_kernel_call(kernels[x.dtype], head, tail, y, x, bias)
 
 
 def _sparse24_matmul_cuda(x, values, meta, bias, y):

@@ -42,7 +42,7 @@ struct Sparse24CpuConfig {
   static constexpr int64_t kGroup = 4;          // inputs per group
   static constexpr int64_t kKeep = 2;           // slots per group
   static constexpr int64_t kChunk = 32;         // inputs per metadata word
-  static constexpr int64_t kRowBlock = 16;      // rows per parallel work item
+  static constexpr int64_t kRowBlock = 16;      // batch < kPermuteMaxP: threads get whole row blocks
   static constexpr int64_t kPermuteMaxP = 8;    // P below this: select x in registers, no packing
   static constexpr int64_t kPermutePrefetch = 8;  // metadata words (64-byte value lines) ahead
   static constexpr int64_t kPanel = 128;        // most columns of X per packed panel (tile kernels)

@@ -151,10 +151,15 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
   if (P < Cfg::kPermuteMaxP) {
     const DenseIn xk = K == 0 ? DenseIn{x.data, 0, P, 1, 0} : padded_k_contiguous(x, Kp, x_padded);
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/true);
+    // One contiguous run of whole row blocks per thread: every row costs the same (Kp/2 slots),
+    // and a thread streaming one run of W keeps the hardware prefetchers ahead of it (16-row
+    // blocks handed out dynamically: 1.04-1.16x slower at batch 1 on the BERT shapes).
     const int64_t nblocks = (N + Cfg::kRowBlock - 1) / Cfg::kRowBlock;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const int64_t r0 = b * Cfg::kRowBlock, r1 = std::min(N, r0 + Cfg::kRowBlock);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+      const int64_t r0 = std::min(N, nblocks * t / nt * Cfg::kRowBlock);
+      const int64_t r1 = std::min(N, nblocks * (t + 1) / nt * Cfg::kRowBlock);
+      if (r0 == r1) continue;
       DenseOut yb = y;
       yb.data = y.data + r0 * y.stride_n;
       fn(w, xk, bias, yb, r0, r1);

@@ -44,7 +44,7 @@ struct Sparse24CpuConfig {
   static constexpr int64_t kChunk = 32;         // inputs per metadata word
   static constexpr int64_t kRowBlock = 16;      // batch < kPermuteMaxP: threads get whole row blocks
   static constexpr int64_t kPermuteMaxP = 8;    // P below this: select x in registers, no packing
-  static constexpr int64_t kPermutePrefetch = 8;  // metadata words (64-byte value lines) ahead
+  static constexpr int64_t kPermutePrefetch = 32;  // metadata words (64-byte value lines) ahead
   static constexpr int64_t kPanel = 128;        // most columns of X per packed panel (tile kernels)
   static constexpr int64_t kTileBytes = 32 * 1024;  // a K block of a panel fits L1
   static constexpr int64_t kTileRows = 64;      // rows per work item of the tile kernels

@@ -254,6 +254,49 @@ def test_cached_taps_and_plans_follow_in_place_weight_changes(grad):
     assert_conv_close(pyhwp.conv2d(x, sw, padding=1).detach(), x, -2.0 * w, padding=1)
 
 
+@pytest.mark.parametrize("pattern", ["csr", "2:4"])
+def test_repeated_implicit_gemm_calls_take_the_fast_path_only_where_it_applies(pattern, monkeypatch):
+    import gc
+    import importlib
+    import weakref
+
+    conv_mod = importlib.import_module("pyhwp.ops.conv2d")  # pyhwp.ops.conv2d is also the function
+    g_ = torch.Generator().manual_seed(606)
+    w = pattern_weight((16, 8, 3, 3), pattern, generator=g_)
+    sw, b = pyhwp.to_sparse(w, pattern), torch.randn(16, generator=g_)
+    x = torch.randn(2, 8, 7, 9, generator=g_)
+    first = [pyhwp.conv2d(x, sw, bias, padding=1) for bias in (None, b)]
+
+    def general_path(*args, **kwargs):
+        raise AssertionError("took the general path")
+
+    monkeypatch.setattr(conv_mod, "check_bias", general_path)
+    for bias, y0 in zip((None, b), first):  # the same call again: the fast path, the same result
+        y = pyhwp.conv2d(x, sw, bias, padding=1)
+        assert torch.equal(y, y0)
+        assert_conv_close(y, x, w, bias, padding=1)
+    x_nan = x.clone()
+    x_nan[1, 3, 2, 4] = float("nan")
+    x_nan[0, 0, 0, 0] = float("inf")
+    for call in (lambda: pyhwp.conv2d(x_nan, sw, padding=1),  # NaN/Inf: the kernel declines
+                 lambda: pyhwp.conv2d(x, sw, padding=(1, 1)),  # other arguments as passed
+                 lambda: pyhwp.conv2d(x[:1], sw, padding=1),
+                 lambda: pyhwp.conv2d(x.contiguous(memory_format=torch.channels_last), sw, padding=1),
+                 lambda: pyhwp.conv2d(x, sw, torch.randn(32)[::2], padding=1)):
+        with pytest.raises(AssertionError, match="general path"):
+            call()
+    monkeypatch.undo()
+    ref = F.conv2d(x_nan.double(), w.double(), padding=1).float()
+    torch.testing.assert_close(pyhwp.conv2d(x_nan, sw, padding=1), ref, equal_nan=True, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        sw.values.mul_(-1.0)  # a new version of the values: the general path derives again
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=1), x, -w, padding=1)
+    alive = weakref.ref(sw)
+    del sw
+    gc.collect()
+    assert alive() is None  # what the fast path keeps does not keep the weight alive
+
+
 def test_implicit_gemm_plans_are_per_input_geometry():
     # One cached plan per (input size, padding, dilation): alternating geometries reuse the right one.
     g_ = torch.Generator().manual_seed(605)

@@ -82,6 +82,18 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.
     """
+    # A call like the last one on this weight that ran the CPU implicit-GEMM kernel goes straight
+    # to it (see _FAST); anything else, and every error, takes the general path below.
+    if type(x) is torch.Tensor and isinstance(weight, SparseWeight):
+        fast = _FAST.get(weight)
+        if (fast is not None and fast.key == (x.shape, stride, padding, dilation, groups) and x.is_cpu
+                and x.dtype == torch.float32 and x.is_contiguous()
+                and (bias is None or (type(bias) is torch.Tensor and bias.dtype == x.dtype and bias.is_cpu
+                                      and bias.shape == (weight.shape[0],) and bias.stride(0) == 1))
+                and fast.versions == [t._version for t in fast.tensors] and not needs_op(x, weight.values, bias)):
+            y = fast.run(x, weight, bias)
+            if y is not None:
+                return y
     if not isinstance(weight, SparseWeight):
         raise TypeError(f"pyhwp.conv2d: weight must be a pyhwp.SparseWeight (from pyhwp.to_sparse), "
                         f"got {type(weight).__name__}")
@@ -133,8 +145,9 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     elif n == 0 or out_c == 0:
         y = x.new_empty((n, out_c, ho, wo))
     else:
+        fast_key = (x.shape, stride, padding, dilation, groups) if not unbatched and st == (1, 1) else None
         y = _gemm_conv(MATMULS[kernel.name], x, weight, bias, st, (pt, pb, pl, pr), dl, groups, (ho, wo),
-                       channels_last)
+                       channels_last, fast_key)
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
@@ -146,12 +159,19 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _cacheable(tensors) -> bool:
+    """Whether what is derived from a weight with these tensors may be kept: not when one has no
+    version counter to detect changes (inference tensors), nor while autograd records (taps in a
+    recorded graph are freed by its backward)."""
+    if any(torch.is_inference(t) for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _derived(weight: SparseWeight, key, build):
     tensors = weight._tensors().values()
-    if any(torch.is_inference(t) for t in tensors):  # no version counter to detect changes
+    if not _cacheable(tensors):
         return build()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return build()  # taps in a recorded graph are freed by its backward
     version = tuple(t._version for t in tensors)
     hit = _DERIVED.get(weight)
     if hit is None or hit[0] != version:
@@ -220,25 +240,63 @@ def _implicit_csr_conv(x, weight, bias, pads, dilation, kernel, out_hw):
     """Stride-1 CSR conv in one kernel call over the batch (see csr_conv2d_impl), or None when x
     holds a NaN/Inf on the CPU (the per-tap path then gives dense-exact propagation; the CUDA
     path propagates them itself)."""
-    n, c, h, w = x.shape
-    geometry = (n, c, h, w, pads[0], pads[2], *kernel, *dilation, *out_hw)
+    geometry = _geometry(x, pads, kernel, dilation, out_hw)
     if x.device.type == "cuda":  # NaN/Inf handled on the device: never None
         offsets = _derived(weight, ("cuda_plan", geometry[1:]),
                            lambda: csr_conv2d_cuda_plan(weight.col_indices, geometry))
         return csr_conv2d_cuda_impl(x, weight.row_offsets, weight.values, weight.row_order, offsets, geometry,
                                     bias)
 
+    return csr_conv2d_impl(x, weight.row_offsets, weight.values, _cpu_plan(weight, geometry), geometry, bias)
+
+
+def _geometry(x, pads, kernel, dilation, out_hw) -> tuple[int, ...]:
+    n, c, h, w = x.shape
+    return (n, c, h, w, pads[0], pads[2], *kernel, *dilation, *out_hw)
+
+
+def _cpu_plan(csr, geometry):
+    """The CPU implicit-GEMM plan of a CSR weight for `geometry`, derived once (see _derived)."""
     def plan():
-        ci = weight.kernel_col_indices
-        return csr_conv2d_plan(weight.row_offsets, weight.col_indices, ci if ci.dtype == torch.int16 else None,
-                               geometry)
-
-    return csr_conv2d_impl(x, weight.row_offsets, weight.values, _derived(weight, ("plan", geometry[1:]), plan),
-                           geometry, bias)
+        ci = csr.kernel_col_indices
+        return csr_conv2d_plan(csr.row_offsets, csr.col_indices, ci if ci.dtype == torch.int16 else None, geometry)
+    return _derived(csr, ("plan", geometry[1:]), plan)
 
 
-def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last):
-    """(N, out, H_out, W_out): one `matmul` (a MATMULS entry) per image and group."""
+class _FastConv:
+    """conv2d's fast path for one weight: the arguments of the last call that ran the CPU
+    implicit-GEMM kernel (`key`), the versions of the weight's tensors then, and what that call
+    ran. A weight changed in place (another version) or a call with other arguments takes the
+    general path, which derives again what depends on the weight and remembers anew."""
+
+    __slots__ = ("key", "tensors", "versions", "csr", "plan", "geometry")
+
+    def __init__(self, key, weight, csr, geometry):
+        self.key, self.geometry = key, geometry
+        self.tensors = list(weight._tensors().values())
+        self.versions = [t._version for t in self.tensors]
+        self.csr = None if csr is weight else csr  # never the weight itself: _FAST's key must die
+        self.plan = _cpu_plan(csr, geometry)
+
+    def run(self, x, weight, bias):
+        """csr_conv2d_impl for contiguous float32 CPU x of the remembered geometry, or None on NaN/Inf."""
+        csr = weight if self.csr is None else self.csr
+        return csr_conv2d_impl(x, csr.row_offsets, csr.values, self.plan, self.geometry, bias)
+
+
+# weight -> its _FastConv, for weights whose derived data may be kept (_cacheable).
+_FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _remember_fast(weight, key, csr, geometry) -> None:
+    if _cacheable(weight._tensors().values()):
+        _FAST[weight] = _FastConv(key, weight, csr, geometry)
+
+
+def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last, fast_key=None):
+    """(N, out, H_out, W_out): one `matmul` (a MATMULS entry) per image and group. A call that runs
+    the CPU implicit-GEMM kernel is remembered for conv2d's fast path under `fast_key` (its
+    arguments as passed), unless that is None."""
     n, c, _, _ = x.shape
     out_c, in_g, kh, kw = weight.shape
     ho, wo = out_hw
@@ -251,6 +309,8 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         csr = _implicit_csr_weight(x, weight, bias, (kh, kw))
         y = None if csr is None else _implicit_csr_conv(x, csr, bias, pads, dilation, (kh, kw), out_hw)
         if y is not None:
+            if fast_key is not None and x.device.type == "cpu" and x.is_contiguous():
+                _remember_fast(weight, fast_key, csr, _geometry(x, pads, (kh, kw), dilation, out_hw))
             return y
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
         # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported

@@ -297,6 +297,37 @@ def test_repeated_implicit_gemm_calls_take_the_fast_path_only_where_it_applies(p
     assert alive() is None  # what the fast path keeps does not keep the weight alive
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "masked", "csr"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_1x1_calls_take_the_fast_path(pattern, dtype, monkeypatch):
+    import importlib
+
+    conv_mod = importlib.import_module("pyhwp.ops.conv2d")
+    g_ = torch.Generator().manual_seed(607)
+    w = pattern_weight((24, 16, 1, 1), pattern, generator=g_, dtype=dtype)
+    sw, b = pyhwp.to_sparse(w, pattern), torch.randn(24, generator=g_, dtype=dtype)
+    x = torch.randn(3, 16, 5, 7, generator=g_, dtype=dtype)
+    first = [pyhwp.conv2d(x, sw, bias) for bias in (None, b)]
+
+    def general_path(*args, **kwargs):
+        raise AssertionError("took the general path")
+
+    monkeypatch.setattr(conv_mod, "check_bias", general_path)
+    x_nan = x.clone()
+    x_nan[2, 5, 1, 1] = float("nan")
+    for bias, y0 in zip((None, b), first):
+        y = pyhwp.conv2d(x, sw, bias)
+        assert torch.equal(y, y0) and y.is_contiguous()
+    if pattern != "csr" or dtype != torch.float32:  # the implicit-GEMM CSR kernel declines NaN/Inf
+        y = pyhwp.conv2d(x_nan, sw)
+        ref = F.conv2d(x_nan.double(), w.double()).to(dtype)
+        torch.testing.assert_close(y, ref, equal_nan=True, rtol=2e-2, atol=2e-2)
+    for call in (lambda: pyhwp.conv2d(x, sw, stride=2), lambda: pyhwp.conv2d(x[:2], sw),
+                 lambda: pyhwp.conv2d(x.contiguous(memory_format=torch.channels_last), sw)):
+        with pytest.raises(AssertionError, match="general path"):
+            call()
+
+
 def test_implicit_gemm_plans_are_per_input_geometry():
     # One cached plan per (input size, padding, dilation): alternating geometries reuse the right one.
     g_ = torch.Generator().manual_seed(605)

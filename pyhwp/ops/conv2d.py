@@ -12,7 +12,7 @@ from pyhwp.formats.csr import CSRWeight
 from pyhwp.kernels import find_kernel
 from pyhwp.ops.csr import csr_conv2d_cuda_impl, csr_conv2d_cuda_plan, csr_conv2d_impl, csr_conv2d_plan
 from pyhwp.ops.eager import needs_op
-from pyhwp.ops.linear import MATMULS, check_bias
+from pyhwp.ops.linear import CPU_CALLS, MATMULS, check_bias
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -82,12 +82,12 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.
     """
-    # A call like the last one on this weight that ran the CPU implicit-GEMM kernel goes straight
-    # to it (see _FAST); anything else, and every error, takes the general path below.
+    # A call like the last one on this weight that ran a CPU kernel directly goes straight to it
+    # (see _FAST); anything else, and every error, takes the general path below.
     if type(x) is torch.Tensor and isinstance(weight, SparseWeight):
         fast = _FAST.get(weight)
         if (fast is not None and fast.key == (x.shape, stride, padding, dilation, groups) and x.is_cpu
-                and x.dtype == torch.float32 and x.is_contiguous()
+                and x.dtype == fast.dtype and x.is_contiguous()
                 and (bias is None or (type(bias) is torch.Tensor and bias.dtype == x.dtype and bias.is_cpu
                                       and bias.shape == (weight.shape[0],) and bias.stride(0) == 1))
                 and fast.versions == [t._version for t in fast.tensors] and not needs_op(x, weight.values, bias)):
@@ -147,7 +147,7 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     else:
         fast_key = (x.shape, stride, padding, dilation, groups) if not unbatched and st == (1, 1) else None
         y = _gemm_conv(MATMULS[kernel.name], x, weight, bias, st, (pt, pb, pl, pr), dl, groups, (ho, wo),
-                       channels_last, fast_key)
+                       channels_last, fast_key, CPU_CALLS.get(kernel.name))
         if channels_last:
             y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
@@ -264,39 +264,52 @@ def _cpu_plan(csr, geometry):
 
 
 class _FastConv:
-    """conv2d's fast path for one weight: the arguments of the last call that ran the CPU
-    implicit-GEMM kernel (`key`), the versions of the weight's tensors then, and what that call
-    ran. A weight changed in place (another version) or a call with other arguments takes the
-    general path, which derives again what depends on the weight and remembers anew."""
+    """conv2d's fast path for one weight: the arguments of the last call that ran a CPU kernel
+    directly (`key`), its dtype, the versions of the weight's tensors then, and what that call
+    ran: the implicit-GEMM CSR kernel (csr, plan, geometry) or, for a 1x1 conv, one direct
+    kernel call per image (cpu, out_shape). A weight changed in place (another version) or a call
+    with other arguments takes the general path, which derives again what depends on the weight
+    and remembers anew."""
 
-    __slots__ = ("key", "tensors", "versions", "csr", "plan", "geometry")
+    __slots__ = ("key", "dtype", "tensors", "versions", "csr", "plan", "geometry", "cpu", "out_shape")
 
-    def __init__(self, key, weight, csr, geometry):
-        self.key, self.geometry = key, geometry
+    def __init__(self, key, x, weight, *, csr=None, geometry=None, cpu=None, out_shape=None):
+        self.key, self.dtype = key, x.dtype
         self.tensors = list(weight._tensors().values())
         self.versions = [t._version for t in self.tensors]
         self.csr = None if csr is weight else csr  # never the weight itself: _FAST's key must die
-        self.plan = _cpu_plan(csr, geometry)
+        self.geometry, self.plan = geometry, None if geometry is None else _cpu_plan(csr, geometry)
+        self.cpu, self.out_shape = cpu, out_shape
 
     def run(self, x, weight, bias):
-        """csr_conv2d_impl for contiguous float32 CPU x of the remembered geometry, or None on NaN/Inf."""
-        csr = weight if self.csr is None else self.csr
-        return csr_conv2d_impl(x, csr.row_offsets, csr.values, self.plan, self.geometry, bias)
+        """The remembered computation on contiguous CPU x of the remembered shape and dtype, or
+        None (x holds a NaN/Inf and the CSR kernel declines)."""
+        if self.cpu is None:
+            csr = weight if self.csr is None else self.csr
+            return csr_conv2d_impl(x, csr.row_offsets, csr.values, self.plan, self.geometry, bias)
+        # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
+        n, c, h, w = x.shape
+        y = x.new_empty(self.out_shape)
+        for i in range(n):
+            self.cpu(y[i].view(-1, h * w).t(), x[i].view(c, h * w).t(), weight, bias)
+        return y
 
 
 # weight -> its _FastConv, for weights whose derived data may be kept (_cacheable).
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _remember_fast(weight, key, csr, geometry) -> None:
+def _remember_fast(key, x, weight, **run) -> None:
     if _cacheable(weight._tensors().values()):
-        _FAST[weight] = _FastConv(key, weight, csr, geometry)
+        _FAST[weight] = _FastConv(key, x, weight, **run)
 
 
-def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last, fast_key=None):
-    """(N, out, H_out, W_out): one `matmul` (a MATMULS entry) per image and group. A call that runs
-    the CPU implicit-GEMM kernel is remembered for conv2d's fast path under `fast_key` (its
-    arguments as passed), unless that is None."""
+def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, channels_last, fast_key=None,
+               cpu=None):
+    """(N, out, H_out, W_out): one `matmul` (a MATMULS entry) per image and group. Unless
+    `fast_key` (the call's arguments as passed) is None, a call that runs the CPU implicit-GEMM
+    kernel, or a 1x1 conv whose matmul is the direct CPU kernel call `cpu`, is remembered for
+    conv2d's fast path."""
     n, c, _, _ = x.shape
     out_c, in_g, kh, kw = weight.shape
     ho, wo = out_hw
@@ -310,7 +323,7 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         y = None if csr is None else _implicit_csr_conv(x, csr, bias, pads, dilation, (kh, kw), out_hw)
         if y is not None:
             if fast_key is not None and x.device.type == "cpu" and x.is_contiguous():
-                _remember_fast(weight, fast_key, csr, _geometry(x, pads, (kh, kw), dilation, out_hw))
+                _remember_fast(fast_key, x, weight, csr=csr, geometry=_geometry(x, pads, (kh, kw), dilation, out_hw))
             return y
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
         # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported
@@ -346,4 +359,7 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
             # on the kernel's p-contiguous path with no packing.
             ys.append(matmul(cols[g * k_g:(g + 1) * k_g].t(), wg, bg, True))
     y = ys[0] if len(ys) == 1 else torch.cat(ys)
+    if (pointwise and groups == 1 and fast_key is not None and cpu is not None and x.device.type == "cpu"
+            and x.is_contiguous() and not needs_op(x, weight.values, bias)):
+        _remember_fast(fast_key, x, weight, cpu=cpu, out_shape=(n, out_c, ho, wo))
     return y.view(n, out_c, ho, wo)

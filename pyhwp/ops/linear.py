@@ -100,10 +100,11 @@ MATMULS = {name: fn for names, fn, _ in _KERNELS_BY_PATTERN for name in names}
 MATMULS_INTO = {name: into for names, _, into in _KERNELS_BY_PATTERN for name in names}
 
 
-# pyhwp.linear's fast path: (pattern, dtype) -> the direct call cpu(y, x2, weight, bias) of the
-# compiled CPU kernel find_kernel picks for it, or None (another kernel, or none: the general path
-# then runs it or raises the error).
-_CPU_CALLS = {"csr_matmul": _csr_cpu, "sparse24_matmul": _sparse24_cpu, "masked_matmul": _masked_cpu}
+# The compiled CPU kernels' direct calls cpu(y, x2, weight, bias) on checked inputs (the fast
+# paths of pyhwp.linear and pyhwp.conv2d), by kernel name.
+CPU_CALLS = {"csr_matmul": _csr_cpu, "sparse24_matmul": _sparse24_cpu, "masked_matmul": _masked_cpu}
+# pyhwp.linear's fast path: (pattern, dtype) -> the CPU_CALLS entry of the kernel find_kernel picks
+# for it, or None (another kernel, or none: the general path then runs it or raises the error).
 _FAST_CPU: dict[tuple[str, torch.dtype], Callable | None] = {}
 _UNSET = object()
 
@@ -113,7 +114,7 @@ def _fast_cpu_call(pattern: str, dtype: torch.dtype) -> Callable | None:
         name = find_kernel("linear", pattern, torch.device("cpu"), dtype).name
     except (TypeError, ValueError):
         name = None
-    call = _FAST_CPU[(pattern, dtype)] = _CPU_CALLS.get(name)
+    call = _FAST_CPU[(pattern, dtype)] = CPU_CALLS.get(name)
     return call
 
 

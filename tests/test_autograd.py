@@ -177,20 +177,23 @@ def test_linear_fast_path_skips_the_general_checks_only_where_it_applies(pattern
     w, sw = _weight(pattern, (40, 64), seed=12, dtype=dtype)
     x, b = torch.randn(3, 64, dtype=dtype), torch.randn(40, dtype=dtype)
     strided = torch.randn(64, 3, dtype=dtype).t()  # (3, 64), x.stride() == (1, 3)
-    expected = [pyhwp.linear(t, sw, bias) for t in (x, strided) for bias in (None, b)]
+    x3 = torch.randn(2, 3, 64, dtype=dtype)  # (batch, tokens, features), contiguous
+    expected = [pyhwp.linear(t, sw, bias) for t in (x, strided, x3) for bias in (None, b)]
 
     def general_path(*args, **kwargs):
         raise AssertionError("took the general path")
 
     monkeypatch.setattr(linear_mod, "check_bias", general_path)
-    got = [pyhwp.linear(t, sw, bias) for t in (x, strided) for bias in (None, b)]
+    got = [pyhwp.linear(t, sw, bias) for t in (x, strided, x3) for bias in (None, b)]
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
     ref = (x.double() @ w.double().T + b.double()).to(dtype)
     torch.testing.assert_close(got[1], ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
-    # Everything else takes the general path: other ranks, a strided bias, out=, autograd, a
-    # Parameter input; a dtype mismatch gets its error.
-    for call in (lambda: pyhwp.linear(x[None], sw), lambda: pyhwp.linear(x, sw, torch.randn(80, dtype=dtype)[::2]),
+    assert got[5].shape == (2, 3, 40)
+    # Everything else takes the general path: a 1-D or non-contiguous 3-D x, a strided bias, out=,
+    # autograd, a Parameter input; a dtype mismatch gets its error.
+    for call in (lambda: pyhwp.linear(x[0], sw), lambda: pyhwp.linear(x3.transpose(0, 1), sw),
+                 lambda: pyhwp.linear(x, sw, torch.randn(80, dtype=dtype)[::2]),
                  lambda: pyhwp.linear(x, sw, out=torch.empty(3, 40, dtype=dtype)),
                  lambda: pyhwp.linear(x.clone().requires_grad_(), sw),
                  lambda: pyhwp.linear(torch.nn.Parameter(x), sw)):

@@ -149,21 +149,27 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         (..., out_features) tensor, contiguous, dtype and device of x (or `out`). NaN/Inf in x
         propagate exactly as in the dense product.
     """
-    # Plain eager CPU inference on a 2-D input (the batch-1 serving case) runs the kernel after
-    # the fewest checks that decide it: there the Python time is a large part of a call, and more
-    # so when the previous layer has evicted the caches. Anything else takes the general path,
-    # which also raises the errors.
+    # Plain eager CPU inference on a 2-D input, or a contiguous one with more leading dims (the
+    # batch-1 serving case), runs the kernel after the fewest checks that decide it: there the
+    # Python time is a large part of a call, and more so when the previous layer has evicted the
+    # caches. Anything else takes the general path, which also raises the errors.
     if out is None and type(x) is torch.Tensor and isinstance(weight, SparseWeight):
         call = _FAST_CPU.get((weight.pattern, x.dtype), _UNSET)
         if call is _UNSET:
             call = _fast_cpu_call(weight.pattern, x.dtype)
-        if (call is not None and x.is_cpu and x.dim() == 2 and len(weight.shape) == 2
-                and x.shape[1] == weight.shape[1] and weight.values.dtype == x.dtype and weight.values.is_cpu
+        rank = x.dim()
+        if (call is not None and x.is_cpu and len(weight.shape) == 2 and rank >= 2
+                and x.shape[-1] == weight.shape[1] > 0 and (rank == 2 or x.is_contiguous())
+                and weight.values.dtype == x.dtype and weight.values.is_cpu
                 and (bias is None or (type(bias) is torch.Tensor and bias.dtype == x.dtype and bias.is_cpu
                                       and bias.shape == (weight.shape[0],) and bias.stride(0) == 1))
                 and not needs_op(x, weight.values, bias)):
-            y = x.new_empty((x.shape[0], weight.shape[0]))
-            call(y, x, weight, bias)
+            if rank == 2:
+                y = x.new_empty((x.shape[0], weight.shape[0]))
+                call(y, x, weight, bias)
+            else:
+                y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+                call(y.view(-1, weight.shape[0]), x.view(-1, weight.shape[1]), weight, bias)
             return y
     if not isinstance(weight, SparseWeight):
         raise TypeError(f"pyhwp.linear: weight must be a pyhwp.SparseWeight (from pyhwp.to_sparse), "

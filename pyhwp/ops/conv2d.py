@@ -81,6 +81,8 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight:
     their per-group GEMMs have at most kh*kw columns, where im2col would move kh*kw times the
     input for a weight of a few hundred values.
+    In CPU inference, a call with the same arguments as the previous one on an unchanged weight
+    (the steady state of a model's forward) goes straight to the kernel that call ran.
     """
     # A call like the last one on this weight that ran a CPU kernel directly goes straight to it
     # (see _FAST); anything else, and every error, takes the general path below.

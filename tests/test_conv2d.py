@@ -286,6 +286,10 @@ def test_repeated_implicit_gemm_calls_take_the_fast_path_only_where_it_applies(p
         with pytest.raises(AssertionError, match="general path"):
             call()
     monkeypatch.undo()
+    pads = [1, 1]
+    pyhwp.conv2d(x, sw, padding=pads)
+    pads[0] = 0  # a list argument is not remembered: its new value counts
+    assert_conv_close(pyhwp.conv2d(x, sw, padding=pads), x, w, padding=(0, 1))
     ref = F.conv2d(x_nan.double(), w.double(), padding=1).float()
     torch.testing.assert_close(pyhwp.conv2d(x_nan, sw, padding=1), ref, equal_nan=True, rtol=1e-4, atol=1e-4)
     with torch.no_grad():

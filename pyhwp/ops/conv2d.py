@@ -147,7 +147,9 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     elif n == 0 or out_c == 0:
         y = x.new_empty((n, out_c, ho, wo))
     else:
-        fast_key = (x.shape, stride, padding, dilation, groups) if not unbatched and st == (1, 1) else None
+        # Remembered arguments must not change under us: no lists (the caller may mutate them).
+        immutable = not any(isinstance(v, list) for v in (stride, padding, dilation))
+        fast_key = (x.shape, stride, padding, dilation, groups) if not unbatched and st == (1, 1) and immutable else None
         y = _gemm_conv(MATMULS[kernel.name], x, weight, bias, st, (pt, pb, pl, pr), dl, groups, (ho, wo),
                        channels_last, fast_key, CPU_CALLS.get(kernel.name))
         if channels_last:

@@ -2,17 +2,16 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <sstream>
 #include <stdexcept>
 
-#define PYHWP_CUDA_CHECK(expr)                                                        \
-  do {                                                                                \
-    const cudaError_t pyhwp_err_ = (expr);                                            \
-    if (pyhwp_err_ != cudaSuccess) {                                                  \
-      std::ostringstream pyhwp_os_;                                                   \
-      pyhwp_os_ << "CUDA error " << cudaGetErrorName(pyhwp_err_) << " ("             \
-                << cudaGetErrorString(pyhwp_err_) << ") at " << __FILE__ << ":"      \
-                << __LINE__ << " in " #expr;                                          \
-      throw std::runtime_error(pyhwp_os_.str());                                      \
-    }                                                                                 \
+#include "common/checks.h"
+
+#define PYHWP_CUDA_CHECK(expr)                                                                 \
+  do {                                                                                         \
+    const cudaError_t pyhwp_err_ = (expr);                                                     \
+    if (pyhwp_err_ != cudaSuccess) {                                                           \
+      throw std::runtime_error(::pyhwp::message("CUDA error ", cudaGetErrorName(pyhwp_err_), " (", \
+                                                cudaGetErrorString(pyhwp_err_), ") at ", __FILE__, \
+                                                ":", __LINE__, " in " #expr));                 \
+    }                                                                                          \
   } while (0)

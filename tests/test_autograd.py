@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -201,3 +203,25 @@ def test_linear_fast_path_skips_the_general_checks_only_where_it_applies(pattern
             call()
     with pytest.raises(TypeError, match="x has dtype torch.float64"):
         pyhwp.linear(x.double(), sw)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_linear_fast_path_plan_follows_its_weight(pattern):
+    linear_mod = importlib.import_module("pyhwp.ops.linear")
+    w, sw = _weight(pattern, (40, 64), seed=13, dtype=torch.float32)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(pyhwp.linear(x, sw), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert id(sw) in linear_mod._PLANS
+    # The values moved to other memory (set_, or .data= on a module's Parameter): the plan's
+    # addresses are stale, so it is rebuilt, and the kernel reads the new values.
+    sw.values.set_(sw.values.clone() * 2)
+    torch.testing.assert_close(pyhwp.linear(x, sw), 2 * (x @ w.T), rtol=1e-5, atol=1e-5)
+    # A dtype the weight is not stored in gets the general path's error every time, not a plan.
+    for _ in range(2):
+        with pytest.raises(TypeError, match="x has dtype torch.bfloat16"):
+            pyhwp.linear(x.bfloat16(), sw)
+    alive = weakref.ref(sw)
+    del sw
+    gc.collect()
+    assert alive() is None  # the plan does not keep the weight alive, and leaves with it
+    assert all(entry[0]() is not None for entry in linear_mod._PLANS.values())

@@ -10,6 +10,25 @@ import torch
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: a plain tensor here
 
 
+# Bound once: each lookup through torch's modules costs ~1 us when the caches are cold, which is
+# the case in a model, where every layer's weights evict the previous layer's Python state.
+# is_dynamo_compiling is one Python frame where is_compiling is two; what it leaves out (export's
+# non-strict tracing) runs on fake tensors under a dispatch mode, which the other checks see.
+_is_compiling = torch.compiler.is_dynamo_compiling
+_dispatch_stack = torch._C._len_torch_dispatch_stack
+_function_mode = torch._C._is_torch_function_mode_enabled
+_tracing_state = torch._C._get_tracing_state
+_functorch_stack = torch._C._functorch.peek_interpreter_stack
+_grad_enabled = torch.is_grad_enabled
+
+
+def intercepted() -> bool:
+    """Whether something that must see every op is active: torch.compile / torch.export tracing,
+    a torch function or dispatch mode, the TorchScript tracer or a functorch transform."""
+    return bool(_is_compiling() or _dispatch_stack() or _function_mode() or _tracing_state() is not None
+                or _functorch_stack() is not None)
+
+
 def needs_op(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on `tensors` must go through the torch.library op.
 
@@ -18,11 +37,9 @@ def needs_op(*tensors: torch.Tensor | None) -> bool:
     (vmap, grad) and the TorchScript tracer see. In plain eager inference none of them is
     involved and the implementation gives the same result.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._get_tracing_state() is not None
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    if intercepted():
         return True
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return True

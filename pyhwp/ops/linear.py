@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+import weakref
 
 import torch
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
-from pyhwp.ops.csr import csr_matmul_cpu, csr_matmul_impl, csr_matmul_into
-from pyhwp.ops.eager import call_matmul, needs_op
-from pyhwp.ops.masked import masked_matmul_cpu, masked_matmul_impl, masked_matmul_into
-from pyhwp.ops.sparse24 import sparse24_matmul_cpu, sparse24_matmul_impl, sparse24_matmul_into
+from pyhwp.ops.csr import csr_cpu_args, csr_matmul_cpu, csr_matmul_impl, csr_matmul_into
+from pyhwp.ops.eager import call_matmul, intercepted, needs_op
+from pyhwp.ops.masked import masked_cpu_args, masked_matmul_cpu, masked_matmul_impl, masked_matmul_into
+from pyhwp.ops.sparse24 import sparse24_cpu_args, sparse24_matmul_cpu, sparse24_matmul_impl, sparse24_matmul_into
 
 _csr_op = torch.ops.pyhwp.csr_matmul.default
 _sparse24_op = torch.ops.pyhwp.sparse24_matmul.default
 _masked_op = torch.ops.pyhwp.masked_matmul.default
+_num_threads = torch.get_num_threads  # bound once: see pyhwp.ops.eager
+_grad_enabled = torch.is_grad_enabled
+_UNSET = object()
 
 
 def _csr(x2, w, bias, transpose_out=False):
@@ -100,22 +104,67 @@ MATMULS = {name: fn for names, fn, _ in _KERNELS_BY_PATTERN for name in names}
 MATMULS_INTO = {name: into for names, _, into in _KERNELS_BY_PATTERN for name in names}
 
 
-# The compiled CPU kernels' direct calls cpu(y, x2, weight, bias) on checked inputs (the fast
-# paths of pyhwp.linear and pyhwp.conv2d), by kernel name.
+# The compiled CPU kernels' direct calls cpu(y, x2, weight, bias) on checked inputs (pyhwp.conv2d's
+# fast path), by kernel name.
 CPU_CALLS = {"csr_matmul": _csr_cpu, "sparse24_matmul": _sparse24_cpu, "masked_matmul": _masked_cpu}
-# pyhwp.linear's fast path: (pattern, dtype) -> the CPU_CALLS entry of the kernel find_kernel picks
-# for it, or None (another kernel, or none: the general path then runs it or raises the error).
-_FAST_CPU: dict[tuple[str, torch.dtype], Callable | None] = {}
-_UNSET = object()
 
 
-def _fast_cpu_call(pattern: str, dtype: torch.dtype) -> Callable | None:
-    try:
-        name = find_kernel("linear", pattern, torch.device("cpu"), dtype).name
-    except (TypeError, ValueError):
-        name = None
-    call = _FAST_CPU[(pattern, dtype)] = CPU_CALLS.get(name)
-    return call
+def _csr_args(w):
+    arrays = (w.row_offsets.contiguous(), w.kernel_col_indices.contiguous(), w.values.contiguous())
+    return (*csr_cpu_args(*arrays, w.shape[1]), arrays)
+
+
+def _sparse24_args(w):
+    arrays = (w.values.contiguous(), w.meta.contiguous())
+    return (*sparse24_cpu_args(*arrays, w.shape[1]), arrays)
+
+
+def _masked_args(w):
+    arrays = (w.tile_ptr.contiguous(), w.tile_idx.contiguous(), w.values.contiguous())
+    return (*masked_cpu_args(*arrays, *w.shape), arrays)
+
+
+# Per kernel name: weight -> (kernels by dtype, head, tail, the arrays head and tail point into),
+# the arguments of the kernel's direct call (see cpu_kernel_call) that depend on the weight alone.
+_CPU_ARGS = {"csr_matmul": _csr_args, "sparse24_matmul": _sparse24_args, "masked_matmul": _masked_args}
+_KERNEL_NAMES: dict[tuple[str, torch.dtype], str | None] = {}
+
+# pyhwp.linear's fast path: id(weight) -> (weakref to it, {x dtype: plan or None}); an entry leaves
+# with its weight. A plan is (kernel, head, tail, out_features, in_features, values, address of
+# values, arrays): everything a call on that weight needs besides x, bias and the thread count.
+_PLANS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    entry = _PLANS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _PLANS[key]
+
+
+def _cpu_plan(weight, dtype: torch.dtype):
+    """The fast path's plan for `weight` and x of `dtype` (see _PLANS), or None where the general
+    path must run: another kernel than a compiled CPU one, a conv weight, values of another dtype,
+    no inputs. Built on a weight's first call, again if its values tensor has moved."""
+    if not isinstance(weight, SparseWeight):
+        return None
+    key = (weight.pattern, dtype)
+    if key not in _KERNEL_NAMES:
+        try:
+            _KERNEL_NAMES[key] = find_kernel("linear", weight.pattern, torch.device("cpu"), dtype).name
+        except (TypeError, ValueError):
+            _KERNEL_NAMES[key] = None
+    build = _CPU_ARGS.get(_KERNEL_NAMES[key])
+    plan = None
+    if (build is not None and len(weight.shape) == 2 and weight.shape[1] > 0 and weight.values.is_cpu
+            and weight.values.dtype == dtype):
+        kernels, head, tail, arrays = build(weight)
+        plan = (kernels[dtype], head, tail, weight.shape[0], weight.shape[1], weight.values,
+                weight.values.data_ptr(), arrays)
+    entry = _PLANS.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        entry = _PLANS[id(weight)] = (weakref.ref(weight, functools.partial(_forget, key=id(weight))), {})
+    entry[1][dtype] = plan
+    return plan
 
 
 def check_bias(bias: torch.Tensor | None, weight: SparseWeight, like: torch.Tensor, op: str) -> None:
@@ -150,27 +199,35 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         propagate exactly as in the dense product.
     """
     # Plain eager CPU inference on a 2-D input, or a contiguous one with more leading dims (the
-    # batch-1 serving case), runs the kernel after the fewest checks that decide it: there the
-    # Python time is a large part of a call, and more so when the previous layer has evicted the
-    # caches. Anything else takes the general path, which also raises the errors.
-    if out is None and type(x) is torch.Tensor and isinstance(weight, SparseWeight):
-        call = _FAST_CPU.get((weight.pattern, x.dtype), _UNSET)
-        if call is _UNSET:
-            call = _fast_cpu_call(weight.pattern, x.dtype)
-        rank = x.dim()
-        if (call is not None and x.is_cpu and len(weight.shape) == 2 and rank >= 2
-                and x.shape[-1] == weight.shape[1] > 0 and (rank == 2 or x.is_contiguous())
-                and weight.values.dtype == x.dtype and weight.values.is_cpu
-                and (bias is None or (type(bias) is torch.Tensor and bias.dtype == x.dtype and bias.is_cpu
-                                      and bias.shape == (weight.shape[0],) and bias.stride(0) == 1))
-                and not needs_op(x, weight.values, bias)):
-            if rank == 2:
-                y = x.new_empty((x.shape[0], weight.shape[0]))
-                call(y, x, weight, bias)
-            else:
-                y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-                call(y.view(-1, weight.shape[0]), x.view(-1, weight.shape[1]), weight, bias)
-            return y
+    # batch-1 serving case), runs the kernel after the fewest checks that decide it, with the
+    # weight's arguments from its plan: in a model each layer's weights evict the previous one's
+    # Python state from the caches, and every attribute read then costs about a microsecond.
+    # Anything else takes the general path, which also raises the errors.
+    if out is None and type(x) is torch.Tensor and not intercepted():
+        entry = _PLANS.get(id(weight))
+        plan = entry[1].get(x.dtype, _UNSET) if entry is not None and entry[0]() is weight else _UNSET
+        if plan is _UNSET or (plan is not None and plan[5].data_ptr() != plan[6]):
+            plan = _cpu_plan(weight, x.dtype)
+        if plan is not None:
+            kernel, head, tail, n, k, values = plan[:6]
+            shape = x.shape
+            rank = len(shape)
+            if (rank >= 2 and shape[-1] == k and x.is_cpu and (rank == 2 or x.is_contiguous())
+                    and (bias is None or (type(bias) is torch.Tensor and bias.dtype == x.dtype and bias.is_cpu
+                                          and bias.shape == (n,) and bias.stride(0) == 1))
+                    and not (_grad_enabled() and (x.requires_grad or values.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))):
+                if rank == 2:
+                    p = shape[0]
+                    y = x.new_empty(p, n)
+                    sp, sk = x.stride()
+                else:
+                    p = math.prod(shape[:-1])
+                    y = x.new_empty(*shape[:-1], n)
+                    sp, sk = k, 1
+                kernel(*head, x.data_ptr(), p, sk, sp, 0 if bias is None else bias.data_ptr(), y.data_ptr(), 1, n,
+                       _num_threads(), *tail)
+                return y
     if not isinstance(weight, SparseWeight):
         raise TypeError(f"pyhwp.linear: weight must be a pyhwp.SparseWeight (from pyhwp.to_sparse), "
                         f"got {type(weight).__name__}")

@@ -52,6 +52,13 @@ void block(const MaskedBlockT<T>& b) {
       if (2 * k < MR) _mm_prefetch(xn + 128 * k, _MM_HINT_T0);
       if (2 * k + 1 < MR) _mm_prefetch(xn + 128 * k + 64, _MM_HINT_T0);
       if (k < kTileLines<T>) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
+      if (k == 0) {
+        // One stream per thread keeps too few lines in flight from DRAM (16 L1 fill buffers);
+        // a touch in each of the pages kPageAhead and 2 kPageAhead bytes ahead starts the L2
+        // streamer on them as well.
+        _mm_prefetch(reinterpret_cast<const char*>(w) + Cfg::kPageAhead, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(w) + 2 * Cfg::kPageAhead, _MM_HINT_T1);
+      }
       const __m512 wv = load16(w + Cfg::kTileN * k);
 #pragma GCC unroll 32
       for (int i = 0; i < MR; ++i) c[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xt[k * MR + i]), c[i]);

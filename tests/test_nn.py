@@ -4,8 +4,11 @@ and state_dict / deepcopy / pickle / torch.save round trips."""
 from __future__ import annotations
 
 import copy
+import gc
+import importlib
 import io
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -207,7 +210,23 @@ def test_weight_is_reused_only_while_frozen_and_unchanged():
         assert not torch.equal(model(x), before)
         layer.values.div_(2)
         torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+        # Each way of changing an array gives a new weight: values moved by `.data =` (which
+        # keeps the version), a buffer replaced, a buffer changed in place.
+        seen = [layer.weight]
+        layer.values.data = layer.values.detach().clone()
+        seen.append(layer.weight)
+        layer.col_indices = layer.col_indices.clone()
+        seen.append(layer.weight)
+        layer.col_indices.add_(0)
+        seen.append(layer.weight)
+        assert len({id(w) for w in seen}) == len(seen) and seen[-1] is layer.weight
+        torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
     assert layer.weight is not layer.weight  # under autograd every forward builds its own
+    module_ref = weakref.ref(layer)
+    del model, layer
+    gc.collect()
+    assert module_ref() is None  # the cache keeps no module alive, and its entry leaves with it
+    assert all(entry[0]() is not None for entry in importlib.import_module("pyhwp.nn.module")._WEIGHTS.values())
 
 
 def test_repeated_forward_backward_in_eager():

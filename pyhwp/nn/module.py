@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
 from dataclasses import fields
 
@@ -12,9 +14,20 @@ from pyhwp.formats import SparseWeight
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
-# module -> (identity, version and address of each array, the SparseWeight built over them). Kept
-# outside the modules so that deepcopy, pickle and state_dict never see it.
-_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(module) -> (weakref to the module, ids of its arrays, their versions, the values' address,
+# the arrays, the SparseWeight built over them). Kept outside the modules so that deepcopy, pickle and state_dict
+# never see it; an entry leaves with its module.
+_WEIGHTS: dict[int, tuple] = {}
+# Bound once (see pyhwp.ops.eager): `weight` runs on every forward.
+_is_compiling = torch.compiler.is_dynamo_compiling
+_grad_enabled = torch.is_grad_enabled
+_version_of = operator.attrgetter("_version")
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    entry = _WEIGHTS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _WEIGHTS[key]
 
 
 class SparseModule(nn.Module):
@@ -56,22 +69,32 @@ class SparseModule(nn.Module):
         or changed in place, so data a pattern derives from it once (CSR's 16-bit kernel indices, conv2d's
         kernel-tap split) is not derived again on every forward of a frozen model.
         """
-        arrays = {name: (self._parameters if name == "values" else self._buffers)[name] for name in self._arrays}
-        if torch.compiler.is_compiling():
-            return self._format._unchecked(self.weight_shape, **arrays, **self._plain)
-        grad, key = torch.is_grad_enabled(), []
-        for t in arrays.values():
+        params, buffers = self._parameters, self._buffers
+        arrays = tuple([params[name] if name == "values" else buffers[name] for name in self._arrays])
+        if _is_compiling():
+            return self._build(arrays)
+        grad = _grad_enabled()
+        hit = _WEIGHTS.get(id(self))
+        # A hit: the same tensor objects (the entry holds them, so their ids are theirs; and none
+        # became an inference tensor), unchanged in place (versions) and the values not moved
+        # (`.data =` keeps the version).
+        if (hit is not None and hit[0]() is self and tuple(map(id, arrays)) == hit[1]
+                and tuple(map(_version_of, arrays)) == hit[2] and params["values"].data_ptr() == hit[3]
+                and not (grad and any([t.requires_grad for t in arrays]))):
+            return hit[5]
+        for t in arrays:
             if type(t) not in _PLAIN or t.is_inference() or (grad and t.requires_grad):
                 # Recording autograd (data derived from the values would join the graph), or a
                 # tensor without a usable version counter: build afresh.
-                return self._format._unchecked(self.weight_shape, **arrays, **self._plain)
-            key.append((id(t), t._version, t.data_ptr()))
-        hit = _WEIGHTS.get(self)
-        if hit is None or hit[0] != key:
-            hit = (key, self._format._unchecked(self.weight_shape, **arrays, **self._plain))
-            _WEIGHTS[self] = hit
-        return hit[1]
+                return self._build(arrays)
+        weight = self._build(arrays)
+        key = id(self)
+        _WEIGHTS[key] = (weakref.ref(self, functools.partial(_forget, key=key)), tuple(map(id, arrays)),
+                         tuple(map(_version_of, arrays)), params["values"].data_ptr(), arrays, weight)
+        return weight
 
+    def _build(self, arrays: tuple[torch.Tensor, ...]) -> SparseWeight:
+        return self._format._unchecked(self.weight_shape, **dict(zip(self._arrays, arrays)), **self._plain)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -6,6 +6,7 @@
 #include <array>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "common/bf16.h"
 #include "common/checks.h"
@@ -211,6 +212,26 @@ void run_masked(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, 
   const int64_t sub_tiles = wide ? Cfg::kWideGroupTiles
                                  : blocks_per_group > 1 ? Cfg::kWGroupTiles : INT64_MAX;
 
+  // With one item per panel, each thread takes a fixed contiguous run of panels, balanced by their
+  // tiles (+1 for the store), the same run in every chunk and on every call: its weights, output
+  // rows and accumulators then stay in its own L2 from call to call, where guided scheduling sent
+  // a panel to either core (1536x384, batch 128, 75% zero tiles, 2 threads: 192 -> 161 us).
+  const bool fixed = groups == 1 && nt > 1;
+  std::vector<int64_t> runs;
+  if (fixed) {
+    runs.resize(static_cast<size_t>(nt) + 1);
+    const int64_t total = w.ntiles + npanels;
+    for (int t = 0; t <= nt; ++t) {
+      const int64_t want = total * t / nt;  // first panel whose cost prefix reaches want
+      int64_t lo = 0, hi = npanels;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (w.tile_ptr[mid] + mid < want) lo = mid + 1; else hi = mid;
+      }
+      runs[static_cast<size_t>(t)] = lo;
+    }
+    runs[static_cast<size_t>(nt)] = npanels;
+  }
   float* xp = scratch(2, nblocks * step * kp + 16);
   constexpr int64_t kPackRows = 256;
   const int64_t pack_units = nblocks * std::max<int64_t>(1, ceil_div(kp, kPackRows));
@@ -237,14 +258,13 @@ void run_masked(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, 
     for (int64_t c = 0; c < nchunks; ++c) {
       const int32_t kt0 = static_cast<int32_t>(c * chunk_tiles);
       const int32_t kt1 = static_cast<int32_t>(std::min(ktiles, (c + 1) * chunk_tiles));
-#pragma omp for schedule(guided)
-      for (int64_t item = 0; item < npanels * groups; ++item) {
+      auto run_item = [&](int64_t item) {
         const int64_t panel = item / groups, g = item % groups;
         const int32_t* first = w.tile_idx + w.tile_ptr[panel];
         const int32_t* last = w.tile_idx + w.tile_ptr[panel + 1];
         const int64_t t0 = std::lower_bound(first, last, kt0) - w.tile_idx;
         const int64_t t1 = std::lower_bound(first, last, kt1) - w.tile_idx;
-        if (c > 0 && t0 == t1) continue;
+        if (c > 0 && t0 == t1) return;
         const int64_t n0 = panel * Cfg::kTileN;
         const int64_t b0 = g * blocks_per_group, b1 = std::min(nblocks, b0 + blocks_per_group);
         const int64_t p0 = b0 * step, cols = std::min(P, b1 * step) - p0;
@@ -286,6 +306,13 @@ void run_masked(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, 
         } else {
           isa.store(acc, cols, rows, b, c > 0, yt, y.stride_n, y.stride_p);
         }
+      };
+      if (fixed && omp_get_num_threads() == nt) {  // (a runtime that gave fewer threads: guided)
+        const int t = omp_get_thread_num();
+        for (int64_t item = runs[t]; item < runs[t + 1]; ++item) run_item(item);
+      } else {
+#pragma omp for schedule(guided)
+        for (int64_t item = 0; item < npanels * groups; ++item) run_item(item);
       }
     }
   }

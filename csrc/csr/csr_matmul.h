@@ -131,7 +131,6 @@ struct CsrCpuConfig {
   // every row of the block streams past; beyond it, K is split into blocks and Y accumulates.
   static constexpr int64_t kPanelBytes = 1 << 20;
   static constexpr int64_t kRowCost = 8;     // per-row work in nnz units, for load balance
-  static constexpr int64_t kChunksPerThread = 4;  // tile path: dynamic scheduling granularity
   static_assert(kTileP % 16 == 0 && kTileP <= 128, "tiles are whole zmm vectors, at most 8 per row");
   static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");
   static_assert(kGatherMaxP >= 1, "the gather path serves at least batch 1");

@@ -251,14 +251,18 @@ void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   const int64_t nkb = (K + kblock - 1) / kblock;
   const int64_t ptiles = (P + tile_p - 1) / tile_p;
   const bool direct = y.sp == 1;
-  const int64_t parts = nt == 1 ? 1 : nt * (nkb > 1 ? 1 : Cfg::kChunksPerThread);
+  const int64_t parts = nt;
   std::vector<int64_t> bounds;
   csr_balanced_rows(pr.ro, N, parts, &bounds);
   // Many column tiles and few rows (conv images): spread the column tiles over threads instead.
   const bool by_columns = nkb == 1 && ptiles >= 2 * nt;
   const int64_t items = by_columns ? ptiles : parts * ptiles;
 
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  // Static: one nnz-balanced chunk per thread, the same rows on every call, so that their weights
+  // and outputs stay in that thread's L2 (dynamic scheduling of 4 chunks per thread, at 1536x384,
+  // 90%, 2 threads: batch 128 188-191 -> 165-171 us, batch 16 35-37 -> 32 us; the larger
+  // quick-suite shapes unchanged).
+#pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t c = by_columns ? 0 : it / ptiles, pt = by_columns ? it : it % ptiles;
     const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];

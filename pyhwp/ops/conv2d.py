@@ -145,7 +145,7 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     if groups > 1 and in_g == 1:
         y = F.conv2d(x, weight.to_dense(), bias, st, padding if isinstance(padding, str) else (pt, pl), dl, groups)
     elif n == 0 or out_c == 0:
-        y = x.new_empty((n, out_c, ho, wo))
+        y = x.new_empty(n, out_c, ho, wo)
     else:
         # Remembered arguments must not change under us: no lists (the caller may mutate them).
         immutable = not any(isinstance(v, list) for v in (stride, padding, dilation))
@@ -293,7 +293,7 @@ class _FastConv:
             return csr_conv2d_impl(x, csr.row_offsets, csr.values, self.plan, self.geometry, bias)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
         n, c, h, w = x.shape
-        y = x.new_empty(self.out_shape)
+        y = x.new_empty(*self.out_shape)
         for i in range(n):
             self.cpu(y[i].view(-1, h * w).t(), x[i].view(c, h * w).t(), weight, bias)
         return y

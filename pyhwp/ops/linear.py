@@ -67,7 +67,7 @@ def _eager_cpu(call_op, cpu):
         if needs_op(x2, w.values, bias):
             return call_op(x2, w, bias, transpose_out)
         n, p = w.shape[0], x2.shape[0]
-        y = x2.new_empty((n, p) if transpose_out else (p, n))
+        y = x2.new_empty(n, p) if transpose_out else x2.new_empty(p, n)
         cpu(y.t() if transpose_out else y, x2, w, bias)
         return y
     return matmul

@@ -158,8 +158,11 @@ def _cpu_plan(weight, dtype: torch.dtype):
     if (build is not None and len(weight.shape) == 2 and weight.shape[1] > 0 and weight.values.is_cpu
             and weight.values.dtype == dtype):
         kernels, head, tail, arrays = build(weight)
+        # Aliases of the arrays keep the memory the addresses point into alive, even if a tensor
+        # of the weight is later given other storage (`.data =`, set_): the plan then still reads
+        # what it was built over, except for moved values, which rebuild it.
         plan = (kernels[dtype], head, tail, weight.shape[0], weight.shape[1], weight.values,
-                weight.values.data_ptr(), arrays)
+                weight.values.data_ptr(), tuple(a.detach() for a in arrays))
     entry = _PLANS.get(id(weight))
     if entry is None or entry[0]() is not weight:
         entry = _PLANS[id(weight)] = (weakref.ref(weight, functools.partial(_forget, key=id(weight))), {})

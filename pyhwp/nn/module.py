@@ -15,8 +15,8 @@ from pyhwp.formats import SparseWeight
 
 _PLAIN = (torch.Tensor, nn.Parameter)
 # id(module) -> (weakref to the module, ids of its arrays, their versions, the values' address,
-# the arrays, the SparseWeight built over them). Kept outside the modules so that deepcopy, pickle and state_dict
-# never see it; an entry leaves with its module.
+# the arrays, the SparseWeight built over them). Kept outside the modules so that deepcopy,
+# pickle and state_dict never see it; an entry leaves with its module.
 _WEIGHTS: dict[int, tuple] = {}
 # Bound once (see pyhwp.ops.eager): `weight` runs on every forward.
 _is_compiling = torch.compiler.is_dynamo_compiling

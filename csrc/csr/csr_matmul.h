@@ -131,6 +131,10 @@ struct CsrCpuConfig {
   // every row of the block streams past; beyond it, K is split into blocks and Y accumulates.
   static constexpr int64_t kPanelBytes = 1 << 20;
   static constexpr int64_t kRowCost = 8;     // per-row work in nnz units, for load balance
+  // Bytes ahead of the current position at which the batch-1 gather kernels (and the 16-column
+  // tile kernel) prefetch every line of W's index and value streams: at batch 1 they are bound by
+  // how fast those arrive (NOTES.md, stop 17: 1, 2, 3 and 4 KiB measured, 2 the best).
+  static constexpr int64_t kPrefetchBytes = 2048;
   static_assert(kTileP % 16 == 0 && kTileP <= 128, "tiles are whole zmm vectors, at most 8 per row");
   static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");
   static_assert(kGatherMaxP >= 1, "the gather path serves at least batch 1");

@@ -33,6 +33,11 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
       int64_t j = 0;
       for (; j + 16 <= len; j += 16) {
+        // W's streams, 16 values (one line of float32) ahead by kPrefetchBytes: from DRAM at batch
+        // 1 (AVX2 kernels on this AVX-512 machine) 11008x4096 70% 1.41-1.46x -> 1.93-2.06x dense,
+        // 4096x4096 90% 3.41-3.55x -> 4.45-4.55x.
+        _mm_prefetch(reinterpret_cast<const char*>(cols + j) + CsrCpuConfig::kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vals + j) + CsrCpuConfig::kPrefetchBytes, _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
         a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
       }

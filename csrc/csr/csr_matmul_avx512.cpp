@@ -29,14 +29,12 @@ inline __m512i load_idx(const uint16_t* c, __mmask16 m) {
   return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, c));
 }
 
-// Bytes ahead of the current position that the gather loop prefetches W's streams, every line
-// of both: at batch 1 the kernel is bound by how fast values and indices arrive. 2 KiB ahead,
-// every line, measured 1.16-1.18x over 4 KiB ahead for one line in two of the float32 values
-// (11008x4096 70%, from DRAM, 1 and 2 threads); 1 and 3 KiB were 3-5% slower than 2.
-constexpr int64_t kPrefetchBytes = 2048;
+constexpr int64_t kPrefetchBytes = CsrCpuConfig::kPrefetchBytes;
 
 template <typename E>
 inline void prefetch_lines(const E* p) {  // the lines of 32 elements kPrefetchBytes past p
+  // (every line: prefetching one of the two lines that 32 float32 values span, 4 KiB ahead, was
+  // 1.16-1.18x slower at 11008x4096 70% from DRAM, 1 and 2 threads)
   const char* b = reinterpret_cast<const char*>(p) + kPrefetchBytes;
   for (int64_t o = 0; o < 32 * int64_t{sizeof(E)}; o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
 }

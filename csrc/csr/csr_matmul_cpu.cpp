@@ -156,15 +156,15 @@ inline bool is_nonfinite(float v) {
   return (u & 0x7f800000u) == 0x7f800000u;
 }
 
-// Packs X (float32 or bfloat16, any strides) into float32 K x ld with p contiguous (ld a
-// multiple of 16, rows 64-byte aligned, zero padding), in the calling thread's scratch slot 0.
-// Returns whether X holds a NaN/Inf, found while the packed block is still in cache.
 // Elements of X above which both threads pack it: at 64 KiB instead of 256 KiB, batch 16 at
 // 768x3072 (one thread's serial pack was a third of the call) measured 144-149 -> 125-135 us and
 // batch 128 at 1536x384 195-209 -> 179-190 us on 2 threads; the other quick-suite shapes were
 // unchanged.
 constexpr int64_t kParallelPack = 16384;
 
+// Packs X (float32 or bfloat16, any strides) into float32 K x ld with p contiguous (ld a
+// multiple of 16, rows 64-byte aligned, zero padding), in the calling thread's scratch slot 0.
+// Returns whether X holds a NaN/Inf, found while the packed block is still in cache.
 template <typename S>
 bool pack_tile_layout(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, float* out, int64_t ld,
                       int nt, TransposeFn transpose) {

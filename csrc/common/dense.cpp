@@ -81,4 +81,24 @@ bool any_nonfinite(const DenseIn& x) {
   return worst == 0x7f800000u;
 }
 
+void balanced_runs(const int64_t* prefix, int64_t items, int64_t item_cost, int64_t parts,
+                   std::vector<int64_t>* bounds) {
+  bounds->assign(static_cast<size_t>(parts + 1), items);
+  (*bounds)[0] = 0;
+  const double total = static_cast<double>(prefix[items]) + static_cast<double>(item_cost) * items;
+  int64_t n = 0;
+  for (int64_t c = 1; c < parts; ++c) {
+    const double target = total * c / parts;
+    // the first item n with work(n) >= target (work is non-decreasing in n)
+    int64_t lo = n, hi = items;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<double>(prefix[mid]) + static_cast<double>(item_cost) * mid < target) lo = mid + 1;
+      else hi = mid;
+    }
+    n = lo;
+    (*bounds)[static_cast<size_t>(c)] = n;
+  }
+}
+
 }  // namespace pyhwp

@@ -59,6 +59,12 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
+// Boundaries of `parts` runs of consecutive items with about equal work, where the work of items
+// [0, i) is prefix[i] + item_cost * i (prefix: non-decreasing, such as CSR row offsets or masked
+// tile pointers): run c is items (*bounds)[c] .. (*bounds)[c + 1].
+void balanced_runs(const int64_t* prefix, int64_t items, int64_t item_cost, int64_t parts,
+                   std::vector<int64_t>* bounds);
+
 // A per-thread scratch buffer that grows and is never shrunk (no allocation per call in the
 // steady state). Valid until the next call from the same thread with the same slot.
 float* scratch(int slot, int64_t count);

@@ -200,7 +200,7 @@ bool run_conv(const ConvRun<T>& c, const float* x, int nt) {
   const int64_t tiles = g.images * ptiles;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(c.N / 16, nt / std::gcd<int64_t>(tiles, nt)));
   std::vector<int64_t> bounds;
-  csr_balanced_rows(c.ro, c.N, parts, &bounds);
+  balanced_runs(c.ro, c.N, Cfg::kRowCost, parts, &bounds);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t it = 0; it < tiles * parts; ++it) {
     const int64_t part = it % parts, tile_id = it / parts, img = tile_id / ptiles;

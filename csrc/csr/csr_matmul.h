@@ -92,9 +92,6 @@ template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx512();
 // The one ISA dispatch point of the CSR kernels (defined in csr_matmul_cpu.cpp).
 template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
 
-// Row boundaries of `parts` chunks of rows with about equal work (stored weights + kRowCost per
-// row): (*bounds)[c] .. (*bounds)[c + 1] for c < parts.
-void csr_balanced_rows(const int64_t* row_offsets, int64_t rows, int64_t parts, std::vector<int64_t>* bounds);
 
 // Stride-1 conv2d as an implicit GEMM over the tile kernels (no im2col). W is the (out, C*kh*kw)
 // CSR matrix of a conv weight (column j = (c*kh + r)*kw + s); x is the contiguous (images, C, h, w)

@@ -119,25 +119,6 @@ template CsrKernels<uint16_t, float> csr_kernels(Isa);
 template CsrKernels<int32_t, uint16_t> csr_kernels(Isa);
 template CsrKernels<uint16_t, uint16_t> csr_kernels(Isa);
 
-void csr_balanced_rows(const int64_t* ro, int64_t rows, int64_t parts, std::vector<int64_t>* bounds) {
-  bounds->assign(static_cast<size_t>(parts + 1), rows);
-  (*bounds)[0] = 0;
-  const double total = static_cast<double>(ro[rows]) + static_cast<double>(CsrCpuConfig::kRowCost) * rows;
-  int64_t n = 0;
-  for (int64_t c = 1; c < parts; ++c) {
-    const double target = total * c / parts;
-    // first row n with work(n) = ro[n] + kRowCost * n >= target (work is increasing in n)
-    int64_t lo = n, hi = rows;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (static_cast<double>(ro[mid]) + static_cast<double>(CsrCpuConfig::kRowCost) * mid < target) lo = mid + 1;
-      else hi = mid;
-    }
-    n = lo;
-    (*bounds)[static_cast<size_t>(c)] = n;
-  }
-}
-
 // -- the driver ---------------------------------------------------------------------------------
 
 namespace {
@@ -228,7 +209,7 @@ void run_gather(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, const flo
   // batch 1, 3072x768).
   const int64_t parts = nt;
   std::vector<int64_t> bounds;
-  csr_balanced_rows(pr.ro, pr.N, parts, &bounds);
+  balanced_runs(pr.ro, pr.N, Cfg::kRowCost, parts, &bounds);
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
   for (int64_t c = 0; c < parts; ++c) {
     const int64_t r0 = bounds[static_cast<size_t>(c)], r1 = bounds[static_cast<size_t>(c + 1)];
@@ -253,7 +234,7 @@ void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   const bool direct = y.sp == 1;
   const int64_t parts = nt;
   std::vector<int64_t> bounds;
-  csr_balanced_rows(pr.ro, N, parts, &bounds);
+  balanced_runs(pr.ro, N, Cfg::kRowCost, parts, &bounds);
   // Many column tiles and few rows (conv images): spread the column tiles over threads instead.
   const bool by_columns = nkb == 1 && ptiles >= 2 * nt;
   const int64_t items = by_columns ? ptiles : parts * ptiles;

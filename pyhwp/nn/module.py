@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import operator
-import weakref
 from dataclasses import fields
 
 import torch
 from torch import nn
 
 from pyhwp.formats import SparseWeight
+from pyhwp.ops.eager import entry_ref
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -22,12 +21,6 @@ _WEIGHTS: dict[int, tuple] = {}
 _is_compiling = torch.compiler.is_dynamo_compiling
 _grad_enabled = torch.is_grad_enabled
 _version_of = operator.attrgetter("_version")
-
-
-def _forget(ref: weakref.ref, key: int) -> None:
-    entry = _WEIGHTS.get(key)
-    if entry is not None and entry[0] is ref:
-        del _WEIGHTS[key]
 
 
 class SparseModule(nn.Module):
@@ -88,9 +81,8 @@ class SparseModule(nn.Module):
                 # tensor without a usable version counter: build afresh.
                 return self._build(arrays)
         weight = self._build(arrays)
-        key = id(self)
-        _WEIGHTS[key] = (weakref.ref(self, functools.partial(_forget, key=key)), tuple(map(id, arrays)),
-                         tuple(map(_version_of, arrays)), params["values"].data_ptr(), arrays, weight)
+        _WEIGHTS[id(self)] = (entry_ref(_WEIGHTS, self), tuple(map(id, arrays)), tuple(map(_version_of, arrays)),
+                              params["values"].data_ptr(), arrays, weight)
         return weight
 
     def _build(self, arrays: tuple[torch.Tensor, ...]) -> SparseWeight:

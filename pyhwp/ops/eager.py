@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -62,3 +63,16 @@ def cpu_kernel_call(kernel, head: tuple, tail: tuple, y: torch.Tensor, x: torch.
     W's sizes and array addresses (see the *_cpu_args functions of the pattern ops)."""
     kernel(*head, x.data_ptr(), x.shape[0], x.stride(1), x.stride(0), 0 if bias is None else bias.data_ptr(),
            y.data_ptr(), y.stride(1), y.stride(0), torch.get_num_threads(), *tail)
+
+
+def entry_ref(table: dict, obj) -> weakref.ref:
+    """A weak reference to `obj` for the entry table[id(obj)] of an identity-keyed cache, whose
+    first element it must be: when obj dies, the entry goes (unless it was replaced meanwhile)."""
+    key = id(obj)
+
+    def forget(ref: weakref.ref) -> None:
+        entry = table.get(key)
+        if entry is not None and entry[0] is ref:
+            del table[key]
+
+    return weakref.ref(obj, forget)

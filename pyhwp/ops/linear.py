@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 
@@ -10,10 +9,10 @@ import torch
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
-from pyhwp.ops.csr import csr_cpu_args, csr_matmul_cpu, csr_matmul_impl, csr_matmul_into
-from pyhwp.ops.eager import call_matmul, intercepted, needs_op
-from pyhwp.ops.masked import masked_cpu_args, masked_matmul_cpu, masked_matmul_impl, masked_matmul_into
-from pyhwp.ops.sparse24 import sparse24_cpu_args, sparse24_matmul_cpu, sparse24_matmul_impl, sparse24_matmul_into
+from pyhwp.ops.csr import csr_cpu_args, csr_matmul_impl, csr_matmul_into
+from pyhwp.ops.eager import call_matmul, cpu_kernel_call, entry_ref, intercepted, needs_op
+from pyhwp.ops.masked import masked_cpu_args, masked_matmul_impl, masked_matmul_into
+from pyhwp.ops.sparse24 import sparse24_cpu_args, sparse24_matmul_impl, sparse24_matmul_into
 
 _csr_op = torch.ops.pyhwp.csr_matmul.default
 _sparse24_op = torch.ops.pyhwp.sparse24_matmul.default
@@ -45,17 +44,37 @@ def _masked(x2, w, bias, transpose_out=False):
                        w.values, bias, transpose_out, _masked_tile_map(w))
 
 
-def _csr_cpu(y, x2, w, bias):
-    csr_matmul_cpu(y, x2, w.row_offsets.contiguous(), w.kernel_col_indices, w.values.contiguous(), bias)
+def _csr_args(w):
+    arrays = (w.row_offsets.contiguous(), w.kernel_col_indices.contiguous(), w.values.contiguous())
+    return (*csr_cpu_args(*arrays, math.prod(w.shape[1:])), arrays)
 
 
-def _sparse24_cpu(y, x2, w, bias):
-    sparse24_matmul_cpu(y, x2, w.values.contiguous(), w.meta.contiguous(), bias)
+def _sparse24_args(w):
+    arrays = (w.values.contiguous(), w.meta.contiguous())
+    return (*sparse24_cpu_args(*arrays, math.prod(w.shape[1:])), arrays)
 
 
-def _masked_cpu(y, x2, w, bias):
-    masked_matmul_cpu(y, x2, w.tile_ptr.contiguous(), w.tile_idx.contiguous(), w.values.contiguous(), w.shape[0],
-                      bias)
+def _masked_args(w):
+    arrays = (w.tile_ptr.contiguous(), w.tile_idx.contiguous(), w.values.contiguous())
+    return (*masked_cpu_args(*arrays, w.shape[0], math.prod(w.shape[1:])), arrays)
+
+
+# Per kernel name: weight -> (kernels by dtype, head, tail, the arrays head and tail point into),
+# the arguments of the kernel's direct call (see cpu_kernel_call) that depend on the weight alone
+# (its GEMM form (out, prod(shape[1:])), so conv weights too).
+_CPU_ARGS = {"csr_matmul": _csr_args, "sparse24_matmul": _sparse24_args, "masked_matmul": _masked_args}
+
+
+def _direct_call(args):
+    def call(y, x2, w, bias):
+        kernels, head, tail, _ = args(w)
+        cpu_kernel_call(kernels[x2.dtype], head, tail, y, x2, bias)
+    return call
+
+
+# The compiled CPU kernels' direct calls cpu(y, x2, weight, bias) on checked inputs (the eager
+# matmuls and pyhwp.conv2d's fast path), by kernel name.
+CPU_CALLS = {name: _direct_call(args) for name, args in _CPU_ARGS.items()}
 
 
 def _eager_cpu(call_op, cpu):
@@ -93,52 +112,23 @@ def _masked_into(y, x2, w, bias):
 # The compiled CPU kernels (x on the CPU in one of their dtypes, which find_kernel guarantees)
 # take the eager shortcut.
 _KERNELS_BY_PATTERN = (
-    (("csr_matmul",), _eager_cpu(_csr, _csr_cpu), _csr_into),
+    (("csr_matmul",), _eager_cpu(_csr, CPU_CALLS["csr_matmul"]), _csr_into),
     (("csr_matmul_cuda", "csr_matmul_torch", "csr_matmul_torch_cuda"), _csr, _csr_into),
-    (("sparse24_matmul",), _eager_cpu(_sparse24, _sparse24_cpu), _sparse24_into),
+    (("sparse24_matmul",), _eager_cpu(_sparse24, CPU_CALLS["sparse24_matmul"]), _sparse24_into),
     (("sparse24_matmul_cuda", "sparse24_matmul_torch", "sparse24_matmul_torch_cuda"), _sparse24, _sparse24_into),
-    (("masked_matmul",), _eager_cpu(_masked, _masked_cpu), _masked_into),
+    (("masked_matmul",), _eager_cpu(_masked, CPU_CALLS["masked_matmul"]), _masked_into),
     (("masked_matmul_cuda", "masked_matmul_torch", "masked_matmul_torch_cuda"), _masked, _masked_into),
 )
 MATMULS = {name: fn for names, fn, _ in _KERNELS_BY_PATTERN for name in names}
 MATMULS_INTO = {name: into for names, _, into in _KERNELS_BY_PATTERN for name in names}
 
 
-# The compiled CPU kernels' direct calls cpu(y, x2, weight, bias) on checked inputs (pyhwp.conv2d's
-# fast path), by kernel name.
-CPU_CALLS = {"csr_matmul": _csr_cpu, "sparse24_matmul": _sparse24_cpu, "masked_matmul": _masked_cpu}
-
-
-def _csr_args(w):
-    arrays = (w.row_offsets.contiguous(), w.kernel_col_indices.contiguous(), w.values.contiguous())
-    return (*csr_cpu_args(*arrays, w.shape[1]), arrays)
-
-
-def _sparse24_args(w):
-    arrays = (w.values.contiguous(), w.meta.contiguous())
-    return (*sparse24_cpu_args(*arrays, w.shape[1]), arrays)
-
-
-def _masked_args(w):
-    arrays = (w.tile_ptr.contiguous(), w.tile_idx.contiguous(), w.values.contiguous())
-    return (*masked_cpu_args(*arrays, *w.shape), arrays)
-
-
-# Per kernel name: weight -> (kernels by dtype, head, tail, the arrays head and tail point into),
-# the arguments of the kernel's direct call (see cpu_kernel_call) that depend on the weight alone.
-_CPU_ARGS = {"csr_matmul": _csr_args, "sparse24_matmul": _sparse24_args, "masked_matmul": _masked_args}
 _KERNEL_NAMES: dict[tuple[str, torch.dtype], str | None] = {}
 
 # pyhwp.linear's fast path: id(weight) -> (weakref to it, {x dtype: plan or None}); an entry leaves
 # with its weight. A plan is (kernel, head, tail, out_features, in_features, values, address of
 # values, arrays): everything a call on that weight needs besides x, bias and the thread count.
 _PLANS: dict[int, tuple[weakref.ref, dict]] = {}
-
-
-def _forget(ref: weakref.ref, key: int) -> None:
-    entry = _PLANS.get(key)
-    if entry is not None and entry[0] is ref:
-        del _PLANS[key]
 
 
 def _cpu_plan(weight, dtype: torch.dtype):
@@ -165,7 +155,7 @@ def _cpu_plan(weight, dtype: torch.dtype):
                 weight.values.data_ptr(), tuple(a.detach() for a in arrays))
     entry = _PLANS.get(id(weight))
     if entry is None or entry[0]() is not weight:
-        entry = _PLANS[id(weight)] = (weakref.ref(weight, functools.partial(_forget, key=id(weight))), {})
+        entry = _PLANS[id(weight)] = (entry_ref(_PLANS, weight), {})
     entry[1][dtype] = plan
     return plan
 

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/transpose.h"
+
 namespace pyhwp {
 
 // The dense right-hand side X (K x P) of Y = W X: element (k, p) at data[k*stride_k + p*stride_p].
@@ -69,9 +71,15 @@ void balanced_runs(const int64_t* prefix, int64_t items, int64_t item_cost, int6
 // steady state). Valid until the next call from the same thread with the same slot.
 float* scratch(int slot, int64_t count);
 
-// Copies X into a K x P buffer with p contiguous (row stride `ld`, a multiple of 16 >= P).
-// Runs on `num_threads` threads; returns the buffer (a scratch slot of the calling thread).
-const float* pack_p_contiguous(const DenseIn& x, int64_t* ld, int num_threads);
+// Packs X (K x P, element (k, p) at x[k*sk + p*sp]; S = float, or uint16_t holding bfloat16
+// bits) into float32 panels of L columns (L a multiple of 16) with p contiguous: element (k, p) at
+// out[(p / L) * K * L + k * L + p % L], zeros in the columns of the last panel past P. `out`
+// must be 64-byte aligned for aligned panel rows. Runs on up to num_threads threads (one for a
+// small X); 16x16 register transposes when x is k-contiguous float32. Returns whether X holds a
+// NaN/Inf, found while each packed block is still in cache (no second pass over X).
+template <typename S>
+bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64_t L, float* out,
+                 int num_threads, TransposeFn transpose);
 
 // True when some element of X is NaN or +-Inf (a vectorisable pass over X).
 bool any_nonfinite(const DenseIn& x);

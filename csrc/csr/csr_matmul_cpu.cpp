@@ -137,55 +137,6 @@ inline bool is_nonfinite(float v) {
   return (u & 0x7f800000u) == 0x7f800000u;
 }
 
-// Elements of X above which both threads pack it: at 64 KiB instead of 256 KiB, batch 16 at
-// 768x3072 (one thread's serial pack was a third of the call) measured 144-149 -> 125-135 us and
-// batch 128 at 1536x384 195-209 -> 179-190 us on 2 threads; the other quick-suite shapes were
-// unchanged.
-constexpr int64_t kParallelPack = 16384;
-
-// Packs X (float32 or bfloat16, any strides) into float32 K x ld with p contiguous (ld a
-// multiple of 16, rows 64-byte aligned, zero padding), in the calling thread's scratch slot 0.
-// Returns whether X holds a NaN/Inf, found while the packed block is still in cache.
-template <typename S>
-bool pack_tile_layout(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, float* out, int64_t ld,
-                      int nt, TransposeFn transpose) {
-  constexpr int64_t kB = 16;
-  const int64_t kblocks = (K + kB - 1) / kB;
-  int bad = 0;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad) if (K * P > kParallelPack)
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const int64_t k0 = kb * kB, k1 = std::min(K, k0 + kB);
-    float* dst = out + k0 * ld;
-    if constexpr (std::is_same_v<S, float>) {
-      if (sk == 1) {  // x rows are p: transpose 16x16 blocks
-        for (int64_t p0 = 0; p0 < P; p0 += 16) {
-          transpose(x + p0 * sp + k0, sp, dst + p0, ld, std::min<int64_t>(16, P - p0), k1 - k0);
-        }
-      } else if (sp == 1) {  // p contiguous but unaligned rows: copy them
-        for (int64_t k = k0; k < k1; ++k) std::memcpy(dst + (k - k0) * ld, x + k * sk, sizeof(float) * P);
-      } else {
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t p = 0; p < P; ++p) dst[(k - k0) * ld + p] = x[k * sk + p * sp];
-      }
-    } else {
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t p = 0; p < P; ++p) dst[(k - k0) * ld + p] = bf16_to_float(x[k * sk + p * sp]);
-    }
-    uint32_t worst = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      float* row = dst + (k - k0) * ld;
-      for (int64_t p = P; p < ld; ++p) row[p] = 0.f;
-      for (int64_t p = 0; p < P; ++p) {
-        uint32_t u;
-        std::memcpy(&u, row + p, 4);
-        worst = std::max(worst, u & 0x7f800000u);
-      }
-    }
-    bad |= worst == 0x7f800000u;
-  }
-  return bad != 0;
-}
-
 // The output the driver writes: float32 with strides (fp32 entry) or, for bfloat16, a float32
 // scratch N x P (p contiguous) converted at the end.
 struct YView {
@@ -369,7 +320,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   } else {
     ldx = (P + 15) / 16 * 16;
     float* buf = scratch(0, K * ldx);
-    bad = pack_tile_layout(x, K, P, xsk, xsp, buf, ldx, nt, transpose);
+    bad = pack_panels(x, K, P, xsk, xsp, ldx, buf, nt, transpose);
     xf = buf;
   }
   run_tile(pr, kern, transpose, xf, ldx, bias, y, nt);

@@ -81,7 +81,7 @@ void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, con
 // goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr.
 // `permute` variants select x in registers: x.stride_k == 1 and x.rows == Kp, x zero-padded
 // beyond K (column p at x.data + p * x.stride_p). `tile` variants need X packed in panels
-// (sparse24_pack_panels: x.rows == K, x.stride_k == panel width, x.stride_p == 1) and
+// (pack_panels with L = sparse24_panel_width(P): x.rows == K, x.stride_k == L, x.stride_p == 1) and
 // y.stride_p == 1;
 // they skip slots at k >= K.
 // Panel width for P columns: P rounded up to 16, at most kPanel. Narrow panels keep the X rows of
@@ -96,10 +96,6 @@ constexpr int64_t sparse24_tile_k(int64_t ld) {
   return Sparse24CpuConfig::kTileBytes / (ld * 4) / Sparse24CpuConfig::kChunk * Sparse24CpuConfig::kChunk;
 }
 
-// Packs X (K x P) into ceil(P / L) panels of K x L floats, L = sparse24_panel_width(P), p
-// contiguous, zero beyond P: element (k, p) at panel p / L, offset k * L + p % L. Panels follow
-// each other (K * L floats apart). Returns a scratch slot of the calling thread.
-const float* sparse24_pack_panels(const DenseIn& x, int num_threads);
 
 template <typename T>
 using Sparse24RowsFn = void (*)(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,

@@ -72,32 +72,6 @@ template void sparse24_rows_permute_scalar(const Sparse24MatrixBf16&, const Dens
 template void sparse24_rows_tile_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 template void sparse24_rows_tile_scalar(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 
-const float* sparse24_pack_panels(const DenseIn& x, int num_threads) {
-  constexpr int64_t kBlock = 16;
-  const int64_t K = x.rows, P = x.cols, L = sparse24_panel_width(P), panels = (P + L - 1) / L;
-  float* out = scratch(0, panels * K * L);
-  const int64_t kblocks = (K + kBlock - 1) / kBlock;
-  // 16 x 16 blocks so that both the strided reads and the writes stay in cache.
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (K * P > 65536)
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    const int64_t k0 = kb * kBlock, k1 = std::min(K, k0 + kBlock);
-    for (int64_t t = 0; t < panels; ++t) {
-      float* dst = out + t * K * L;
-      for (int64_t q0 = 0; q0 < L; q0 += kBlock) {
-        const int64_t p0 = t * L + q0, p1 = std::min(P, p0 + kBlock);
-        for (int64_t k = k0; k < k1; ++k) {
-          const float* src = x.data + k * x.stride_k;
-          float* d = dst + k * L + q0;
-          int64_t q = 0;
-          for (; p0 + q < p1; ++q) d[q] = src[(p0 + q) * x.stride_p];
-          for (; q < kBlock; ++q) d[q] = 0.f;
-        }
-      }
-    }
-  }
-  return out;
-}
-
 namespace {
 
 template <typename T>
@@ -148,7 +122,9 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
   const int nt = N * (Kp / 2) * P < Cfg::kSerialWork ? 1 : num_threads;
   const Isa isa = active_isa();
 
+  bool nonfinite = false;
   if (P < Cfg::kPermuteMaxP) {
+    nonfinite = K > 0 && any_nonfinite(x);
     const DenseIn xk = K == 0 ? DenseIn{x.data, 0, P, 1, 0} : padded_k_contiguous(x, Kp, x_padded);
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/true);
     // One contiguous run of whole row blocks per thread: every row costs the same (Kp/2 slots),
@@ -165,10 +141,13 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
       fn(w, xk, bias, yb, r0, r1);
     }
   } else {
-    const DenseIn xp{K > 0 ? sparse24_pack_panels(x, nt) : x.data, K, P, sparse24_panel_width(P), 1};
+    const TransposeFn transpose = pick_transpose(isa);
+    const int64_t L = sparse24_panel_width(P);
+    float* panels = scratch(0, (P + L - 1) / L * K * L);
+    if (K > 0) nonfinite = pack_panels(x.data, K, P, x.stride_k, x.stride_p, L, panels, nt, transpose);
+    const DenseIn xp{K > 0 ? panels : x.data, K, P, L, 1};
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
-    const TransposeFn transpose = pick_transpose(isa);
     const int64_t ld_tile = (P + 15) / 16 * 16;
     const int64_t items = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -202,7 +181,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     }
   }
 
-  if (K > 0 && any_nonfinite(x)) {
+  if (nonfinite) {
     const int64_t words = Kp / 32;
     propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) {
       int64_t count = 0;

@@ -117,9 +117,11 @@ def test_transpose_out(isa, batch):
     assert_linear_close(yt.t(), x, w, bias, terms(w))
 
 
-@pytest.mark.parametrize("batch", [1, 5, 40])
-def test_kernel_writes_only_its_outputs(isa, batch):
-    """Strided y with gaps, poisoned: every output written, nothing between them touched."""
+@pytest.mark.parametrize("batch", [1, 5, 40, 300])  # 300: three X panels (128 + 128 + 44 columns)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_writes_only_its_outputs(isa, batch, threads):
+    """Strided y with gaps, poisoned, in both layouts ((P, N) and (N, P), the conv planes'): every
+    output written, nothing between them touched."""
     g = torch.Generator().manual_seed(5)
     n, k = 19, 70
     w = random_24((n, k), g)
@@ -127,9 +129,14 @@ def test_kernel_writes_only_its_outputs(isa, batch):
     x = torch.randn(batch, k, generator=g)
     buf = torch.full((batch, n + 3), float("nan"))
     _C.sparse24_matmul(n, k, sw.values.data_ptr(), sw.meta.data_ptr(), x.data_ptr(), batch, 1, k, 0,
-                       buf.data_ptr(), 1, n + 3, 1)
+                       buf.data_ptr(), 1, n + 3, threads)
     assert_linear_close(buf[:, :n], x, w, terms=terms(w))
     assert torch.isnan(buf[:, n:]).all()
+    planes = torch.full((n, batch + 5), float("nan"))
+    _C.sparse24_matmul(n, k, sw.values.data_ptr(), sw.meta.data_ptr(), x.data_ptr(), batch, 1, k, 0,
+                       planes.data_ptr(), batch + 5, 1, threads)
+    assert_linear_close(planes[:, :batch].t(), x, w, terms=terms(w))
+    assert torch.isnan(planes[:, batch:]).all()
 
 
 def test_mask_defines_kept_positions():

@@ -80,10 +80,10 @@ void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, con
 // Rows [row_begin, row_end) of Y, one kernel per ISA (sparse24_matmul_{cpu,avx2,avx512}.cpp). Row n
 // goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr.
 // `permute` variants select x in registers: x.stride_k == 1 and x.rows == Kp, x zero-padded
-// beyond K (column p at x.data + p * x.stride_p). `tile` variants need X packed in panels
-// (pack_panels with L = sparse24_panel_width(P): x.rows == K, x.stride_k == L, x.stride_p == 1) and
-// y.stride_p == 1;
-// they skip slots at k >= K.
+// beyond K (column p at x.data + p * x.stride_p). `tile` variants take X packed in panels of
+// L = x.stride_k columns (pack_panels: x.rows == K, x.stride_p == 1, panel p / L at
+// x.data + (p / L) * K * L) and y.stride_p == 1; they skip slots at k >= K. The driver hands
+// them one panel (x.cols <= L) per work item.
 // Panel width for P columns: P rounded up to 16, at most kPanel. Narrow panels keep the X rows of
 // small batches dense in cache lines.
 constexpr int64_t sparse24_panel_width(int64_t p) {

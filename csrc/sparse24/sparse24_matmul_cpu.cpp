@@ -145,30 +145,37 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     const int64_t L = sparse24_panel_width(P);
     float* panels = scratch(0, (P + L - 1) / L * K * L);
     if (K > 0) nonfinite = pack_panels(x.data, K, P, x.stride_k, x.stride_p, L, panels, nt, transpose);
-    const DenseIn xp{K > 0 ? panels : x.data, K, P, L, 1};
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
-    const int64_t ld_tile = (P + 15) / 16 * 16;
-    const int64_t items = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
+    // Work items are 64-row blocks, each over all X panels (its rows of W stay in cache across
+    // them), unless there are fewer than two blocks per thread: then each block's panels are
+    // split into runs, so that a weight with few rows still spreads over the threads when X has
+    // many panels (the im2col matrix of a conv, P = H*W in the thousands).
+    const int64_t npanels = (P + L - 1) / L, row_blocks = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
+    const int64_t runs = row_blocks >= 2 * nt ? 1 : std::min(npanels, (2 * nt + row_blocks - 1) / row_blocks);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t b = 0; b < items; ++b) {
-      const int64_t r0 = b * Cfg::kTileRows, r1 = std::min(N, r0 + Cfg::kTileRows);
+    for (int64_t b = 0; b < row_blocks * runs; ++b) {
+      const int64_t r0 = b / runs * Cfg::kTileRows, r1 = std::min(N, r0 + Cfg::kTileRows);
+      const int64_t p0 = b % runs * npanels / runs * L, p1 = std::min(P, (b % runs + 1) * npanels / runs * L);
+      const int64_t width = p1 - p0, ld_tile = (width + 15) / 16 * 16;
+      const DenseIn xp{K > 0 ? panels + p0 * K : x.data, K, width, L, 1};  // whole panels from p0
       if (direct) {
         DenseOut yb = y;
-        yb.data = y.data + r0 * y.stride_n;
+        yb.data = y.data + r0 * y.stride_n + p0;
+        yb.cols = width;
         fn(w, xp, bias, yb, r0, r1);
       } else {
         // Compute the rows with p contiguous, then transpose them into y, so that each thread
         // writes whole 64-byte lines of y (16 consecutive n) and no two threads share a line.
         float* tile = scratch(1, Cfg::kTileRows * ld_tile);
-        const DenseOut t{tile, r1 - r0, P, ld_tile, 1};
+        const DenseOut t{tile, r1 - r0, width, ld_tile, 1};
         fn(w, xp, bias, t, r0, r1);
         for (int64_t i0 = r0; i0 < r1; i0 += 16) {
           const int64_t rows = std::min<int64_t>(16, r1 - i0);
-          for (int64_t p = 0; p < P; p += 16) {
+          for (int64_t p = 0; p < width; p += 16) {
             const float* src = tile + (i0 - r0) * ld_tile + p;
-            float* dst = y.data + i0 * y.stride_n + p * y.stride_p;
-            const int64_t cols = std::min<int64_t>(16, P - p);
+            float* dst = y.data + i0 * y.stride_n + (p0 + p) * y.stride_p;
+            const int64_t cols = std::min<int64_t>(16, width - p);
             if (y.stride_n == 1) {
               transpose(src, ld_tile, dst, y.stride_p, rows, cols);
             } else {

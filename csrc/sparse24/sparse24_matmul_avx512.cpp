@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "common/bf16.h"
+#include "common/prefetch.h"
 #include "common/simd_avx512.h"
 #include "sparse24/sparse24_matmul.h"
 
@@ -223,7 +224,10 @@ __attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t wo
   };
   // A K block touches 128 bytes of values per row, rows words*64 bytes apart: too many short
   // streams for the hardware prefetcher, so fetch the rows kAhead steps ahead (wrapping to the
-  // start of the next K block).
+  // start of the next K block). Written with _mm_prefetch in a loop, gcc deleted them (see
+  // common/prefetch.h); executed, against none (batch 128, 2 threads, per-process A/B):
+  // 4096x4096 1.10x -> 1.41x dense, 11008x4096 1.15x -> 1.50x, 768x3072 1.17x -> 1.24x,
+  // 3072x768 1.17x -> 1.27x, 1536x384 1.05x -> 1.07x.
   constexpr int64_t kAhead = 4 * R;
   auto prefetch = [&](int64_t n, int64_t k0) {
     if (n >= row_end) {
@@ -231,9 +235,8 @@ __attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t wo
       k0 += tile_k;
     }
     if (k0 >= K || n >= row_end) return;
-    const char* v = reinterpret_cast<const char*>(w.values + n * words * 16 + k0 / 2);
-    for (int64_t b = 0; b < tile_k / 2 * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(v + b, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w.meta + n * words + k0 / 32), _MM_HINT_T0);
+    prefetch_lines_t0(w.values + n * words * 16 + k0 / 2, tile_k / 2 * static_cast<int64_t>(sizeof(T)));
+    prefetch_lines_t0(w.meta + n * words + k0 / 32, 1);
   };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;

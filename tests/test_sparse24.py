@@ -67,11 +67,12 @@ def test_full_groups_and_large_shape(isa):
 @pytest.mark.parametrize("batch", [64, 100, 200])
 def test_long_rows_tile_path(isa, batch):
     # LLM-sized K on the tile kernels: K = 4100 ends in a partial metadata word and a partial K
-    # block, 70 rows end in a partial 64-row work item; also the transposed output.
+    # block, 150 rows end in a partial work item (Sparse24CpuConfig::kTileRows = 128); also the
+    # transposed output.
     g = torch.Generator().manual_seed(batch)
-    w = random_24((70, 4100), g)
+    w = random_24((150, 4100), g)
     sw = pyhwp.to_sparse(w, "2:4")
-    bias = torch.randn(70, generator=g)
+    bias = torch.randn(150, generator=g)
     x = torch.randn(batch, 4100, generator=g)
     assert_linear_close(pyhwp.linear(x, sw, bias), x, w, bias, terms(w))
     y_t = torch.ops.pyhwp.sparse24_matmul(x, sw.values, sw.meta, bias, transpose_out=True)

@@ -147,7 +147,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     if (K > 0) nonfinite = pack_panels(x.data, K, P, x.stride_k, x.stride_p, L, panels, nt, transpose);
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
-    // Work items are 64-row blocks, each over all X panels (its rows of W stay in cache across
+    // Work items are kTileRows-row blocks, each over all X panels (its rows of W stay in cache across
     // them), unless there are fewer than two blocks per thread: then each block's panels are
     // split into runs, so that a weight with few rows still spreads over the threads when X has
     // many panels (the im2col matrix of a conv, P = H*W in the thousands).

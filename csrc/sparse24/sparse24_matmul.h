@@ -99,7 +99,6 @@ constexpr int64_t sparse24_tile_k(int64_t ld) {
   return Sparse24CpuConfig::kTileBytes / (ld * 4) / Sparse24CpuConfig::kChunk * Sparse24CpuConfig::kChunk;
 }
 
-
 template <typename T>
 using Sparse24RowsFn = void (*)(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                 const DenseOut& y, int64_t row_begin, int64_t row_end);

@@ -147,10 +147,10 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     if (K > 0) nonfinite = pack_panels(x.data, K, P, x.stride_k, x.stride_p, L, panels, nt, transpose);
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
-    // Work items are kTileRows-row blocks, each over all X panels (its rows of W stay in cache across
-    // them), unless there are fewer than two blocks per thread: then each block's panels are
-    // split into runs, so that a weight with few rows still spreads over the threads when X has
-    // many panels (the im2col matrix of a conv, P = H*W in the thousands).
+    // Work items are blocks of kTileRows rows, each over all X panels (its rows of W stay in
+    // cache across them), unless there are fewer than two blocks per thread: then each block's
+    // panels are split into runs, so that a weight with few rows still spreads over the threads
+    // when X has many panels (the im2col matrix of a conv, P = H*W in the thousands).
     const int64_t npanels = (P + L - 1) / L, row_blocks = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
     const int64_t runs = row_blocks >= 2 * nt ? 1 : std::min(npanels, (2 * nt + row_blocks - 1) / row_blocks);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)

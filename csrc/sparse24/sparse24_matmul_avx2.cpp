@@ -6,7 +6,6 @@
 #include <type_traits>
 
 #include "common/bf16.h"
-#include "common/prefetch.h"
 #include "sparse24/sparse24_matmul.h"
 
 namespace pyhwp {
@@ -143,25 +142,13 @@ inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn&
                       bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
                       y.stride_n, last);
   };
-  // The rows' slices of this K block kAhead rows ahead, as in the AVX-512 kernel (the hardware
-  // prefetcher does not follow that many short streams). Batch 128, 2 threads, AVX2 kernels
-  // forced on the AVX-512 VM, per-process A/B against none: 4096x4096 1.29x faster, 11008x4096
-  // 1.32x, the K <= 3072 shapes within noise.
-  constexpr int64_t kAhead = 4 * R;
-  auto prefetch = [&](int64_t n, int64_t k0) {
-    if (n >= row_end) {
-      n = row_begin + (n - row_end);
-      k0 += tile_k;
-    }
-    if (k0 >= K || n >= row_end) return;
-    prefetch_lines_t0(w.values + n * words * 16 + k0 / 2, tile_k / 2 * static_cast<int64_t>(sizeof(T)));
-    prefetch_lines_t0(w.meta + n * words + k0 / 32, 1);
-  };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
     int64_t n = row_begin;
     for (; n + R <= row_end; n += R) {
-      for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
+      for (int r = 0; r < R; ++r) {
+        sparse24_prefetch_row(w, words, tile_k, n + Cfg::kTileRowsAhead + r, k0, row_begin, row_end);
+      }
       block(std::integral_constant<int, R>{}, n, k0, k1);
     }
     for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);

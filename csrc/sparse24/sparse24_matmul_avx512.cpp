@@ -5,7 +5,6 @@
 #include <type_traits>
 
 #include "common/bf16.h"
-#include "common/prefetch.h"
 #include "common/simd_avx512.h"
 #include "sparse24/sparse24_matmul.h"
 
@@ -222,22 +221,6 @@ __attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t wo
                               bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
                               y.stride_n, last);
   };
-  // A K block touches 128 bytes of values per row, rows words*64 bytes apart: too many short
-  // streams for the hardware prefetcher, so fetch the rows kAhead steps ahead (wrapping to the
-  // start of the next K block). Written with _mm_prefetch in a loop, gcc deleted them (see
-  // common/prefetch.h); executed, against none (batch 128, 2 threads, per-process A/B):
-  // 4096x4096 1.10x -> 1.41x dense, 11008x4096 1.15x -> 1.50x, 768x3072 1.17x -> 1.24x,
-  // 3072x768 1.17x -> 1.27x, 1536x384 1.05x -> 1.07x.
-  constexpr int64_t kAhead = 4 * R;
-  auto prefetch = [&](int64_t n, int64_t k0) {
-    if (n >= row_end) {
-      n = row_begin + (n - row_end);
-      k0 += tile_k;
-    }
-    if (k0 >= K || n >= row_end) return;
-    prefetch_lines_t0(w.values + n * words * 16 + k0 / 2, tile_k / 2 * static_cast<int64_t>(sizeof(T)));
-    prefetch_lines_t0(w.meta + n * words + k0 / 32, 1);
-  };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
     int64_t n = row_begin;
@@ -250,7 +233,9 @@ __attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t wo
     const int64_t share = pairs > 0 ? (next_bytes / 64 + pairs - 1) / pairs * 64 : 0;
     int64_t next_at = 0;
     for (; n + R <= row_end; n += R) {
-      for (int r = 0; r < R; ++r) prefetch(n + kAhead + r, k0);
+      for (int r = 0; r < R; ++r) {
+        sparse24_prefetch_row(w, words, tile_k, n + Cfg::kTileRowsAhead + r, k0, row_begin, row_end);
+      }
       for (const int64_t e = std::min(next_bytes, next_at + share); next_at < e; next_at += 64) {
         _mm_prefetch(next + next_at, _MM_HINT_T1);
       }

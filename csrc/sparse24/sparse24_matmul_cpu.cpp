@@ -142,8 +142,8 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     }
   } else {
     const TransposeFn transpose = pick_transpose(isa);
-    const int64_t L = sparse24_panel_width(P);
-    float* panels = scratch(0, (P + L - 1) / L * K * L);
+    const int64_t L = sparse24_panel_width(P), npanels = (P + L - 1) / L;
+    float* panels = scratch(0, npanels * K * L);
     if (K > 0) nonfinite = pack_panels(x.data, K, P, x.stride_k, x.stride_p, L, panels, nt, transpose);
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
@@ -151,7 +151,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     // cache across them), unless there are fewer than two blocks per thread: then each block's
     // panels are split into runs, so that a weight with few rows still spreads over the threads
     // when X has many panels (the im2col matrix of a conv, P = H*W in the thousands).
-    const int64_t npanels = (P + L - 1) / L, row_blocks = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
+    const int64_t row_blocks = (N + Cfg::kTileRows - 1) / Cfg::kTileRows;
     const int64_t runs = row_blocks >= 2 * nt ? 1 : std::min(npanels, (2 * nt + row_blocks - 1) / row_blocks);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t b = 0; b < row_blocks * runs; ++b) {

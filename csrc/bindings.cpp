@@ -205,6 +205,21 @@ PYBIND11_MODULE(_C, m) {
       "host float32; element strides for X (k, p) and Y (n, p); bias address 0 for none");
 
   m.def(
+      "sparse24_conv2d",
+      [=](int64_t rows, int64_t cols, Addr values, Addr meta, const Geometry& geometry, Addr x, Addr bias, Addr y,
+          int num_threads) {
+        const pyhwp::Sparse24Matrix w{rows, cols, ptr<const float>(values), ptr<const uint32_t>(meta)};
+        return pyhwp::sparse24_conv2d(w, conv_geometry(geometry), ptr<const float>(x), ptr<const float>(bias),
+                                      ptr<float>(y), num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("meta"), py::arg("geometry"), py::arg("x"),
+      py::arg("bias"), py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "Stride-1 conv2d with a 2:4 float32 weight (out x C*kh*kw) as an implicit GEMM: x is the contiguous "
+      "(images, C, h, w) input, padded by pt rows on top and pl columns on the left, y the contiguous "
+      "(images, out, ho, wo) output; returns True when x holds a NaN/Inf (y then lacks the dense 0*Inf = NaN "
+      "terms)");
+
+  m.def(
       "sparse24_matmul_bf16",
       [](int64_t rows, int64_t cols, Addr values, Addr meta, Addr x, int64_t p, int64_t x_stride_k,
          int64_t x_stride_p, Addr bias, Addr y, int64_t y_stride_n, int64_t y_stride_p,

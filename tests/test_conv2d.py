@@ -157,20 +157,18 @@ def test_nonfinite_inputs_propagate_like_dense(pattern, k, groups):
 ], ids=str)
 @pytest.mark.parametrize("pattern", ["csr", "2:4"])
 def test_implicit_gemm_conv_matches_the_op_path(pattern, batch, c_in, hw, padding, dilation):
-    # Inference takes the implicit-GEMM CSR kernel (csr_conv2d; for 2:4 on a CSR copy of the kept
-    # values); with autograd the op runs one GEMM per tap (CSR) or on im2col (2:4). Both must
-    # equal the dense conv.
+    # Inference takes the pattern's implicit-GEMM kernel (csr_conv2d, sparse24_conv2d); with
+    # autograd the op runs one GEMM per tap (CSR) or on im2col (2:4). Both must equal the dense conv.
     conv2d_module = __import__("sys").modules["pyhwp.ops.conv2d"]
     g_ = torch.Generator().manual_seed(c_in + batch)
     w, sw = make_weight((40, c_in, 3, 3), pattern, g_, sparsity=0.9)
     bias = torch.randn(40, generator=g_)
     x = torch.randn(batch, c_in, *hw, generator=g_)
-    csr = conv2d_module._implicit_csr_weight(x, sw, bias, (3, 3))
-    assert csr is not None and csr.pattern == "csr"
+    assert conv2d_module._implicit_kind(x, sw, bias, (3, 3)) == pattern
     y = pyhwp.conv2d(x, sw, bias, 1, padding, dilation)
     assert_conv_close(y, x, w, bias, 1, padding, dilation)
     xg = x.clone().requires_grad_()
-    assert conv2d_module._implicit_csr_weight(xg, sw, bias, (3, 3)) is None
+    assert conv2d_module._implicit_kind(xg, sw, bias, (3, 3)) is None
     y_op = pyhwp.conv2d(xg, sw, bias, 1, padding, dilation)
     assert_conv_close(y_op.detach(), x, w, bias, 1, padding, dilation)
 
@@ -180,7 +178,7 @@ def test_sparse24_1x1_convs_keep_their_own_kernel():
     g_ = torch.Generator().manual_seed(7)
     w, sw = make_weight((16, 32, 1, 1), "2:4", g_)
     x = torch.randn(2, 32, 5, 5, generator=g_)
-    assert conv2d_module._implicit_csr_weight(x, sw, None, (1, 1)) is None
+    assert conv2d_module._implicit_kind(x, sw, None, (1, 1)) is None
     assert_conv_close(pyhwp.conv2d(x, sw), x, w)
 
 

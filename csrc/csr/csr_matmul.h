@@ -5,6 +5,7 @@
 
 #include "common/cpu_features.h"
 #include "common/dense.h"
+#include "common/implicit_conv.h"
 
 namespace pyhwp {
 
@@ -93,26 +94,15 @@ template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx512();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
 
 
-// Stride-1 conv2d as an implicit GEMM over the tile kernels (no im2col). W is the (out, C*kh*kw)
-// CSR matrix of a conv weight (column j = (c*kh + r)*kw + s); x is the contiguous (images, C, h, w)
-// input, zero-padded by pt rows on top and pl columns on the left (the bottom and right padding
-// follow from ho, wo). The driver copies each image's channels into padded planes hp x wp, hp =
-// ho + dh*(kh-1) + 1 (a spare zero row keeps a channel's last window inside it; none for kw = 1),
-// wp = wo + dw*(kw-1), one every `plane` floats (hp*wp rounded up to 16); an input that is already
-// in that layout is read in place. With p = a*wp + b, column j of W reads X at the offset
-// c*plane + r*dh*wp + s*dw from pixel p: every column is a contiguous row of X and the tile kernel
-// runs unchanged (ldx = 1); the wp - wo wrapped columns of each output row are computed and
-// dropped. Output: y[((i*out + n)*ho + a)*wo + b] = bias[n] + sum_j W(n, j) *
-// padded_x[i][c][a + r*dh][b + s*dw].
+// Stride-1 conv2d as an implicit GEMM over the tile kernels (no im2col; see
+// common/implicit_conv.h): W is the (out, C*kh*kw) CSR matrix of a conv weight, and the tile
+// kernel runs unchanged (ldx = 1) on the shifted rows of the padded input.
 // The kernels read W through a plan derived from W and the geometry (not from `images`), built
 // once per weight and input size by csr_conv2d_plan: each stored weight's offset into the padded
 // image (nnz int32) and, per block of channels that the driver keeps in L1, where each row's
 // stored weights of that block start ((csr_conv2d_blocks(g) + 1) * rows int64). csr_conv2d
 // returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs the
 // dense-exact propagation of 0 * Inf (see propagate_nonfinite), which this path does not do.
-struct ConvGeometry {
-  int64_t images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo;
-};
 int64_t csr_conv2d_blocks(const ConvGeometry& g);
 void csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, int32_t* offsets, int64_t* starts);
 bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const int32_t* offsets, const int64_t* starts,

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "common/dense.h"
+#include "common/implicit_conv.h"
 #include "common/prefetch.h"
 
 namespace pyhwp {
@@ -122,6 +123,27 @@ inline void sparse24_prefetch_row(const Sparse24MatrixT<T>& w, int64_t words, in
   prefetch_lines_t0(w.meta + n * words + k0 / 32, 1);
 }
 
+// Where the tile kernels find row k of X (k < K; K blocks of whole metadata words at a time).
+// PanelRows: a packed panel, rows ld floats apart (the matmul). OffsetRows: an implicit-GEMM
+// conv's shifted windows of a padded image, row k at x + offsets[k] (see sparse24_conv2d).
+// chunk(c) is the view from input 32c on; span(k1, k2) the bytes that rows [k1, k2) cover
+// (for the prefetch of the next K block).
+struct PanelRows {
+  const float* x;
+  int64_t ld;
+  const float* row(int64_t k) const { return x + k * ld; }
+  PanelRows chunk(int64_t c) const { return {x + 32 * c * ld, ld}; }
+  int64_t span(int64_t k1, int64_t k2) const { return (k2 - k1) * ld * 4; }
+};
+struct OffsetRows {
+  const float* x;
+  const int32_t* offsets;
+  int64_t width;  // floats read from each row
+  const float* row(int64_t k) const { return x + offsets[k]; }
+  OffsetRows chunk(int64_t c) const { return {x, offsets + 32 * c, width}; }
+  int64_t span(int64_t, int64_t) const { return 0; }
+};
+
 template <typename T>
 using Sparse24RowsFn = void (*)(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                 const DenseOut& y, int64_t row_begin, int64_t row_end);
@@ -132,5 +154,25 @@ template <typename T> void sparse24_rows_permute_avx2(const Sparse24MatrixT<T>&,
 template <typename T> void sparse24_rows_tile_avx2(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 template <typename T> void sparse24_rows_permute_avx512(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 template <typename T> void sparse24_rows_tile_avx512(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
+
+// Stride-1 conv2d as an implicit GEMM (common/implicit_conv.h) with the 2:4 float32 (out, C*kh*kw)
+// matrix of a conv weight: the tile kernels read row k of X at the offset of column k in the
+// padded image (a table of K int32, built per call). The 2:4 groups run along the flattened
+// (c, r, s) inputs, across taps and channels, which the table serves like any other order.
+// Returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs the
+// dense-exact propagation of 0 * Inf, which this path does not do.
+bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+                     int num_threads);
+
+// The implicit-GEMM conv's kernel (sparse24_conv2d_cpu.cpp), float32: for rows n in
+// [row_begin, row_end), y[(n - row_begin) * ldy + q] = bias[n] (or 0) + sum over W's slots
+// (n, k) of value * x[offsets[k] + q], q in [0, width), width <= kPanel. K blocks of tile_k
+// inputs (a multiple of kChunk) keep the windows they read in L1; the partial sums stay in y.
+using Sparse24ConvRowsFn = void (*)(const Sparse24Matrix& w, const float* x, const int32_t* offsets, int64_t width,
+                                    int64_t tile_k, const float* bias, float* y, int64_t ldy, int64_t row_begin,
+                                    int64_t row_end);
+void sparse24_rows_conv_scalar(const Sparse24Matrix&, const float*, const int32_t*, int64_t, int64_t, const float*, float*, int64_t, int64_t, int64_t);
+void sparse24_rows_conv_avx2(const Sparse24Matrix&, const float*, const int32_t*, int64_t, int64_t, const float*, float*, int64_t, int64_t, int64_t);
+void sparse24_rows_conv_avx512(const Sparse24Matrix&, const float*, const int32_t*, int64_t, int64_t, const float*, float*, int64_t, int64_t, int64_t);
 
 }  // namespace pyhwp

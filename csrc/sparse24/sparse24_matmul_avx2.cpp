@@ -3,6 +3,7 @@
 
 #include "common/simd_avx2.h"
 
+#include <algorithm>
 #include <type_traits>
 
 #include "common/bf16.h"
@@ -82,12 +83,12 @@ inline void permute_columns(const Sparse24MatrixT<T>& w, int64_t words, const De
   for (; n < row_end; ++n) rows(std::integral_constant<int, 1>{}, n);
 }
 
-// One K block [k0, k1) of rows [n, n+R) against V*8 columns of a packed X panel (row stride
-// ld); the last vector is masked by `last`. acc starts from bias (first block) or the
+// One K block [k0, k1) of rows [n, n+R) against V*8 columns of X (its rows where `xr` says: a
+// packed panel or a conv's windows); the last vector is masked by `last`. acc starts from bias (first block) or the
 // partial sums already in `out`.
-template <int R, int V, typename T>
+template <int R, int V, typename T, typename Rows>
 inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64_t K,
-                       int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
+                       int64_t k0, int64_t k1, const Rows& xr, const float* bias,
                        float* out, int64_t out_stride, __m256i last) {
   const __m256i full = _mm256_set1_epi32(-1);
   // Every loop over r and i fully unrolled, so that acc lives in registers (without the pragmas
@@ -111,11 +112,11 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
       for (int j = 0; j < 16; ++j, m >>= 2) {
         const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
         if (!whole && k >= K) continue;  // padding slot: the panel has only K rows
-        const float* xr = x + k * ld;
+        const float* xk = xr.row(k);
         const __m256 vb = _mm256_set1_ps(to_float(v[j]));
 #pragma GCC unroll 8
         for (int i = 0; i < V; ++i) {
-          acc[r][i] = _mm256_fmadd_ps(vb, _mm256_maskload_ps(xr + 8 * i, i == V - 1 ? last : full),
+          acc[r][i] = _mm256_fmadd_ps(vb, _mm256_maskload_ps(xk + 8 * i, i == V - 1 ? last : full),
                                       acc[r][i]);
         }
       }
@@ -130,17 +131,17 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
   }
 }
 
-template <int V, typename T>
-inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, const float* panel, int64_t q0,
-                      int64_t p0, const float* bias, const DenseOut& y, int64_t row_begin,
-                      int64_t row_end, __m256i last) {
+// Rows [row_begin, row_end) against 8V columns of X, K block by K block (tile_k inputs); row n's
+// outputs at out + (n - row_begin) * out_stride.
+template <int V, typename T, typename Rows>
+inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr, int64_t tile_k, const float* bias,
+                      float* out, int64_t out_stride, int64_t row_begin, int64_t row_end, __m256i last) {
   constexpr int R = 2;
-  const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
+  const int64_t K = w.cols;
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
-    tile_block<RR, V, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel + q0, x.stride_k,
-                      bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
-                      y.stride_n, last);
+    tile_block<RR, V, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, xr,
+                         bias ? bias + n : nullptr, out + (n - row_begin) * out_stride, out_stride, last);
   };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
@@ -152,6 +153,24 @@ inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn&
       block(std::integral_constant<int, R>{}, n, k0, k1);
     }
     for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);
+  }
+}
+
+// tile_rows over `width` columns, 32 (4 ymm) at a time; rows(q) is X from column q on.
+template <typename T, typename RowsAt>
+void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, RowsAt rows, int64_t width, int64_t tile_k,
+                  const float* bias, float* out, int64_t out_stride, int64_t row_begin, int64_t row_end) {
+  for (int64_t q = 0; q < width; q += 32) {
+    const int64_t rem = width - q;
+    const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
+    const __m256i last = tail_mask8(rem - 8 * (nv - 1));
+    const auto xr = rows(q);
+    switch (nv) {
+      case 4: tile_rows<4>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
+      case 3: tile_rows<3>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
+      case 2: tile_rows<2>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
+      default: tile_rows<1>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
+    }
   }
 }
 
@@ -172,18 +191,18 @@ void sparse24_rows_tile_avx2(const Sparse24MatrixT<T>& w, const DenseIn& x, cons
                              const DenseOut& y, int64_t row_begin, int64_t row_end) {
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
   const int64_t L = x.stride_k;  // panel width, a multiple of 16
-  for (int64_t p0 = 0; p0 < P; p0 += 32) {  // 32 columns (4 ymm) of a panel at a time
+  for (int64_t p0 = 0; p0 < P; p0 += L) {
     const float* panel = x.data + (p0 / L) * K * L;
-    const int64_t q0 = p0 % L, rem = (P < p0 / L * L + L ? P : p0 / L * L + L) - p0;
-    const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
-    const __m256i last = tail_mask8(rem - 8 * (nv - 1));
-    switch (nv) {
-      case 4: tile_rows<4>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
-      case 3: tile_rows<3>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
-      case 2: tile_rows<2>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
-      default: tile_rows<1>(w, words, x, panel, q0, p0, bias, y, row_begin, row_end, last); break;
-    }
+    tile_columns(w, words, [&](int64_t q) { return PanelRows{panel + q, L}; }, std::min(L, P - p0),
+                 sparse24_tile_k(L), bias, y.data + p0, y.stride_n, row_begin, row_end);
   }
+}
+
+void sparse24_rows_conv_avx2(const Sparse24Matrix& w, const float* x, const int32_t* offsets, int64_t width,
+                             int64_t tile_k, const float* bias, float* y, int64_t ldy, int64_t row_begin,
+                             int64_t row_end) {
+  tile_columns(w, sparse24_padded_cols(w.cols) / 32, [&](int64_t q) { return OffsetRows{x + q, offsets, width - q}; },
+               width, tile_k, bias, y, ldy, row_begin, row_end);
 }
 
 template void sparse24_rows_permute_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);

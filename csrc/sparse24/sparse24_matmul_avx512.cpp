@@ -117,14 +117,14 @@ inline void permute_columns(const Sparse24MatrixT<T>& w, int64_t words, const De
   for (; n < row_end; ++n) permute_rows<1, PB>(w, words, x, p, bias, y, row_begin, n);
 }
 
-// One K block [k0, k1) of rows [n, n+R) against V*16 columns of a packed X panel (row stride
-// ld floats); the last vector is masked by `last` when Masked. acc starts from bias
+// One K block [k0, k1) of rows [n, n+R) against V*16 columns of X (its rows where `xr` says: a
+// packed panel or a conv's windows); the last vector is masked by `last` when Masked. acc starts from bias
 // (first block) or the partial sums already in `out`. Every slot costs one broadcast and V FMAs
 // whose X operand comes straight from L1 (the K block of the panel fits there): (V+1) loads per
 // V FMAs, against two 512-bit loads per cycle.
-template <int R, int V, bool Masked, typename T>
+template <int R, int V, bool Masked, typename T, typename Rows>
 inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64_t K,
-                       int64_t k0, int64_t k1, const float* x, int64_t ld, const float* bias,
+                       int64_t k0, int64_t k1, const Rows& xr, const float* bias,
                        float* out, int64_t out_stride, __mmask16 last) {
   const __mmask16 full = 0xFFFF;
   auto mask = [&](int i) { return Masked && i == V - 1 ? last : full; };
@@ -150,7 +150,7 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
     if (c < c_whole) widen_words(widened, vals, words, c);
   }
   for (; c < c_whole; ++c) {
-    const float* xc = x + 32 * c * ld;
+    const Rows xc = xr.chunk(c);
     uint32_t m[R];
     const float* v[R];
     if constexpr (kWiden) {
@@ -171,13 +171,13 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
     for (int j = 0; j < 16; ++j) {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const float* xr = xc + (4 * (j >> 1) + ((m[r] >> (2 * j)) & 3u)) * ld;
+        const float* xk = xc.row(4 * (j >> 1) + ((m[r] >> (2 * j)) & 3u));
         // A plain pointer register: base+index addressing would un-laminate every FMA's load.
-        asm("" : "+r"(xr));
+        asm("" : "+r"(xk));
         const __m512 vb = _mm512_set1_ps(v[r][j]);
 #pragma GCC unroll 8
         for (int i = 0; i < V; ++i) {
-          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), xr + 16 * i), acc[r][i]);
+          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), xk + 16 * i), acc[r][i]);
         }
       }
     }
@@ -193,7 +193,7 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
         const __m512 vb = _mm512_set1_ps(to_float(v[j]));
 #pragma GCC unroll 8
         for (int i = 0; i < V; ++i) {
-          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), x + k * ld + 16 * i), acc[r][i]);
+          acc[r][i] = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask(i), xr.row(k) + 16 * i), acc[r][i]);
         }
       }
     }
@@ -205,30 +205,30 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
   }
 }
 
-// Rows [row_begin, row_end) against panel columns [p0, p0 + 16V), K block by K block so that the
-// panel's block stays in L1 while every row of the range passes over it.
+// Rows [row_begin, row_end) against 16V columns of X, K block by K block (tile_k inputs) so
+// that X's block stays in L1 while every row of the range passes over it; row n's outputs at
+// out + (n - row_begin) * out_stride.
 // Out of line, as gcc compiled it before the kernels were templated on the value type (the
 // second instantiation tipped its inlining budget); keeps the float32 code as it was.
-template <int V, bool Masked, typename T>
-__attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const DenseIn& x, const float* panel, int64_t p0,
-                      const float* bias, const DenseOut& y, int64_t row_begin, int64_t row_end,
-                      __mmask16 last) {
+template <int V, bool Masked, typename T, typename Rows>
+__attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr, int64_t tile_k,
+                                         const float* bias, float* out, int64_t out_stride, int64_t row_begin,
+                                         int64_t row_end, __mmask16 last) {
   constexpr int R = 2;
-  const int64_t K = w.cols, tile_k = sparse24_tile_k(x.stride_k);
+  const int64_t K = w.cols;
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
-    tile_block<RR, V, Masked, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, panel, x.stride_k,
-                              bias ? bias + n : nullptr, y.data + (n - row_begin) * y.stride_n + p0,
-                              y.stride_n, last);
+    tile_block<RR, V, Masked, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, xr,
+                                 bias ? bias + n : nullptr, out + (n - row_begin) * out_stride, out_stride, last);
   };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
     int64_t n = row_begin;
-    // The panel's next K block into L2, a share per row pair: once a long weight has streamed
-    // through L2, the block would otherwise come from L3 line by line (measured +1-3.5% at
-    // K >= 3072, batch 128).
-    const char* next = reinterpret_cast<const char*>(panel + k1 * x.stride_k);
-    const int64_t next_bytes = k1 < K ? (std::min(K, k1 + tile_k) - k1) * x.stride_k * 4 : 0;
+    // X's next K block into L2, a share per row pair: once a long weight has streamed through
+    // L2, the block would otherwise come from L3 line by line (measured +1-3.5% at K >= 3072,
+    // batch 128).
+    const char* next = k1 < K ? reinterpret_cast<const char*>(xr.row(k1)) : nullptr;
+    const int64_t next_bytes = k1 < K ? xr.span(k1, std::min(K, k1 + tile_k)) : 0;
     const int64_t pairs = (row_end - row_begin) / R;
     const int64_t share = pairs > 0 ? (next_bytes / 64 + pairs - 1) / pairs * 64 : 0;
     int64_t next_at = 0;
@@ -242,6 +242,32 @@ __attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t wo
       block(std::integral_constant<int, R>{}, n, k0, k1);
     }
     for (; n < row_end; ++n) block(std::integral_constant<int, 1>{}, n, k0, k1);
+  }
+}
+
+// tile_rows for `width` (<= kPanel) columns: V and the tail mask chosen at run time.
+template <typename T, typename Rows>
+void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr, int64_t width, int64_t tile_k,
+                  const float* bias, float* out, int64_t out_stride, int64_t row_begin, int64_t row_end) {
+  const int nv = static_cast<int>((width + 15) / 16);
+  const __mmask16 last = tail_mask(width - 16 * (nv - 1));
+  auto run = [&](auto v_tag) {
+    constexpr int V = decltype(v_tag)::value;
+    if (last == 0xFFFF) {
+      tile_rows<V, false, T>(w, words, xr, tile_k, bias, out, out_stride, row_begin, row_end, last);
+    } else {
+      tile_rows<V, true, T>(w, words, xr, tile_k, bias, out, out_stride, row_begin, row_end, last);
+    }
+  };
+  switch (nv) {
+    case 8: run(std::integral_constant<int, 8>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    default: run(std::integral_constant<int, 1>{}); break;
   }
 }
 
@@ -263,29 +289,16 @@ void sparse24_rows_tile_avx512(const Sparse24MatrixT<T>& w, const DenseIn& x, co
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
   const int64_t L = x.stride_k;  // panel width, a multiple of 16 up to kPanel = 8 vectors
   for (int64_t p0 = 0; p0 < P; p0 += L) {
-    const float* panel = x.data + (p0 / L) * K * L;
-    const int64_t rem = P - p0;
-    const int nv = static_cast<int>(((rem < L ? rem : L) + 15) / 16);
-    const __mmask16 last = tail_mask(rem - 16 * (nv - 1));
-    auto run = [&](auto v_tag) {
-      constexpr int V = decltype(v_tag)::value;
-      if (last == 0xFFFF) {
-        tile_rows<V, false, T>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
-      } else {
-        tile_rows<V, true, T>(w, words, x, panel, p0, bias, y, row_begin, row_end, last);
-      }
-    };
-    switch (nv) {
-      case 8: run(std::integral_constant<int, 8>{}); break;
-      case 7: run(std::integral_constant<int, 7>{}); break;
-      case 6: run(std::integral_constant<int, 6>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      default: run(std::integral_constant<int, 1>{}); break;
-    }
+    tile_columns(w, words, PanelRows{x.data + (p0 / L) * K * L, L}, std::min(L, P - p0), sparse24_tile_k(L), bias,
+                 y.data + p0, y.stride_n, row_begin, row_end);
   }
+}
+
+void sparse24_rows_conv_avx512(const Sparse24Matrix& w, const float* x, const int32_t* offsets, int64_t width,
+                               int64_t tile_k, const float* bias, float* y, int64_t ldy, int64_t row_begin,
+                               int64_t row_end) {
+  tile_columns(w, sparse24_padded_cols(w.cols) / 32, OffsetRows{x, offsets, width}, width, tile_k, bias, y, ldy,
+               row_begin, row_end);
 }
 
 template void sparse24_rows_permute_avx512(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);

@@ -67,6 +67,28 @@ void sparse24_rows_tile_scalar(const Sparse24MatrixT<T>& w, const DenseIn& x, co
   }
 }
 
+void sparse24_rows_conv_scalar(const Sparse24Matrix& w, const float* x, const int32_t* offsets, int64_t width,
+                               int64_t /*tile_k*/, const float* bias, float* y, int64_t ldy, int64_t row_begin,
+                               int64_t row_end) {
+  const int64_t K = w.cols, words = sparse24_padded_cols(K) / 32;
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    const float* vals = w.values + n * words * 16;
+    const uint32_t* meta = w.meta + n * words;
+    float* out = y + (n - row_begin) * ldy;
+    const float b = bias ? bias[n] : 0.f;
+    for (int64_t q = 0; q < width; ++q) out[q] = b;
+    for (int64_t c = 0; c < words; ++c) {
+      for (int j = 0; j < 16; ++j) {
+        const int64_t k = slot_input(meta[c], j, 32 * c);
+        if (k >= K) continue;  // padding slot (value 0); the table has K entries
+        const float v = vals[16 * c + j];
+        const float* xr = x + offsets[k];
+        for (int64_t q = 0; q < width; ++q) out[q] += v * xr[q];
+      }
+    }
+  }
+}
+
 template void sparse24_rows_permute_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 template void sparse24_rows_permute_scalar(const Sparse24MatrixBf16&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 template void sparse24_rows_tile_scalar(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);

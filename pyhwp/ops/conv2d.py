@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from pyhwp.formats import SparseWeight
-from pyhwp.formats.csr import CSRWeight
 from pyhwp.kernels import find_kernel
 from pyhwp.ops.csr import csr_conv2d_cuda_impl, csr_conv2d_cuda_plan, csr_conv2d_impl, csr_conv2d_plan
 from pyhwp.ops.eager import needs_op
 from pyhwp.ops.linear import CPU_CALLS, MATMULS, check_bias
+from pyhwp.ops.sparse24 import sparse24_conv2d_impl
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -69,10 +69,10 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     (subsampled for stride > 1) and torch's im2col (F.unfold) otherwise; W_g = weight.row_slice.
     CSR float32 CPU inference with groups == 1 and stride 1 (or 1x1) runs the whole batch as one
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
-    so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference run the same kernel
-    on a CSR copy of their kept values (derived once per weight, cached with it; see
-    _implicit_csr_weight). With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM per
-    kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4 im2col.
+    so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference do the same with the
+    2:4 tile kernel (sparse24_conv2d_impl; its groups run across taps and channels, which it reads
+    through a table of offsets). With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM
+    per kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4 im2col.
     On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
     (csr_conv2d_cuda_impl: the CSR tile kernel over padded planes, the whole batch in one launch,
     float32/float16/bfloat16, NaN/Inf handled on the device without a host sync); with autograd,
@@ -221,30 +221,25 @@ def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
 _IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
-def _implicit_csr(x, weight, bias) -> bool:
-    """Whether the implicit-GEMM CSR conv (float32 CPU kernels, or the CUDA tile kernel for
-    float32/float16/bfloat16; no autograd) can serve this call's input, bias and weight values."""
-    return x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()) and not needs_op(x, weight.values, bias)
+def _implicit_kind(x, weight, bias, kernel) -> str | None:
+    """Which implicit-GEMM kernel serves a stride-1, groups-1 call with this input, bias and
+    weight: "csr" (csr_conv2d_impl, float32 on the CPU; the CUDA tile kernel, float32, float16
+    and bfloat16), "2:4" (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs
+    keep the matmul kernel on x's planes, which packs them aligned), or None. Never with
+    autograd."""
+    if needs_op(x, weight.values, bias):
+        return None
+    if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
+        return "csr"
+    if weight.pattern == "2:4" and kernel != (1, 1) and x.device.type == "cpu" and x.dtype == torch.float32:
+        return "2:4"
+    return None
 
 
-def _implicit_csr_weight(x, weight, bias, kernel):
-    """The CSR weight that the implicit-GEMM conv runs for this call, or None: the weight itself
-    when it is CSR; for a 2:4 weight with a kxk kernel on the CPU, a CSR copy of its kept
-    values, derived once per weight and cached with it. The 2:4 kernel would need im2col there
-    (its groups run across taps), which measured 2-3.4x slower than the CSR kernel on the same
-    50% of the weights (ResNet-50 3x3 shapes, batch 1); 1x1 2:4 convs keep their own kernel."""
-    if weight.pattern == "2:4" and kernel != (1, 1) and x.device.type == "cpu":
-        if not _implicit_csr(x, weight, bias):
-            return None
-        return _derived(weight, "csr", lambda: CSRWeight.from_dense(weight.to_dense()))
-    return weight if weight.pattern == "csr" and _implicit_csr(x, weight, bias) else None
-
-
-def _implicit_csr_conv(x, weight, bias, pads, dilation, kernel, out_hw):
+def _implicit_csr_conv(x, weight, bias, geometry):
     """Stride-1 CSR conv in one kernel call over the batch (see csr_conv2d_impl), or None when x
     holds a NaN/Inf on the CPU (the per-tap path then gives dense-exact propagation; the CUDA
     path propagates them itself)."""
-    geometry = _geometry(x, pads, kernel, dilation, out_hw)
     if x.device.type == "cuda":  # NaN/Inf handled on the device: never None
         offsets = _derived(weight, ("cuda_plan", geometry[1:]),
                            lambda: csr_conv2d_cuda_plan(weight.col_indices, geometry))
@@ -270,27 +265,29 @@ def _cpu_plan(csr, geometry):
 class _FastConv:
     """conv2d's fast path for one weight: the arguments of the last call that ran a CPU kernel
     directly (`key`), its dtype, the versions of the weight's tensors then, and what that call
-    ran: the implicit-GEMM CSR kernel (csr, plan, geometry) or, for a 1x1 conv, one direct
-    kernel call per image (cpu, out_shape). A weight changed in place (another version) or a call
-    with other arguments takes the general path, which derives again what depends on the weight
-    and remembers anew."""
+    ran: an implicit-GEMM kernel for `geometry` (the CSR one with its plan, or the 2:4 one) or,
+    for a 1x1 conv, one direct kernel call per image (cpu, out_shape). A weight changed in place
+    (another version) or a call with other arguments takes the general path, which derives again
+    what depends on the weight and remembers anew. Holds no reference to the weight (_FAST's
+    key must be able to die)."""
 
-    __slots__ = ("key", "dtype", "tensors", "versions", "csr", "plan", "geometry", "cpu", "out_shape")
+    __slots__ = ("key", "dtype", "tensors", "versions", "sparse24", "plan", "geometry", "cpu", "out_shape")
 
-    def __init__(self, key, x, weight, *, csr=None, geometry=None, cpu=None, out_shape=None):
+    def __init__(self, key, x, weight, *, csr=None, sparse24=False, geometry=None, cpu=None, out_shape=None):
         self.key, self.dtype = key, x.dtype
         self.tensors = list(weight._tensors().values())
         self.versions = [t._version for t in self.tensors]
-        self.csr = None if csr is weight else csr  # never the weight itself: _FAST's key must die
-        self.geometry, self.plan = geometry, None if geometry is None else _cpu_plan(csr, geometry)
+        self.sparse24, self.geometry = sparse24, geometry
+        self.plan = None if csr is None else _cpu_plan(csr, geometry)
         self.cpu, self.out_shape = cpu, out_shape
 
     def run(self, x, weight, bias):
         """The remembered computation on contiguous CPU x of the remembered shape and dtype, or
-        None (x holds a NaN/Inf and the CSR kernel declines)."""
-        if self.cpu is None:
-            csr = weight if self.csr is None else self.csr
-            return csr_conv2d_impl(x, csr.row_offsets, csr.values, self.plan, self.geometry, bias)
+        None (x holds a NaN/Inf and the implicit-GEMM kernel declines)."""
+        if self.sparse24:
+            return sparse24_conv2d_impl(x, weight.values, weight.meta, self.geometry, bias)
+        if self.plan is not None:
+            return csr_conv2d_impl(x, weight.row_offsets, weight.values, self.plan, self.geometry, bias)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
         n, c, h, w = x.shape
         y = x.new_empty(*self.out_shape)
@@ -323,11 +320,16 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
         stride = (1, 1)
     if stride == (1, 1) and groups == 1 and not (pointwise and channels_last):
-        csr = _implicit_csr_weight(x, weight, bias, (kh, kw))
-        y = None if csr is None else _implicit_csr_conv(x, csr, bias, pads, dilation, (kh, kw), out_hw)
+        kind = _implicit_kind(x, weight, bias, (kh, kw))
+        geometry = _geometry(x, pads, (kh, kw), dilation, out_hw)
+        if kind == "2:4":
+            y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
+        else:
+            y = None if kind is None else _implicit_csr_conv(x, weight, bias, geometry)
         if y is not None:
             if fast_key is not None and x.device.type == "cpu" and x.is_contiguous():
-                _remember_fast(fast_key, x, weight, csr=csr, geometry=_geometry(x, pads, (kh, kw), dilation, out_hw))
+                _remember_fast(fast_key, x, weight, geometry=geometry, sparse24=kind == "2:4",
+                               csr=weight if kind == "csr" else None)
             return y
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
         # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported

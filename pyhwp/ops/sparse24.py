@@ -89,6 +89,24 @@ def sparse24_matmul_cpu(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, 
     cpu_kernel_call(kernels[x.dtype], head, tail, y, x, bias)
 
 
+def sparse24_conv2d_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, geometry: tuple[int, ...],
+                         bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Stride-1 conv2d of x (N, C, H, W) float32 CPU with a 2:4 weight (out, C*kh*kw) as one
+    implicit GEMM (csrc/sparse24/sparse24_conv2d_cpu.cpp): the 2:4 tile kernels read the shifted
+    windows of a padded copy of x, no im2col. geometry = (images, C, H, W, pad_top, pad_left, kh,
+    kw, dil_h, dil_w, H_out, W_out). Returns y (N, out, H_out, W_out) contiguous, or None when x
+    holds a NaN/Inf, where the caller must take a path with dense-exact 0 * Inf propagation.
+    Inference only (no autograd); values, meta and bias contiguous.
+    """
+    x = x.contiguous()
+    rows = values.shape[0]
+    y = x.new_empty(x.shape[0], rows, geometry[10], geometry[11])
+    bad = _C.sparse24_conv2d(rows, geometry[1] * geometry[6] * geometry[7], values.data_ptr(), meta.data_ptr(),
+                             geometry, x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                             torch.get_num_threads())
+    return None if bad else y
+
+
 def _sparse24_matmul_cuda(x, values, meta, bias, y):
     p, k = x.shape
     n = values.shape[0]

@@ -1,0 +1,107 @@
+"""The 2:4 implicit-GEMM conv (csrc/sparse24/sparse24_conv2d_cpu.cpp): every ISA, the aligned
+shifted-copy layout and the unaligned one, K blocks, row blocks, thread counts, NaN/Inf, bad input."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyhwp
+from pyhwp._ext import _C
+from pyhwp.ops.sparse24 import sparse24_conv2d_impl
+from helpers import assert_conv_close, pattern_weight
+
+conv_mod = importlib.import_module("pyhwp.ops.conv2d")
+
+
+def _shifted(wo: int, kw: int, dw: int) -> bool:
+    """The driver's choice (shifted_copies in sparse24_conv2d_cpu.cpp; these images are far below
+    its L2 limit), to check that the cases run both layouts."""
+    return kw > 1 and (wo + 15) // 16 * 16 * 100 <= (wo + dw * (kw - 1)) * 115
+
+
+# (c_in, c_out, kernel, (h, w), padding, dilation, batch)
+CASES = [
+    (3, 20, (3, 3), (16, 16), 1, 1, 1),         # K = 27: one partial metadata word; shifted copies
+    (16, 136, (3, 3), (14, 14), 1, 1, 3),       # two row blocks of kTileRows; a batch per thread
+    (24, 40, (3, 3), (28, 30), 1, 1, 1),        # 7 column tiles, several K blocks
+    (8, 16, (5, 5), (12, 12), 2, 1, 2),         # five shifted copies
+    (8, 16, (3, 3), (12, 12), 2, 2, 1),         # dilated copies (shift 2)
+    (8, 16, (3, 3), (7, 7), 1, 1, 2),           # wo = 7: unaligned windows, the spare row
+    (10, 12, (3, 1), (9, 11), (1, 0), 1, 1),    # kw = 1: written straight into the output
+    (6, 8, (1, 3), (5, 21), (0, 1), 1, 3),      # kh = 1, unaligned (32 columns against 23)
+    (4, 8, (2, 4), (10, 13), "same", 1, 1),     # even kernel, asymmetric "same" padding
+]
+
+
+def _id(case):
+    c_in, c_out, k, hw, pad, dil, batch = case
+    return f"{c_in}-{c_out}-k{k[0]}x{k[1]}-{hw[0]}x{hw[1]}-p{pad}-d{dil}-b{batch}".replace(" ", "")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_matches_dense_conv(isa, case, threads):
+    c_in, c_out, kernel, hw, padding, dilation, batch = case
+    g = torch.Generator().manual_seed(c_in * 31 + c_out)
+    w = pattern_weight((c_out, c_in, *kernel), "2:4", generator=g)
+    sw, bias = pyhwp.to_sparse(w, "2:4"), torch.randn(c_out, generator=g)
+    x = torch.randn(batch, c_in, *hw, generator=g)
+    assert conv_mod._implicit_kind(x, sw, bias, kernel) == "2:4"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = pyhwp.conv2d(x, sw, bias, 1, padding, dilation)
+        y_nobias = pyhwp.conv2d(x, sw, None, 1, padding, dilation)
+    finally:
+        torch.set_num_threads(previous)
+    assert_conv_close(y, x, w, bias, 1, padding, dilation)
+    assert_conv_close(y_nobias, x, w, None, 1, padding, dilation)
+
+
+def test_cases_cover_both_layouts():
+    layouts = set()
+    for _, _, (kh, kw), hw, padding, dilation, _ in CASES:
+        wo = F.conv2d(torch.zeros(1, 1, *hw), torch.zeros(1, 1, kh, kw), None, 1, padding, dilation).shape[-1]
+        layouts.add(_shifted(wo, kw, dilation))
+    assert layouts == {True, False}
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (7, 7)], ids=["shifted", "unaligned"])
+def test_nonfinite_inputs_propagate_like_dense(hw):
+    # The kernel declines (returns None) on NaN/Inf; conv2d then takes im2col, dense-exact.
+    g = torch.Generator().manual_seed(9)
+    w = pattern_weight((12, 8, 3, 3), "2:4", generator=g)
+    sw = pyhwp.to_sparse(w, "2:4")
+    x = torch.randn(2, 8, *hw, generator=g)
+    x[0, 3, 2, 5] = float("nan")
+    x[1, 7, hw[0] - 1, 0] = float("-inf")
+    geometry = (2, 8, *hw, 1, 1, 3, 3, 1, 1, *hw)
+    assert sparse24_conv2d_impl(x, sw.values, sw.meta, geometry, None) is None
+    y = pyhwp.conv2d(x, sw, padding=1)
+    ref = F.conv2d(x.double(), w.double(), padding=1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite].double(), ref[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_rejects_bad_arguments():
+    g = torch.Generator().manual_seed(10)
+    sw = pyhwp.to_sparse(pattern_weight((4, 8, 3, 3), "2:4", generator=g), "2:4")
+    x = torch.randn(1, 8, 6, 6, generator=g)
+    y = torch.empty(1, 4, 6, 6)
+    good = (1, 8, 6, 6, 1, 1, 3, 3, 1, 1, 6, 6)
+    call = lambda geometry, cols=72, threads=1: _C.sparse24_conv2d(  # noqa: E731
+        4, cols, sw.values.data_ptr(), sw.meta.data_ptr(), geometry, x.data_ptr(), 0, y.data_ptr(), threads)
+    assert call(good) is False
+    with pytest.raises(ValueError, match="expected C\\*kh\\*kw = 72"):
+        call(good, cols=64)
+    with pytest.raises(ValueError, match="bad geometry"):
+        call((1, 8, 6, 6, -1, 1, 3, 3, 1, 1, 6, 6))
+    with pytest.raises(ValueError, match="num_threads"):
+        call(good, threads=0)
+    with pytest.raises(ValueError, match="2\\^31"):
+        call((1, 8, 1 << 15, 1 << 15, 1, 1, 3, 3, 1, 1, 1 << 15, 1 << 15))

@@ -34,6 +34,8 @@ CASES = [
     (10, 12, (3, 1), (9, 11), (1, 0), 1, 1),    # kw = 1: written straight into the output
     (6, 8, (1, 3), (5, 21), (0, 1), 1, 3),      # kh = 1, unaligned (32 columns against 23)
     (4, 8, (2, 4), (10, 13), "same", 1, 1),     # even kernel, asymmetric "same" padding
+    (5, 16, (3, 3), (18, 18), 0, 1, 2),         # shifted copies without padding, wo = wp = 16
+    (6, 20, (3, 1), (8, 8), "valid", 1, 2),     # x read in place (no padding, 64-float planes)
 ]
 
 
@@ -60,6 +62,18 @@ def test_matches_dense_conv(isa, case, threads):
         torch.set_num_threads(previous)
     assert_conv_close(y, x, w, bias, 1, padding, dilation)
     assert_conv_close(y_nobias, x, w, None, 1, padding, dilation)
+
+
+def test_strided_weight_arrays():
+    # A weight whose arrays are views with other strides (built by hand; validate() accepts them).
+    g = torch.Generator().manual_seed(11)
+    w = pattern_weight((24, 8, 3, 3), "2:4", generator=g)
+    sw = pyhwp.to_sparse(w, "2:4")
+    strided = type(sw)._unchecked(sw.shape, values=sw.values.t().contiguous().t(), meta=sw.meta.t().contiguous().t())
+    assert not strided.values.is_contiguous() and not strided.meta.is_contiguous()
+    strided.validate()
+    x = torch.randn(1, 8, 16, 16, generator=g)
+    assert_conv_close(pyhwp.conv2d(x, strided, padding=1), x, w, padding=1)
 
 
 def test_cases_cover_both_layouts():

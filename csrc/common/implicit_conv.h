@@ -1,31 +1,16 @@
-// Stride-1 conv2d as an implicit GEMM on the CPU, the part the CSR and 2:4 drivers share: the
-// geometry, the padded copy of the input whose shifted rows the tile kernels read, the copy of
-// computed tiles into the output planes, and the split of the work over threads.
+// Stride-1 conv2d as an implicit GEMM on the CPU (common/conv_geometry.h), the part the CSR and
+// 2:4 drivers share: the padded copy of the input whose shifted rows the tile kernels read, the
+// copy of computed tiles into the output planes, and the split of the work over threads.
 #pragma once
-#include <omp.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
 #include <vector>
 
+#include "common/conv_geometry.h"
 #include "common/dense.h"
 
 namespace pyhwp {
-
-// A stride-1 conv of the contiguous (images, C, h, w) input x, zero-padded by pt rows on top and
-// pl columns on the left (the bottom and right padding follow from ho, wo), with a kh x kw kernel
-// dilated by (dh, dw). As a GEMM, W is the (out, C*kh*kw) matrix of the conv weight (column
-// j = (c*kh + r)*kw + s). The drivers copy each image's channels into padded planes hp x wp
-// (PaddedPlanes), one every `plane` floats; an input that is already in that layout is read in
-// place. With p = a*wp + b, column j of W reads X at the offset c*plane + r*dh*wp + s*dw from
-// pixel p (conv_column_offsets): every column is a contiguous row of X, and the matmul tile
-// kernels run on it unchanged; the wp - wo wrapped columns of each output row are computed and
-// dropped. Output: y[((i*out + n)*ho + a)*wo + b] = bias[n] + sum_j W(n, j) *
-// padded_x[i][c][a + r*dh][b + s*dw].
-struct ConvGeometry {
-  int64_t images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo;
-};
 
 // The padded planes the kernels read: hp x wp per channel, one every `plane` floats, a multiple
 // of 16 so that tap (c, 0, 0) of a 64-byte aligned tile starts on a cache line (1x1 convs: every
@@ -87,7 +72,8 @@ void store_conv_tile(const float* tile, int64_t ld_tile, int64_t rows, int64_t p
 
 // Output rows [r0, r0 + rows) of image img over wide pixels [p0, p0 + width), y the (images, N,
 // ho, wo) output: compute(tile, ld) writes them as rows ld floats apart, into the output planes
-// when no column wraps (kw = 1), else into a scratch tile (rows <= max_rows) that is then copied.
+// when the wide rows are the output's (wp == wo: kw = 1, or shifted copies with wo a multiple of
+// 16), else into a scratch tile (rows <= max_rows) that is then copied.
 template <typename Compute>
 void conv_output_tile(const ConvGeometry& g, const PaddedPlanes& pd, float* y, int64_t N, int64_t img, int64_t r0,
                       int64_t rows, int64_t max_rows, int64_t p0, int64_t width, Compute compute) {

@@ -3,9 +3,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/conv_geometry.h"
 #include "common/cpu_features.h"
 #include "common/dense.h"
-#include "common/implicit_conv.h"
 
 namespace pyhwp {
 
@@ -95,7 +95,7 @@ template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
 
 
 // Stride-1 conv2d as an implicit GEMM over the tile kernels (no im2col; see
-// common/implicit_conv.h): W is the (out, C*kh*kw) CSR matrix of a conv weight, and the tile
+// common/conv_geometry.h and common/implicit_conv.h): W is the (out, C*kh*kw) CSR matrix of a conv weight, and the tile
 // kernel runs unchanged (ldx = 1) on the shifted rows of the padded input.
 // The kernels read W through a plan derived from W and the geometry (not from `images`), built
 // once per weight and input size by csr_conv2d_plan: each stored weight's offset into the padded

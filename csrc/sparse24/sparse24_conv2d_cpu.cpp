@@ -14,6 +14,7 @@ namespace pyhwp {
 namespace {
 
 using Cfg = Sparse24CpuConfig;
+static_assert(kConvTileP <= Cfg::kPanel, "a conv tile is at most the tile kernels' widest panel");
 
 Sparse24ConvRowsFn pick_conv(Isa isa) {
   switch (isa) {
@@ -38,10 +39,9 @@ int64_t conv_tile_k(const ConvGeometry& g, const PaddedPlanes& pd, int64_t width
 // batch 32 128->128 and 256->256 1.16-1.26x, 64->64 @56 (2.8 MB of copies per image) 0.95-0.99x.
 bool shifted_copies(const ConvGeometry& g, int nt) {
   constexpr int64_t kL2Bytes = 2 << 20;
-  const int64_t wp = (g.wo + 15) / 16 * 16, hp = g.ho + g.dh * (g.kh - 1);
-  const int64_t copy_bytes = g.kw * g.channels * ((hp * wp + 15) / 16 * 16) * 4;
-  const int64_t per_thread = g.images >= nt ? copy_bytes : copy_bytes * g.images / nt;
-  return g.kw > 1 && wp * 100 <= (g.wo + g.dw * (g.kw - 1)) * 115 && per_thread <= kL2Bytes;
+  const PaddedPlanes shifted(g, true);
+  const int64_t bytes = shifted.image_floats() * 4, per_thread = g.images >= nt ? bytes : bytes * g.images / nt;
+  return g.kw > 1 && shifted.wp * 100 <= (g.wo + g.dw * (g.kw - 1)) * 115 && per_thread <= kL2Bytes;
 }
 
 }  // namespace
@@ -49,15 +49,16 @@ bool shifted_copies(const ConvGeometry& g, int nt) {
 bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
                      int num_threads) {
   check_conv_geometry(g, PaddedPlanes(g), "sparse24_conv2d");
-  PYHWP_CHECK(w.rows >= 0 && w.cols == g.channels * g.kh * g.kw, "sparse24_conv2d: W has ", w.cols,
+  PYHWP_CHECK(w.rows >= 0, "sparse24_conv2d: W has ", w.rows, " rows");
+  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "sparse24_conv2d: W has ", w.cols,
               " columns, expected C*kh*kw = ", g.channels * g.kh * g.kw);
   PYHWP_CHECK(num_threads >= 1, "sparse24_conv2d: num_threads must be >= 1");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
   PYHWP_CHECK(x && y && w.values && w.meta, "sparse24_conv2d: null x, y, values or meta");
   const int64_t work = w.rows * sparse24_padded_cols(w.cols) / 2 * g.images * g.ho * g.wo;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
-  // Shifted copies are at most a few L2s (shifted_copies), far from the int32 offset limit.
   const PaddedPlanes pd(g, shifted_copies(g, nt));
+  check_conv_geometry(g, pd, "sparse24_conv2d");  // the copies' offsets fit int32 too
   std::vector<int32_t> offsets(static_cast<size_t>(w.cols));
   conv_column_offsets(g, pd, offsets.data());
   const int64_t tile_k = conv_tile_k(g, pd, conv_tile_width(pd.wide_pixels(g)));

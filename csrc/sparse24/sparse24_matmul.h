@@ -3,8 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "common/conv_geometry.h"
 #include "common/dense.h"
-#include "common/implicit_conv.h"
 #include "common/prefetch.h"
 
 namespace pyhwp {
@@ -126,8 +126,10 @@ inline void sparse24_prefetch_row(const Sparse24MatrixT<T>& w, int64_t words, in
 // Where the tile kernels find row k of X (k < K; K blocks of whole metadata words at a time).
 // PanelRows: a packed panel, rows ld floats apart (the matmul). OffsetRows: an implicit-GEMM
 // conv's shifted windows of a padded image, row k at x + offsets[k] (see sparse24_conv2d).
-// chunk(c) is the view from input 32c on; span(k1, k2) the bytes that rows [k1, k2) cover
-// (for the prefetch of the next K block).
+// chunk(c) is the view from input 32c on; span(k1, k2) the bytes from row k1 on that the
+// kernel prefetches into L2 before K block [k1, k2): a panel's next block, which a long weight
+// streaming through L2 would otherwise have evicted. None for the conv, whose windows are the
+// thread's own padded planes, already in its L2 (and whose blocks span the shifted copies).
 struct PanelRows {
   const float* x;
   int64_t ld;
@@ -138,9 +140,8 @@ struct PanelRows {
 struct OffsetRows {
   const float* x;
   const int32_t* offsets;
-  int64_t width;  // floats read from each row
   const float* row(int64_t k) const { return x + offsets[k]; }
-  OffsetRows chunk(int64_t c) const { return {x, offsets + 32 * c, width}; }
+  OffsetRows chunk(int64_t c) const { return {x, offsets + 32 * c}; }
   int64_t span(int64_t, int64_t) const { return 0; }
 };
 

@@ -201,7 +201,7 @@ void sparse24_rows_tile_avx2(const Sparse24MatrixT<T>& w, const DenseIn& x, cons
 void sparse24_rows_conv_avx2(const Sparse24Matrix& w, const float* x, const int32_t* offsets, int64_t width,
                              int64_t tile_k, const float* bias, float* y, int64_t ldy, int64_t row_begin,
                              int64_t row_end) {
-  tile_columns(w, sparse24_padded_cols(w.cols) / 32, [&](int64_t q) { return OffsetRows{x + q, offsets, width - q}; },
+  tile_columns(w, sparse24_padded_cols(w.cols) / 32, [&](int64_t q) { return OffsetRows{x + q, offsets}; },
                width, tile_k, bias, y, ldy, row_begin, row_end);
 }
 

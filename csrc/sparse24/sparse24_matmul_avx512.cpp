@@ -224,9 +224,9 @@ __attribute__((noinline)) void tile_rows(const Sparse24MatrixT<T>& w, int64_t wo
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;
     int64_t n = row_begin;
-    // X's next K block into L2, a share per row pair: once a long weight has streamed through
-    // L2, the block would otherwise come from L3 line by line (measured +1-3.5% at K >= 3072,
-    // batch 128).
+    // X's next K block into L2 (Rows::span; the matmul's panels only), a share per row pair:
+    // once a long weight has streamed through L2, the block would otherwise come from L3 line
+    // by line (measured +1-3.5% at K >= 3072, batch 128).
     const char* next = k1 < K ? reinterpret_cast<const char*>(xr.row(k1)) : nullptr;
     const int64_t next_bytes = k1 < K ? xr.span(k1, std::min(K, k1 + tile_k)) : 0;
     const int64_t pairs = (row_end - row_begin) / R;
@@ -297,7 +297,7 @@ void sparse24_rows_tile_avx512(const Sparse24MatrixT<T>& w, const DenseIn& x, co
 void sparse24_rows_conv_avx512(const Sparse24Matrix& w, const float* x, const int32_t* offsets, int64_t width,
                                int64_t tile_k, const float* bias, float* y, int64_t ldy, int64_t row_begin,
                                int64_t row_end) {
-  tile_columns(w, sparse24_padded_cols(w.cols) / 32, OffsetRows{x, offsets, width}, width, tile_k, bias, y, ldy,
+  tile_columns(w, sparse24_padded_cols(w.cols) / 32, OffsetRows{x, offsets}, width, tile_k, bias, y, ldy,
                row_begin, row_end);
 }
 

@@ -96,9 +96,9 @@ def sparse24_conv2d_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     windows of a padded copy of x, no im2col. geometry = (images, C, H, W, pad_top, pad_left, kh,
     kw, dil_h, dil_w, H_out, W_out). Returns y (N, out, H_out, W_out) contiguous, or None when x
     holds a NaN/Inf, where the caller must take a path with dense-exact 0 * Inf propagation.
-    Inference only (no autograd); values, meta and bias contiguous.
+    Inference only (no autograd); bias contiguous.
     """
-    x = x.contiguous()
+    x, values, meta = x.contiguous(), values.contiguous(), meta.contiguous()
     rows = values.shape[0]
     y = x.new_empty(x.shape[0], rows, geometry[10], geometry[11])
     bad = _C.sparse24_conv2d(rows, geometry[1] * geometry[6] * geometry[7], values.data_ptr(), meta.data_ptr(),

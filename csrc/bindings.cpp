@@ -220,6 +220,15 @@ PYBIND11_MODULE(_C, m) {
       "terms)");
 
   m.def(
+      "sparse24_conv2d_layout",
+      [=](int64_t rows, int64_t cols, const Geometry& geometry, int num_threads) {
+        const pyhwp::Sparse24Matrix w{rows, cols, nullptr, nullptr};
+        return pyhwp::sparse24_conv2d_layout(w, conv_geometry(geometry), num_threads);
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("geometry"), py::arg("num_threads"),
+      "The layout sparse24_conv2d reads x in, (segments, bands): (0, 1) plain, else its shifted copies");
+
+  m.def(
       "sparse24_matmul_bf16",
       [](int64_t rows, int64_t cols, Addr values, Addr meta, Addr x, int64_t p, int64_t x_stride_k,
          int64_t x_stride_p, Addr bias, Addr y, int64_t y_stride_n, int64_t y_stride_p,

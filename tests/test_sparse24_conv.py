@@ -17,10 +17,14 @@ from helpers import assert_conv_close, pattern_weight
 conv_mod = importlib.import_module("pyhwp.ops.conv2d")
 
 
-def _shifted(wo: int, kw: int, dw: int) -> bool:
-    """The driver's choice (shifted_copies in sparse24_conv2d_cpu.cpp; these images are far below
-    its L2 limit), to check that the cases run both layouts."""
-    return kw > 1 and (wo + 15) // 16 * 16 * 100 <= (wo + dw * (kw - 1)) * 115
+def _layout(x, sw, padding, dilation, threads):
+    """(segments, bands) of the layout sparse24_conv2d reads x in ((0, 1): plain)."""
+    n, c, h, w = x.shape
+    (kh, kw), (dh, dw) = sw.shape[2:], conv_mod._pair(dilation, "dilation")
+    pt, pb, pl, pr = conv_mod._resolve_padding(padding, (kh, kw), (1, 1), (dh, dw))
+    out_hw = (h + pt + pb - dh * (kh - 1), w + pl + pr - dw * (kw - 1))
+    geometry = conv_mod._geometry(x, (pt, pb, pl, pr), (kh, kw), (dh, dw), out_hw)
+    return _C.sparse24_conv2d_layout(sw.shape[0], c * kh * kw, geometry, threads)
 
 
 # (c_in, c_out, kernel, (h, w), padding, dilation, batch)
@@ -36,6 +40,9 @@ CASES = [
     (4, 8, (2, 4), (10, 13), "same", 1, 1),     # even kernel, asymmetric "same" padding
     (5, 16, (3, 3), (18, 18), 0, 1, 2),         # shifted copies without padding, wo = wp = 16
     (6, 20, (3, 1), (8, 8), "valid", 1, 2),     # x read in place (no padding, 64-float planes)
+    (8, 24, (3, 3), (8, 8), 1, 1, 5),           # two images a group, the last group half empty
+    (64, 8, (3, 3), (56, 56), 1, 1, 2),         # two bands per image, for L2
+    (12, 24, (3, 3), (18, 20), 1, 1, 1),        # four bands of one image a row, the last past ho
 ]
 
 
@@ -76,12 +83,17 @@ def test_strided_weight_arrays():
     assert_conv_close(pyhwp.conv2d(x, strided, padding=1), x, w, padding=1)
 
 
-def test_cases_cover_both_layouts():
-    layouts = set()
-    for _, _, (kh, kw), hw, padding, dilation, _ in CASES:
-        wo = F.conv2d(torch.zeros(1, 1, *hw), torch.zeros(1, 1, kh, kw), None, 1, padding, dilation).shape[-1]
-        layouts.add(_shifted(wo, kw, dilation))
-    assert layouts == {True, False}
+def test_cases_cover_every_layout():
+    layouts, batches = [], [case[-1] for case in CASES]
+    for c_in, c_out, kernel, hw, padding, dilation, batch in CASES:
+        sw = pyhwp.to_sparse(pattern_weight((c_out, c_in, *kernel), "2:4"), "2:4")
+        layouts.append(_layout(torch.zeros(batch, c_in, *hw), sw, padding, dilation, 2))
+    assert (0, 1) in layouts                                                    # plain
+    assert (1, 1) in layouts                                                    # shifted, a band a row
+    assert any(s == 1 and b > 1 for s, b in layouts)                            # bands for L2
+    assert any(s > 1 and b == 1 for s, b in layouts)                            # several images a row
+    assert any(s > 1 and b > 1 and n == 1 for (s, b), n in zip(layouts, batches))  # bands of one image
+    assert any(s > 1 and n * b % s for (s, b), n in zip(layouts, batches))     # empty segments
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (7, 7)], ids=["shifted", "unaligned"])

@@ -8,10 +8,23 @@
 
 namespace pyhwp {
 
+PaddedPlanes::PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments, int64_t shifted_bands) {
+  const bool shifted = shifted_segments >= 1;
+  segments = shifted ? shifted_segments : 1;
+  bands = shifted ? shifted_bands : 1;
+  band = (g.ho + bands - 1) / bands;
+  groups = (g.images * bands + segments - 1) / segments;
+  hp = band + g.dh * (g.kh - 1) + (g.kw > 1 && !shifted ? 1 : 0);
+  wp = !shifted ? g.wo + g.dw * (g.kw - 1) : segments == 1 ? (g.wo + 15) / 16 * 16 : segments * g.wo;
+  plane = (hp * wp + 15) / 16 * 16;
+  copies = shifted ? g.kw : 1;
+  copy_stride = g.channels * plane;
+}
+
 void check_conv_geometry(const ConvGeometry& g, const PaddedPlanes& pd, const char* op) {
   PYHWP_CHECK(g.images >= 0 && g.channels >= 1 && g.h >= 0 && g.w >= 0 && g.pt >= 0 && g.pl >= 0 && g.kh >= 1 &&
               g.kw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ho >= 0 && g.wo >= 0, op, ": bad geometry");
-  PYHWP_CHECK(pd.image_floats() <= std::numeric_limits<int32_t>::max(), op,
+  PYHWP_CHECK(pd.group_floats() <= std::numeric_limits<int32_t>::max(), op,
               ": a padded image must hold fewer than 2^31 elements");
 }
 
@@ -36,8 +49,16 @@ int64_t conv_channels_per_block(const ConvGeometry& g, const PaddedPlanes& pd, i
   return std::max<int64_t>(1, std::min(g.channels, kConvL1Bytes / per_channel));
 }
 
-bool pad_input_row(const float* x_img, const ConvGeometry& g, const PaddedPlanes& pd, float* xp_img, int64_t a) {
-  const int64_t i = a - g.pt;
+bool pad_group_row(const float* x, const ConvGeometry& g, const PaddedPlanes& pd, int64_t group, float* xp_group,
+                   int64_t t) {
+  // Each segment's input row (channel 0), or nullptr where it is zeros: a missing band, or a
+  // padded row outside the input.
+  const float* src[PaddedPlanes::kMaxSegments];
+  for (int64_t sg = 0; sg < pd.segments; ++sg) {
+    const int64_t u = group * pd.segments + sg, i = (u % pd.bands) * pd.band + t - g.pt;
+    src[sg] = u < g.images * pd.bands && i >= 0 && i < g.h ? x + (u / pd.bands * g.channels * g.h + i) * g.w : nullptr;
+  }
+  const int64_t seg = pd.segment_width();
   // The side pads are a float or two: stores, not memset calls (measured: the calls were a third
   // of this pass), and no memcpy calls either (for short rows, the calls cost more than the
   // copies). A zero the compiler cannot see keeps it from turning the loops into calls.
@@ -45,44 +66,56 @@ bool pad_input_row(const float* x_img, const ConvGeometry& g, const PaddedPlanes
   asm("" : "+x"(zero));
   uint32_t seen = 0;
   for (int64_t s = 0; s < pd.copies; ++s) {
-    // Copy s: the padded row shifted left by `shift` (zeros shifted in): lo zeros, n inputs from
-    // `skip` on, hi zeros.
+    float* copy = xp_group + s * pd.copy_stride + t * pd.wp;
+    if (t + 1 == pd.hp) {  // the alignment padding after the last row
+      for (int64_t c = 0; c < g.channels; ++c)
+        for (int64_t b = pd.wp; b < pd.plane - (pd.hp - 1) * pd.wp; ++b) copy[c * pd.plane + b] = zero;
+    }
+    // Copy s: each segment holds its padded row shifted left by `shift` (zeros shifted in): lo
+    // zeros, n inputs from `skip` on, hi zeros.
     const int64_t shift = s * g.dw;
-    const int64_t lo = std::min(std::max<int64_t>(0, g.pl - shift), pd.wp), skip = std::max<int64_t>(0, shift - g.pl);
-    const int64_t n = std::max<int64_t>(0, std::min(g.w - skip, pd.wp - lo)), hi = pd.wp - lo - n;
-    for (int64_t c = 0; c < g.channels; ++c) {
-      float* row = xp_img + s * pd.copy_stride + c * pd.plane + a * pd.wp;
-      if (a + 1 == pd.hp) {  // the alignment padding after the last row
-        for (int64_t b = pd.wp; b < pd.plane - (pd.hp - 1) * pd.wp; ++b) row[b] = zero;
-      }
-      if (i < 0 || i >= g.h) {
-        std::memset(row, 0, sizeof(float) * pd.wp);
+    const int64_t lo = std::min(std::max<int64_t>(0, g.pl - shift), seg), skip = std::max<int64_t>(0, shift - g.pl);
+    const int64_t n = std::max<int64_t>(0, std::min(g.w - skip, seg - lo)), hi = seg - lo - n;
+    for (int64_t sg = 0; sg < pd.segments; ++sg) {
+      float* row = copy + sg * seg;
+      if (!src[sg]) {
+        for (int64_t c = 0; c < g.channels; ++c) std::memset(row + c * pd.plane, 0, sizeof(float) * seg);
         continue;
       }
-      for (int64_t b = 0; b < lo; ++b) row[b] = zero;
-      const uint32_t* in = reinterpret_cast<const uint32_t*>(x_img + (c * g.h + i) * g.w + skip);
-      uint32_t* out = reinterpret_cast<uint32_t*>(row + lo);
-      for (int64_t b = 0; b < n; ++b) {
-        out[b] = in[b];
-        seen |= (in[b] & 0x7f800000u) == 0x7f800000u;
+      const uint32_t* first = reinterpret_cast<const uint32_t*>(src[sg] + skip);
+      for (int64_t c = 0; c < g.channels; ++c, row += pd.plane) {
+        for (int64_t b = 0; b < lo; ++b) row[b] = zero;
+        const uint32_t* in = first + c * g.h * g.w;
+        uint32_t* out = reinterpret_cast<uint32_t*>(row + lo);
+        for (int64_t b = 0; b < n; ++b) {
+          out[b] = in[b];
+          seen |= (in[b] & 0x7f800000u) == 0x7f800000u;
+        }
+        for (int64_t b = 0; b < hi; ++b) row[lo + n + b] = zero;
       }
-      for (int64_t b = 0; b < hi; ++b) row[lo + n + b] = zero;
     }
   }
   return seen != 0;
 }
 
-void store_conv_tile(const float* tile, int64_t ld_tile, int64_t rows, int64_t p0, int64_t width,
-                     const ConvGeometry& g, const PaddedPlanes& pd, float* y, int64_t ld_y) {
-  for (int64_t q = 0; q < width;) {
-    const int64_t p = p0 + q, a = p / pd.wp, b = p % pd.wp;
-    const int64_t run = std::min(width - q, pd.wp - b);
-    if (b < g.wo) {
+void store_conv_tile(const float* tile, int64_t ld_tile, int64_t r0, int64_t rows, int64_t p0, int64_t width,
+                     const ConvGeometry& g, const PaddedPlanes& pd, int64_t group, int64_t N, float* y) {
+  // Runs of consecutive pixels within one segment's row: row t, segment sg, from column b (the
+  // divisions once per call: the CSR conv stores 16 rows at a time).
+  const int64_t seg = pd.segment_width(), units = g.images * pd.bands;
+  int64_t t = p0 / pd.wp, sg = p0 % pd.wp / seg, b = p0 % seg;
+  for (int64_t q = 0; q < width; b = 0) {
+    const int64_t run = std::min(width - q, seg - b);
+    const int64_t u = group * pd.segments + sg;  // the band in this segment
+    const int64_t image = pd.bands == 1 ? u : u / pd.bands, a = (pd.bands == 1 ? 0 : u % pd.bands) * pd.band + t;
+    if (b < g.wo && u < units && a < g.ho) {
       const int64_t keep = std::min(run, g.wo - b);
-      for (int64_t i = 0; i < rows; ++i)
-        std::memcpy(y + i * ld_y + a * g.wo + b, tile + i * ld_tile + q, sizeof(float) * keep);
+      float* out = y + ((image * N + r0) * g.ho + a) * g.wo + b;
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(out + r * g.ho * g.wo, tile + r * ld_tile + q, sizeof(float) * keep);
     }
     q += run;
+    if (++sg == pd.segments) sg = 0, ++t;
   }
 }
 

@@ -2,6 +2,8 @@
 // of a padded copy of the input through a table of offsets, one per column of W (see
 // common/implicit_conv.h), so no im2col matrix is built.
 #include <algorithm>
+#include <numeric>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -31,20 +33,57 @@ int64_t conv_tile_k(const ConvGeometry& g, const PaddedPlanes& pd, int64_t width
   return std::max(Cfg::kChunk, k);
 }
 
-// Whether to read the input through shifted copies (PaddedPlanes): every window aligned, at the
-// cost of kw copies of the padded input, when that computes at most 15% more columns than the
-// unaligned windows do (wo rounded up to 16 against wo + dw*(kw-1); not at 7x7, 16 against 9)
-// and a thread's copies fit its L2. Per-process A/B against unaligned windows, 2 threads:
-// batch 1 64->64 @56, 128->128 @28, 256->256 @14 1.09-1.13x, 1.14-1.22x, 1.07-1.18x faster;
-// batch 32 128->128 and 256->256 1.16-1.26x, 64->64 @56 (2.8 MB of copies per image) 0.95-0.99x.
-bool shifted_copies(const ConvGeometry& g, int nt) {
+// The fewest bands per image, at least min_bands, with which a group of the shifted layout with
+// `segments` fits a thread's L2; 0 when none does.
+int64_t bands_for_l2(const ConvGeometry& g, int nt, int64_t segments, int64_t min_bands) {
   constexpr int64_t kL2Bytes = 2 << 20;
-  const PaddedPlanes shifted(g, true);
-  const int64_t bytes = shifted.image_floats() * 4, per_thread = g.images >= nt ? bytes : bytes * g.images / nt;
-  return g.kw > 1 && shifted.wp * 100 <= (g.wo + g.dw * (g.kw - 1)) * 115 && per_thread <= kL2Bytes;
+  for (int64_t bands = min_bands; bands <= g.ho; ++bands) {
+    const PaddedPlanes pd(g, segments, bands);
+    const int64_t bytes = pd.group_floats() * 4, per_thread = pd.groups >= nt ? bytes : bytes * pd.groups / nt;
+    if (per_thread <= kL2Bytes) return bands;
+  }
+  return 0;
+}
+
+// The layout (PaddedPlanes): {0, 1} plain, else shifted copies {segments, bands}. Of the two
+// shifted forms, one band per segment (wo rounded up to 16 columns) unless packing several wo
+// wide bands into a row computes at most 85% of its pixels (measured: bands of a few rows cost
+// more in padding and smaller K blocks than the columns they save, 0.74-0.93x at batch 1 on
+// 64->64 @56, 128->128 @28, 256->256 @14; at 7x7 and 8x8 with a batch, 1.5x faster); either
+// with the fewest bands whose group fits L2. Shifted when that computes at most 15% more pixels
+// than the plain layout (columns past wo against its wrapped columns), else plain.
+std::pair<int64_t, int64_t> conv_layout(const ConvGeometry& g, int nt) {
+  if (g.kw == 1 || g.images == 0 || g.ho == 0 || g.wo == 0) return {0, 1};
+  auto pixels = [&](int64_t segments, int64_t bands) {
+    const PaddedPlanes pd(g, segments, bands);
+    return pd.groups * pd.wide_pixels();
+  };
+  std::pair<int64_t, int64_t> best{0, 1};
+  int64_t cost = g.images * g.ho * (g.wo + g.dw * (g.kw - 1)) * 115 / 100;  // plain, with its 15% handicap
+  if (const int64_t bands = bands_for_l2(g, nt, 1, 1); bands > 0 && pixels(1, bands) <= cost) {
+    best = {1, bands};
+    cost = pixels(1, bands) * 85 / 100;
+  }
+  const int64_t segments = 16 / std::gcd<int64_t>(g.wo, 16);
+  if (const int64_t bands = bands_for_l2(g, nt, segments, (segments + g.images - 1) / g.images);
+      segments > 1 && bands > 0 && pixels(segments, bands) <= cost) {
+    best = {segments, bands};
+  }
+  return best;
+}
+
+int sparse24_conv2d_threads(const Sparse24Matrix& w, const ConvGeometry& g, int num_threads) {
+  const int64_t work = w.rows * sparse24_padded_cols(w.cols) / 2 * g.images * g.ho * g.wo;
+  return work < Cfg::kSerialWork ? 1 : num_threads;
 }
 
 }  // namespace
+
+std::pair<int64_t, int64_t> sparse24_conv2d_layout(const Sparse24Matrix& w, const ConvGeometry& g, int num_threads) {
+  check_conv_geometry(g, PaddedPlanes(g), "sparse24_conv2d_layout");
+  PYHWP_CHECK(num_threads >= 1, "sparse24_conv2d_layout: num_threads must be >= 1");
+  return conv_layout(g, sparse24_conv2d_threads(w, g, num_threads));
+}
 
 bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
                      int num_threads) {
@@ -55,13 +94,13 @@ bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float
   PYHWP_CHECK(num_threads >= 1, "sparse24_conv2d: num_threads must be >= 1");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
   PYHWP_CHECK(x && y && w.values && w.meta, "sparse24_conv2d: null x, y, values or meta");
-  const int64_t work = w.rows * sparse24_padded_cols(w.cols) / 2 * g.images * g.ho * g.wo;
-  const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
-  const PaddedPlanes pd(g, shifted_copies(g, nt));
+  const int nt = sparse24_conv2d_threads(w, g, num_threads);
+  const auto [segments, bands] = conv_layout(g, nt);
+  const PaddedPlanes pd(g, segments, bands);
   check_conv_geometry(g, pd, "sparse24_conv2d");  // the copies' offsets fit int32 too
   std::vector<int32_t> offsets(static_cast<size_t>(w.cols));
   conv_column_offsets(g, pd, offsets.data());
-  const int64_t tile_k = conv_tile_k(g, pd, conv_tile_width(pd.wide_pixels(g)));
+  const int64_t tile_k = conv_tile_k(g, pd, conv_tile_width(pd.wide_pixels()));
   const Sparse24ConvRowsFn kernel = pick_conv(active_isa());
   const int64_t N = w.rows, row_blocks = (N + Cfg::kRowBlock - 1) / Cfg::kRowBlock;
   return run_implicit_conv(
@@ -69,11 +108,11 @@ bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float
       [&](int64_t parts, std::vector<int64_t>* bounds) {  // every row costs the same: whole row blocks
         for (int64_t i = 0; i <= parts; ++i) bounds->push_back(std::min(N, row_blocks * i / parts * Cfg::kRowBlock));
       },
-      [&](const float* xp_img, int64_t img, int64_t r0, int64_t r1, int64_t p0, int64_t width) {
+      [&](const float* xp_group, int64_t group, int64_t r0, int64_t r1, int64_t p0, int64_t width) {
         for (int64_t rb = r0; rb < r1; rb += Cfg::kTileRows) {
           const int64_t rows = std::min(Cfg::kTileRows, r1 - rb);
-          conv_output_tile(g, pd, y, N, img, rb, rows, Cfg::kTileRows, p0, width, [&](float* tile, int64_t ld) {
-            kernel(w, xp_img + p0, offsets.data(), width, tile_k, bias, tile, ld, rb, rb + rows);
+          conv_output_tile(g, pd, y, N, group, rb, rows, Cfg::kTileRows, p0, width, [&](float* tile, int64_t ld) {
+            kernel(w, xp_group + p0, offsets.data(), width, tile_k, bias, tile, ld, rb, rb + rows);
           });
         }
       });

@@ -2,6 +2,7 @@
 // plus 2-bit in-group indices.
 #pragma once
 #include <cstdint>
+#include <utility>
 
 #include "common/conv_geometry.h"
 #include "common/dense.h"
@@ -158,12 +159,16 @@ template <typename T> void sparse24_rows_tile_avx512(const Sparse24MatrixT<T>&, 
 
 // Stride-1 conv2d as an implicit GEMM (common/implicit_conv.h) with the 2:4 float32 (out, C*kh*kw)
 // matrix of a conv weight: the tile kernels read row k of X at the offset of column k in the
-// padded image (a table of K int32, built per call). The 2:4 groups run along the flattened
+// padded input (a table of K int32, built per call), in the shifted layout where it computes at
+// most 15% more pixels than the plain one and fits L2 (see conv_layout). The 2:4 groups run along the flattened
 // (c, r, s) inputs, across taps and channels, which the table serves like any other order.
 // Returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs the
 // dense-exact propagation of 0 * Inf, which this path does not do.
 bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
                      int num_threads);
+// The layout sparse24_conv2d reads x in for this call, {segments, bands} of PaddedPlanes
+// (common/implicit_conv.h): {0, 1} for the plain padded planes, else the shifted copies.
+std::pair<int64_t, int64_t> sparse24_conv2d_layout(const Sparse24Matrix& w, const ConvGeometry& g, int num_threads);
 
 // The implicit-GEMM conv's kernel (sparse24_conv2d_cpu.cpp), float32: for rows n in
 // [row_begin, row_end), y[(n - row_begin) * ldy + q] = bias[n] (or 0) + sum over W's slots

@@ -47,10 +47,11 @@ int64_t bands_for_l2(const ConvGeometry& g, int nt, int64_t segments, int64_t mi
 
 // The layout (PaddedPlanes): {0, 1} plain, else shifted copies {segments, bands}. Of the two
 // shifted forms, one band per segment (wo rounded up to 16 columns) unless packing several wo
-// wide bands into a row computes at most 85% of its pixels (measured: bands of a few rows cost
-// more in padding and smaller K blocks than the columns they save, 0.74-0.93x at batch 1 on
-// 64->64 @56, 128->128 @28, 256->256 @14; at 7x7 and 8x8 with a batch, 1.5x faster); either
-// with the fewest bands whose group fits L2. Shifted when that computes at most 15% more pixels
+// wide bands into a row computes at most 85% of its pixels. Measured, packing against one band
+// per segment (per-process A/B, 2 threads): at batch 1 bands of a few rows cost more in padding
+// and in smaller K blocks than the columns they save, 0.93-0.95x at 64->64 @56, 0.78-0.83x at
+// 128->128 @28, 0.74x at 256->256 @14; whole images side by side at 512->512 @7 batch 32 and
+// 128->128 @8 batch 64, 1.5x faster. Either form with the fewest bands whose group fits L2. Shifted when that computes at most 15% more pixels
 // than the plain layout (columns past wo against its wrapped columns), else plain.
 std::pair<int64_t, int64_t> conv_layout(const ConvGeometry& g, int nt) {
   if (g.kw == 1 || g.images == 0 || g.ho == 0 || g.wo == 0) return {0, 1};

@@ -52,7 +52,7 @@ int64_t bands_for_l2(const ConvGeometry& g, int nt, int64_t segments, int64_t mi
 // and in smaller K blocks than the columns they save, 0.93-0.95x at 64->64 @56, 0.78-0.83x at
 // 128->128 @28, 0.74x at 256->256 @14. Whole images side by side at 512->512 @7 batch 32 and
 // 128->128 @8 batch 64: 1.5x faster than the plain layout, which those took before (one band
-// per segment computes 2.3x and 1.6x their pixels there). Either form with the fewest bands
+// per segment would compute 16 columns for their 7 and 8). Either form with the fewest bands
 // whose group fits L2. Shifted when that computes at most 15% more pixels
 // than the plain layout (columns past wo against its wrapped columns), else plain.
 std::pair<int64_t, int64_t> conv_layout(const ConvGeometry& g, int nt) {

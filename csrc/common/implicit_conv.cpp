@@ -19,13 +19,15 @@ PaddedPlanes::PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments, int6
   plane = (hp * wp + 15) / 16 * 16;
   copies = shifted ? g.kw : 1;
   copy_stride = g.channels * plane;
+  PYHWP_CHECK(segments <= kMaxSegments && (segments == 1 || segments * g.wo % 16 == 0),
+              "PaddedPlanes: ", segments, " segments of ", g.wo, " columns");
 }
 
 void check_conv_geometry(const ConvGeometry& g, const PaddedPlanes& pd, const char* op) {
   PYHWP_CHECK(g.images >= 0 && g.channels >= 1 && g.h >= 0 && g.w >= 0 && g.pt >= 0 && g.pl >= 0 && g.kh >= 1 &&
               g.kw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ho >= 0 && g.wo >= 0, op, ": bad geometry");
   PYHWP_CHECK(pd.group_floats() <= std::numeric_limits<int32_t>::max(), op,
-              ": a padded image must hold fewer than 2^31 elements");
+              ": a padded image (or group of images) must hold fewer than 2^31 elements");
 }
 
 int64_t conv_tile_width(int64_t P) {

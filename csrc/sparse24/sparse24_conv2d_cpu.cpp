@@ -2,6 +2,7 @@
 // of a padded copy of the input through a table of offsets, one per column of W (see
 // common/implicit_conv.h), so no im2col matrix is built.
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -34,27 +35,29 @@ int64_t conv_tile_k(const ConvGeometry& g, const PaddedPlanes& pd, int64_t width
 }
 
 // The fewest bands per image, at least min_bands, with which a group of the shifted layout with
-// `segments` fits a thread's L2; 0 when none does.
+// `segments` fits a thread's L2; 0 when none does. Thin bands pad their dh*(kh-1) neighbouring
+// rows again, kw copies each, and still paid where measured: 512->512 3x3 @56 batch 2 in 19
+// bands of 3 rows 1.1x faster than the plain layout, @7 batch 32 in bands of 1 row 1.5x.
 int64_t bands_for_l2(const ConvGeometry& g, int nt, int64_t segments, int64_t min_bands) {
   constexpr int64_t kL2Bytes = 2 << 20;
   for (int64_t bands = min_bands; bands <= g.ho; ++bands) {
     const PaddedPlanes pd(g, segments, bands);
     const int64_t bytes = pd.group_floats() * 4, per_thread = pd.groups >= nt ? bytes : bytes * pd.groups / nt;
-    if (per_thread <= kL2Bytes) return bands;
+    if (per_thread <= kL2Bytes && pd.group_floats() <= std::numeric_limits<int32_t>::max()) return bands;
   }
   return 0;
 }
 
-// The layout (PaddedPlanes): {0, 1} plain, else shifted copies {segments, bands}. Of the two
-// shifted forms, one band per segment (wo rounded up to 16 columns) unless packing several wo
-// wide bands into a row computes at most 85% of its pixels. Measured, packing against one band
-// per segment (per-process A/B, 2 threads): at batch 1 bands of a few rows cost more in padding
-// and in smaller K blocks than the columns they save, 0.93-0.95x at 64->64 @56, 0.78-0.83x at
-// 128->128 @28, 0.74x at 256->256 @14. Whole images side by side at 512->512 @7 batch 32 and
-// 128->128 @8 batch 64: 1.5x faster than the plain layout, which those took before (one band
-// per segment would compute 16 columns for their 7 and 8). Either form with the fewest bands
-// whose group fits L2. Shifted when that computes at most 15% more pixels
-// than the plain layout (columns past wo against its wrapped columns), else plain.
+// The layout (PaddedPlanes): {0, 1} plain, else shifted copies {segments, bands}, in the form
+// with one band a row (wo rounded up to 16 columns) unless packing several wo wide bands into a
+// row computes at most 85% of its pixels; either with the fewest bands that bands_for_l2
+// allows. Shifted when that computes at most 15% more pixels than the plain layout (columns
+// past wo against its wrapped columns), else plain. Measured, packing against one band a row
+// (per-process A/B, 2 threads): at batch 1 bands of a few rows cost more in padding and in
+// smaller K blocks than the columns they save, 0.93-0.95x at 64->64 @56, 0.78-0.83x at 128->128
+// @28, 0.74x at 256->256 @14. Whole images side by side at 512->512 @7 batch 32 and 128->128 @8
+// batch 64: 1.5x faster than the plain layout, which those took before (one band a row would
+// compute 16 columns for their 7 and 8).
 std::pair<int64_t, int64_t> conv_layout(const ConvGeometry& g, int nt) {
   if (g.kw == 1 || g.images == 0 || g.ho == 0 || g.wo == 0) return {0, 1};
   auto pixels = [&](int64_t segments, int64_t bands) {
@@ -67,10 +70,9 @@ std::pair<int64_t, int64_t> conv_layout(const ConvGeometry& g, int nt) {
     best = {1, bands};
     cost = pixels(1, bands) * 85 / 100;
   }
-  const int64_t segments = 16 / std::gcd<int64_t>(g.wo, 16);
-  if (const int64_t bands = bands_for_l2(g, nt, segments, (segments + g.images - 1) / g.images);
-      segments > 1 && bands > 0 && pixels(segments, bands) <= cost) {
-    best = {segments, bands};
+  if (const int64_t segments = 16 / std::gcd<int64_t>(g.wo, 16); segments > 1) {
+    const int64_t bands = bands_for_l2(g, nt, segments, (segments + g.images - 1) / g.images);
+    if (bands > 0 && pixels(segments, bands) <= cost) best = {segments, bands};
   }
   return best;
 }
@@ -84,6 +86,8 @@ int sparse24_conv2d_threads(const Sparse24Matrix& w, const ConvGeometry& g, int 
 
 std::pair<int64_t, int64_t> sparse24_conv2d_layout(const Sparse24Matrix& w, const ConvGeometry& g, int num_threads) {
   check_conv_geometry(g, PaddedPlanes(g), "sparse24_conv2d_layout");
+  PYHWP_CHECK(w.rows >= 0 && w.cols == g.channels * g.kh * g.kw, "sparse24_conv2d_layout: W is ", w.rows, "x",
+              w.cols, ", expected C*kh*kw = ", g.channels * g.kh * g.kw, " columns");
   PYHWP_CHECK(num_threads >= 1, "sparse24_conv2d_layout: num_threads must be >= 1");
   return conv_layout(g, sparse24_conv2d_threads(w, g, num_threads));
 }

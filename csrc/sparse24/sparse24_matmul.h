@@ -168,7 +168,8 @@ bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float
                      int num_threads);
 // The layout sparse24_conv2d reads x in for this call, {segments, bands} of PaddedPlanes
 // (common/implicit_conv.h): {0, 1} for the plain padded planes, else the shifted copies.
-std::pair<int64_t, int64_t> sparse24_conv2d_layout(const Sparse24Matrix& w, const ConvGeometry& g, int num_threads);
+std::pair<int64_t, int64_t> sparse24_conv2d_layout(const Sparse24Matrix& w, const ConvGeometry& g,
+                                                   int num_threads);
 
 // The implicit-GEMM conv's kernel (sparse24_conv2d_cpu.cpp), float32: for rows n in
 // [row_begin, row_end), y[(n - row_begin) * ldy + q] = bias[n] (or 0) + sum over W's slots

@@ -82,29 +82,31 @@ int sparse24_conv2d_threads(const Sparse24Matrix& w, const ConvGeometry& g, int 
   return work < Cfg::kSerialWork ? 1 : num_threads;
 }
 
+// The checks both entry points share (the plain layout's offsets must fit int32; bands_for_l2
+// admits no shifted layout that would not).
+void check_args(const Sparse24Matrix& w, const ConvGeometry& g, int num_threads, const char* op) {
+  check_conv_geometry(g, PaddedPlanes(g), op);
+  PYHWP_CHECK(w.rows >= 0, op, ": W has ", w.rows, " rows");
+  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, op, ": W has ", w.cols, " columns, expected C*kh*kw = ",
+              g.channels * g.kh * g.kw);
+  PYHWP_CHECK(num_threads >= 1, op, ": num_threads must be >= 1");
+}
+
 }  // namespace
 
 std::pair<int64_t, int64_t> sparse24_conv2d_layout(const Sparse24Matrix& w, const ConvGeometry& g, int num_threads) {
-  check_conv_geometry(g, PaddedPlanes(g), "sparse24_conv2d_layout");
-  PYHWP_CHECK(w.rows >= 0 && w.cols == g.channels * g.kh * g.kw, "sparse24_conv2d_layout: W is ", w.rows, "x",
-              w.cols, ", expected C*kh*kw = ", g.channels * g.kh * g.kw, " columns");
-  PYHWP_CHECK(num_threads >= 1, "sparse24_conv2d_layout: num_threads must be >= 1");
+  check_args(w, g, num_threads, "sparse24_conv2d_layout");
   return conv_layout(g, sparse24_conv2d_threads(w, g, num_threads));
 }
 
 bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
                      int num_threads) {
-  check_conv_geometry(g, PaddedPlanes(g), "sparse24_conv2d");
-  PYHWP_CHECK(w.rows >= 0, "sparse24_conv2d: W has ", w.rows, " rows");
-  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "sparse24_conv2d: W has ", w.cols,
-              " columns, expected C*kh*kw = ", g.channels * g.kh * g.kw);
-  PYHWP_CHECK(num_threads >= 1, "sparse24_conv2d: num_threads must be >= 1");
+  check_args(w, g, num_threads, "sparse24_conv2d");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
   PYHWP_CHECK(x && y && w.values && w.meta, "sparse24_conv2d: null x, y, values or meta");
   const int nt = sparse24_conv2d_threads(w, g, num_threads);
   const auto [segments, bands] = conv_layout(g, nt);
   const PaddedPlanes pd(g, segments, bands);
-  check_conv_geometry(g, pd, "sparse24_conv2d");  // the copies' offsets fit int32 too
   std::vector<int32_t> offsets(static_cast<size_t>(w.cols));
   conv_column_offsets(g, pd, offsets.data());
   const int64_t tile_k = conv_tile_k(g, pd, conv_tile_width(pd.wide_pixels()));

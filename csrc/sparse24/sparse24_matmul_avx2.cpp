@@ -156,15 +156,15 @@ inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr
   }
 }
 
-// tile_rows over `width` columns, 32 (4 ymm) at a time; rows(q) is X from column q on.
-template <typename T, typename RowsAt>
-void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, RowsAt rows, int64_t width, int64_t tile_k,
+// tile_rows over `width` columns of X, 32 (4 ymm) at a time.
+template <typename T, typename Rows>
+void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, const Rows& rows, int64_t width, int64_t tile_k,
                   const float* bias, float* out, int64_t out_stride, int64_t row_begin, int64_t row_end) {
   for (int64_t q = 0; q < width; q += 32) {
     const int64_t rem = width - q;
     const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
     const __m256i last = tail_mask8(rem - 8 * (nv - 1));
-    const auto xr = rows(q);
+    const Rows xr = rows.columns(q);
     switch (nv) {
       case 4: tile_rows<4>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
       case 3: tile_rows<3>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
@@ -192,17 +192,16 @@ void sparse24_rows_tile_avx2(const Sparse24MatrixT<T>& w, const DenseIn& x, cons
   const int64_t P = x.cols, K = x.rows, words = sparse24_padded_cols(w.cols) / 32;
   const int64_t L = x.stride_k;  // panel width, a multiple of 16
   for (int64_t p0 = 0; p0 < P; p0 += L) {
-    const float* panel = x.data + (p0 / L) * K * L;
-    tile_columns(w, words, [&](int64_t q) { return PanelRows{panel + q, L}; }, std::min(L, P - p0),
-                 sparse24_tile_k(L), bias, y.data + p0, y.stride_n, row_begin, row_end);
+    tile_columns(w, words, PanelRows{x.data + (p0 / L) * K * L, L}, std::min(L, P - p0), sparse24_tile_k(L), bias,
+                 y.data + p0, y.stride_n, row_begin, row_end);
   }
 }
 
 void sparse24_rows_conv_avx2(const Sparse24Matrix& w, const float* x, const int32_t* offsets, int64_t width,
                              int64_t tile_k, const float* bias, float* y, int64_t ldy, int64_t row_begin,
                              int64_t row_end) {
-  tile_columns(w, sparse24_padded_cols(w.cols) / 32, [&](int64_t q) { return OffsetRows{x + q, offsets}; },
-               width, tile_k, bias, y, ldy, row_begin, row_end);
+  tile_columns(w, sparse24_padded_cols(w.cols) / 32, OffsetRows{x, offsets}, width, tile_k, bias, y, ldy,
+               row_begin, row_end);
 }
 
 template void sparse24_rows_permute_avx2(const Sparse24Matrix&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);

@@ -321,7 +321,7 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         stride = (1, 1)
     if stride == (1, 1) and groups == 1 and not (pointwise and channels_last):
         kind = _implicit_kind(x, weight, bias, (kh, kw))
-        geometry = _geometry(x, pads, (kh, kw), dilation, out_hw)
+        geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw)
         if kind == "2:4":
             y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
         else:

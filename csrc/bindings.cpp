@@ -56,6 +56,12 @@ py::dict build_info() {
   d["openmp"] = _OPENMP;
 #endif
   d["omp_max_threads"] = omp_get_max_threads();
+  // CPU kernel variants compiled in, most portable first (set_isa_cap's names).
+  py::list isas;
+  for (int i = 0; i <= static_cast<int>(pyhwp::best_compiled_isa()); ++i) {
+    isas.append(pyhwp::isa_name(static_cast<pyhwp::Isa>(i)));
+  }
+  d["cpu_kernels"] = isas;
 #ifdef PYHWP_WITH_CUDA
   d["cuda"] = true;
   d["cuda_archs"] = PYHWP_CUDA_ARCHS;

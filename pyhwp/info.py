@@ -34,7 +34,7 @@ def build_info() -> dict:
         "compiler": b["compiler"],
         "cpu": cpu_model(),
         "isa": {"avx2": feats["avx2"], "avx512": feats["avx512"], "avx512_bf16": feats["avx512_bf16"],
-                "amx_bf16": feats["amx_bf16"], "active": _C.active_isa()},
+                "amx_bf16": feats["amx_bf16"], "active": _C.active_isa(), "compiled": list(b["cpu_kernels"])},
         "openmp": {"version": b.get("openmp"), "max_threads": b["omp_max_threads"],
                    "torch_threads": torch.get_num_threads()},
         "cuda": {"compiled": b["cuda"], "archs": b["cuda_archs"], "toolkit": b["cuda_version"],
@@ -75,7 +75,7 @@ def main() -> int:
     print(f"compiler      {info['compiler']}")
     print(f"cpu           {info['cpu']}")
     print("isa           " + " ".join(f"{k}={'yes' if isa[k] else 'no'}" for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16"))
-          + f"  (kernels use {isa['active']})")
+          + f"  (kernels use {isa['active']}; compiled: {', '.join(isa['compiled'])})")
     print(f"threads       openmp max {info['openmp']['max_threads']}, torch {info['openmp']['torch_threads']}")
     if cuda["compiled"]:
         print(f"cuda kernels  compiled for sm {cuda['archs']} with CUDA {cuda['toolkit']}; "

@@ -7,8 +7,8 @@ import torch
 
 from pyhwp._ext import _C
 
-ISAS = [isa for isa, ok in (("scalar", True), ("avx2", _C.cpu_features()["avx2"]),
-                            ("avx512", _C.cpu_features()["avx512"])) if ok]
+# The kernel variants this build compiled that this CPU runs.
+ISAS = [isa for isa in _C.build_info()["cpu_kernels"] if isa == "scalar" or _C.cpu_features()[isa]]
 HAS_CUDA = torch.cuda.is_available() and _C.build_info()["cuda"]
 
 

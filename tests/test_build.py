@@ -23,6 +23,17 @@ def test_build_info_fields():
     assert b["omp_max_threads"] >= 1
 
 
+def test_compiled_kernels_bound_the_active_isa():
+    compiled = _C.build_info()["cpu_kernels"]
+    assert compiled[0] == "scalar" and set(compiled) <= {"scalar", "avx2", "avx512"}
+    assert _C.active_isa() in compiled
+    best = _C.active_isa()
+    try:  # a cap above what the build compiled (or the CPU runs) leaves the best available
+        assert _C.set_isa_cap("avx512") == best
+    finally:
+        _C.set_isa_cap(best)
+
+
 def test_isa_cap_round_trip():
     best = _C.active_isa()
     try:

@@ -25,11 +25,19 @@ const CpuFeatures& cpu_features() {
   return f;
 }
 
+Isa best_compiled_isa() {
+#ifdef PYHWP_X86_KERNELS
+  return Isa::kAvx512;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+// The best ISA that both the CPU runs and this build has kernels for.
 static Isa best_isa() {
   const CpuFeatures& f = cpu_features();
-  if (f.avx512) return Isa::kAvx512;
-  if (f.avx2) return Isa::kAvx2;
-  return Isa::kScalar;
+  const Isa cpu = f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar;
+  return static_cast<int>(cpu) < static_cast<int>(best_compiled_isa()) ? cpu : best_compiled_isa();
 }
 
 static std::atomic<int> g_isa{static_cast<int>(best_isa())};

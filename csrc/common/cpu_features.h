@@ -17,11 +17,17 @@ struct CpuFeatures {
 // What the CPU running this process supports (cpuid, queried once).
 const CpuFeatures& cpu_features();
 
-// The ISA the kernels use: the best one the CPU supports, unless capped by set_isa_cap.
+// The best kernel variant compiled into this build: kAvx512 (with kAvx2 and kScalar) where the
+// x86 kernels are built (PYHWP_X86_KERNELS, x86-64 hosts), else kScalar (the portable kernels,
+// which serve every op on other architectures).
+Isa best_compiled_isa();
+
+// The ISA the kernels use: the best one the CPU supports and this build compiled, unless capped
+// by set_isa_cap.
 Isa active_isa();
 
 // Caps the kernels to `cap` (for tests and benchmarks of the fallbacks); never raises the ISA
-// above what the CPU supports. Returns the ISA now active.
+// above what the CPU supports and the build compiled. Returns the ISA now active.
 Isa set_isa_cap(Isa cap);
 
 const char* isa_name(Isa isa);

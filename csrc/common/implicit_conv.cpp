@@ -65,7 +65,11 @@ bool pad_group_row(const float* x, const ConvGeometry& g, const PaddedPlanes& pd
   // of this pass), and no memcpy calls either (for short rows, the calls cost more than the
   // copies). A zero the compiler cannot see keeps it from turning the loops into calls.
   float zero = 0.f;
+#if defined(__x86_64__) || defined(__i386__)
   asm("" : "+x"(zero));
+#elif defined(__aarch64__)
+  asm("" : "+w"(zero));
+#endif
   uint32_t seen = 0;
   for (int64_t s = 0; s < pd.copies; ++s) {
     float* copy = xp_group + s * pd.copy_stride + t * pd.wp;

@@ -9,7 +9,14 @@ namespace pyhwp {
 // weight-row prefetches compiled to nothing that way. A volatile asm statement is never deleted.
 // Prefetches do not fault, so the run may extend past the end of an allocation. Into L1 (T0).
 inline void prefetch_lines_t0(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) asm volatile("prefetcht0 (%0)" : : "r"(static_cast<const char*>(p) + b));
+  for (int64_t b = 0; b < bytes; b += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht0 (%0)" : : "r"(static_cast<const char*>(p) + b));
+#else
+    __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
+    asm volatile("" : : : "memory");
+#endif
+  }
 }
 
 }  // namespace pyhwp

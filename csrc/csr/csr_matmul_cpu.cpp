@@ -109,8 +109,10 @@ template CsrKernels<uint16_t, uint16_t> csr_kernels_scalar();
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels(Isa isa) {
   switch (isa) {
+#ifdef PYHWP_X86_KERNELS
     case Isa::kAvx512: return csr_kernels_avx512<I, T>();
     case Isa::kAvx2: return csr_kernels_avx2<I, T>();
+#endif
     default: return csr_kernels_scalar<I, T>();
   }
 }

@@ -64,10 +64,12 @@ struct IsaKernel {
 template <typename T>
 IsaKernel<T> pick(Isa isa) {
   switch (isa) {
+#ifdef PYHWP_X86_KERNELS
     case Isa::kAvx512:
       return {masked_block_avx512<T>, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512,
               masked_wide_avx512<T>, masked_store_wide_avx512};
     case Isa::kAvx2: return {masked_block_avx2<T>, masked_pack_scalar, masked_store_scalar, Cfg::kMrAvx2};
+#endif
     default: return {masked_block_scalar<T>, masked_pack_scalar, masked_store_scalar, Cfg::kMrScalar};
   }
 }

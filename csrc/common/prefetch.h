@@ -10,11 +10,14 @@ namespace pyhwp {
 // Prefetches do not fault, so the run may extend past the end of an allocation. Into L1 (T0).
 inline void prefetch_lines_t0(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) {
+    const char* line = static_cast<const char*>(p) + b;
 #if defined(__x86_64__) || defined(__i386__)
-    asm volatile("prefetcht0 (%0)" : : "r"(static_cast<const char*>(p) + b));
+    asm volatile("prefetcht0 (%0)" : : "r"(line));
+#elif defined(__aarch64__)
+    asm volatile("prfm pldl1keep, [%0]" : : "r"(line));
 #else
-    __builtin_prefetch(static_cast<const char*>(p) + b, 0, 3);
-    asm volatile("" : : : "memory");
+    __builtin_prefetch(line, 0, 3);
+    asm volatile("" : : "r"(line));  // keeps the loop
 #endif
   }
 }

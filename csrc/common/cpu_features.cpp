@@ -33,11 +33,13 @@ Isa best_compiled_isa() {
 #endif
 }
 
+// The more portable of two ISAs (Isa is ordered from the most portable up).
+static Isa lower(Isa a, Isa b) { return static_cast<int>(a) < static_cast<int>(b) ? a : b; }
+
 // The best ISA that both the CPU runs and this build has kernels for.
 static Isa best_isa() {
   const CpuFeatures& f = cpu_features();
-  const Isa cpu = f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar;
-  return static_cast<int>(cpu) < static_cast<int>(best_compiled_isa()) ? cpu : best_compiled_isa();
+  return lower(f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar, best_compiled_isa());
 }
 
 static std::atomic<int> g_isa{static_cast<int>(best_isa())};
@@ -45,8 +47,7 @@ static std::atomic<int> g_isa{static_cast<int>(best_isa())};
 Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
 
 Isa set_isa_cap(Isa cap) {
-  const Isa best = best_isa();
-  const Isa isa = static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+  const Isa isa = lower(cap, best_isa());
   g_isa.store(static_cast<int>(isa));
   return isa;
 }

@@ -13,11 +13,10 @@ using TransposeFn = void (*)(const float* src, int64_t ld_src, float* dst, int64
 TransposeFn transpose_scalar();  // common/transpose.cpp
 TransposeFn transpose_avx512();  // common/transpose_avx512.cpp: whole 16x16 blocks in registers
 
-inline TransposeFn pick_transpose(Isa isa) {
+inline TransposeFn pick_transpose([[maybe_unused]] Isa isa) {
 #ifdef PYHWP_X86_KERNELS
   if (isa == Isa::kAvx512) return transpose_avx512();
 #endif
-  (void)isa;
   return transpose_scalar();
 }
 

@@ -1,5 +1,6 @@
 """bfloat16 on the CPU for the 2:4 and masked patterns: float64 references, bit-equality with the
-float32 kernels rounded once, layouts, NaN/Inf, bad input (CSR's bfloat16: test_csr_paths.py)."""
+float32 kernels rounded once, layouts, NaN/Inf, bad input (CSR's bfloat16: test_csr_paths.py).
+`bf16_isa` adds the AMX masked kernel (from 8 columns) to the vector ISAs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch.nn.functional as F
 
 import pyhwp
 from helpers import assert_linear_close_bf16, pattern_weight
+from pyhwp._ext import _C
+
+HAS_AMX = "amx" in _C.build_info()["cpu_kernels"] and _C.cpu_features()["amx"]
 
 PATTERNS = ["2:4", "masked"]
 # Odd sizes around the 2:4 groups (4) and metadata words (32), masked tiles (16) and panels.
@@ -39,7 +43,7 @@ def terms(w):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_float64_reference(isa, pattern, shape):
+def test_matches_float64_reference(bf16_isa, pattern, shape):
     g = torch.Generator().manual_seed(sum(shape))
     w = bf16_weight(shape, pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -55,7 +59,8 @@ def test_matches_float64_reference(isa, pattern, shape):
 @pytest.mark.parametrize("batch", [1, 3, 16, 45, 130])
 def test_equals_float32_kernel_rounded_once(isa, pattern, batch):
     """The bfloat16 entry is the float32 kernel on exactly widened operands plus one rounding per
-    output: same products, same summation order, so the results agree bit for bit."""
+    output: same products, same summation order, so the results agree bit for bit. (Not on AMX,
+    whose tile unit sums in its own order: the float64-reference tests bound it.)"""
     g = torch.Generator().manual_seed(batch)
     w = bf16_weight((45, 300), pattern, g)
     sw, sw32 = pyhwp.to_sparse(w, pattern), pyhwp.to_sparse(w.float(), pattern)
@@ -68,7 +73,7 @@ def test_equals_float32_kernel_rounded_once(isa, pattern, batch):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_long_k_and_wide_batch(isa, pattern):
+def test_long_k_and_wide_batch(bf16_isa, pattern):
     """K = 4095 (odd; several packing units and K chunks) at 300 columns (several register
     blocks per panel)."""
     g = torch.Generator().manual_seed(13)
@@ -80,7 +85,7 @@ def test_long_k_and_wide_batch(isa, pattern):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_3d_and_non_contiguous_input(isa, pattern):
+def test_3d_and_non_contiguous_input(bf16_isa, pattern):
     g = torch.Generator().manual_seed(3)
     w = bf16_weight((40, 66), pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -96,7 +101,7 @@ def test_3d_and_non_contiguous_input(isa, pattern):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("p", [1, 7, 45, 200])
-def test_transpose_out_conv_layout(isa, pattern, p):
+def test_transpose_out_conv_layout(bf16_isa, pattern, p):
     """(K, P) patch matrices with p contiguous, output (N, P): the conv layout of both kernels."""
     from pyhwp.kernels import find_kernel
     from pyhwp.ops.linear import MATMULS
@@ -113,7 +118,7 @@ def test_transpose_out_conv_layout(isa, pattern, p):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_conv2d(isa, pattern):
+def test_conv2d(bf16_isa, pattern):
     g = torch.Generator().manual_seed(5)
     w = bf16_weight((8, 4, 3, 3), pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -129,7 +134,7 @@ def test_conv2d(isa, pattern):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("batch", [1, 4, 40])
-def test_nonfinite_inputs_propagate_like_dense(isa, pattern, batch):
+def test_nonfinite_inputs_propagate_like_dense(bf16_isa, pattern, batch):
     g = torch.Generator().manual_seed(9)
     w = bf16_weight((30, 40), pattern, g)
     sw = pyhwp.to_sparse(w, pattern)
@@ -142,6 +147,47 @@ def test_nonfinite_inputs_propagate_like_dense(isa, pattern, batch):
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
     assert torch.equal(torch.signbit(y[torch.isinf(y)]), torch.signbit(ref[torch.isinf(ref)]))
+
+
+@pytest.mark.parametrize("stored", ["all", "even", "odd", "alternate-rows"])
+@pytest.mark.parametrize("batch", [8, 64, 100])
+def test_masked_tile_pairs_and_singles(bf16_isa, stored, batch):
+    """The AMX kernel runs stored k-tiles 2u, 2u + 1 as one product and the others alone: weights
+    whose panels store every tile, only even or only odd ones, or a mix, with an odd k-tile count."""
+    g = torch.Generator().manual_seed(batch)
+    n, k = 48, 16 * 7 + 5
+    tiles = torch.ones(3, 8, dtype=torch.bool)
+    if stored == "even":
+        tiles[:, 1::2] = False
+    elif stored == "odd":
+        tiles[:, 0::2] = False
+    elif stored == "alternate-rows":
+        tiles[1, 0::2] = False
+        tiles[2, 1::3] = False
+    keep = tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)[:n, :k]
+    w = (torch.randn(n, k, generator=g) * keep).bfloat16()
+    sw = pyhwp.to_sparse(w, "masked")
+    x = torch.randn(batch, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    assert_linear_close_bf16(pyhwp.linear(x, sw, bias), x, w, bias, terms(w))
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="needs AMX (Sapphire Rapids or later) and a build with it")
+def test_amx_reads_subnormal_inputs_as_zero():
+    """Documented difference of the AMX path (as of every AMX bfloat16 product, torch's dense one
+    included): subnormal bfloat16 inputs count as zero; the vector kernels multiply them."""
+    w = torch.full((16, 16), 2.0**100).bfloat16()
+    sw = pyhwp.to_sparse(w, "masked")
+    x = torch.zeros(16, 16).bfloat16()
+    x[:, 0] = 2.0**-130  # subnormal in bfloat16 (and float32)
+    previous = _C.active_isa()
+    try:
+        _C.set_isa_cap("amx")
+        assert torch.equal(pyhwp.linear(x, sw), torch.zeros(16, 16).bfloat16())
+        _C.set_isa_cap("avx512")
+        assert torch.equal(pyhwp.linear(x, sw), torch.full((16, 16), 2.0**-30).bfloat16())
+    finally:
+        _C.set_isa_cap(previous)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -25,13 +25,20 @@ def test_build_info_fields():
 
 def test_compiled_kernels_bound_the_active_isa():
     compiled = _C.build_info()["cpu_kernels"]
-    assert compiled[0] == "scalar" and set(compiled) <= {"scalar", "avx2", "avx512"}
+    order = ["scalar", "avx2", "avx512", "amx"]
+    assert compiled == order[:len(compiled)]
     assert _C.active_isa() in compiled
     best = _C.active_isa()
     try:  # a cap above what the build compiled (or the CPU runs) leaves the best available
-        assert _C.set_isa_cap("avx512") == best
+        assert _C.set_isa_cap("amx") == best
     finally:
         _C.set_isa_cap(best)
+
+
+def test_amx_only_where_the_cpu_and_the_os_allow_it():
+    f = _C.cpu_features()
+    assert not f["amx"] or (f["amx_bf16"] and f["avx512"])
+    assert (_C.active_isa() == "amx") == (f["amx"] and "amx" in _C.build_info()["cpu_kernels"])
 
 
 def test_isa_cap_round_trip():

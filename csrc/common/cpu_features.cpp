@@ -3,6 +3,11 @@
 
 #include <atomic>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "common/checks.h"
 
 namespace pyhwp {
@@ -17,8 +22,14 @@ const CpuFeatures& cpu_features() {
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
     r.avx512_bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-    r.amx_bf16 = __builtin_cpu_supports("amx-bf16");
+    r.amx_bf16 = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile");
 #endif
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+    // Linux enables the 8 KiB tile state per process on request (arch_prctl, kernel >= 5.16); a
+    // tile instruction without it faults. oneDNN asks the same way, so torch may have already.
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    r.amx = r.amx_bf16 && r.avx512 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #endif
     return r;
   }();
@@ -26,7 +37,9 @@ const CpuFeatures& cpu_features() {
 }
 
 Isa best_compiled_isa() {
-#ifdef PYHWP_X86_KERNELS
+#if defined(PYHWP_AMX_KERNELS)
+  return Isa::kAmx;
+#elif defined(PYHWP_X86_KERNELS)
   return Isa::kAvx512;
 #else
   return Isa::kScalar;
@@ -39,7 +52,8 @@ static Isa lower(Isa a, Isa b) { return static_cast<int>(a) < static_cast<int>(b
 // The best ISA that both the CPU runs and this build has kernels for.
 static Isa best_isa() {
   const CpuFeatures& f = cpu_features();
-  return lower(f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar, best_compiled_isa());
+  const Isa cpu = f.amx ? Isa::kAmx : f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar;
+  return lower(cpu, best_compiled_isa());
 }
 
 static std::atomic<int> g_isa{static_cast<int>(best_isa())};
@@ -54,6 +68,7 @@ Isa set_isa_cap(Isa cap) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -61,10 +76,11 @@ const char* isa_name(Isa isa) {
 }
 
 Isa isa_from_name(const std::string& name) {
+  if (name == "amx") return Isa::kAmx;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "scalar") return Isa::kScalar;
-  fail("unknown ISA '", name, "': expected 'scalar', 'avx2' or 'avx512'");
+  fail("unknown ISA '", name, "': expected 'scalar', 'avx2', 'avx512' or 'amx'");
 }
 
 }  // namespace pyhwp

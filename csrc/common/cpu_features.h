@@ -4,22 +4,25 @@
 
 namespace pyhwp {
 
-// Kernel variants, from the most portable to the fastest.
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+// Kernel variants, from the most portable to the fastest. kAmx is AVX-512 plus the AMX tile unit:
+// ops with an AMX kernel (bfloat16 masked matmul) use it, every other op its AVX-512 kernel.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA
   bool avx512 = false;      // AVX-512 F/VL/BW/DQ
   bool avx512_bf16 = false;
-  bool amx_bf16 = false;
+  bool amx_bf16 = false;    // the CPU has AMX-BF16
+  bool amx = false;         // AMX-BF16 usable here: AVX-512 too, and Linux let this process use tiles
 };
 
 // What the CPU running this process supports (cpuid, queried once).
 const CpuFeatures& cpu_features();
 
-// The best kernel variant compiled into this build: kAvx512 (with kAvx2 and kScalar) where the
-// x86 kernels are built (PYHWP_X86_KERNELS, x86-64 hosts), else kScalar (the portable kernels,
-// which serve every op on other architectures).
+// The best kernel variant compiled into this build: kAmx (with kAvx512, kAvx2 and kScalar) where
+// the x86 kernels are built (PYHWP_X86_KERNELS, x86-64 hosts) by a compiler with AMX intrinsics
+// (PYHWP_AMX_KERNELS), kAvx512 where it has none, else kScalar (the portable kernels, which serve
+// every op on other architectures).
 Isa best_compiled_isa();
 
 // The ISA the kernels use: the best one the CPU supports and this build compiled, unless capped

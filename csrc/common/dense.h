@@ -88,9 +88,10 @@ bool any_nonfinite(const DenseIn& x);
 // since 0 * Inf = NaN. A sparse kernel that skips W's zeros does not see those terms, so after it
 // ran, this sets Y(n, p) = NaN wherever some non-finite X(k, p) meets a position k that row n
 // does not store. `stored_count(n, flags)` returns how many of row n's stored positions k have
-// flags[k] != 0. Slow path, only taken when any_nonfinite(x).
-template <typename StoredCount>
-void propagate_nonfinite(const DenseIn& x, const DenseOut& y, StoredCount stored_count);
+// flags[k] != 0. Slow path, only taken when X holds a NaN/Inf. In / Out: DenseIn and DenseOut
+// (float32), or DenseInBf16 and DenseOutBf16.
+template <typename In, typename Out, typename StoredCount>
+void propagate_nonfinite(const In& x, const Out& y, StoredCount stored_count);
 
 }  // namespace pyhwp
 

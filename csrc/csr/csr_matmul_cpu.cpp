@@ -110,6 +110,7 @@ template <typename I, typename T>
 CsrKernels<I, T> csr_kernels(Isa isa) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
+    case Isa::kAmx:  // no AMX kernel: the AVX-512 one
     case Isa::kAvx512: return csr_kernels_avx512<I, T>();
     case Isa::kAvx2: return csr_kernels_avx2<I, T>();
 #endif

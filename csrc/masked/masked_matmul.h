@@ -51,6 +51,9 @@ struct MaskedCpuConfig {
   static constexpr int64_t kItemsPerThread = 4;
   // Multiply-adds below this run on one thread (a fork costs a few microseconds).
   static constexpr int64_t kSerialWork = int64_t{1} << 16;
+  // bfloat16 on AMX (masked_matmul_bf16_amx) from this many columns of X: a TDPBF16PS takes as
+  // long for 1 column as for 16.
+  static constexpr int64_t kAmxMinCols = 8;
 
   static_assert(kTileN == 16, "the AVX-512 kernel holds one tile row in one zmm register");
   static_assert(kTileK >= 1 && kTileK % 4 == 0, "tile rows of k are unrolled by 4");
@@ -86,6 +89,20 @@ struct MaskedMatrixT {
 using MaskedMatrix = MaskedMatrixT<float>;
 using MaskedMatrixBf16 = MaskedMatrixT<uint16_t>;
 
+// How many of row n's stored positions (the columns below w.cols of its panel's stored tiles) have
+// flags[k] != 0: the stored_count of propagate_nonfinite for a masked weight.
+template <typename T>
+int64_t masked_stored_flags(const MaskedMatrixT<T>& w, int64_t n, const unsigned char* flags) {
+  const int64_t panel = n / MaskedCpuConfig::kTileN;
+  int64_t count = 0;
+  for (int64_t t = w.tile_ptr[panel]; t < w.tile_ptr[panel + 1]; ++t) {
+    const int64_t k0 = int64_t{w.tile_idx[t]} * MaskedCpuConfig::kTileK;
+    const int64_t k1 = k0 + MaskedCpuConfig::kTileK < w.cols ? k0 + MaskedCpuConfig::kTileK : w.cols;
+    for (int64_t k = k0; k < k1; ++k) count += flags[k];
+  }
+  return count;
+}
+
 // Structural check of tile_ptr and tile_idx (monotonic, in range, strictly increasing per
 // panel). O(panels + ntiles). Throws std::invalid_argument naming the first violation.
 void masked_validate(const MaskedMatrix& w);
@@ -104,6 +121,15 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
 // memory (512 instead of 1024 bytes each).
 void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                         const DenseOutBf16& y, int num_threads);
+
+// The AMX path of masked_matmul_bf16 (masked_matmul_amx.cpp), taken when the active ISA is kAmx
+// and X has at least kAmxMinCols columns. The tile unit multiplies 16x16 bfloat16 tiles into
+// float32 accumulator tiles (TDPBF16PS): products exact, sums in float32 in the unit's own order,
+// one rounding of each output as on the other paths. Like every AMX bfloat16 product (oneDNN's,
+// so torch's dense one on this CPU), it reads subnormal bfloat16 inputs as zero and flushes
+// subnormal float32 sums to zero (DAZ/FTZ). Arguments as masked_matmul_bf16, already checked.
+void masked_matmul_bf16_amx(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                            const DenseOutBf16& y, int num_threads);
 
 // One micro-kernel call: a 16-row panel times one packed block of mr columns of X, over `count`
 // consecutive stored tiles of the panel. The packed block holds X(k, p0 + i) at xp[k * mr + i]

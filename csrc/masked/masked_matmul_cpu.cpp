@@ -65,6 +65,7 @@ template <typename T>
 IsaKernel<T> pick(Isa isa) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
+    case Isa::kAmx:  // no AMX kernel for float32: the AVX-512 one
     case Isa::kAvx512:
       return {masked_block_avx512<T>, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512,
               masked_wide_avx512<T>, masked_store_wide_avx512};
@@ -310,13 +311,7 @@ void run_masked(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, 
     // Stored tiles multiply every x in their 16 columns (a kept or pruned zero times Inf is NaN
     // there as in dense); skipped tiles are what propagate_nonfinite has to make up for.
     propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) {
-      const int64_t panel = n / Cfg::kTileN;
-      int64_t cnt = 0;
-      for (int64_t t = w.tile_ptr[panel]; t < w.tile_ptr[panel + 1]; ++t) {
-        const int64_t k0 = int64_t{w.tile_idx[t]} * Cfg::kTileK, k1 = std::min(K, k0 + Cfg::kTileK);
-        for (int64_t k = k0; k < k1; ++k) cnt += flags[k];
-      }
-      return cnt;
+      return masked_stored_flags(w, n, flags);
     });
   }
 }
@@ -337,6 +332,12 @@ void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const u
   const int64_t N = w.rows, K = w.cols, P = x.cols;
   if (N == 0 || P == 0) return;
   PYHWP_CHECK(y.data && (K == 0 || x.data), "masked_matmul_bf16: null x or y");
+#ifdef PYHWP_AMX_KERNELS
+  if (active_isa() == Isa::kAmx && P >= Cfg::kAmxMinCols) {
+    masked_matmul_bf16_amx(w, x, bias, y, num_threads);
+    return;
+  }
+#endif
   // X widened in its own layout (the packing reads both fast); the driver uses slots 2 and 3.
   const bool k_rows = x.stride_k == 1 && x.stride_p != 1;
   const int64_t ld = k_rows ? K : P;

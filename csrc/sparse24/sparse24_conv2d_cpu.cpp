@@ -22,6 +22,7 @@ static_assert(kConvTileP <= Cfg::kPanel, "a conv tile is at most the tile kernel
 Sparse24ConvRowsFn pick_conv(Isa isa) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
+    case Isa::kAmx:  // no AMX kernel: the AVX-512 one
     case Isa::kAvx512: return sparse24_rows_conv_avx512;
     case Isa::kAvx2: return sparse24_rows_conv_avx2;
 #endif

@@ -100,6 +100,7 @@ template <typename T>
 Sparse24RowsFn<T> pick(Isa isa, bool permute) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
+    case Isa::kAmx:  // no AMX kernel: the AVX-512 ones
     case Isa::kAvx512: return permute ? sparse24_rows_permute_avx512<T> : sparse24_rows_tile_avx512<T>;
     case Isa::kAvx2: return permute ? sparse24_rows_permute_avx2<T> : sparse24_rows_tile_avx2<T>;
 #endif

@@ -29,7 +29,7 @@ const CpuFeatures& cpu_features() {
     // Linux enables the 8 KiB tile state per process on request (arch_prctl, kernel >= 5.16); a
     // tile instruction without it faults. oneDNN asks the same way, so torch may have already.
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    r.amx = r.amx_bf16 && r.avx512 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    r.amx = r.amx_bf16 && r.avx512_bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #endif
     return r;
   }();

@@ -13,7 +13,7 @@ struct CpuFeatures {
   bool avx512 = false;      // AVX-512 F/VL/BW/DQ
   bool avx512_bf16 = false;
   bool amx_bf16 = false;    // the CPU has AMX-BF16
-  bool amx = false;         // AMX-BF16 usable here: AVX-512 too, and Linux let this process use tiles
+  bool amx = false;         // AMX-BF16 usable here: AVX512-BF16 too, and Linux let this process use tiles
 };
 
 // What the CPU running this process supports (cpuid, queried once).

@@ -1,6 +1,6 @@
 """bfloat16 on the CPU for the 2:4 and masked patterns: float64 references, bit-equality with the
 float32 kernels rounded once, layouts, NaN/Inf, bad input (CSR's bfloat16: test_csr_paths.py).
-`bf16_isa` adds the AMX masked kernel (from 8 columns) to the vector ISAs."""
+`bf16_isa` adds the AMX masked and 2:4 kernels (from 8 columns) to the vector ISAs."""
 
 from __future__ import annotations
 
@@ -173,11 +173,13 @@ def test_masked_tile_pairs_and_singles(bf16_isa, stored, batch):
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="needs AMX (Sapphire Rapids or later) and a build with it")
-def test_amx_reads_subnormal_inputs_as_zero():
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_amx_reads_subnormal_inputs_as_zero(pattern):
     """Documented difference of the AMX path (as of every AMX bfloat16 product, torch's dense one
     included): subnormal bfloat16 inputs count as zero; the vector kernels multiply them."""
-    w = torch.full((16, 16), 2.0**100).bfloat16()
-    sw = pyhwp.to_sparse(w, "masked")
+    w = torch.full((16, 16), 2.0**100)
+    w.view(16, 4, 4)[:, :, 2:] = 0  # 2:4 (positions 0 and 1 of every group)
+    sw = pyhwp.to_sparse(w.bfloat16(), pattern)
     x = torch.zeros(16, 16).bfloat16()
     x[:, 0] = 2.0**-130  # subnormal in bfloat16 (and float32)
     previous = _C.active_isa()

@@ -23,13 +23,14 @@ const CpuFeatures& cpu_features() {
     r.avx512_bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
     r.amx_bf16 = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile");
+    r.avx512_vbmi2 = r.avx512 && __builtin_cpu_supports("avx512vbmi2");
 #endif
 #endif
 #if defined(__linux__) && defined(__x86_64__)
     // Linux enables the 8 KiB tile state per process on request (arch_prctl, kernel >= 5.16); a
     // tile instruction without it faults. oneDNN asks the same way, so torch may have already.
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    r.amx = r.amx_bf16 && r.avx512_bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    r.amx = r.amx_bf16 && r.avx512_bf16 && r.avx512_vbmi2 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 #endif
     return r;
   }();

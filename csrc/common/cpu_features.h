@@ -12,8 +12,10 @@ struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA
   bool avx512 = false;      // AVX-512 F/VL/BW/DQ
   bool avx512_bf16 = false;
+  bool avx512_vbmi2 = false;
   bool amx_bf16 = false;    // the CPU has AMX-BF16
-  bool amx = false;         // AMX-BF16 usable here: AVX512-BF16 too, and Linux let this process use tiles
+  bool amx = false;         // AMX-BF16 usable here: AVX512-BF16 and -VBMI2 too (every AMX CPU has
+                            // them), and Linux let this process use tiles
 };
 
 // What the CPU running this process supports (cpuid, queried once).

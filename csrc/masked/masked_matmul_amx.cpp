@@ -1,315 +1,71 @@
-// AMX masked matmul for bfloat16 (Sapphire Rapids and later): each stored 16x16 tile of W is one
-// TDPBF16PS per 16 columns of X, accumulated in tile registers across the panel's tiles.
-//
-// Roles (C += A B with A 16 p x K bfloat16, B (K / 2) x 16 n pairs, C 16 p x 16 n float32): A is 16
-// columns p of X over one or two k-tiles, B is W's tile(s) as (k pair, row n, 2), C a 16 x 16
-// block of Y. X is packed once per call (pack_x) and each stored tile of W rearranged into B's
-// pair layout (repack_panel) in the L1 of the thread that uses it; a panel's tiles then feed
-// kGroup C tiles (64 columns) per pass. The unit takes as long for K = 16 as for K = 32, so two
-// stored tiles at k-tiles 2u and 2u + 1 run as one K = 32 product (every step of a weight with
-// no zero tiles; at 75% zero tiles about one stored tile in four has its partner).
-#include <immintrin.h>
-#include <omp.h>
-
-#include <algorithm>
-#include <vector>
-
-#include "common/simd_avx512.h"
+// AMX masked matmul for bfloat16 (Sapphire Rapids and later) on the shared AMX driver
+// (common/amx_bf16.h): each stored 16x16 tile of a panel is one B tile, rearranged once per call
+// into the unit's pair layout in the L1 of the thread that uses it; two stored tiles at k-tiles 2u
+// and 2u + 1 make one K = 32 step (every step of a weight with no zero tiles; at 75% zero tiles
+// about one stored tile in four has its partner).
+#include "common/amx_bf16.h"
 #include "masked/masked_matmul.h"
 
 namespace pyhwp {
 
 namespace {
 
-using Cfg = MaskedCpuConfig;
+struct MaskedPanels {
+  const MaskedMatrixBf16& w;
+  int64_t rows, cols;
 
-constexpr int kGroup = 4;                          // C tiles (blocks of 16 columns) per pass
-constexpr int64_t kTileBytes = Cfg::kTileSize * 2;  // one bfloat16 tile, 512 bytes
-// Up to this many bytes of packed X, every thread packs all of X into its own scratch: no barrier
-// after the pack, and no X lines written by one core and read by the other on every call
-// (1536x384, batch 128, 75% zero tiles, 2 threads, with the balance below: 63-79 -> 55-66 us).
-// Above, the threads pack it together into one shared buffer.
-constexpr int64_t kOwnPackBytes = int64_t{1} << 20;
+  // Contiguous runs of panels balanced by their tiles, plus 4 per panel for its stores (a tile
+  // costs one product per 16 columns, a panel's store a conversion per column; with 1 instead of
+  // 4, 1536x384 at batch 128, 75% zero tiles, measured ~10% slower).
+  void runs(int nt, std::vector<int64_t>* r) const { balanced_runs(w.tile_ptr, (rows + 15) / 16, 4, nt, r); }
 
-// The tile configuration (palette 1): tmm0-3 hold C (16 rows x 64 bytes of float32); one stored
-// tile: B in tmm4 (8 k pairs x 16 n x 2), A in tmm5 (16 p x 16 k); a pair of tiles: B in tmm6 (16 x
-// 16 x 2), A in tmm7 (16 p x 32 k). One A register per shape serves the C tiles in turn (measured
-// as fast as three alternating ones).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < kGroup; ++t) set(t, 16, 64);
-    set(4, 8, 64);
-    set(5, 16, 32);
-    set(6, 16, 64);
-    set(7, 16, 64);
+  int64_t capacity(int64_t first, int64_t last) const {
+    int64_t most = 0;
+    for (int64_t j = first; j < last; ++j) most = std::max(most, w.tile_ptr[j + 1] - w.tile_ptr[j]);
+    return most * amx::kTile;
   }
-  void set(int t, int r, int bytes) {
-    rows[t] = static_cast<uint8_t>(r);
-    colsb[t] = static_cast<uint16_t>(bytes);
+
+  // The stored tiles (k-major: (k, n) at 16 k + n) in B's pair layout ((k, n) at 32 (k / 2) + 2 n
+  // + k % 2): rows 2i and 2i + 1 are one 64-byte line, interleaved by one permute.
+  int64_t prepare(int64_t j, uint16_t* b, amx::Step* steps) const {
+    alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                         21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                         11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i perm = _mm512_load_si512(kInterleave);
+    const int64_t t0 = w.tile_ptr[j], count = w.tile_ptr[j + 1] - t0;
+    const uint16_t* tiles = w.values + t0 * amx::kTile;
+    for (int64_t i = 0; i < count * (amx::kTile / 32); ++i) {
+      _mm512_store_si512(b + 32 * i, _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(tiles + 32 * i)));
+    }
+    const int32_t* tidx = w.tile_idx + t0;
+    int64_t n = 0;
+    for (int64_t s = 0; s < count; ++n) {
+      const int32_t t = tidx[s];
+      const bool pair = t % 2 == 0 && s + 1 < count && tidx[s + 1] == t + 1;
+      steps[n] = {t, pair};
+      s += 1 + pair;
+    }
+    return n;
+  }
+
+  const char* weights(int64_t j, int64_t* lines) const {
+    *lines = (w.tile_ptr[j + 1] - w.tile_ptr[j]) * amx::kTile * 2 / 64;
+    return reinterpret_cast<const char*>(w.values + w.tile_ptr[j] * amx::kTile);
+  }
+
+  // Stored tiles multiply every x in their 16 columns (0 * Inf = NaN as in dense); skipped tiles
+  // are what propagate_nonfinite makes up for.
+  void fix_nonfinite(const DenseInBf16& x, const DenseOutBf16& y) const {
+    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) { return masked_stored_flags(w, n, flags); });
   }
 };
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
-
-inline __mmask16 first_n(int64_t n) {  // lanes < n (none for n <= 0)
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
-// The 16 x 16 block of X at k-tiles t, columns 16 b.. as rows[r] = X(16 t .. 16 t + 15, 16 b + r),
-// zeros past K and P.
-void load_block(const DenseInBf16& x, int64_t t, int64_t b, __m256i rows[16]) {
-  const int64_t K = x.rows, P = x.cols, k0 = 16 * t, p0 = 16 * b;
-  if (x.stride_k == 1) {  // linear: a column's k are contiguous
-    const __mmask16 km = first_n(K - k0);
-    for (int r = 0; r < 16; ++r) {
-      rows[r] = p0 + r < P ? _mm256_maskz_loadu_epi16(km, x.data + (p0 + r) * x.stride_p + k0)
-                           : _mm256_setzero_si256();
-    }
-  } else if (x.stride_p == 1) {  // conv patch matrix: load k rows, transpose as 32-bit lanes
-    const __mmask16 pm = first_n(P - p0);
-    __m512 m[16];
-    for (int c = 0; c < 16; ++c) {
-      const __m256i v = k0 + c < K ? _mm256_maskz_loadu_epi16(pm, x.data + (k0 + c) * x.stride_k + p0)
-                                   : _mm256_setzero_si256();
-      m[c] = _mm512_castsi512_ps(_mm512_cvtepu16_epi32(v));
-    }
-    avx512::transpose16(m);
-    for (int r = 0; r < 16; ++r) rows[r] = _mm512_cvtepi32_epi16(_mm512_castps_si512(m[r]));
-  } else {
-    for (int r = 0; r < 16; ++r) {
-      alignas(32) uint16_t lanes[16] = {};
-      for (int c = 0; c < 16 && p0 + r < P && k0 + c < K; ++c) {
-        lanes[c] = x.data[(k0 + c) * x.stride_k + (p0 + r) * x.stride_p];
-      }
-      rows[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
-    }
-  }
-}
-
-// X packed for the A tiles, by pairs of k-tiles: block (k-tiles 2u and 2u + 1, 16 columns from 16 b)
-// at x_packed + (u * nb + b) * 512, column 16 b + r's 32 k contiguous (A's row r, 64 bytes), zeros
-// past K and P. A pair's A tile is 16 rows 64 bytes apart; one k-tile's is the same rows' half.
-// Packs column block b; returns whether it holds a NaN or Inf.
-bool pack_x(const DenseInBf16& x, int64_t kt, int64_t nb, int64_t b, uint16_t* x_packed) {
-  __mmask16 bad = 0;
-  const __m256i expo = _mm256_set1_epi16(0x7f80);
-  for (int64_t t = 0; t < kt + kt % 2; ++t) {  // (an odd kt: the last pair's missing half is zero)
-    uint16_t* dst = x_packed + ((t / 2) * nb + b) * 2 * Cfg::kTileSize + 16 * (t % 2);
-    __m256i rows[16];
-    if (t < kt) {
-      load_block(x, t, b, rows);
-    } else {
-      for (auto& r : rows) r = _mm256_setzero_si256();
-    }
-    for (int r = 0; r < 16; ++r) {
-      bad |= _mm256_cmpeq_epi16_mask(_mm256_and_si256(rows[r], expo), expo);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 32 * r), rows[r]);
-    }
-  }
-  return bad != 0;
-}
-
-// A panel's stored tiles (k-major: (k, n) at 16 k + n) in B's pair layout ((k, n) at 32 (k / 2) +
-// 2 n + k % 2): rows 2i and 2i + 1 are one 64-byte line, interleaved by one permute.
-void repack_panel(const uint16_t* tiles, int64_t count, uint16_t* out) {
-  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                       21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i perm = _mm512_load_si512(kInterleave);
-  for (int64_t i = 0; i < count * (Cfg::kTileSize / 32); ++i) {
-    _mm512_store_si512(out + 32 * i, _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(tiles + 32 * i)));
-  }
-}
-
-// One pass over a panel's `count` repacked tiles for NB (1..kGroup) C tiles; leaves them in acc
-// (NB blocks of 16 p x 16 n float32). xa: the first C tile's A block of k-tiles 0 and 1.
-template <int NB>
-void panel_pass(const uint16_t* repacked, const int32_t* tidx, int64_t count, const uint16_t* xa,
-                int64_t nb, const char* prefetch, int64_t prefetch_tiles, float* acc) {
-  constexpr int64_t kBlock = 2 * Cfg::kTileSize;  // packed X per (pair of k-tiles, 16 columns)
-  _tile_zero(0);
-  if (NB > 1) _tile_zero(1);
-  if (NB > 2) _tile_zero(2);
-  if (NB > 3) _tile_zero(3);
-  for (int64_t s = 0; s < count;) {
-    const int32_t t = tidx[s];
-    const bool pair = t % 2 == 0 && s + 1 < count && tidx[s + 1] == t + 1;
-    // The next panel's tiles, as many as this step covers of this one, into L2 while the unit works.
-    for (int64_t q = s; q < s + 1 + pair && q < prefetch_tiles; ++q) {
-      for (int l = 0; l < kTileBytes / 64; ++l) _mm_prefetch(prefetch + kTileBytes * q + 64 * l, _MM_HINT_T1);
-    }
-    const uint16_t* a = xa + int64_t{t / 2} * nb * kBlock;
-    if (pair) {  // k-tiles t, t + 1: K = 32
-      _tile_loadd(6, repacked + s * Cfg::kTileSize, 64);
-      _tile_loadd(7, a, 64);
-      _tile_dpbf16ps(0, 7, 6);
-      if (NB > 1) {
-        _tile_loadd(7, a + kBlock, 64);
-        _tile_dpbf16ps(1, 7, 6);
-      }
-      if (NB > 2) {
-        _tile_loadd(7, a + 2 * kBlock, 64);
-        _tile_dpbf16ps(2, 7, 6);
-      }
-      if (NB > 3) {
-        _tile_loadd(7, a + 3 * kBlock, 64);
-        _tile_dpbf16ps(3, 7, 6);
-      }
-      s += 2;
-      continue;
-    }
-    a += 16 * (t % 2);
-    _tile_loadd(4, repacked + s * Cfg::kTileSize, 64);
-    _tile_loadd(5, a, 64);
-    _tile_dpbf16ps(0, 5, 4);
-    if (NB > 1) {
-      _tile_loadd(5, a + kBlock, 64);
-      _tile_dpbf16ps(1, 5, 4);
-    }
-    if (NB > 2) {
-      _tile_loadd(5, a + 2 * kBlock, 64);
-      _tile_dpbf16ps(2, 5, 4);
-    }
-    if (NB > 3) {
-      _tile_loadd(5, a + 3 * kBlock, 64);
-      _tile_dpbf16ps(3, 5, 4);
-    }
-    s += 1;
-  }
-  _tile_stored(0, acc, 64);
-  if (NB > 1) _tile_stored(1, acc + Cfg::kTileSize, 64);
-  if (NB > 2) _tile_stored(2, acc + 2 * Cfg::kTileSize, 64);
-  if (NB > 3) _tile_stored(3, acc + 3 * Cfg::kTileSize, 64);
-}
-
-// Writes block acc (16 p x 16 n float32, p rows) + bias to Y at columns p0.. and rows n0..,
-// rounded to bfloat16 (VCVTNE2PS2BF16: nearest even, NaN kept quiet as float_to_bf16 does, and
-// subnormal sums, which the unit never produces, flushed as the unit flushes them): `cols`
-// columns and `rows` rows are inside Y.
-void store_block(const float* acc, const float* bias, int rows, int64_t cols, const DenseOutBf16& y,
-                 int64_t n0, int64_t p0) {
-  const __mmask16 nm = first_n(rows);
-  if (y.stride_n == 1) {  // linear: a row p of the block is 16 consecutive outputs
-    const __m512 b = _mm512_maskz_loadu_ps(nm, bias);
-    for (int64_t r = 0; r < cols; r += 2) {
-      const __m512 lo = _mm512_add_ps(_mm512_load_ps(acc + 16 * r), b);
-      const __m512 hi = _mm512_add_ps(_mm512_load_ps(acc + 16 * r + 16), b);
-      const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-      _mm256_mask_storeu_epi16(y.data + (p0 + r) * y.stride_p + n0, nm, _mm512_castsi512_si256(v));
-      if (r + 1 < cols) {
-        _mm256_mask_storeu_epi16(y.data + (p0 + r + 1) * y.stride_p + n0, nm, _mm512_extracti64x4_epi64(v, 1));
-      }
-    }
-    return;
-  }
-  __m512 m[16];
-  for (int r = 0; r < 16; ++r) m[r] = _mm512_load_ps(acc + 16 * r);
-  avx512::transpose16(m);  // m[n]: output row n, 16 columns p
-  for (int n = 0; n < rows; n += 2) {
-    const __m512 lo = _mm512_add_ps(m[n], _mm512_set1_ps(bias[n]));
-    const __m512 hi = _mm512_add_ps(m[n + 1], _mm512_set1_ps(bias[n + 1]));
-    const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-    for (int h = 0; h < 2 && n + h < rows; ++h) {
-      const __m256i row = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
-      uint16_t* out = y.data + (n0 + n + h) * y.stride_n + p0 * y.stride_p;
-      if (y.stride_p == 1) {  // conv: an output row's columns are contiguous
-        _mm256_mask_storeu_epi16(out, first_n(cols), row);
-      } else {
-        alignas(32) uint16_t lanes[16];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), row);
-        for (int64_t c = 0; c < cols; ++c) out[c * y.stride_p] = lanes[c];
-      }
-    }
-  }
-}
 
 }  // namespace
 
 void masked_matmul_bf16_amx(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                             const DenseOutBf16& y, int num_threads) {
-  const int64_t N = w.rows, K = w.cols, P = x.cols;
-  const int64_t npanels = (N + Cfg::kTileN - 1) / Cfg::kTileN, kt = (K + Cfg::kTileK - 1) / Cfg::kTileK;
-  const int64_t nb = (P + 15) / 16;  // blocks of 16 columns
-
-  // Scratch of the calling thread: the float32 bias, then packed X when the threads share it.
-  const int64_t xfloats = (kt + 1) / 2 * nb * Cfg::kTileSize;  // pairs of k-tiles x blocks x 512 bf16
-  const int64_t bias_floats = 16 * npanels;
-  float* bias_f = scratch(0, bias_floats + xfloats);
-  uint16_t* shared_x = reinterpret_cast<uint16_t*>(bias_f + bias_floats);
-  for (int64_t n = 0; n < 16 * npanels; ++n) bias_f[n] = bias && n < N ? bf16_to_float(bias[n]) : 0.f;
-
-  const int nt = w.ntiles * Cfg::kTileSize * P < Cfg::kSerialWork ? 1 : num_threads;
-  // Each thread takes a contiguous run of panels balanced by their tiles, plus 4 per panel for its
-  // stores (a tile costs one product per 16 columns, a panel's store a conversion per column;
-  // with 1 instead of 4, 1536x384 at batch 128, 75% zero tiles, measured ~10% slower), so it
-  // knows the next panel to prefetch.
-  std::vector<int64_t> runs;
-  balanced_runs(w.tile_ptr, npanels, 4, nt, &runs);
-  int bad = 0;
-
-  const bool own_x = nt == 1 || xfloats * 4 <= kOwnPackBytes;
-
-#pragma omp parallel num_threads(nt) reduction(| : bad)
-  {
-    uint16_t* x_packed = shared_x;
-    if (own_x) {
-      if (omp_get_thread_num() > 0) x_packed = reinterpret_cast<uint16_t*>(scratch(2, xfloats));
-      for (int64_t b = 0; b < nb; ++b) bad |= pack_x(x, kt, nb, b, x_packed);
-    } else {
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < nb; ++b) bad |= pack_x(x, kt, nb, b, x_packed);
-    }
-
-    const TileConfig config;
-    _tile_loadconfig(&config);
-    const int t = omp_get_thread_num(), threads = omp_get_num_threads();
-    // A runtime that gave fewer threads than asked: split the panels evenly instead.
-    const int64_t first = threads == nt ? runs[t] : npanels * t / threads;
-    const int64_t last = threads == nt ? runs[t + 1] : npanels * (t + 1) / threads;
-    int64_t most = 0;
-    for (int64_t j = first; j < last; ++j) most = std::max(most, w.tile_ptr[j + 1] - w.tile_ptr[j]);
-    uint16_t* repacked = reinterpret_cast<uint16_t*>(scratch(1, most * Cfg::kTileSize / 2 + kGroup * Cfg::kTileSize));
-    float* acc = reinterpret_cast<float*>(repacked + most * Cfg::kTileSize);
-    for (int64_t j = first; j < last; ++j) {
-      const int64_t t0 = w.tile_ptr[j], count = w.tile_ptr[j + 1] - t0;
-      repack_panel(w.values + t0 * Cfg::kTileSize, count, repacked);
-      // gcc's _tile_loadd does not tell the compiler that it reads memory: keep the stores above.
-      asm volatile("" ::: "memory");
-      const bool has_next = j + 1 < last;
-      const char* next = reinterpret_cast<const char*>(w.values + (has_next ? w.tile_ptr[j + 1] : t0) * Cfg::kTileSize);
-      const int64_t next_count = has_next ? w.tile_ptr[j + 2] - w.tile_ptr[j + 1] : 0;
-      const int64_t n0 = j * Cfg::kTileN;
-      const int rows = static_cast<int>(std::min<int64_t>(Cfg::kTileN, N - n0));
-      for (int64_t b0 = 0; b0 < nb; b0 += kGroup) {
-        const int blocks = static_cast<int>(std::min<int64_t>(kGroup, nb - b0));
-        const uint16_t* xa = x_packed + b0 * 2 * Cfg::kTileSize;
-        const int64_t pf = b0 == 0 ? next_count : 0;  // prefetch during the first pass only
-        switch (blocks) {
-          case 4: panel_pass<4>(repacked, w.tile_idx + t0, count, xa, nb, next, pf, acc); break;
-          case 3: panel_pass<3>(repacked, w.tile_idx + t0, count, xa, nb, next, pf, acc); break;
-          case 2: panel_pass<2>(repacked, w.tile_idx + t0, count, xa, nb, next, pf, acc); break;
-          default: panel_pass<1>(repacked, w.tile_idx + t0, count, xa, nb, next, pf, acc); break;
-        }
-        for (int i = 0; i < blocks; ++i) {
-          const int64_t p0 = 16 * (b0 + i);
-          store_block(acc + i * Cfg::kTileSize, bias_f + n0, rows, std::min<int64_t>(16, P - p0), y, n0, p0);
-        }
-      }
-    }
-    _tile_release();
-  }
-
-  if (bad) {
-    // Stored tiles multiply every x in their 16 columns (0 * Inf = NaN as in dense); skipped
-    // tiles are what propagate_nonfinite makes up for.
-    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) {
-      return masked_stored_flags(w, n, flags);
-    });
-  }
+  const int nt = w.ntiles * MaskedCpuConfig::kTileSize * x.cols < MaskedCpuConfig::kSerialWork ? 1 : num_threads;
+  amx::run(MaskedPanels{w, w.rows, w.cols}, x, bias, y, nt);
 }
 
 }  // namespace pyhwp

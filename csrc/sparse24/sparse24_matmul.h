@@ -55,6 +55,10 @@ struct Sparse24CpuConfig {
   // 1.38x, 4096x4096 1.39x -> 1.43x; batch 16 within noise except 4096x4096 (1.54x -> 1.69x).
   static constexpr int64_t kTileRows = 128;
   static constexpr int64_t kSerialWork = 1 << 15;  // slots * P below this runs on one thread
+  // bfloat16 on AMX (sparse24_matmul_bf16_amx) from this many columns of X, where the permute
+  // kernels stop: at 4 columns they beat it (4096x4096 840 against 1455 us), at 8 the AVX-512 tile
+  // kernel is 2.2x slower than AMX (3070 against 1390 us).
+  static constexpr int64_t kAmxMinCols = kPermuteMaxP;
   static constexpr int64_t kTileRowsAhead = 8;   // tile kernels: rows of W prefetched ahead
   static_assert(kChunk == 32 && kGroup == 4 && kKeep == 2,
                 "one uint32 of 2-bit indices covers 16 slots = 8 groups = 32 inputs");
@@ -83,6 +87,14 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
 // memory (half the bytes of float32, which is what batch-1 products are bound by).
 void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                           const DenseOutBf16& y, int num_threads);
+
+// The AMX path of sparse24_matmul_bf16 (sparse24_matmul_amx.cpp), taken when the active ISA is
+// kAmx and X has at least kAmxMinCols columns: each panel of 16 rows expanded to dense bfloat16
+// blocks for the tile unit. Products exact, sums in float32 in the unit's order, one rounding of
+// each output; subnormal inputs read as zero and subnormal sums flushed (DAZ/FTZ, as every AMX
+// bfloat16 product). Arguments as sparse24_matmul_bf16, already checked.
+void sparse24_matmul_bf16_amx(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                              const DenseOutBf16& y, int num_threads);
 
 // Rows [row_begin, row_end) of Y, one kernel per ISA (sparse24_matmul_{cpu,avx2,avx512}.cpp). Row n
 // goes to y.data + (n - row_begin) * y.stride_n; bias may be nullptr.

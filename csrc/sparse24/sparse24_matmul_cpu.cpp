@@ -247,6 +247,12 @@ void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, con
   if (N == 0 || P == 0) return;
   PYHWP_CHECK(y.data != nullptr, "sparse24_matmul_bf16: null y");
   PYHWP_CHECK(K == 0 || (x.data && w.values && w.meta), "sparse24_matmul_bf16: null x, values or meta");
+#ifdef PYHWP_AMX_KERNELS
+  if (active_isa() == Isa::kAmx && P >= Sparse24CpuConfig::kAmxMinCols) {
+    sparse24_matmul_bf16_amx(w, x, bias, y, num_threads);
+    return;
+  }
+#endif
   // X widened k-contiguous and zero-padded to Kp (what the permute kernels read as is) unless it
   // comes in the conv layout at a batch the tile kernels take; the driver uses slots 0 and 1.
   const bool k_rows = P < Sparse24CpuConfig::kPermuteMaxP || x.stride_k == 1;

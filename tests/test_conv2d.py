@@ -182,6 +182,25 @@ def test_sparse24_1x1_convs_keep_their_own_kernel():
     assert_conv_close(pyhwp.conv2d(x, sw), x, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k, stride, padding, dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((5, 3), (2, 1), (2, 0), (1, 2)), ((1, 1), (2, 2), (0, 0), (1, 1)),
+    ((7, 7), (2, 2), (3, 3), (1, 1)), ((3, 3), (1, 1), (0, 0), (2, 2))])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_im2col_equals_unfold(dtype, k, stride, padding, dilation, layout):
+    """conv2d's patch matrix (a strided view of the padded image, copied once) is F.unfold's."""
+    from pyhwp.ops.conv2d import _im2col
+
+    x = torch.randn(2, 5, 11, 9).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    ref = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)
+    ho = (11 + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    wo = (9 + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    for i in range(2):
+        assert torch.equal(_im2col(x[i], k, dilation, padding, stride, (ho, wo)), ref[i])
+
+
 def test_conv2d_reference_is_dense_conv():
     g_ = torch.Generator().manual_seed(500)
     w = random_sparse((6, 4, 3, 3), 0.5, g_)

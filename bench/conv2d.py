@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/conv2d.py [--pattern csr] [--sparsity 0.9] [--batch 1 32] [--json out.json]
 
 For each shape, batch and pattern it times, in one interleaved run: torch's dense conv2d, pyhwp.conv2d,
-and the two halves of pyhwp's general path on their own (im2col = F.unfold per image; gemm = the
+and the two halves of pyhwp's general path on their own (im2col = conv2d's patch matrix per image; gemm = the
 pattern's matmul on the ready patch matrices), so the split of the time is measured, not guessed.
 For CSR (whose inference runs the implicit-GEMM kernel, no im2col) `taps` times the per-tap path
 that autograd and NaN/Inf inputs take instead: one GEMM per kernel tap on shifted views.
@@ -66,17 +66,19 @@ def run_case(cin, cout, k, stride, pad, hw, batch, pattern, sparsity, budget_s, 
     x = torch.randn(batch, cin, hw, hw, generator=g)
     fns = {"dense": lambda: F.conv2d(x, w, None, stride, pad),
            "pyhwp": lambda: pyhwp.conv2d(x, sw, None, stride, pad)}
+    ho = (hw + 2 * pad - k) // stride + 1
     if k > 1:
         matmul = MATMULS[find_kernel("conv2d", pattern, x.device, x.dtype).name]
-        cols = [F.unfold(x[i:i + 1], k, padding=pad, stride=stride)[0] for i in range(batch)]
-        fns["im2col"] = lambda: [F.unfold(x[i:i + 1], k, padding=pad, stride=stride) for i in range(batch)]
+        im2col = sys.modules["pyhwp.ops.conv2d"]._im2col
+        args = ((k, k), (1, 1), (pad, pad), (stride, stride), (ho, ho))
+        cols = [im2col(x[i], *args) for i in range(batch)]
+        fns["im2col"] = lambda: [im2col(x[i], *args) for i in range(batch)]
         fns["gemm"] = lambda: [matmul(c.t(), sw, None, True) for c in cols]
         taps = sw.kernel_taps() if stride == 1 else None
         if taps is not None:  # the per-tap path (autograd, NaN/Inf inputs), whole
             shifted = sys.modules["pyhwp.ops.conv2d"]._shifted_conv
             fns["taps"] = lambda: shifted(matmul, taps, x, None, (pad,) * 4, (1, 1), (k, k), (hw, hw))
     t = interleaved_medians(fns, budget_s=budget_s)
-    ho = (hw + 2 * pad - k) // stride + 1
     dense_flop = 2 * cout * cin * k * k * ho * ho * batch
     useful_flop = 2 * sw.nnz * ho * ho * batch
     return {

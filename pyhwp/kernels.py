@@ -66,10 +66,10 @@ KERNELS: tuple[Kernel, ...] = (
            note="row-parallel SpMM; AVX-512/AVX2/scalar by run-time dispatch; bfloat16 accumulates in float32"),
     Kernel("sparse24_matmul", "2:4", ("linear", "conv2d"), "cpu", (torch.float32, torch.bfloat16),
            note="2:4 compressed GEMM (x selected in registers, no gather); AVX-512/AVX2/scalar; "
-                "bfloat16 accumulates in float32"),
+                "bfloat16 accumulates in float32 (on AMX from 8 rows: expanded dense tiles)"),
     Kernel("masked_matmul", "masked", ("linear", "conv2d"), "cpu", (torch.float32, torch.bfloat16),
            note="register-blocked dense micro-kernel over stored 16x16 tiles; AVX-512/AVX2/scalar; "
-                "bfloat16 accumulates in float32"),
+                "bfloat16 accumulates in float32 (on AMX from 8 rows: one tile multiply per stored tile)"),
     Kernel("torch_dense", "dense", ("linear", "conv2d"), "cpu", (torch.float32, torch.float64, torch.bfloat16),
            provider="torch", note="torch.nn.functional.linear / conv2d on the dense weight (MKL/oneDNN)"),
     Kernel("torch_csr", "csr", ("linear",), "cpu", (torch.float32, torch.float64),

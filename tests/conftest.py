@@ -7,8 +7,8 @@ import torch
 
 from pyhwp._ext import _C
 
-# The kernel variants this build compiled that this CPU runs. "amx" adds one kernel to "avx512" (the
-# bfloat16 masked matmul), so the `isa` fixture leaves it out and `bf16_isa` adds it.
+# The kernel variants this build compiled that this CPU runs. "amx" adds two kernels to "avx512" (the
+# bfloat16 masked and 2:4 matmuls), so the `isa` fixture leaves it out and `bf16_isa` adds it.
 BF16_ISAS = [isa for isa in _C.build_info()["cpu_kernels"] if isa == "scalar" or _C.cpu_features()[isa]]
 ISAS = [isa for isa in BF16_ISAS if isa != "amx"]
 HAS_CUDA = torch.cuda.is_available() and _C.build_info()["cuda"]
@@ -39,5 +39,5 @@ def isa(request):
 
 @pytest.fixture(params=BF16_ISAS)
 def bf16_isa(request):
-    """`isa` plus AMX where this build and machine have it (the bfloat16 masked kernel)."""
+    """`isa` plus AMX where this build and machine have it (the bfloat16 masked and 2:4 kernels)."""
     yield from _capped(request.param)

@@ -201,6 +201,23 @@ def test_im2col_equals_unfold(dtype, k, stride, padding, dilation, layout):
         assert torch.equal(_im2col(x[i], k, dilation, padding, stride, (ho, wo)), ref[i])
 
 
+def test_im2col_falls_back_to_unfold(monkeypatch):
+    """With autograd (F.unfold's backward is a fold) and in compiled graphs conv2d's patch matrix
+    is F.unfold's own, values and gradient."""
+    from pyhwp.ops.conv2d import _im2col
+
+    args = ((3, 3), (1, 1), (1, 1), (2, 2), (4, 5))
+    x = torch.randn(3, 7, 9, requires_grad=True)
+    cols = _im2col(x, *args)
+    ref = F.unfold(x[None], (3, 3), padding=1, stride=2)[0]
+    assert torch.equal(cols, ref)
+    (g,) = torch.autograd.grad(cols.sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    assert torch.equal(g, g_ref)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(_im2col(x.detach(), *args), ref)
+
+
 def test_conv2d_reference_is_dense_conv():
     g_ = torch.Generator().manual_seed(500)
     w = random_sparse((6, 4, 3, 3), 0.5, g_)

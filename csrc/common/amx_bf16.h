@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/bf16.h"
 #include "common/dense.h"
 #include "common/simd_avx512.h"
 
@@ -231,6 +232,8 @@ inline void store_block(const float* acc, const float* bias, int rows, int64_t c
 //   void fix_nonfinite(const DenseInBf16& x, const DenseOutBf16& y) const;
 //                                                              after a NaN/Inf in X: what the
 //                                                              skipped weights leave undone
+// Scratch slots: the driver uses 0 (calling thread: bias, shared X), 1 (every thread: C, B,
+// steps) and 2 (threads > 0: their own X); slot 3 is the Panels' own.
 template <typename Panels>
 void run(const Panels& w, const DenseInBf16& x, const uint16_t* bias, const DenseOutBf16& y, int nt) {
   const int64_t N = w.rows, K = w.cols, P = x.cols;
@@ -242,7 +245,8 @@ void run(const Panels& w, const DenseInBf16& x, const uint16_t* bias, const Dens
   const int64_t bias_floats = 16 * npanels;
   float* bias_f = scratch(0, bias_floats + xfloats);
   uint16_t* shared_x = reinterpret_cast<uint16_t*>(bias_f + bias_floats);
-  for (int64_t n = 0; n < 16 * npanels; ++n) bias_f[n] = bias && n < N ? bf16_to_float(bias[n]) : 0.f;
+  std::fill(bias_f, bias_f + bias_floats, 0.f);
+  widen_bf16(bias, N, bias_f);  // (nothing for no bias)
   std::vector<int64_t> runs;
   w.runs(nt, &runs);
   const bool own_x = nt == 1 || xfloats * 4 <= kOwnPackBytes;

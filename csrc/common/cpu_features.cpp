@@ -3,7 +3,7 @@
 
 #include <atomic>
 
-#if defined(__linux__) && defined(__x86_64__)
+#if defined(PYHWP_AMX_KERNELS) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -26,7 +26,7 @@ const CpuFeatures& cpu_features() {
     r.avx512_vbmi2 = r.avx512 && __builtin_cpu_supports("avx512vbmi2");
 #endif
 #endif
-#if defined(__linux__) && defined(__x86_64__)
+#if defined(PYHWP_AMX_KERNELS) && defined(__linux__)
     // Linux enables the 8 KiB tile state per process on request (arch_prctl, kernel >= 5.16); a
     // tile instruction without it faults. oneDNN asks the same way, so torch may have already.
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;

@@ -5,7 +5,7 @@
 namespace pyhwp {
 
 // Kernel variants, from the most portable to the fastest. kAmx is AVX-512 plus the AMX tile unit:
-// ops with an AMX kernel (bfloat16 masked matmul) use it, every other op its AVX-512 kernel.
+// ops with an AMX kernel (bfloat16 masked and 2:4 matmul) use it, every other op its AVX-512 one.
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 struct CpuFeatures {

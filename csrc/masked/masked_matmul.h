@@ -118,7 +118,8 @@ void masked_matmul(const MaskedMatrix& w, const DenseIn& x, const float* bias, c
 // Y = W X + bias with bfloat16 W, X, bias and Y: float32 products and sums, one
 // round-to-nearest-even conversion of each output (the contract of csr_matmul_bf16). X and Y
 // are converted to/from float32 in scratch of the calling thread; the tiles stay bfloat16 in
-// memory (512 instead of 1024 bytes each).
+// memory (512 instead of 1024 bytes each). Under Isa::kAmx, from kAmxMinCols columns:
+// masked_matmul_bf16_amx (below).
 void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                         const DenseOutBf16& y, int num_threads);
 

@@ -10,6 +10,9 @@ namespace pyhwp {
 
 namespace {
 
+static_assert(MaskedCpuConfig::kTileN == 16 && MaskedCpuConfig::kTileK == 16,
+              "a stored tile is one 16 x 16 block of the tile unit");
+
 struct MaskedPanels {
   const MaskedMatrixBf16& w;
   int64_t rows, cols;

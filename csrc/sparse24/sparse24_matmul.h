@@ -84,7 +84,8 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
 // Y = W X + bias with bfloat16 W, X, bias and Y: float32 products and sums, one
 // round-to-nearest-even conversion of each output (the contract of csr_matmul_bf16). X and Y
 // are converted to/from float32 in scratch of the calling thread; W's values stay bfloat16 in
-// memory (half the bytes of float32, which is what batch-1 products are bound by).
+// memory (half the bytes of float32, which is what batch-1 products are bound by). Under
+// Isa::kAmx, from kAmxMinCols columns: sparse24_matmul_bf16_amx (below).
 void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                           const DenseOutBf16& y, int num_threads);
 

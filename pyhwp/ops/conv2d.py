@@ -66,7 +66,8 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     Each image and group is one GEMM Y_g (out/groups, L) = W_g (out/groups, C/groups*kh*kw)
     X_g (C/groups*kh*kw, L), L = H_out*W_out, run by the kernel of W's pattern with
     transpose_out=True so Y_g is already the NCHW output plane. X_g is x itself for 1x1 convs
-    (subsampled for stride > 1) and torch's im2col (F.unfold) otherwise; W_g = weight.row_slice.
+    (subsampled for stride > 1) and the im2col patch matrix otherwise (_im2col: a copy of a strided
+    view of the padded image in CPU inference, F.unfold elsewhere); W_g = weight.row_slice.
     CSR float32 CPU inference with groups == 1 and stride 1 (or 1x1) runs the whole batch as one
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
     so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference do the same with the
@@ -307,11 +308,13 @@ def _remember_fast(key, x, weight, **run) -> None:
 
 def _im2col(x: torch.Tensor, kernel, dilation, padding, stride, out_hw) -> torch.Tensor:
     """F.unfold of one (C, H, W) image: the (C*kh*kw, H_out*W_out) patch matrix, rows in weight
-    order (c, r, s). On the CPU outside compiled graphs it is one copy of a strided view of the
-    padded image, which measured 2.3-6.4x faster than F.unfold on the 3x3 ResNet-50 shapes
-    (64->64 @56x56: 1361 -> 420 us float32, 1416 -> 220 us bfloat16)."""
+    order (c, r, s). In CPU inference outside compiled graphs it is one copy of a strided view of
+    the padded image, which measured 2.3-6.4x faster than F.unfold on the 3x3 ResNet-50 shapes
+    (64->64 @56x56: 1361 -> 420 us float32, 1416 -> 220 us bfloat16); F.unfold everywhere else
+    (its backward is a fold, where as_strided's would scatter through an index)."""
     (kh, kw), (dh, dw), (ph, pw), (sh, sw), (ho, wo) = kernel, dilation, padding, stride, out_hw
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if (x.device.type != "cpu" or torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
         return F.unfold(x[None], kernel, dilation=dilation, padding=padding, stride=stride)[0]
     xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     c = xp.shape[0]

@@ -1,9 +1,9 @@
 // AMX 2:4 matmul for bfloat16 (Sapphire Rapids and later) on the shared AMX driver
 // (common/amx_bf16.h). The tile unit has no use for the zeros a 2:4 weight skips, so each panel is
-// expanded to dense 16 x 32 blocks (one per metadata word, every step a K = 32 product): from
-// batch 16 the bfloat16 2:4 kernels had lost to torch's dense AMX product (0.5x at batch 16,
-// 0.3x at 128 on 4096x4096), and the expanded product does the dense work on half the weight
-// bytes.
+// expanded to dense 16 x 32 blocks (one per metadata word, every step a K = 32 product). From
+// batch 8 the bfloat16 2:4 vector kernels lose to torch's dense AMX product (0.4-0.6x at batch 8
+// and 16, 0.2-0.3x at 128); the expanded product does the dense work from half the weight bytes
+// and measured 0.8-1.2x dense (bench/NOTES.md, stop 21).
 #include "common/amx_bf16.h"
 #include "sparse24/sparse24_matmul.h"
 

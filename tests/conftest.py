@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import BF16_ISAS, ISAS
 from pyhwp._ext import _C
 
-# The kernel variants this build compiled that this CPU runs. "amx" adds two kernels to "avx512" (the
-# bfloat16 masked and 2:4 matmuls), so the `isa` fixture leaves it out and `bf16_isa` adds it.
-BF16_ISAS = [isa for isa in _C.build_info()["cpu_kernels"] if isa == "scalar" or _C.cpu_features()[isa]]
-ISAS = [isa for isa in BF16_ISAS if isa != "amx"]
 HAS_CUDA = torch.cuda.is_available() and _C.build_info()["cuda"]
-
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from pyhwp._ext import _C
+
+# The kernel variants this build compiled that this CPU runs. "amx" adds two kernels to "avx512" (the
+# bfloat16 masked and 2:4 matmuls), so ISAS (the conftest `isa` fixture) leaves it out and
+# BF16_ISAS (`bf16_isa`) keeps it.
+BF16_ISAS = [isa for isa in _C.build_info()["cpu_kernels"] if isa == "scalar" or _C.cpu_features()[isa]]
+ISAS = [isa for isa in BF16_ISAS if isa != "amx"]
+
 # Unit roundoff per dtype: the tolerance table. A dot product of n terms summed in any order is
 # within n * u * sum|terms| of the exact value (Higham, Accuracy and Stability, 3.1).
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8,

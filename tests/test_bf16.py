@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import pyhwp
-from helpers import assert_linear_close_bf16, pattern_weight
+from helpers import BF16_ISAS, assert_linear_close_bf16, pattern_weight
 from pyhwp._ext import _C
 
-HAS_AMX = "amx" in _C.build_info()["cpu_kernels"] and _C.cpu_features()["amx"]
+HAS_AMX = "amx" in BF16_ISAS
 
 PATTERNS = ["2:4", "masked"]
 # Odd sizes around the 2:4 groups (4) and metadata words (32), masked tiles (16) and panels.

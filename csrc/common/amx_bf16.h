@@ -64,22 +64,18 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 
-inline __mmask16 first_n(int64_t n) {  // lanes < n (none for n <= 0)
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
 // The 16 x 16 block of X at k-tile t, columns 16 b.. as rows[r] = X(16 t .. 16 t + 15, 16 b + r),
 // zeros past K and P.
 inline void load_block(const DenseInBf16& x, int64_t t, int64_t b, __m256i rows[16]) {
   const int64_t K = x.rows, P = x.cols, k0 = 16 * t, p0 = 16 * b;
   if (x.stride_k == 1) {  // linear: a column's k are contiguous
-    const __mmask16 km = first_n(K - k0);
+    const __mmask16 km = avx512::tail_mask(K - k0);
     for (int r = 0; r < 16; ++r) {
       rows[r] = p0 + r < P ? _mm256_maskz_loadu_epi16(km, x.data + (p0 + r) * x.stride_p + k0)
                            : _mm256_setzero_si256();
     }
   } else if (x.stride_p == 1) {  // conv patch matrix: load k rows, transpose as 32-bit lanes
-    const __mmask16 pm = first_n(P - p0);
+    const __mmask16 pm = avx512::tail_mask(P - p0);
     __m512 m[16];
     for (int c = 0; c < 16; ++c) {
       const __m256i v = k0 + c < K ? _mm256_maskz_loadu_epi16(pm, x.data + (k0 + c) * x.stride_k + p0)
@@ -137,6 +133,8 @@ void panel_pass(const uint16_t* b, const Step* steps, int64_t count, const uint1
     }
     const Step step = steps[s];
     const uint16_t* a = xa + int64_t{step.t / 2} * nb * kBlock;
+    // The two step kinds are spelled out: gcc's tile intrinsics paste their register numbers into
+    // the asm text, so they take literals, not template parameters.
     if (step.pair) {  // k-tiles t, t + 1: K = 32
       _tile_loadd(6, b, 64);
       _tile_loadd(7, a, 64);
@@ -156,7 +154,7 @@ void panel_pass(const uint16_t* b, const Step* steps, int64_t count, const uint1
       b += 2 * kTile;
       continue;
     }
-    a += 16 * (step.t % 2);
+    a += 16 * (step.t % 2);  // k-tile t: its half of the pair block
     _tile_loadd(4, b, 64);
     _tile_loadd(5, a, 64);
     _tile_dpbf16ps(0, 5, 4);
@@ -186,7 +184,7 @@ void panel_pass(const uint16_t* b, const Step* steps, int64_t count, const uint1
 // columns and `rows` rows are inside Y.
 inline void store_block(const float* acc, const float* bias, int rows, int64_t cols, const DenseOutBf16& y,
                         int64_t n0, int64_t p0) {
-  const __mmask16 nm = first_n(rows);
+  const __mmask16 nm = avx512::tail_mask(rows);
   if (y.stride_n == 1) {  // linear: a row p of the block is 16 consecutive outputs
     const __m512 b = _mm512_maskz_loadu_ps(nm, bias);
     for (int64_t r = 0; r < cols; r += 2) {
@@ -211,7 +209,7 @@ inline void store_block(const float* acc, const float* bias, int rows, int64_t c
       const __m256i row = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
       uint16_t* out = y.data + (n0 + n + h) * y.stride_n + p0 * y.stride_p;
       if (y.stride_p == 1) {  // conv: an output row's columns are contiguous
-        _mm256_mask_storeu_epi16(out, first_n(cols), row);
+        _mm256_mask_storeu_epi16(out, avx512::tail_mask(cols), row);
       } else {
         alignas(32) uint16_t lanes[16];
         _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), row);
@@ -222,7 +220,7 @@ inline void store_block(const float* acc, const float* bias, int rows, int64_t c
 }
 
 // The driver. Panels (one per weight format) provides:
-//   int64_t rows, cols;                                        N and K
+//   w                                                          the weight (w.rows = N, w.cols = K)
 //   void runs(int nt, std::vector<int64_t>* runs) const;       nt + 1 bounds of contiguous panel
 //                                                              runs of about equal work
 //   int64_t capacity(int64_t first, int64_t last) const;       B values of the largest panel
@@ -236,7 +234,7 @@ inline void store_block(const float* acc, const float* bias, int rows, int64_t c
 // steps) and 2 (threads > 0: their own X); slot 3 is the Panels' own.
 template <typename Panels>
 void run(const Panels& w, const DenseInBf16& x, const uint16_t* bias, const DenseOutBf16& y, int nt) {
-  const int64_t N = w.rows, K = w.cols, P = x.cols;
+  const int64_t N = w.w.rows, K = w.w.cols, P = x.cols;
   const int64_t npanels = (N + 15) / 16, kt = (K + 15) / 16;
   const int64_t nb = (P + 15) / 16;  // blocks of 16 columns
 

@@ -61,6 +61,8 @@ static std::atomic<int> g_isa{static_cast<int>(best_isa())};
 
 Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
 
+Isa vector_isa() { return lower(active_isa(), Isa::kAvx512); }
+
 Isa set_isa_cap(Isa cap) {
   const Isa isa = lower(cap, best_isa());
   g_isa.store(static_cast<int>(isa));

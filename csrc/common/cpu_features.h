@@ -31,6 +31,10 @@ Isa best_compiled_isa();
 // by set_isa_cap.
 Isa active_isa();
 
+// The ISA of the vector kernels: active_isa() with kAmx read as kAvx512. Every dispatch of SIMD
+// kernels takes this one; only the AMX entry points look at active_isa() for kAmx.
+Isa vector_isa();
+
 // Caps the kernels to `cap` (for tests and benchmarks of the fallbacks); never raises the ISA
 // above what the CPU supports and the build compiled. Returns the ISA now active.
 Isa set_isa_cap(Isa cap);

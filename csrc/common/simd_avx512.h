@@ -7,7 +7,7 @@
 
 namespace pyhwp::avx512 {
 
-// Lanes < count set, for masked loads/stores of a tail; count in [1, 16].
+// Lanes < count set, for masked loads/stores of a tail; count >= 1 (16 or more: every lane).
 inline __mmask16 tail_mask(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
 }

@@ -15,7 +15,7 @@ TransposeFn transpose_avx512();  // common/transpose_avx512.cpp: whole 16x16 blo
 
 inline TransposeFn pick_transpose([[maybe_unused]] Isa isa) {
 #ifdef PYHWP_X86_KERNELS
-  if (isa >= Isa::kAvx512) return transpose_avx512();
+  if (isa == Isa::kAvx512) return transpose_avx512();
 #endif
   return transpose_scalar();
 }

@@ -112,7 +112,7 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const int32_t* offset
   const PaddedPlanes pd(g);
   const int64_t work = w.nnz * g.images * g.ho * pd.wp;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
-  const ConvRun<float> run{csr_kernels<int32_t, float>(active_isa()), {offsets, w.values}, w.row_offsets, starts,
+  const ConvRun<float> run{csr_kernels<int32_t, float>(vector_isa()), {offsets, w.values}, w.row_offsets, starts,
                            w.rows, csr_conv2d_blocks(g), g, pd, bias, y};
   return run_implicit_conv(
       g, pd, w.rows, x, nt,

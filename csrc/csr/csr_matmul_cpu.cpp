@@ -110,7 +110,6 @@ template <typename I, typename T>
 CsrKernels<I, T> csr_kernels(Isa isa) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
-    case Isa::kAmx:  // no AMX kernel: the AVX-512 one
     case Isa::kAvx512: return csr_kernels_avx512<I, T>();
     case Isa::kAvx2: return csr_kernels_avx2<I, T>();
 #endif
@@ -285,7 +284,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
              YView y, int num_threads) {
   const int64_t K = pr.K, P = pr.P;
   const int nt = pr.ro[pr.N] * P < Cfg::kSerialWork ? 1 : num_threads;
-  const Isa isa = active_isa();
+  const Isa isa = vector_isa();
   const CsrKernels<I, T> kern = csr_kernels<I, T>(isa);
   const TransposeFn transpose = pick_transpose(isa);
   constexpr bool kFloat = std::is_same_v<S, float>;

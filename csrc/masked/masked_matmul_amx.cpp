@@ -15,12 +15,11 @@ static_assert(MaskedCpuConfig::kTileN == 16 && MaskedCpuConfig::kTileK == 16,
 
 struct MaskedPanels {
   const MaskedMatrixBf16& w;
-  int64_t rows, cols;
 
   // Contiguous runs of panels balanced by their tiles, plus 4 per panel for its stores (a tile
   // costs one product per 16 columns, a panel's store a conversion per column; with 1 instead of
   // 4, 1536x384 at batch 128, 75% zero tiles, measured ~10% slower).
-  void runs(int nt, std::vector<int64_t>* r) const { balanced_runs(w.tile_ptr, (rows + 15) / 16, 4, nt, r); }
+  void runs(int nt, std::vector<int64_t>* r) const { balanced_runs(w.tile_ptr, (w.rows + 15) / 16, 4, nt, r); }
 
   int64_t capacity(int64_t first, int64_t last) const {
     int64_t most = 0;
@@ -68,7 +67,7 @@ struct MaskedPanels {
 void masked_matmul_bf16_amx(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                             const DenseOutBf16& y, int num_threads) {
   const int nt = w.ntiles * MaskedCpuConfig::kTileSize * x.cols < MaskedCpuConfig::kSerialWork ? 1 : num_threads;
-  amx::run(MaskedPanels{w, w.rows, w.cols}, x, bias, y, nt);
+  amx::run(MaskedPanels{w}, x, bias, y, nt);
 }
 
 }  // namespace pyhwp

@@ -65,7 +65,6 @@ template <typename T>
 IsaKernel<T> pick(Isa isa) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
-    case Isa::kAmx:  // no AMX kernel for float32: the AVX-512 one
     case Isa::kAvx512:
       return {masked_block_avx512<T>, masked_pack_avx512, masked_store_avx512, Cfg::kMrAvx512,
               masked_wide_avx512<T>, masked_store_wide_avx512};
@@ -180,7 +179,7 @@ void run_masked(const MaskedMatrixT<T>& w, const DenseIn& x, const float* bias, 
   const int64_t N = w.rows, K = w.cols, P = x.cols;
   const int64_t npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(K, Cfg::kTileK);
 
-  const IsaKernel<T> isa = pick<T>(active_isa());
+  const IsaKernel<T> isa = pick<T>(vector_isa());
   const int64_t kp = ktiles * Cfg::kTileK;  // packed rows of x, zero past K
   // Columns are split into p-blocks of (nearly) equal width, one register block each. Narrow
   // blocks are 1..mr_max columns: 128 columns on AVX-512 make 5 blocks of 26 or 24, not 4 of 28 and

@@ -22,7 +22,6 @@ static_assert(kConvTileP <= Cfg::kPanel, "a conv tile is at most the tile kernel
 Sparse24ConvRowsFn pick_conv(Isa isa) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
-    case Isa::kAmx:  // no AMX kernel: the AVX-512 one
     case Isa::kAvx512: return sparse24_rows_conv_avx512;
     case Isa::kAvx2: return sparse24_rows_conv_avx2;
 #endif
@@ -113,7 +112,7 @@ bool sparse24_conv2d(const Sparse24Matrix& w, const ConvGeometry& g, const float
   std::vector<int32_t> offsets(static_cast<size_t>(w.cols));
   conv_column_offsets(g, pd, offsets.data());
   const int64_t tile_k = conv_tile_k(g, pd, conv_tile_width(pd.wide_pixels()));
-  const Sparse24ConvRowsFn kernel = pick_conv(active_isa());
+  const Sparse24ConvRowsFn kernel = pick_conv(vector_isa());
   const int64_t N = w.rows, row_blocks = (N + Cfg::kRowBlock - 1) / Cfg::kRowBlock;
   return run_implicit_conv(
       g, pd, N, x, nt,

@@ -29,10 +29,10 @@ inline __m512i expand_masks(__m512i meta) {
 
 struct Sparse24Panels {
   const Sparse24MatrixBf16& w;
-  int64_t rows, cols, words;  // words: metadata words per row, Kp / 32
+  int64_t words;  // metadata words per row, Kp / 32
 
   void runs(int nt, std::vector<int64_t>* r) const {  // every panel has the same work
-    const int64_t npanels = (rows + 15) / 16;
+    const int64_t npanels = (w.rows + 15) / 16;
     r->resize(static_cast<size_t>(nt + 1));
     for (int i = 0; i <= nt; ++i) (*r)[static_cast<size_t>(i)] = npanels * i / nt;
   }
@@ -43,16 +43,16 @@ struct Sparse24Panels {
   // elsewhere) and transposed as pairs: B of k-tiles 2c and 2c + 1.
   int64_t prepare(int64_t j, uint16_t* b, amx::Step* steps) const {
     const int64_t kp2 = words * 16;  // slots per row
-    const int rows_here = static_cast<int>(std::min<int64_t>(16, rows - 16 * j));
+    const int rows_here = static_cast<int>(std::min<int64_t>(16, w.rows - 16 * j));
     uint32_t* masks = reinterpret_cast<uint32_t*>(scratch(3, 16 * words + 16));
     for (int r = 0; r < rows_here; ++r) {
       const uint32_t* meta = w.meta + (16 * j + r) * words;
       for (int64_t c = 0; c < words; c += 16) {
-        const __mmask16 m = amx::first_n(words - c);
+        const __mmask16 m = avx512::tail_mask(words - c);
         _mm512_mask_storeu_epi32(masks + r * words + c, m, expand_masks(_mm512_maskz_loadu_epi32(m, meta + c)));
       }
     }
-    const int64_t kt = (cols + 15) / 16;
+    const int64_t kt = (w.cols + 15) / 16;
     for (int64_t c = 0; c < words; ++c) {
       __m512 m[16];
       for (int r = 0; r < 16; ++r) {
@@ -69,7 +69,7 @@ struct Sparse24Panels {
   }
 
   const char* weights(int64_t j, int64_t* lines) const {
-    *lines = std::min<int64_t>(16, rows - 16 * j) * words * 32 / 64;  // words * 16 bfloat16 a row
+    *lines = std::min<int64_t>(16, w.rows - 16 * j) * words * 32 / 64;  // words * 16 bfloat16 a row
     return reinterpret_cast<const char*>(w.values + 16 * j * words * 16);
   }
 
@@ -83,7 +83,7 @@ void sparse24_matmul_bf16_amx(const Sparse24MatrixBf16& w, const DenseInBf16& x,
                               const DenseOutBf16& y, int num_threads) {
   const int64_t words = sparse24_padded_cols(w.cols) / Sparse24CpuConfig::kChunk;
   const int nt = w.rows * words * 16 * x.cols < Sparse24CpuConfig::kSerialWork ? 1 : num_threads;
-  amx::run(Sparse24Panels{w, w.rows, w.cols, words}, x, bias, y, nt);
+  amx::run(Sparse24Panels{w, words}, x, bias, y, nt);
 }
 
 }  // namespace pyhwp

@@ -100,7 +100,6 @@ template <typename T>
 Sparse24RowsFn<T> pick(Isa isa, bool permute) {
   switch (isa) {
 #ifdef PYHWP_X86_KERNELS
-    case Isa::kAmx:  // no AMX kernel: the AVX-512 ones
     case Isa::kAvx512: return permute ? sparse24_rows_permute_avx512<T> : sparse24_rows_tile_avx512<T>;
     case Isa::kAvx2: return permute ? sparse24_rows_permute_avx2<T> : sparse24_rows_tile_avx2<T>;
 #endif
@@ -145,7 +144,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
   using Cfg = Sparse24CpuConfig;
   const int64_t N = w.rows, K = w.cols, P = x.cols, Kp = sparse24_padded_cols(K);
   const int nt = N * (Kp / 2) * P < Cfg::kSerialWork ? 1 : num_threads;
-  const Isa isa = active_isa();
+  const Isa isa = vector_isa();
 
   bool nonfinite = false;
   if (P < Cfg::kPermuteMaxP) {

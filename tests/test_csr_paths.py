@@ -58,6 +58,44 @@ def test_conv_layout(isa, offset, p):
     assert_linear_close(y.t(), xk.t(), w, terms=_terms(sw))
 
 
+def _conv_layout_x(k, p, offset, g):
+    """(K, P) with p contiguous, rows 64-byte aligned when offset is 0 and p % 16 == 0."""
+    base = torch.randn(k * p + 16, generator=g)
+    return base[offset: offset + k * p].view(k, p)
+
+
+@pytest.mark.parametrize("rows, sparsity", [(37, 0.8), (300, 0.5)], ids=["in-place", "packed"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("p", [1000, 200])
+def test_conv_layout_in_place_and_nonfinite(isa, rows, sparsity, offset, p):
+    """X (K, P) read in place (aligned rows, or rows used fewer than 32 times on average) or
+    packed; P = 1000 spreads groups of column tiles over threads, each scanning its own panel
+    for NaN/Inf, P = 200 splits rows with the scan shared out by K. Values, then NaN/Inf in the
+    first and last column tiles propagate exactly as in the dense product."""
+    g = torch.Generator().manual_seed(p + offset + rows)
+    w = random_sparse((rows, 64), sparsity, g)
+    w[:, 5] = 0  # a column no row stores: a NaN there reaches every output of its pixel
+    sw = pyhwp.to_sparse(w, "csr")
+    xk = _conv_layout_x(64, p, offset, g)
+
+    def run():
+        return torch.ops.pyhwp.csr_matmul(xk.t(), sw.row_offsets, sw.kernel_col_indices, sw.values, None, True)
+
+    assert_linear_close(run().t(), xk.t(), w, terms=_terms(sw))
+    clean = xk.clone()
+    # One at a time: any NaN/Inf found sends the whole output through the exact fix-up, so each
+    # part of the scan needs its own probe.
+    for k, q, v in [(5, 3, "nan"), (17, p - 1, "inf"), (40, p // 2, "-inf"), (63, p - 17, "nan")]:
+        xk.copy_(clean)
+        xk[k, q] = float(v)
+        y, ref = run(), w @ xk
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)), (k, q, v)
+        assert torch.equal(torch.isinf(y), torch.isinf(ref)), (k, q, v)
+        assert torch.equal(y[torch.isinf(y)], ref[torch.isinf(ref)])
+        if k == 5:  # stored in no row: 0 * NaN in every output of that pixel
+            assert bool(torch.isnan(y[:, q]).all())
+
+
 def _assert_bf16_close(y, x, w, bias=None):
     """bfloat16 output of a float32-accumulated product: one final rounding (2^-8 relative)
     plus the float32 summation bound."""

@@ -118,6 +118,18 @@ struct CsrCpuConfig {
   // every row of the block streams past; beyond it, K is split into blocks and Y accumulates.
   static constexpr int64_t kPanelBytes = 1 << 20;
   static constexpr int64_t kRowCost = 8;     // per-row work in nnz units, for load balance
+  // X with p contiguous but unaligned rows is read in place (unaligned loads) when its rows are
+  // used fewer than this many times on average (nnz < kInPlaceReuse * K), else copied to aligned
+  // rows first. DLMC ResNet-50 matrices, P = 196 and 49 (NOTES.md, stop 22): in place was 1.7x
+  // faster at 13 uses per row, about 1.1x at 26, and 1.1x / 1.4x / 1.6x slower at 51 / 102 / 410.
+  static constexpr int64_t kInPlaceReuse = 32;
+  // X read in place with many column tiles (conv-like: few rows, large P): threads take groups of
+  // consecutive tiles whose panel (K rows x the group's columns) is up to this many bytes, and
+  // scan it for NaN/Inf before the kernel reads it, so that the scan's runs along each row are
+  // long enough for the hardware prefetchers. DLMC ResNet-50, P = 3136 and 784 (NOTES.md, stop
+  // 22): groups of one tile (512-byte runs) 1.2-1.6x slower than 2 MiB, 1 MiB 1.1-1.3x slower,
+  // 4 MiB the same.
+  static constexpr int64_t kScanGroupBytes = 2 << 20;
   // Bytes ahead of the current position at which the batch-1 gather kernels (and the 16-column
   // tile kernel) prefetch every line of W's index and value streams: at batch 1 they are bound by
   // how fast those arrive (NOTES.md, stop 17: 1, 2, 3 and 4 KiB measured, 2 the best).

@@ -176,9 +176,11 @@ void run_gather(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, const flo
 // Tile path: X packed (K x ldx, p contiguous, aligned). Rows are split into nnz-balanced chunks;
 // columns into tiles of kTileP; when a tile's X panel exceeds kPanelBytes, K is split into blocks
 // and each chunk accumulates its rows block by block in scratch.
+// With scan_x (X read in place, not packed), the work items also look for NaN/Inf in X, each in
+// its own part of it, and the result says whether they found one; without, it is false.
 template <typename I, typename T>
-void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn transpose,
-              const float* x, int64_t ldx, const float* bias, YView y, int nt) {
+bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn transpose,
+              const float* x, int64_t ldx, const float* bias, YView y, int nt, bool scan_x) {
   const int64_t N = pr.N, K = pr.K, P = pr.P;
   const int64_t tile_p = std::min<int64_t>(Cfg::kTileP, (P + 15) / 16 * 16);
   const int64_t kblock = std::max<int64_t>(64, Cfg::kPanelBytes / (4 * tile_p)) / 16 * 16;
@@ -188,21 +190,23 @@ void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   const int64_t parts = nt;
   std::vector<int64_t> bounds;
   balanced_runs(pr.ro, N, Cfg::kRowCost, parts, &bounds);
-  // Many column tiles and few rows (conv images): spread the column tiles over threads instead.
+  // Many column tiles and few rows (conv images): spread the column tiles over threads instead,
+  // in groups of consecutive tiles when X is read in place (below).
   const bool by_columns = nkb == 1 && ptiles >= 2 * nt;
-  const int64_t items = by_columns ? ptiles : parts * ptiles;
+  // With X in place, a group's panel is scanned for NaN/Inf first, which also brings it into
+  // cache ahead of the kernel's scattered reads of its rows; wider groups scan longer runs of each
+  // row (see kScanGroupBytes). The groups are a multiple of the thread count where possible.
+  int64_t groups = ptiles;
+  if (by_columns && scan_x) {
+    const int64_t fit = std::max<int64_t>(1, Cfg::kScanGroupBytes / (std::max<int64_t>(K, 1) * tile_p * 4));
+    groups = std::min(ptiles, ((ptiles + fit - 1) / fit + nt - 1) / nt * nt);
+  }
+  const int64_t items = by_columns ? groups : parts * ptiles;
+  bool bad = false;
 
-  // Static: one nnz-balanced chunk per thread, the same rows on every call, so that their weights
-  // and outputs stay in that thread's L2 (dynamic scheduling of 4 chunks per thread, at 1536x384,
-  // 90%, 2 threads: batch 128 188-191 -> 165-171 us, batch 16 35-37 -> 32 us; the larger
-  // quick-suite shapes unchanged).
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t c = by_columns ? 0 : it / ptiles, pt = by_columns ? it : it % ptiles;
-    const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];
-    const int64_t r1 = by_columns ? N : bounds[static_cast<size_t>(c + 1)];
+  // One tile: rows [r0, r1) of chunk c over column tile pt.
+  auto run_item = [&](int64_t r0, int64_t r1, int64_t pt) {
     const int64_t p0 = pt * tile_p, width = std::min(tile_p, P - p0);
-    if (r1 <= r0) continue;
     const float* xt = x + p0;
     if (nkb == 1) {
       float* tile = direct ? nullptr : scratch(1, Cfg::kRowBlock * Cfg::kTileP);
@@ -227,7 +231,7 @@ void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
           }
         }
       }
-      continue;
+      return;
     }
     // K blocks: accumulate rows [r0, r1) over the blocks in scratch (or directly in y).
     const int64_t rows = r1 - r0;
@@ -263,7 +267,28 @@ void run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
         }
       }
     }
+  };
+
+  // Static: one nnz-balanced chunk per thread, the same rows on every call, so that their weights
+  // and outputs stay in that thread's L2 (dynamic scheduling of 4 chunks per thread, at 1536x384,
+  // 90%, 2 threads: batch 128 188-191 -> 165-171 us, batch 16 35-37 -> 32 us; the larger
+  // quick-suite shapes unchanged).
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : bad)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t c = by_columns ? 0 : it / ptiles;
+    const int64_t t0 = by_columns ? ptiles * it / groups : it % ptiles;
+    const int64_t t1 = by_columns ? ptiles * (it + 1) / groups : t0 + 1;
+    if (scan_x) {  // the group's panel, or with row chunks, chunk c's share of the tile's rows
+      const int64_t k0 = by_columns ? 0 : K * c / parts, k1 = by_columns ? K : K * (c + 1) / parts;
+      const int64_t p0 = t0 * tile_p, p1 = std::min(P, t1 * tile_p);
+      bad = any_nonfinite(DenseIn{x + k0 * ldx + p0, k1 - k0, p1 - p0, ldx, 1}) || bad;
+    }
+    const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];
+    const int64_t r1 = by_columns ? N : bounds[static_cast<size_t>(c + 1)];
+    if (r1 <= r0) continue;
+    for (int64_t pt = t0; pt < t1; ++pt) run_item(r0, r1, pt);
   }
+  return bad;
 }
 
 // Sets Y(n, p) = NaN where dense would get NaN from 0 * Inf/NaN (see propagate_nonfinite).
@@ -314,18 +339,21 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
 
   const float* xf;
   int64_t ldx;
-  bool bad;
-  const bool aligned = kFloat && xsp == 1 && xsk % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 64 == 0;
-  if (aligned) {
+  bool bad = false;
+  // X with p contiguous is read in place when its rows are aligned, or when they are used too few
+  // times for an aligned copy to pay (see CsrCpuConfig::kInPlaceReuse).
+  const bool in_place = kFloat && xsp == 1 &&
+                        ((xsk % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 64 == 0) ||
+                         pr.ro[pr.N] < Cfg::kInPlaceReuse * K);
+  if (in_place) {  // run_tile looks for NaN/Inf
     xf = reinterpret_cast<const float*>(x), ldx = xsk;
-    bad = any_nonfinite(DenseIn{xf, K, P, xsk, xsp});
   } else {
     ldx = (P + 15) / 16 * 16;
     float* buf = scratch(0, K * ldx);
     bad = pack_panels(x, K, P, xsk, xsp, ldx, buf, nt, transpose);
     xf = buf;
   }
-  run_tile(pr, kern, transpose, xf, ldx, bias, y, nt);
+  bad = run_tile(pr, kern, transpose, xf, ldx, bias, y, nt, in_place) || bad;
   if (bad) fix_nonfinite(pr, XView{xf, ldx, 1}, y);
 }
 

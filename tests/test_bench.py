@@ -126,6 +126,18 @@ def test_unavailable_names_the_reason():
     assert "not registered" in unavailable(cases.linear_case((8, 8), 1, "nope", 0.5), "cpu")
 
 
+def test_interleaved_rounds_rotate_the_order():
+    from pyhwp.bench.timing import interleaved_medians
+
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    medians = interleaved_medians(fns, warmup=1, min_reps=4, max_reps=4, budget_s=0.0)
+    assert set(medians) == set("abc")
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"  # warm-up, then rotated rounds
+    with pytest.raises(ValueError, match="at least one"):
+        interleaved_medians({})
+
+
 def test_targets_evaluate():
     rows = [
         {"name": "a", "section": "linear", "pattern": "csr", "sparsity": 0.9, "batch": 1, "dtype": "float32",

@@ -22,8 +22,11 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 3
                         device: str = "cpu") -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin.
 
-    Each round calls every function once (each call timed alone). Rounds continue until
-    `budget_s` of total time is spent, at least `min_reps` and at most `max_reps` rounds.
+    Each round calls every function once (each call timed alone), starting one function later
+    than the round before (A B C, B C A, C A B, ...), so that no function always follows the
+    same one: a call right after another's pass over a large operand finds the caches in the
+    state that pass left (NOTES.md, stop 22). Rounds continue until `budget_s` of total time is
+    spent, at least `min_reps` and at most `max_reps` rounds.
     """
     if not fns:
         raise ValueError("fns must name at least one function to time")
@@ -35,8 +38,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 3
         samples: dict[str, list[float]] = {k: [] for k in fns}
         start = time.perf_counter()
         reps = 0
+        items = list(fns.items())
         while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
-            for k, f in fns.items():
+            first = reps % len(items)
+            for k, f in items[first:] + items[:first]:
                 t0 = time.perf_counter()
                 f()
                 _sync(device)

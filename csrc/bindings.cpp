@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/amx_conv.h"
 #include "common/cpu_features.h"
 #include "common/dense.h"
 #include "csr/csr_matmul.h"
@@ -225,6 +226,21 @@ PYBIND11_MODULE(_C, m) {
       "(images, C, h, w) input, padded by pt rows on top and pl columns on the left, y the contiguous "
       "(images, out, ho, wo) output; returns True when x holds a NaN/Inf (y then lacks the dense 0*Inf = NaN "
       "terms)");
+
+  m.def(
+      "amx_conv2d_bf16",
+      [=](int64_t out, Addr tiles, Addr nonzero, const Geometry& geometry, Addr x, Addr bias, Addr y,
+          int num_threads) {
+        const pyhwp::AmxConvWeight w{out, ptr<const uint16_t>(tiles), ptr<const uint8_t>(nonzero)};
+        return static_cast<int>(pyhwp::amx_conv2d_bf16(w, conv_geometry(geometry), ptr<const uint16_t>(x),
+                                                       ptr<const uint16_t>(bias), ptr<uint16_t>(y), num_threads));
+      },
+      py::arg("out"), py::arg("tiles"), py::arg("nonzero"), py::arg("geometry"), py::arg("x"), py::arg("bias"),
+      py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "Stride-1 bfloat16 conv2d on the AMX tile unit (common/amx_conv.h): the weight as A tiles "
+      "(out/16, taps, C/32, 16, 32) bfloat16 with one nonzero flag (uint8) per tile, x the contiguous "
+      "(images, C, h, w) input, y the contiguous (images, out, ho, wo) output; returns 0 (done), 1 (x "
+      "holds a NaN/Inf; y untouched) or 2 (no usable tile unit; y untouched)");
 
   m.def(
       "sparse24_conv2d_layout",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
+from pyhwp.ops.amx_conv import amx_available, amx_conv2d_impl, amx_conv_tiles
 from pyhwp.ops.csr import csr_conv2d_cuda_impl, csr_conv2d_cuda_plan, csr_conv2d_impl, csr_conv2d_plan
 from pyhwp.ops.eager import needs_op
 from pyhwp.ops.linear import CPU_CALLS, MATMULS, check_bias
@@ -72,8 +73,11 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
     so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference do the same with the
     2:4 tile kernel (sparse24_conv2d_impl; its groups run across taps and channels, which it reads
-    through a table of offsets). With autograd or NaN/Inf in x, stride-1 CSR convs run one GEMM
-    per kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4 im2col.
+    through a table of offsets). Masked and 2:4 k x k convs in bfloat16 CPU inference on a CPU
+    with AMX run on the tile unit, also without im2col (amx_conv2d_impl: the weight's dense
+    values as tiles, all-zero tiles skipped). With autograd or NaN/Inf in x, stride-1 CSR convs
+    run one GEMM per kernel tap on a shifted view of the padded input instead (see
+    _shifted_conv), 2:4 and masked ones im2col.
     On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
     (csr_conv2d_cuda_impl: the CSR tile kernel over padded planes, the whole batch in one launch,
     float32/float16/bfloat16, NaN/Inf handled on the device without a host sync); with autograd,
@@ -226,15 +230,25 @@ def _implicit_kind(x, weight, bias, kernel) -> str | None:
     """Which implicit-GEMM kernel serves a stride-1, groups-1 call with this input, bias and
     weight: "csr" (csr_conv2d_impl, float32 on the CPU; the CUDA tile kernel, float32, float16
     and bfloat16), "2:4" (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs
-    keep the matmul kernel on x's planes, which packs them aligned), or None. Never with
-    autograd."""
+    keep the matmul kernel on x's planes, which packs them aligned), "amx" (amx_conv2d_impl: a
+    masked or 2:4 kxk kernel, bfloat16 on a CPU whose AMX is in use; 1x1 convs keep the matmul
+    kernels, which run on AMX too), or None. Never with autograd."""
     if needs_op(x, weight.values, bias):
         return None
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
-    if weight.pattern == "2:4" and kernel != (1, 1) and x.device.type == "cpu" and x.dtype == torch.float32:
+    if kernel == (1, 1) or x.device.type != "cpu":
+        return None
+    if weight.pattern == "2:4" and x.dtype == torch.float32:
         return "2:4"
+    if weight.pattern in ("masked", "2:4") and x.dtype == torch.bfloat16 and amx_available():
+        return "amx"
     return None
+
+
+def _amx_tiles(weight: SparseWeight):
+    """The AMX conv tiles of a weight (amx_conv_tiles of its dense values), derived once."""
+    return _derived(weight, "amx_tiles", lambda: amx_conv_tiles(weight.to_dense()))
 
 
 def _implicit_csr_conv(x, weight, bias, geometry):
@@ -272,13 +286,16 @@ class _FastConv:
     what depends on the weight and remembers anew. Holds no reference to the weight (_FAST's
     key must be able to die)."""
 
-    __slots__ = ("key", "dtype", "tensors", "versions", "sparse24", "plan", "geometry", "cpu", "out_shape")
+    __slots__ = ("key", "dtype", "tensors", "versions", "sparse24", "amx", "plan", "geometry", "cpu",
+                 "out_shape")
 
-    def __init__(self, key, x, weight, *, csr=None, sparse24=False, geometry=None, cpu=None, out_shape=None):
+    def __init__(self, key, x, weight, *, csr=None, sparse24=False, amx=False, geometry=None, cpu=None,
+                 out_shape=None):
         self.key, self.dtype = key, x.dtype
         self.tensors = list(weight._tensors().values())
         self.versions = [t._version for t in self.tensors]
         self.sparse24, self.geometry = sparse24, geometry
+        self.amx = _amx_tiles(weight) if amx else None
         self.plan = None if csr is None else _cpu_plan(csr, geometry)
         self.cpu, self.out_shape = cpu, out_shape
 
@@ -287,6 +304,8 @@ class _FastConv:
         None (x holds a NaN/Inf and the implicit-GEMM kernel declines)."""
         if self.sparse24:
             return sparse24_conv2d_impl(x, weight.values, weight.meta, self.geometry, bias)
+        if self.amx is not None:
+            return amx_conv2d_impl(x, *self.amx, weight.shape[0], self.geometry, bias)
         if self.plan is not None:
             return csr_conv2d_impl(x, weight.row_offsets, weight.values, self.plan, self.geometry, bias)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
@@ -342,11 +361,13 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw)
         if kind == "2:4":
             y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
+        elif kind == "amx":
+            y = amx_conv2d_impl(x.contiguous(), *_amx_tiles(weight), out_c, geometry, bias)
         else:
             y = None if kind is None else _implicit_csr_conv(x, weight, bias, geometry)
         if y is not None:
             if fast_key is not None and x.device.type == "cpu" and x.is_contiguous():
-                _remember_fast(fast_key, x, weight, geometry=geometry, sparse24=kind == "2:4",
+                _remember_fast(fast_key, x, weight, geometry=geometry, sparse24=kind == "2:4", amx=kind == "amx",
                                csr=weight if kind == "csr" else None)
             return y
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:

@@ -1,0 +1,212 @@
+"""bfloat16 k x k convs on the AMX tile unit (pyhwp/ops/amx_conv.py, csrc/common/amx_conv.h) for
+masked and 2:4 weights: the tile layout (everywhere), then against float64 references where AMX
+runs: sizes around the tiles (16 output channels, 32 input channels, 16-pixel blocks), padding,
+dilation, batches, zero tiles, NaN/Inf, and the paths that decline."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyhwp
+from helpers import BF16_ISAS, UNIT_ROUNDOFF, pattern_weight
+from pyhwp._ext import _C
+from pyhwp.ops.amx_conv import amx_conv_tiles
+
+conv_mod = importlib.import_module("pyhwp.ops.conv2d")
+HAS_AMX = "amx" in BF16_ISAS
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason="needs AMX (Sapphire Rapids or later) and a build with it")
+
+
+def test_tiles_layout():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(20, 40, 3, 2, generator=g).bfloat16()
+    w[:16, 32:] = 0  # a zero tile at (0, t, 1) for every tap
+    w[0, 33, 1, 1] = -0.0  # -0.0 counts as zero
+    tiles, nonzero = amx_conv_tiles(w)
+    assert tiles.shape == (2, 6, 2, 16, 32) and tiles.dtype == torch.bfloat16 and tiles.is_contiguous()
+    assert nonzero.shape == (2, 6, 2) and nonzero.dtype == torch.uint8
+    for o in range(2):
+        for t in range(6):
+            r, s = divmod(t, 2)
+            for c in range(2):
+                block = torch.zeros(16, 32).bfloat16()  # (output channel, input channel)
+                part = w[16 * o:16 * o + 16, 32 * c:32 * c + 32, r, s]
+                block[:part.shape[0], :part.shape[1]] = part
+                for q in range(16):  # row q: (channel 2q, channel 2q + 1) of every output channel
+                    assert torch.equal(tiles[o, t, c, q].view(16, 2), block[:, 2 * q:2 * q + 2])
+                assert nonzero[o, t, c] == (o == 1 or c == 0)
+
+
+def _assert_close(y, x, w, bias, padding, dilation):
+    """One float32 summation (exact products) rounded once to bfloat16, as in
+    helpers.assert_linear_close_bf16."""
+    xd, wd = x.double(), w.double()
+    bd = None if bias is None else bias.double()
+    ref = F.conv2d(xd, wd, bd, padding=padding, dilation=dilation)
+    mag = F.conv2d(xd.abs(), wd.abs(), None if bd is None else bd.abs(), padding=padding, dilation=dilation)
+    n = w[0].numel() + 2
+    u16, u32 = UNIT_ROUNDOFF[torch.bfloat16], UNIT_ROUNDOFF[torch.float32]
+    tol = u16 * ref.abs() + (1 + u16) * n * u32 * mag + 1e-30
+    assert y.shape == ref.shape and y.dtype == torch.bfloat16 and y.is_contiguous()
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max excess {(err - tol).max().item():.3e}"
+
+
+def _weight(shape, pattern, g):
+    if pattern == "masked":  # 16x16 tiles of the (out, C*kh*kw) matrix, half of them zero
+        w2 = pattern_weight((shape[0], shape[1] * shape[2] * shape[3]), "csr", 0.3, g)
+        n, k = w2.shape
+        keep = torch.rand(-(-n // 16), -(-k // 16), generator=g) >= 0.5
+        w2 = w2 * keep.repeat_interleave(16, 0).repeat_interleave(16, 1)[:n, :k]
+        return w2.reshape(shape).bfloat16()
+    return pattern_weight(shape, pattern, generator=g).bfloat16()
+
+
+@pytest.fixture
+def amx_calls(monkeypatch):
+    """Counts the AMX kernel's completed calls through conv2d."""
+    done = []
+    real = conv_mod.amx_conv2d_impl
+
+    def counted(*args):
+        y = real(*args)
+        done.append(y is not None)
+        return y
+
+    monkeypatch.setattr(conv_mod, "amx_conv2d_impl", counted)
+    return done
+
+
+@needs_amx
+@pytest.mark.parametrize("pattern", ["masked", "2:4"])
+@pytest.mark.parametrize("out, c, k, size, padding, dilation, batch", [
+    (64, 64, (3, 3), 14, 1, 1, 1),     # whole tiles
+    (17, 33, (3, 3), 9, 1, 1, 2),      # a partial channel tile, an odd channel (half a pair)
+    (40, 96, (5, 5), 11, 2, 1, 1),     # three channel blocks, 25 taps
+    (32, 48, (3, 3), 10, 2, 2, 3),     # dilation, padding wider than the reach
+    (16, 16, (3, 1), 7, 0, 1, 1),      # no padding, a non-square kernel
+    (48, 64, (3, 3), 3, 1, 1, 2),      # a 3x3 image: one pixel group holds all of it
+    (24, 8, (7, 7), 20, 3, 1, 1),      # fewer channels than a pair block
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_float64_reference(amx_calls, pattern, out, c, k, size, padding, dilation, batch, with_bias):
+    g = torch.Generator().manual_seed(out * c + size)
+    w = _weight((out, c, *k), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(batch, c, size, size, generator=g).bfloat16()
+    bias = torch.randn(out, generator=g).bfloat16() if with_bias else None
+    y = pyhwp.conv2d(x, sw, bias, padding=padding, dilation=dilation)
+    assert amx_calls == [True]
+    _assert_close(y, x, w, bias, padding, dilation)
+    # the fast path of the next identical call runs the same kernel
+    assert torch.equal(pyhwp.conv2d(x, sw, bias, padding=padding, dilation=dilation), y)
+
+
+@needs_amx
+def test_zero_tiles_and_a_zero_weight(amx_calls):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, 3, 3, generator=g)
+    w[:16] = 0  # a whole channel tile of zeros: every step of it skipped
+    w[16:, 32:, 1, :] = 0  # zero tiles at three taps of the second block
+    x = torch.randn(2, 64, 8, 8, generator=g).bfloat16()
+    for weight in (w.bfloat16(), torch.zeros(32, 64, 3, 3).bfloat16()):
+        y = pyhwp.conv2d(x, pyhwp.to_sparse(weight, "masked"), padding=1)
+        _assert_close(y, x, weight, None, 1, 1)
+    assert amx_calls == [True, True]
+
+
+@needs_amx
+@pytest.mark.parametrize("pattern", ["masked", "2:4"])
+def test_nonfinite_inputs_take_the_exact_path(amx_calls, pattern):
+    """NaN/Inf in x: the kernel declines (skipped zero tiles would drop 0 * Inf = NaN) and the
+    im2col path propagates them as the dense conv does."""
+    g = torch.Generator().manual_seed(4)
+    w = _weight((32, 32, 3, 3), pattern, g)
+    w[:, 5] = 0  # channel 5 stored nowhere
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(1, 32, 6, 6, generator=g).bfloat16()
+    x[0, 5, 2, 3] = float("inf")
+    y = pyhwp.conv2d(x, sw, padding=1)
+    ref = F.conv2d(x.double(), w.double(), padding=1)
+    assert amx_calls == [False]
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and bool(torch.isnan(y).any())
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+
+
+@pytest.mark.parametrize("case", ["isa-capped", "float32", "autograd", "1x1"])
+def test_other_inputs_are_not_its_kind(case):
+    w = _weight((16, 32, 3, 3), "masked", torch.Generator().manual_seed(5))
+    x = torch.randn(1, 32, 6, 6).bfloat16()
+    kernel = (3, 3)
+    previous = _C.active_isa()
+    try:
+        if case == "isa-capped":
+            _C.set_isa_cap("avx512" if HAS_AMX else previous)
+        elif case == "float32":
+            w, x = w.float(), x.float()
+        elif case == "autograd":
+            x.requires_grad_(True)
+        elif case == "1x1":
+            w, kernel = w[:, :, :1, :1].contiguous(), (1, 1)
+        sw = pyhwp.to_sparse(w, "masked")
+        assert conv_mod._implicit_kind(x, sw, None, kernel) is None
+        if case == "isa-capped" and HAS_AMX:
+            _C.set_isa_cap("amx")
+            assert conv_mod._implicit_kind(x, sw, None, kernel) == "amx"
+    finally:
+        _C.set_isa_cap(previous)
+
+
+@pytest.mark.parametrize("stride, groups", [(2, 1), (1, 2)])
+def test_strided_and_grouped_convs_take_im2col(amx_calls, stride, groups):
+    g = torch.Generator().manual_seed(6)
+    w = _weight((16, 32 // groups, 3, 3), "masked", g)
+    x = torch.randn(1, 32, 7, 7, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, pyhwp.to_sparse(w, "masked"), stride=stride, padding=1, groups=groups)
+    ref = F.conv2d(x.double(), w.double(), stride=stride, padding=1, groups=groups)
+    assert amx_calls == []
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_reports_unavailable_when_capped():
+    """Without the tile unit (capped below AMX, or not there) the kernel leaves y alone and says so."""
+    w = torch.randn(16, 32, 3, 3).bfloat16()
+    tiles, nonzero = amx_conv_tiles(w)
+    x = torch.randn(1, 32, 5, 5).bfloat16()
+    y = torch.full((1, 16, 5, 5), 7.0).bfloat16()
+    previous = _C.active_isa()
+    try:
+        _C.set_isa_cap("avx512" if "avx512" in _C.build_info()["cpu_kernels"] else "scalar")
+        status = _C.amx_conv2d_bf16(16, tiles.data_ptr(), nonzero.data_ptr(), (1, 32, 5, 5, 1, 1, 3, 3, 1, 1, 5, 5),
+                                    x.data_ptr(), 0, y.data_ptr(), 1)
+    finally:
+        _C.set_isa_cap(previous)
+    assert status == 2 and bool((y == 7).all())
+
+
+@needs_amx
+def test_channels_last_and_unbatched_inputs(amx_calls):
+    g = torch.Generator().manual_seed(8)
+    w = _weight((32, 64, 3, 3), "2:4", g)
+    sw = pyhwp.to_sparse(w, "2:4")
+    x = torch.randn(2, 64, 9, 9, generator=g).bfloat16()
+    y = pyhwp.conv2d(x.contiguous(memory_format=torch.channels_last), sw, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(y.contiguous(), x, w, None, 1, 1)
+    y1 = pyhwp.conv2d(x[1], sw, padding=1)
+    assert y1.shape == (32, 9, 9) and torch.equal(y1, y[1])
+    assert amx_calls == [True, True]
+
+
+@needs_amx
+def test_reads_subnormal_inputs_as_zero(amx_calls):
+    """As every AMX bfloat16 product (torch's dense one included): subnormal inputs count as zero."""
+    w = torch.full((16, 32, 3, 3), 2.0**100).bfloat16()
+    x = torch.zeros(1, 32, 4, 4)
+    x[0, 0] = 2.0**-130  # subnormal in bfloat16
+    y = pyhwp.conv2d(x.bfloat16(), pyhwp.to_sparse(w, "masked"), padding=1)
+    assert amx_calls == [True] and torch.equal(y, torch.zeros(1, 16, 4, 4).bfloat16())

@@ -146,6 +146,10 @@ def quick_cases() -> list[Case]:
         cases.append(linear_case((4096, 4096), batch, "masked", 0.75, dtype="bfloat16", section="bf16"))
     for batch in (16, 128):  # the masked pattern's low-sparsity fallback against AMX dense
         cases.append(linear_case((4096, 4096), batch, "masked", 0.0, dtype="bfloat16", section="bf16"))
+    for conv in CONV_SHAPES:
+        if conv.kernel > 1:  # k x k bfloat16 convs: the AMX implicit GEMM where the CPU has AMX
+            cases.append(conv_case(conv, 1, "masked", 0.75, dtype="bfloat16", section="bf16"))
+            cases.append(conv_case(conv, 1, "2:4", 0.5, dtype="bfloat16", section="bf16"))
     return cases
 
 
@@ -163,6 +167,9 @@ def full_cases() -> list[Case]:
             for shape in LINEAR_SHAPES:
                 for batch in LINEAR_BATCHES:
                     cases.append(linear_case(shape, batch, pattern, sparsity, dtype="bfloat16", section="bf16"))
+            for conv in CONV_SHAPES:
+                for batch in CONV_BATCHES:
+                    cases.append(conv_case(conv, batch, pattern, sparsity, dtype="bfloat16", section="bf16"))
     return cases
 
 

@@ -1,7 +1,8 @@
-"""bfloat16 k x k convs on the AMX tile unit (pyhwp/ops/amx_conv.py, csrc/common/amx_conv.h) for
-masked and 2:4 weights: the tile layout (everywhere), then against float64 references where AMX
-runs: sizes around the tiles (16 output channels, 32 input channels, 16-pixel blocks), padding,
-dilation, batches, zero tiles, NaN/Inf, and the paths that decline."""
+"""bfloat16 k x k convs on the AMX tile unit (pyhwp/ops/amx_conv.py, csrc/common/amx_conv.h), for
+every pattern: the tile layout (everywhere), then against float64 references where AMX runs:
+sizes around the tiles (16 output channels, 32 input channels, 16-pixel blocks), padding,
+dilation, batches, zero tiles, NaN/Inf, and the paths that decline; bfloat16 CSR convs without
+AMX (the float32 implicit GEMM on widened copies)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def amx_calls(monkeypatch):
 
 
 @needs_amx
-@pytest.mark.parametrize("pattern", ["masked", "2:4"])
+@pytest.mark.parametrize("pattern", ["masked", "2:4", "csr"])
 @pytest.mark.parametrize("out, c, k, size, padding, dilation, batch", [
     (64, 64, (3, 3), 14, 1, 1, 1),     # whole tiles
     (17, 33, (3, 3), 9, 1, 1, 2),      # a partial channel tile, an odd channel (half a pair)
@@ -120,7 +121,7 @@ def test_zero_tiles_and_a_zero_weight(amx_calls):
 
 
 @needs_amx
-@pytest.mark.parametrize("pattern", ["masked", "2:4"])
+@pytest.mark.parametrize("pattern", ["masked", "2:4", "csr"])
 def test_nonfinite_inputs_take_the_exact_path(amx_calls, pattern):
     """NaN/Inf in x: the kernel declines (skipped zero tiles would drop 0 * Inf = NaN) and the
     im2col path propagates them as the dense conv does."""
@@ -210,3 +211,36 @@ def test_reads_subnormal_inputs_as_zero(amx_calls):
     x[0, 0] = 2.0**-130  # subnormal in bfloat16
     y = pyhwp.conv2d(x.bfloat16(), pyhwp.to_sparse(w, "masked"), padding=1)
     assert amx_calls == [True] and torch.equal(y, torch.zeros(1, 16, 4, 4).bfloat16())
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_csr_without_amx_widens_to_the_float32_implicit_gemm(monkeypatch, with_bias):
+    """bfloat16 CSR k x k convs where AMX is not in use: the float32 implicit GEMM on float32
+    copies, rounded once (exact bfloat16 products, float32 sums); NaN/Inf take the per-tap path."""
+    calls = []
+    real = conv_mod.csr_conv2d_impl
+
+    def counted(x, *args):
+        calls.append(x.dtype)
+        return real(x, *args)
+
+    monkeypatch.setattr(conv_mod, "csr_conv2d_impl", counted)
+    g = torch.Generator().manual_seed(9)
+    w = pattern_weight((20, 24, 3, 3), "csr", 0.8, g).bfloat16()
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(2, 24, 7, 7, generator=g).bfloat16()
+    bias = torch.randn(20, generator=g).bfloat16() if with_bias else None
+    previous = _C.active_isa()
+    try:
+        _C.set_isa_cap("avx512" if HAS_AMX else previous)
+        assert conv_mod._implicit_kind(x, sw, bias, (3, 3)) == "csr"
+        y = pyhwp.conv2d(x, sw, bias, padding=1, dilation=1)
+        assert calls == [torch.float32]
+        _assert_close(y, x, w, bias, 1, 1)
+        assert torch.equal(pyhwp.conv2d(x, sw, bias, padding=1), y)  # the fast path, same kernel
+        x[1, 3, 2, 2] = float("nan")
+        y = pyhwp.conv2d(x, sw, bias, padding=1)
+        ref = F.conv2d(x.double(), w.double(), None if bias is None else bias.double(), padding=1)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    finally:
+        _C.set_isa_cap(previous)

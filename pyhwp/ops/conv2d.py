@@ -223,26 +223,26 @@ def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
     return torch.stack(ys)
 
 
-_IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+_IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _implicit_kind(x, weight, bias, kernel) -> str | None:
     """Which implicit-GEMM kernel serves a stride-1, groups-1 call with this input, bias and
-    weight: "csr" (csr_conv2d_impl, float32 on the CPU; the CUDA tile kernel, float32, float16
-    and bfloat16), "2:4" (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs
-    keep the matmul kernel on x's planes, which packs them aligned), "amx" (amx_conv2d_impl: a
-    masked or 2:4 kxk kernel, bfloat16 on a CPU whose AMX is in use; 1x1 convs keep the matmul
-    kernels, which run on AMX too), or None. Never with autograd."""
+    weight: "amx" (amx_conv2d_impl: a kxk kernel of any pattern, bfloat16 on a CPU whose AMX is
+    in use, the weight's dense values on the tile unit; 1x1 convs keep the matmul kernels, which
+    run on AMX too), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 through float32
+    copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
+    (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs keep the matmul kernel
+    on x's planes, which packs them aligned), or None. Never with autograd."""
     if needs_op(x, weight.values, bias):
         return None
+    cpu_kxk = kernel != (1, 1) and x.device.type == "cpu"
+    if cpu_kxk and x.dtype == torch.bfloat16 and amx_available():
+        return "amx"
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
-    if kernel == (1, 1) or x.device.type != "cpu":
-        return None
-    if weight.pattern == "2:4" and x.dtype == torch.float32:
+    if cpu_kxk and weight.pattern == "2:4" and x.dtype == torch.float32:
         return "2:4"
-    if weight.pattern in ("masked", "2:4") and x.dtype == torch.bfloat16 and amx_available():
-        return "amx"
     return None
 
 
@@ -261,7 +261,19 @@ def _implicit_csr_conv(x, weight, bias, geometry):
         return csr_conv2d_cuda_impl(x, weight.row_offsets, weight.values, weight.row_order, offsets, geometry,
                                     bias)
 
-    return csr_conv2d_impl(x, weight.row_offsets, weight.values, _cpu_plan(weight, geometry), geometry, bias)
+    return _csr_conv_cpu(x, weight, _cpu_plan(weight, geometry), geometry, bias)
+
+
+def _csr_conv_cpu(x, weight, plan, geometry, bias):
+    """csr_conv2d_impl; bfloat16 through float32 copies of x, the values (derived once) and the
+    bias, rounded once at the end: bfloat16 products are exact in float32, so this is the contract
+    of the bfloat16 matmuls (float32 products and sums, one rounding per output). 64->64 3x3 @56,
+    90%, 2 threads: 2213 us on the per-tap path before (NOTES.md, stop 22)."""
+    if x.dtype == torch.float32:
+        return csr_conv2d_impl(x, weight.row_offsets, weight.values, plan, geometry, bias)
+    values = _derived(weight, "values_f32", lambda: weight.values.float())
+    y = csr_conv2d_impl(x.float(), weight.row_offsets, values, plan, geometry, None if bias is None else bias.float())
+    return None if y is None else y.to(x.dtype)
 
 
 def _geometry(x, pads, kernel, dilation, out_hw) -> tuple[int, ...]:
@@ -307,7 +319,7 @@ class _FastConv:
         if self.amx is not None:
             return amx_conv2d_impl(x, *self.amx, weight.shape[0], self.geometry, bias)
         if self.plan is not None:
-            return csr_conv2d_impl(x, weight.row_offsets, weight.values, self.plan, self.geometry, bias)
+            return _csr_conv_cpu(x, weight, self.plan, self.geometry, bias)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
         n, c, h, w = x.shape
         y = x.new_empty(*self.out_shape)

@@ -223,15 +223,15 @@ def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
     return torch.stack(ys)
 
 
-_IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+_IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
 def _implicit_kind(x, weight, bias, kernel) -> str | None:
     """Which implicit-GEMM kernel serves a stride-1, groups-1 call with this input, bias and
     weight: "amx" (amx_conv2d_impl: a kxk kernel of any pattern, bfloat16 on a CPU whose AMX is
     in use, the weight's dense values on the tile unit; 1x1 convs keep the matmul kernels, which
-    run on AMX too), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 through float32
-    copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
+    run on AMX too), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 kxk through
+    float32 copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
     (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs keep the matmul kernel
     on x's planes, which packs them aligned), or None. Never with autograd."""
     if needs_op(x, weight.values, bias):
@@ -241,6 +241,8 @@ def _implicit_kind(x, weight, bias, kernel) -> str | None:
         return "amx"
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
+    if cpu_kxk and weight.pattern == "csr" and x.dtype == torch.bfloat16:
+        return "csr"  # 1x1 convs keep the bfloat16 matmul kernel on x's planes
     if cpu_kxk and weight.pattern == "2:4" and x.dtype == torch.float32:
         return "2:4"
     return None

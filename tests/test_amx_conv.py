@@ -162,15 +162,41 @@ def test_other_inputs_are_not_its_kind(case):
         _C.set_isa_cap(previous)
 
 
-@pytest.mark.parametrize("stride, groups", [(2, 1), (1, 2)])
-def test_strided_and_grouped_convs_take_im2col(amx_calls, stride, groups):
+@needs_amx
+@pytest.mark.parametrize("pattern", ["masked", "2:4", "csr"])
+@pytest.mark.parametrize("out, c, k, size, stride, padding, dilation, batch", [
+    (32, 64, (3, 3), 14, (2, 2), 1, 1, 1),    # ResNet's downsampling 3x3
+    (17, 33, (3, 3), 9, (2, 2), 1, 1, 2),     # odd sizes: phases of unequal size
+    (24, 40, (7, 7), 15, (2, 2), 3, 1, 1),    # a 7x7 stem-like conv
+    (16, 32, (3, 5), 12, (3, 1), (1, 2), 1, 1),  # a height stride of 3, width 1
+    (16, 32, (3, 3), 13, (2, 2), 2, 2, 1),    # stride and dilation
+    (16, 32, (2, 2), 8, (2, 2), 0, 1, 1),     # taps all in different phases
+])
+def test_strided_convs(amx_calls, pattern, out, c, k, size, stride, padding, dilation, batch):
+    g = torch.Generator().manual_seed(out + c + size)
+    w = _weight((out, c, *k), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(batch, c, size, size, generator=g).bfloat16()
+    bias = torch.randn(out, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, sw, bias, stride=stride, padding=padding, dilation=dilation)
+    assert amx_calls == [True]
+    xd, wd, bd = x.double(), w.double(), bias.double()
+    ref = F.conv2d(xd, wd, bd, stride, padding, dilation)
+    mag = F.conv2d(xd.abs(), wd.abs(), bd.abs(), stride, padding, dilation)
+    u16, u32 = UNIT_ROUNDOFF[torch.bfloat16], UNIT_ROUNDOFF[torch.float32]
+    tol = u16 * ref.abs() + (1 + u16) * (w[0].numel() + 2) * u32 * mag + 1e-30
+    assert y.shape == ref.shape and bool(((y.double() - ref).abs() <= tol).all())
+
+
+def test_width_stride_above_2_and_groups_take_im2col(amx_calls):
     g = torch.Generator().manual_seed(6)
-    w = _weight((16, 32 // groups, 3, 3), "masked", g)
-    x = torch.randn(1, 32, 7, 7, generator=g).bfloat16()
-    y = pyhwp.conv2d(x, pyhwp.to_sparse(w, "masked"), stride=stride, padding=1, groups=groups)
-    ref = F.conv2d(x.double(), w.double(), stride=stride, padding=1, groups=groups)
-    assert amx_calls == []
-    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+    w = _weight((16, 32, 3, 3), "masked", g)
+    x = torch.randn(1, 32, 10, 10, generator=g).bfloat16()
+    for stride, groups, weight in (((1, 3), 1, w), ((1, 1), 2, w[:, :16].contiguous())):
+        y = pyhwp.conv2d(x, pyhwp.to_sparse(weight, "masked"), stride=stride, padding=1, groups=groups)
+        ref = F.conv2d(x.double(), weight.double(), stride=stride, padding=1, groups=groups)
+        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+    assert all(done is False for done in amx_calls)  # declined (width stride 3) or never asked
 
 
 def test_kernel_reports_unavailable_when_capped():
@@ -183,7 +209,7 @@ def test_kernel_reports_unavailable_when_capped():
     try:
         _C.set_isa_cap("avx512" if "avx512" in _C.build_info()["cpu_kernels"] else "scalar")
         status = _C.amx_conv2d_bf16(16, tiles.data_ptr(), nonzero.data_ptr(), (1, 32, 5, 5, 1, 1, 3, 3, 1, 1, 5, 5),
-                                    x.data_ptr(), 0, y.data_ptr(), 1)
+                                    (1, 1), x.data_ptr(), 0, y.data_ptr(), 1)
     finally:
         _C.set_isa_cap(previous)
     assert status == 2 and bool((y == 7).all())

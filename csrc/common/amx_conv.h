@@ -1,14 +1,16 @@
-// Stride-1 bfloat16 conv2d on the AMX tile unit as an implicit GEMM, for weights whose dense
-// values are known (masked and 2:4 weights; tiles whose values are all zero are skipped).
+// bfloat16 conv2d (groups 1, stride 1 or 2 along the width, any along the height) on the AMX tile
+// unit as an implicit GEMM, from a weight's dense values (any pattern; all-zero tiles skipped).
 //
 // Roles (C += A B, TDPBF16PS): A is 16 output pixels by 32 input channels at one kernel tap, B
 // the weight's 32 input channels by 16 output channels at that tap, C a 16 (pixel) x 16 (output
 // channel) float32 block, transposed into the NCHW output when stored. Nothing like im2col is
 // built: the input is copied once into a padded pixel-major layout (each pixel's channels, C
 // rounded up to 32, contiguous), where A for tap (r, s) is 16 consecutive pixels from a fixed
-// offset: 16 aligned 64-byte rows, whatever the offset. Pixels run over the padded width (p =
-// a*wp + b, as in common/conv_geometry.h); the wp - wo columns past each output row are computed
-// and dropped. A work item is two blocks of 16 pixels by two tiles of 16 output channels.
+// offset: 16 aligned 64-byte rows, whatever the offset. A strided conv's input is copied as
+// stride phases (the padded pixels at one row and column offset modulo the stride), in which
+// every tap is again a stride-1 window. Pixels run over the padded (phase) width (p = a*wq + b,
+// as in common/conv_geometry.h); the wq - wo columns past each output row are computed and
+// dropped. A work item is two blocks of 16 pixels by two tiles of 16 output channels.
 //
 // The weight arrives as B tiles in the unit's pair layout (built by the caller from the dense
 // weight: pyhwp/ops/amx_conv.py): tile (o, t, c) for output-channel tile o (zeros past `out`),
@@ -41,13 +43,15 @@ enum class AmxConvStatus : int {
 };
 
 // y (images, out, ho, wo) contiguous bfloat16 = conv(x (images, C, h, w) contiguous bfloat16)
-// + bias (out bfloat16, or nullptr), g as in ConvGeometry (stride 1). Up to num_threads threads.
+// + bias (out bfloat16, or nullptr), g as in ConvGeometry but with stride (sh, sw): output pixel
+// (a, b) reads padded input (a sh + r dh, b sw + s dw), ho and wo as the caller computed them.
+// sw above 2 is not served (kUnavailable). Up to num_threads threads.
 #ifdef PYHWP_AMX_KERNELS
-AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, const uint16_t* x,
-                              const uint16_t* bias, uint16_t* y, int num_threads);
+AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int64_t sh, int64_t sw,
+                              const uint16_t* x, const uint16_t* bias, uint16_t* y, int num_threads);
 #else
-inline AmxConvStatus amx_conv2d_bf16(const AmxConvWeight&, const ConvGeometry&, const uint16_t*,
-                                     const uint16_t*, uint16_t*, int) {
+inline AmxConvStatus amx_conv2d_bf16(const AmxConvWeight&, const ConvGeometry&, int64_t, int64_t,
+                                     const uint16_t*, const uint16_t*, uint16_t*, int) {
   return AmxConvStatus::kUnavailable;  // built without the AMX kernels
 }
 #endif

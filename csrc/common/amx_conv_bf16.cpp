@@ -33,58 +33,75 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 
-// The padded input, pixel-major: image i's padded pixel p (= row * wp + column) holds its cp
-// channels (C rounded up to 32, zeros past C) at image + (i * pixels + p) * cp bfloat16 values,
-// zeros for the padding and the tail the last pixel group reads past the image (`pixels` >= its
-// reach). A tile row, 32 channels of one pixel, is then one aligned 64-byte line at every tap.
-struct Padded {
-  int64_t cp, wp, rows, pixels;
+// The input as the kernel reads it: the padded image split into sh x sw phases (phase (u, v)
+// holds the padded pixels (i sh + u, j sw + v), i < hq, j < wq; one phase for stride 1), each
+// pixel-major: a pixel's cp channels (C rounded up to 32, zeros past C) contiguous. Phase ph of
+// image n starts at (n sh sw + ph) * pixels * cp bfloat16 values; zeros for the padding and the
+// tail the last pixel group reads past the phase (`pixels` >= its reach). Tap (r, s) of output
+// pixel (a, b) is phase ((r dh) % sh, (s dw) % sw) at (a + (r dh) / sh, b + (s dw) / sw): a
+// stride-1 window of one phase, whose A tile rows, 32 channels of one pixel, are aligned 64-byte
+// lines at every tap.
+struct Phases {
+  int64_t sh, sw, cp, hq, wq, rows, pixels;
 };
 
-Padded padded_of(const ConvGeometry& g, int64_t groups) {
-  Padded p;
+Phases phases_of(const ConvGeometry& g, int64_t sh, int64_t sw, int64_t groups) {
+  Phases p;
+  p.sh = sh, p.sw = sw;
   p.cp = (g.channels + 31) / 32 * 32;
-  p.wp = g.wo + (g.kw - 1) * g.dw;
-  const int64_t hp = g.ho + (g.kh - 1) * g.dh;
-  const int64_t reach = groups * kGroupPixels + (g.kh - 1) * g.dh * p.wp + (g.kw - 1) * g.dw;
-  p.rows = (std::max(hp * p.wp, reach) + p.wp - 1) / p.wp;
-  p.pixels = p.rows * p.wp;
+  p.hq = ((g.ho - 1) * sh + (g.kh - 1) * g.dh) / sh + 1;  // rows of padded input read, per phase
+  p.wq = ((g.wo - 1) * sw + (g.kw - 1) * g.dw) / sw + 1;
+  const int64_t reach = groups * kGroupPixels + ((g.kh - 1) * g.dh / sh) * p.wq + (g.kw - 1) * g.dw / sw;
+  p.rows = (std::max(p.hq * p.wq, reach) + p.wq - 1) / p.wq;
+  p.pixels = p.rows * p.wq;
   return p;
 }
 
-// Writes padded row r of image i; returns whether its pixels hold a NaN/Inf. Channels are
-// transposed 16 pixels x 32 channels at a time: channel pairs as 32-bit lanes, then a 16 x 16
-// transpose of those.
-bool fill_row(const ConvGeometry& g, const Padded& pd, const uint16_t* x, int64_t i, int64_t r, uint16_t* image) {
-  uint16_t* row = image + r * pd.wp * pd.cp;
-  const int64_t src_row = r - g.pt;
-  if (src_row < 0 || src_row >= g.h) {
-    std::memset(row, 0, sizeof(uint16_t) * static_cast<size_t>(pd.wp * pd.cp));
+// 16 bfloat16 values of one input row at columns base + sw q (q < 16), zeros outside [0, w).
+inline __m256i load_columns(const uint16_t* row, int64_t base, int64_t sw, int64_t w) {
+  const int64_t lanes = 16 * sw, first = std::max<int64_t>(0, -base), last = std::min(lanes, w - base);
+  if (last <= first) return _mm256_setzero_si256();
+  const __mmask32 m = static_cast<__mmask32>((last >= 32 ? ~0u : (1u << last) - 1) & ~((1u << first) - 1));
+  if (sw == 1) return _mm256_maskz_loadu_epi16(static_cast<__mmask16>(m), row + base);
+  // sw == 2: the even lanes of 32
+  const __m512i all = _mm512_maskz_loadu_epi16(m, row + base);
+  const __m512i even = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26,
+                                        24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi16(even, all));
+}
+
+// Writes row i of phase ph of image n (at `row`); returns whether it read a NaN/Inf. Channels
+// are transposed 16 pixels x 32 channels at a time: channel pairs as 32-bit lanes, then a
+// 16 x 16 transpose of those.
+bool fill_row(const ConvGeometry& g, const Phases& ph, const uint16_t* x, int64_t n, int64_t phase, int64_t i,
+              uint16_t* row) {
+  const int64_t u = phase / ph.sw, v = phase % ph.sw;
+  const int64_t src_row = i * ph.sh + u - g.pt;
+  if (i >= ph.hq || src_row < 0 || src_row >= g.h) {
+    std::memset(row, 0, sizeof(uint16_t) * static_cast<size_t>(ph.wq * ph.cp));
     return false;
   }
-  std::memset(row, 0, sizeof(uint16_t) * static_cast<size_t>(g.pl * pd.cp));
-  std::memset(row + (g.pl + g.w) * pd.cp, 0, sizeof(uint16_t) * static_cast<size_t>((pd.wp - g.pl - g.w) * pd.cp));
   const __m256i expo = _mm256_set1_epi16(0x7f80);
   __mmask16 bad = 0;
   const int64_t hw = g.h * g.w;
-  const uint16_t* src = x + (i * g.channels) * hw + src_row * g.w;
-  for (int64_t c0 = 0; c0 < pd.cp; c0 += 32) {
-    for (int64_t j = 0; j < g.w; j += 16) {
-      const __mmask16 m = avx512::tail_mask(g.w - j);
-      __m512 v[16];
+  const uint16_t* src = x + (n * g.channels) * hw + src_row * g.w;
+  for (int64_t c0 = 0; c0 < ph.cp; c0 += 32) {
+    for (int64_t j = 0; j < ph.wq; j += 16) {
+      const int64_t base = j * ph.sw + v - g.pl;  // input column of phase column j
+      __m512 t[16];
       for (int q = 0; q < 16; ++q) {
         const int64_t c = c0 + 2 * q;
-        const __m256i a = c < g.channels ? _mm256_maskz_loadu_epi16(m, src + c * hw + j) : _mm256_setzero_si256();
-        const __m256i b = c + 1 < g.channels ? _mm256_maskz_loadu_epi16(m, src + (c + 1) * hw + j)
+        const __m256i a = c < g.channels ? load_columns(src + c * hw, base, ph.sw, g.w) : _mm256_setzero_si256();
+        const __m256i b = c + 1 < g.channels ? load_columns(src + (c + 1) * hw, base, ph.sw, g.w)
                                              : _mm256_setzero_si256();
         bad |= _mm256_cmpeq_epi16_mask(_mm256_and_si256(a, expo), expo);
         bad |= _mm256_cmpeq_epi16_mask(_mm256_and_si256(b, expo), expo);
-        v[q] = _mm512_castsi512_ps(
+        t[q] = _mm512_castsi512_ps(
             _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
       }
-      avx512::transpose16(v);  // v[p]: pixel j + p's 16 channel pairs
-      uint16_t* dst = row + (g.pl + j) * pd.cp + c0;
-      for (int p = 0; p < 16 && j + p < g.w; ++p) _mm512_store_si512(dst + p * pd.cp, _mm512_castps_si512(v[p]));
+      avx512::transpose16(t);  // t[p]: phase column j + p's 16 channel pairs
+      uint16_t* dst = row + j * ph.cp + c0;
+      for (int p = 0; p < 16 && j + p < ph.wq; ++p) _mm512_store_si512(dst + p * ph.cp, _mm512_castps_si512(t[p]));
     }
   }
   return bad != 0;
@@ -137,31 +154,33 @@ void store_block(const float* acc, const float* bias, int rows, const ConvGeomet
 
 }  // namespace
 
-AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, const uint16_t* x,
-                              const uint16_t* bias, uint16_t* y, int num_threads) {
-  if (active_isa() != Isa::kAmx) return AmxConvStatus::kUnavailable;
+AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int64_t sh, int64_t sw,
+                              const uint16_t* x, const uint16_t* bias, uint16_t* y, int num_threads) {
+  if (active_isa() != Isa::kAmx || sh < 1 || sw < 1 || sw > 2) return AmxConvStatus::kUnavailable;
   const int64_t out = w.out, taps = g.kh * g.kw, cblocks = (g.channels + 31) / 32;
   const int64_t ctiles = (out + 15) / 16, citems = (ctiles + 1) / 2;
-  const int64_t wp = g.wo + (g.kw - 1) * g.dw;
-  const int64_t groups = (g.ho * wp + kGroupPixels - 1) / kGroupPixels;
-  const Padded pd = padded_of(g, groups);
+  const int64_t wq = ((g.wo - 1) * sw + (g.kw - 1) * g.dw) / sw + 1;  // (phases_of's)
+  const int64_t groups = (g.ho * wq + kGroupPixels - 1) / kGroupPixels;
+  const Phases ph = phases_of(g, sh, sw, groups);
   const int64_t items = g.images * groups * citems;
   if (items == 0 || out == 0) return AmxConvStatus::kDone;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
 
   // Scratch of the calling thread: the float32 bias (padded to whole channel-tile pairs), then
-  // the padded input (64-byte aligned: 32 * citems floats before it).
-  const int64_t image_values = pd.pixels * pd.cp;
+  // the phases (64-byte aligned: 32 * citems floats before them).
+  const int64_t phase_values = ph.pixels * ph.cp, image_values = sh * sw * phase_values;
   float* bias_f = scratch(0, 32 * citems + g.images * image_values / 2 + 16);
   std::fill(bias_f, bias_f + 32 * citems, 0.f);
   widen_bf16(bias, out, bias_f);
-  uint16_t* padded = reinterpret_cast<uint16_t*>(bias_f + 32 * citems);
-  const int64_t stride = pd.cp * 2;  // bytes between A rows (consecutive pixels)
+  uint16_t* phases = reinterpret_cast<uint16_t*>(bias_f + 32 * citems);
+  const int64_t stride = ph.cp * 2;  // bytes between A rows (consecutive pixels)
   int bad = 0;
 
+  const int64_t fill_rows = g.images * sh * sw * ph.rows;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
-  for (int64_t f = 0; f < g.images * pd.rows; ++f) {
-    bad |= fill_row(g, pd, x, f / pd.rows, f % pd.rows, padded + (f / pd.rows) * image_values);
+  for (int64_t f = 0; f < fill_rows; ++f) {
+    const int64_t plane = f / ph.rows, i = f % ph.rows;  // plane: image * phases + phase
+    bad |= fill_row(g, ph, x, plane / (sh * sw), plane % (sh * sw), i, phases + plane * phase_values + i * ph.wq * ph.cp);
   }
   if (bad) return AmxConvStatus::kNonfinite;
 
@@ -178,7 +197,7 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, con
       const int64_t grp = rem / citems, o0 = 2 * (rem % citems);
       const bool two = o0 + 1 < ctiles;
       const int64_t p0 = grp * kGroupPixels;
-      const uint16_t* xa = padded + image * image_values + p0 * pd.cp;
+      const uint16_t* xa = phases + image * image_values + p0 * ph.cp;
       const uint16_t* b0 = w.tiles + o0 * taps * cblocks * kTileValues;
       const uint16_t* b1 = b0 + taps * cblocks * kTileValues;
       const uint8_t* nz0 = w.nonzero + o0 * taps * cblocks;
@@ -188,14 +207,15 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, con
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t tap = 0; tap < taps; ++tap) {
-        const int64_t off = (tap / g.kw) * g.dh * wp + (tap % g.kw) * g.dw;
+        const int64_t r = (tap / g.kw) * g.dh, q = (tap % g.kw) * g.dw;
+        const int64_t off = ((r % sh) * sw + q % sw) * phase_values + ((r / sh) * wq + q / sw) * ph.cp;
         for (int64_t c = 0; c < cblocks; ++c) {
           const int64_t k = tap * cblocks + c;
           const bool use0 = nz0[k] != 0, use1 = two && nz1[k] != 0;
           if (!use0 && !use1) continue;
-          const uint16_t* a = xa + off * pd.cp + 32 * c;
+          const uint16_t* a = xa + off + 32 * c;
           _tile_loadd(4, a, stride);
-          _tile_loadd(5, a + kBlock * pd.cp, stride);
+          _tile_loadd(5, a + kBlock * ph.cp, stride);
           if (use0) {
             _tile_loadd(6, b0 + k * kTileValues, 64);
             _tile_dpbf16ps(0, 4, 6);
@@ -218,7 +238,7 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, con
         const int rows = static_cast<int>(std::min<int64_t>(16, out - n0));
         uint16_t* y_image = y + (image * out + n0) * g.ho * g.wo;
         for (int j = 0; j < 2; ++j) {
-          store_block(acc + (2 * j + h) * 256, bias_f + n0, rows, g, wp, p0 + j * kBlock, y_image);
+          store_block(acc + (2 * j + h) * 256, bias_f + n0, rows, g, wq, p0 + j * kBlock, y_image);
         }
       }
     }

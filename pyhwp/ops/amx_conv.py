@@ -40,13 +40,15 @@ def amx_conv_tiles(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def amx_conv2d_impl(x: torch.Tensor, tiles: torch.Tensor, nonzero: torch.Tensor, out: int,
-                    geometry: tuple[int, ...], bias: torch.Tensor | None) -> torch.Tensor | None:
-    """Stride-1 conv2d of x (N, C, H, W) bfloat16 CPU contiguous with the weight as
+                    geometry: tuple[int, ...], stride: tuple[int, int],
+                    bias: torch.Tensor | None) -> torch.Tensor | None:
+    """conv2d (groups 1) of x (N, C, H, W) bfloat16 CPU contiguous with the weight as
     amx_conv_tiles; geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out,
-    W_out). Returns y (N, out, H_out, W_out), or None when x holds a NaN/Inf (the caller must take
-    a path with dense-exact 0 * Inf propagation) or the tile unit is not usable here. Inference
+    W_out), H_out and W_out those of `stride`. Returns y (N, out, H_out, W_out), or None when x
+    holds a NaN/Inf (the caller must take a path with dense-exact 0 * Inf propagation) or the
+    kernel does not serve the call here (no usable tile unit; a width stride above 2). Inference
     only; bias contiguous bfloat16 or None."""
     y = x.new_empty(x.shape[0], out, geometry[10], geometry[11])
-    status = _C.amx_conv2d_bf16(out, tiles.data_ptr(), nonzero.data_ptr(), geometry, x.data_ptr(),
+    status = _C.amx_conv2d_bf16(out, tiles.data_ptr(), nonzero.data_ptr(), geometry, stride, x.data_ptr(),
                                 0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y if status == _DONE else None

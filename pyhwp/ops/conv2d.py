@@ -74,8 +74,8 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference do the same with the
     2:4 tile kernel (sparse24_conv2d_impl; its groups run across taps and channels, which it reads
     through a table of offsets). Masked and 2:4 k x k convs in bfloat16 CPU inference on a CPU
-    with AMX run on the tile unit, also without im2col (amx_conv2d_impl: the weight's dense
-    values as tiles, all-zero tiles skipped). With autograd or NaN/Inf in x, stride-1 CSR convs
+    with AMX (and bfloat16 CSR ones) run on the tile unit, also without im2col, strided ones too
+    (amx_conv2d_impl: the weight's dense values as tiles, all-zero tiles skipped). With autograd or NaN/Inf in x, stride-1 CSR convs
     run one GEMM per kernel tap on a shifted view of the padded input instead (see
     _shifted_conv), 2:4 and masked ones im2col.
     On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
@@ -319,7 +319,7 @@ class _FastConv:
         if self.sparse24:
             return sparse24_conv2d_impl(x, weight.values, weight.meta, self.geometry, bias)
         if self.amx is not None:
-            return amx_conv2d_impl(x, *self.amx, weight.shape[0], self.geometry, bias)
+            return amx_conv2d_impl(x, *self.amx, weight.shape[0], self.geometry, (1, 1), bias)
         if self.plan is not None:
             return _csr_conv_cpu(x, weight, self.plan, self.geometry, bias)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
@@ -370,13 +370,19 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     if pointwise and stride != (1, 1):
         x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
         stride = (1, 1)
+    if groups == 1 and not pointwise and stride != (1, 1) and _implicit_kind(x, weight, bias, (kh, kw)) == "amx":
+        # strided k x k bfloat16 convs on AMX: the tile-unit kernel over stride phases of x
+        geometry = _geometry(x, pads, (kh, kw), dilation, out_hw)
+        y = amx_conv2d_impl(x.contiguous(), *_amx_tiles(weight), out_c, geometry, stride, bias)
+        if y is not None:
+            return y
     if stride == (1, 1) and groups == 1 and not (pointwise and channels_last):
         kind = _implicit_kind(x, weight, bias, (kh, kw))
         geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw)
         if kind == "2:4":
             y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
         elif kind == "amx":
-            y = amx_conv2d_impl(x.contiguous(), *_amx_tiles(weight), out_c, geometry, bias)
+            y = amx_conv2d_impl(x.contiguous(), *_amx_tiles(weight), out_c, geometry, stride, bias)
         else:
             y = None if kind is None else _implicit_csr_conv(x, weight, bias, geometry)
         if y is not None:

@@ -1,6 +1,7 @@
 """Benchmark: pyhwp.conv2d vs torch F.conv2d on the dense weight, ResNet-50 conv shapes, interleaved.
 
-    PYTHONPATH=. python bench/conv2d.py [--pattern csr] [--sparsity 0.9] [--batch 1 32] [--json out.json]
+    PYTHONPATH=. python bench/conv2d.py [--pattern csr] [--sparsity 0.9] [--batch 1 32] [--dtype bfloat16]
+        [--json out.json]
 
 For each shape, batch and pattern it times, in one interleaved run: torch's dense conv2d, pyhwp.conv2d,
 and the two halves of pyhwp's general path on their own (im2col = conv2d's patch matrix per image; gemm = the
@@ -52,18 +53,18 @@ def prune(w: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
     return torch.where(w.abs() > cut, w, torch.zeros((), dtype=w.dtype))
 
 
-def peak_gflops() -> float:
-    """The machine's fp32 GEMM rate in this run (torch.mm 2048^3), the ceiling for '% of peak'."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def peak_gflops(dtype: torch.dtype = torch.float32) -> float:
+    """The machine's GEMM rate in `dtype` in this run (torch.mm 2048^3), the ceiling for '% of peak'."""
+    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
     t = interleaved_medians({"mm": lambda: torch.mm(a, b)}, budget_s=0.5)["mm"]
     return 2 * 2048**3 / t / 1e9
 
 
-def run_case(cin, cout, k, stride, pad, hw, batch, pattern, sparsity, budget_s, peak):
+def run_case(cin, cout, k, stride, pad, hw, batch, pattern, sparsity, budget_s, peak, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    w = prune(torch.randn(cout, cin, k, k, generator=g), pattern, sparsity)
+    w = prune(torch.randn(cout, cin, k, k, generator=g), pattern, sparsity).to(dtype)
     sw = pyhwp.to_sparse(w, pattern)
-    x = torch.randn(batch, cin, hw, hw, generator=g)
+    x = torch.randn(batch, cin, hw, hw, generator=g).to(dtype)
     fns = {"dense": lambda: F.conv2d(x, w, None, stride, pad),
            "pyhwp": lambda: pyhwp.conv2d(x, sw, None, stride, pad)}
     ho = (hw + 2 * pad - k) // stride + 1
@@ -83,7 +84,7 @@ def run_case(cin, cout, k, stride, pad, hw, batch, pattern, sparsity, budget_s, 
     useful_flop = 2 * sw.nnz * ho * ho * batch
     return {
         "shape": f"{cin}->{cout} {k}x{k} @{hw}x{hw}", "batch": batch, "pattern": pattern,
-        "sparsity": round(sw.sparsity, 4), "dtype": "float32",
+        "sparsity": round(sw.sparsity, 4), "dtype": str(dtype).removeprefix("torch."),
         "ms": {name: round(v * 1e3, 4) for name, v in t.items()},
         "speedup_vs_dense": round(t["dense"] / t["pyhwp"], 3),
         "useful_gflops": round(useful_flop / t["pyhwp"] / 1e9, 2),
@@ -108,20 +109,23 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case")
     ap.add_argument("--threads", type=int, help="torch and pyhwp threads (default: torch's)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and input (bfloat16 k x k convs run on AMX where the CPU has it)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    peak = peak_gflops()
-    print(f"fp32 GEMM peak in this run: {peak:.0f} GFLOP/s; {torch.get_num_threads()} threads")
+    dtype = getattr(torch, args.dtype)
+    peak = peak_gflops(dtype)
+    print(f"{args.dtype} GEMM peak in this run: {peak:.0f} GFLOP/s; {torch.get_num_threads()} threads")
     print(f"{'shape':28} {'batch':>5} {'pattern':>7} {'dense ms':>9} {'pyhwp ms':>9} {'im2col':>8} "
           f"{'gemm':>8} {'taps':>8} {'x dense':>8} {'GFLOP/s':>8} {'%peak':>6}")
     results = []
     for batch in args.batch:
         for shape in SHAPES:
             for pattern in args.pattern:
-                r = run_case(*shape, batch, pattern, args.sparsity, args.budget, peak)
+                r = run_case(*shape, batch, pattern, args.sparsity, args.budget, peak, dtype)
                 results.append(r)
                 ms = r["ms"]
                 print(f"{r['shape']:28} {batch:>5} {pattern:>7} {ms['dense']:>9.3f} {ms['pyhwp']:>9.3f} "
@@ -132,7 +136,8 @@ def main(argv=None) -> int:
     if args.json:
         info = build_info()
         args.json.write_text(json.dumps({"bench": "conv2d", "commit": commit(), "machine": info,
-                                         "peak_gflops": round(peak, 1), "sparsity": args.sparsity,
+                                         "dtype": args.dtype, "peak_gflops": round(peak, 1),
+                                         "sparsity": args.sparsity,
                                          "results": results}, indent=1))
     return 0
 

@@ -230,17 +230,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "amx_conv2d_bf16",
       [=](int64_t out, Addr tiles, Addr nonzero, const Geometry& geometry, const std::array<int64_t, 2>& stride,
-          Addr x, Addr bias, Addr y, int num_threads) {
+          bool channels_last, Addr x, Addr bias, Addr y, int num_threads) {
         const pyhwp::AmxConvWeight w{out, ptr<const uint16_t>(tiles), ptr<const uint8_t>(nonzero)};
         return static_cast<int>(pyhwp::amx_conv2d_bf16(w, conv_geometry(geometry), stride[0], stride[1],
-                                                       ptr<const uint16_t>(x), ptr<const uint16_t>(bias),
-                                                       ptr<uint16_t>(y), num_threads));
+                                                       channels_last, ptr<const uint16_t>(x),
+                                                       ptr<const uint16_t>(bias), ptr<uint16_t>(y), num_threads));
       },
-      py::arg("out"), py::arg("tiles"), py::arg("nonzero"), py::arg("geometry"), py::arg("stride"), py::arg("x"),
-      py::arg("bias"), py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("out"), py::arg("tiles"), py::arg("nonzero"), py::arg("geometry"), py::arg("stride"),
+      py::arg("channels_last"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
       "bfloat16 conv2d on the AMX tile unit (common/amx_conv.h): the weight as B tiles "
-      "(out/16, taps, C/32, 16, 32) bfloat16 with one nonzero flag (uint8) per tile, x the contiguous "
-      "(images, C, h, w) input, y the contiguous (images, out, ho, wo) output, stride (h, w); returns 0 "
+      "(out/16, taps, C/32, 16, 32) bfloat16 with one nonzero flag (uint8) per tile, x the (images, C, h, "
+      "w) input and y the (images, out, ho, wo) output, both contiguous or both channels_last, stride "
+      "(h, w); returns 0 "
       "(done), 1 (x holds a NaN/Inf; y untouched) or 2 (not served here: no usable tile unit, or a width "
       "stride above 2; y untouched)");
 

@@ -209,24 +209,38 @@ def test_kernel_reports_unavailable_when_capped():
     try:
         _C.set_isa_cap("avx512" if "avx512" in _C.build_info()["cpu_kernels"] else "scalar")
         status = _C.amx_conv2d_bf16(16, tiles.data_ptr(), nonzero.data_ptr(), (1, 32, 5, 5, 1, 1, 3, 3, 1, 1, 5, 5),
-                                    (1, 1), x.data_ptr(), 0, y.data_ptr(), 1)
+                                    (1, 1), False, x.data_ptr(), 0, y.data_ptr(), 1)
     finally:
         _C.set_isa_cap(previous)
     assert status == 2 and bool((y == 7).all())
 
 
 @needs_amx
-def test_channels_last_and_unbatched_inputs(amx_calls):
-    g = torch.Generator().manual_seed(8)
-    w = _weight((32, 64, 3, 3), "2:4", g)
+@pytest.mark.parametrize("c, stride", [(64, 1), (40, 2), (33, (2, 1))])
+def test_channels_last_inputs_are_read_in_place(amx_calls, c, stride):
+    """channels_last x: read and written in that layout (no conversions), the same values as the
+    contiguous layout; and unbatched inputs."""
+    g = torch.Generator().manual_seed(8 + c)
+    w = _weight((20, c, 3, 3), "2:4", g)
     sw = pyhwp.to_sparse(w, "2:4")
-    x = torch.randn(2, 64, 9, 9, generator=g).bfloat16()
-    y = pyhwp.conv2d(x.contiguous(memory_format=torch.channels_last), sw, padding=1)
+    x = torch.randn(2, c, 9, 11, generator=g).bfloat16()
+    bias = torch.randn(20, generator=g).bfloat16()
+    xl = x.contiguous(memory_format=torch.channels_last)
+    y = pyhwp.conv2d(xl, sw, bias, stride=stride, padding=1)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    _assert_close(y.contiguous(), x, w, None, 1, 1)
-    y1 = pyhwp.conv2d(x[1], sw, padding=1)
-    assert y1.shape == (32, 9, 9) and torch.equal(y1, y[1])
-    assert amx_calls == [True, True]
+    assert torch.equal(y, pyhwp.conv2d(x, sw, bias, stride=stride, padding=1))
+    xd, wd, bd = x.double(), w.double(), bias.double()
+    ref = F.conv2d(xd, wd, bd, stride, 1)
+    mag = F.conv2d(xd.abs(), wd.abs(), bd.abs(), stride, 1)
+    u16, u32 = UNIT_ROUNDOFF[torch.bfloat16], UNIT_ROUNDOFF[torch.float32]
+    assert bool(((y.double() - ref).abs() <= u16 * ref.abs() + (1 + u16) * (w[0].numel() + 2) * u32 * mag).all())
+    y1 = pyhwp.conv2d(x[1], sw, bias, stride=stride, padding=1)
+    assert torch.equal(y1, y[1])
+    assert amx_calls == [True, True, True]
+    xl[1, 3, 4, 5] = float("nan")  # NaN in a channels_last x: the exact path, same layout
+    y = pyhwp.conv2d(xl, sw, bias, stride=stride, padding=1)
+    assert amx_calls[-1] is False and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(torch.isnan(y), torch.isnan(F.conv2d(xl.double(), wd, bd, stride, 1)))
 
 
 @needs_amx

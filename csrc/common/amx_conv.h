@@ -42,15 +42,17 @@ enum class AmxConvStatus : int {
   kUnavailable = 2,  // no usable tile unit here (CPU, OS permission, build or ISA cap): y untouched
 };
 
-// y (images, out, ho, wo) contiguous bfloat16 = conv(x (images, C, h, w) contiguous bfloat16)
-// + bias (out bfloat16, or nullptr), g as in ConvGeometry but with stride (sh, sw): output pixel
-// (a, b) reads padded input (a sh + r dh, b sw + s dw), ho and wo as the caller computed them.
-// sw above 2 is not served (kUnavailable). Up to num_threads threads.
+// y (images, out, ho, wo) bfloat16 = conv(x (images, C, h, w) bfloat16) + bias (out bfloat16, or
+// nullptr), both contiguous, or both channels_last (memory (images, h, w, C) and (images, ho, wo,
+// out)); g as in ConvGeometry but with stride (sh, sw): output pixel (a, b) reads padded input
+// (a sh + r dh, b sw + s dw), ho and wo as the caller computed them. sw above 2 is not served
+// (kUnavailable). Up to num_threads threads.
 #ifdef PYHWP_AMX_KERNELS
 AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int64_t sh, int64_t sw,
-                              const uint16_t* x, const uint16_t* bias, uint16_t* y, int num_threads);
+                              bool channels_last, const uint16_t* x, const uint16_t* bias, uint16_t* y,
+                              int num_threads);
 #else
-inline AmxConvStatus amx_conv2d_bf16(const AmxConvWeight&, const ConvGeometry&, int64_t, int64_t,
+inline AmxConvStatus amx_conv2d_bf16(const AmxConvWeight&, const ConvGeometry&, int64_t, int64_t, bool,
                                      const uint16_t*, const uint16_t*, uint16_t*, int) {
   return AmxConvStatus::kUnavailable;  // built without the AMX kernels
 }

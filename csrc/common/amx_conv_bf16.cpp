@@ -70,16 +70,37 @@ inline __m256i load_columns(const uint16_t* row, int64_t base, int64_t sw, int64
   return _mm512_castsi512_si256(_mm512_permutexvar_epi16(even, all));
 }
 
-// Writes row i of phase ph of image n (at `row`); returns whether it read a NaN/Inf. Channels
-// are transposed 16 pixels x 32 channels at a time: channel pairs as 32-bit lanes, then a
-// 16 x 16 transpose of those.
-bool fill_row(const ConvGeometry& g, const Phases& ph, const uint16_t* x, int64_t n, int64_t phase, int64_t i,
-              uint16_t* row) {
+// Writes row i of phase ph of image n (at `row`); returns whether it read a NaN/Inf. From NCHW,
+// channels are transposed 16 pixels x 32 channels at a time: channel pairs as 32-bit lanes, then
+// a 16 x 16 transpose of those; from channels_last, each pixel's channels are one copy.
+bool fill_row(const ConvGeometry& g, const Phases& ph, const uint16_t* x, bool channels_last, int64_t n,
+              int64_t phase, int64_t i, uint16_t* row) {
   const int64_t u = phase / ph.sw, v = phase % ph.sw;
   const int64_t src_row = i * ph.sh + u - g.pt;
   if (i >= ph.hq || src_row < 0 || src_row >= g.h) {
     std::memset(row, 0, sizeof(uint16_t) * static_cast<size_t>(ph.wq * ph.cp));
     return false;
+  }
+  if (channels_last) {  // x is (images, h, w, C): each pixel's channels are contiguous already
+    const __m512i expo = _mm512_set1_epi16(0x7f80);
+    __mmask32 bad = 0;
+    for (int64_t j = 0; j < ph.wq; ++j) {
+      uint16_t* dst = row + j * ph.cp;
+      const int64_t col = j * ph.sw + v - g.pl;
+      if (col < 0 || col >= g.w) {
+        std::memset(dst, 0, sizeof(uint16_t) * static_cast<size_t>(ph.cp));
+        continue;
+      }
+      const uint16_t* src = x + ((n * g.h + src_row) * g.w + col) * g.channels;
+      for (int64_t c0 = 0; c0 < ph.cp; c0 += 32) {
+        const int64_t left = g.channels - c0;
+        const __mmask32 m = left >= 32 ? ~__mmask32{0} : left > 0 ? (__mmask32{1} << left) - 1 : 0;
+        const __m512i vals = _mm512_maskz_loadu_epi16(m, src + c0);
+        bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(vals, expo), expo);
+        _mm512_store_si512(dst + c0, vals);
+      }
+    }
+    return bad != 0;
   }
   const __m256i expo = _mm256_set1_epi16(0x7f80);
   __mmask16 bad = 0;
@@ -108,9 +129,11 @@ bool fill_row(const ConvGeometry& g, const Phases& ph, const uint16_t* x, int64_
 }
 
 // Rounds acc (16 pixels x 16 output channels float32, pixel rows) + bias to bfloat16 and writes
-// the pixels p0 .. p0 + 15 that are outputs (b < wo, a < ho) of channels n0 .. n0 + rows - 1.
+// the pixels p0 .. p0 + 15 that are outputs (b < wo, a < ho) of channels n0 .. n0 + rows - 1:
+// y_image points at channel n0 of the image's output, which has g_out channels; NCHW (a
+// transpose of the block first) or channels_last.
 void store_block(const float* acc, const float* bias, int rows, const ConvGeometry& g, int64_t wp, int64_t p0,
-                 uint16_t* y_image) {
+                 bool channels_last, int64_t g_out, uint16_t* y_image) {
   // The block's runs of consecutive outputs: lanes [s, s + len) go to output offset o.
   int64_t run_lane[kBlock], run_len[kBlock], run_out[kBlock];
   int runs = 0;
@@ -127,6 +150,18 @@ void store_block(const float* acc, const float* bias, int rows, const ConvGeomet
     s += len;
   }
   if (runs == 0) return;
+  if (channels_last) {  // y is (images, ho, wo, out): an accumulator row is 16 consecutive outputs
+    const __mmask16 nm = avx512::tail_mask(rows);
+    const __m512 b = _mm512_maskz_loadu_ps(nm, bias);
+    for (int r = 0; r < runs; ++r) {
+      for (int64_t l = run_lane[r]; l < run_lane[r] + run_len[r]; ++l) {
+        const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + 16 * l), b);
+        uint16_t* out = y_image + (run_out[r] + l - run_lane[r]) * g_out;
+        _mm256_mask_storeu_epi16(out, nm, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      }
+    }
+    return;
+  }
   __m512 m[16];
   for (int r = 0; r < 16; ++r) m[r] = _mm512_load_ps(acc + 16 * r);
   avx512::transpose16(m);  // m[n]: output channel n, 16 pixels
@@ -155,7 +190,8 @@ void store_block(const float* acc, const float* bias, int rows, const ConvGeomet
 }  // namespace
 
 AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int64_t sh, int64_t sw,
-                              const uint16_t* x, const uint16_t* bias, uint16_t* y, int num_threads) {
+                              bool channels_last, const uint16_t* x, const uint16_t* bias, uint16_t* y,
+                              int num_threads) {
   if (active_isa() != Isa::kAmx || sh < 1 || sw < 1 || sw > 2) return AmxConvStatus::kUnavailable;
   const int64_t out = w.out, taps = g.kh * g.kw, cblocks = (g.channels + 31) / 32;
   const int64_t ctiles = (out + 15) / 16, citems = (ctiles + 1) / 2;
@@ -180,7 +216,8 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
   for (int64_t f = 0; f < fill_rows; ++f) {
     const int64_t plane = f / ph.rows, i = f % ph.rows;  // plane: image * phases + phase
-    bad |= fill_row(g, ph, x, plane / (sh * sw), plane % (sh * sw), i, phases + plane * phase_values + i * ph.wq * ph.cp);
+    bad |= fill_row(g, ph, x, channels_last, plane / (sh * sw), plane % (sh * sw), i,
+                    phases + plane * phase_values + i * ph.wq * ph.cp);
   }
   if (bad) return AmxConvStatus::kNonfinite;
 
@@ -236,9 +273,10 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int
       for (int h = 0; h < (two ? 2 : 1); ++h) {
         const int64_t n0 = 16 * (o0 + h);
         const int rows = static_cast<int>(std::min<int64_t>(16, out - n0));
-        uint16_t* y_image = y + (image * out + n0) * g.ho * g.wo;
+        uint16_t* y_image = y + image * out * g.ho * g.wo + (channels_last ? n0 : n0 * g.ho * g.wo);
         for (int j = 0; j < 2; ++j) {
-          store_block(acc + (2 * j + h) * 256, bias_f + n0, rows, g, wq, p0 + j * kBlock, y_image);
+          store_block(acc + (2 * j + h) * 256, bias_f + n0, rows, g, wq, p0 + j * kBlock, channels_last, out,
+                      y_image);
         }
       }
     }

@@ -373,7 +373,7 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     if groups == 1 and not pointwise and stride != (1, 1) and _implicit_kind(x, weight, bias, (kh, kw)) == "amx":
         # strided k x k bfloat16 convs on AMX: the tile-unit kernel over stride phases of x
         geometry = _geometry(x, pads, (kh, kw), dilation, out_hw)
-        y = amx_conv2d_impl(x.contiguous(), *_amx_tiles(weight), out_c, geometry, stride, bias)
+        y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, stride, bias)
         if y is not None:
             return y
     if stride == (1, 1) and groups == 1 and not (pointwise and channels_last):
@@ -382,7 +382,7 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         if kind == "2:4":
             y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
         elif kind == "amx":
-            y = amx_conv2d_impl(x.contiguous(), *_amx_tiles(weight), out_c, geometry, stride, bias)
+            y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, stride, bias)
         else:
             y = None if kind is None else _implicit_csr_conv(x, weight, bias, geometry)
         if y is not None:

@@ -243,7 +243,7 @@ PYBIND11_MODULE(_C, m) {
       "(out/16, taps, C/32, 16, 32) bfloat16 with one nonzero flag (uint8) per tile, x the (images, C, h, "
       "w) input and y the (images, out, ho, wo) output, both contiguous or both channels_last, stride "
       "(h, w); returns 0 "
-      "(done), 1 (x holds a NaN/Inf; y untouched) or 2 (not served here: no usable tile unit, or a width "
+      "(done), 1 (x holds a NaN/Inf; y unspecified) or 2 (not served here: no usable tile unit, or a width "
       "stride above 2; y untouched)");
 
   m.def(

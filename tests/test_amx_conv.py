@@ -284,3 +284,16 @@ def test_csr_without_amx_widens_to_the_float32_implicit_gemm(monkeypatch, with_b
         assert torch.equal(torch.isnan(y), torch.isnan(ref))
     finally:
         _C.set_isa_cap(previous)
+
+
+@needs_amx
+def test_large_batches_run_in_chunks(amx_calls):
+    """The copy of the input is made a chunk of images at a time (at most 64 MiB): a 3-channel
+    128x128 input padded to 32 channels takes 1.1 MB an image, so 64 images are two chunks."""
+    g = torch.Generator().manual_seed(12)
+    w = _weight((16, 3, 3, 3), "masked", g)
+    x = torch.randn(64, 3, 128, 128, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, pyhwp.to_sparse(w, "masked"), padding=1)
+    assert amx_calls == [True]
+    for i in (0, 31, 61, 62, 63):  # both sides of the chunk boundary
+        _assert_close(y[i:i + 1], x[i:i + 1], w, None, 1, 1)

@@ -38,7 +38,7 @@ struct AmxConvWeight {
 
 enum class AmxConvStatus : int {
   kDone = 0,         // y written
-  kNonfinite = 1,    // x holds a NaN/Inf: y untouched (skipped zero tiles would drop 0 * Inf = NaN)
+  kNonfinite = 1,    // x holds a NaN/Inf (skipped zero tiles would drop 0 * Inf = NaN): y unspecified
   kUnavailable = 2,  // no usable tile unit here (CPU, OS permission, build or ISA cap): y untouched
 };
 
@@ -46,7 +46,8 @@ enum class AmxConvStatus : int {
 // nullptr), both contiguous, or both channels_last (memory (images, h, w, C) and (images, ho, wo,
 // out)); g as in ConvGeometry but with stride (sh, sw): output pixel (a, b) reads padded input
 // (a sh + r dh, b sw + s dw), ho and wo as the caller computed them. sw above 2 is not served
-// (kUnavailable). Up to num_threads threads.
+// (kUnavailable). Images run in chunks whose copy of the input stays within 64 MiB. Up to
+// num_threads threads.
 #ifdef PYHWP_AMX_KERNELS
 AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int64_t sh, int64_t sw,
                               bool channels_last, const uint16_t* x, const uint16_t* bias, uint16_t* y,

@@ -18,6 +18,7 @@ namespace {
 constexpr int64_t kTileValues = 512;          // bfloat16 values of a 16 x 64-byte tile
 constexpr int64_t kBlock = 16;                // pixels of a C tile
 constexpr int64_t kGroupPixels = 2 * kBlock;  // pixels of a work item (two A tiles)
+constexpr int64_t kChunkBytes = int64_t{64} << 20;  // the most bytes of input phases at a time
 
 // Palette 1, every tile 16 rows x 64 bytes: tmm0-3 C (tile 2i + j: pixel block i, channel tile
 // j), tmm4-5 A (the two pixel blocks), tmm6-7 B (the two channel tiles).
@@ -198,89 +199,96 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int
   const int64_t wq = ((g.wo - 1) * sw + (g.kw - 1) * g.dw) / sw + 1;  // (phases_of's)
   const int64_t groups = (g.ho * wq + kGroupPixels - 1) / kGroupPixels;
   const Phases ph = phases_of(g, sh, sw, groups);
-  const int64_t items = g.images * groups * citems;
-  if (items == 0 || out == 0) return AmxConvStatus::kDone;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
+  if (g.images == 0 || groups == 0 || out == 0) return AmxConvStatus::kDone;
+  // The images run in chunks whose phases fit kChunkBytes (the copy of a large batch, or of a
+  // 3-channel input padded to 32 channels, would otherwise be many times the input).
+  const int64_t phase_values = ph.pixels * ph.cp, image_values = sh * sw * phase_values;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(g.images, kChunkBytes / (2 * image_values)));
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, chunk * groups * citems)));
 
   // Scratch of the calling thread: the float32 bias (padded to whole channel-tile pairs), then
-  // the phases (64-byte aligned: 32 * citems floats before them).
-  const int64_t phase_values = ph.pixels * ph.cp, image_values = sh * sw * phase_values;
-  float* bias_f = scratch(0, 32 * citems + g.images * image_values / 2 + 16);
+  // the chunk's phases (64-byte aligned: 32 * citems floats before them).
+  float* bias_f = scratch(0, 32 * citems + chunk * image_values / 2 + 16);
   std::fill(bias_f, bias_f + 32 * citems, 0.f);
   widen_bf16(bias, out, bias_f);
   uint16_t* phases = reinterpret_cast<uint16_t*>(bias_f + 32 * citems);
   const int64_t stride = ph.cp * 2;  // bytes between A rows (consecutive pixels)
-  int bad = 0;
 
-  const int64_t fill_rows = g.images * sh * sw * ph.rows;
+  for (int64_t i0 = 0; i0 < g.images; i0 += chunk) {
+    const int64_t images = std::min(chunk, g.images - i0);
+    const int64_t fill_rows = images * sh * sw * ph.rows;
+    int bad = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
-  for (int64_t f = 0; f < fill_rows; ++f) {
-    const int64_t plane = f / ph.rows, i = f % ph.rows;  // plane: image * phases + phase
-    bad |= fill_row(g, ph, x, channels_last, plane / (sh * sw), plane % (sh * sw), i,
-                    phases + plane * phase_values + i * ph.wq * ph.cp);
-  }
-  if (bad) return AmxConvStatus::kNonfinite;
+    for (int64_t f = 0; f < fill_rows; ++f) {
+      const int64_t plane = f / ph.rows, i = f % ph.rows;  // plane: image * phases + phase
+      bad |= fill_row(g, ph, x, channels_last, i0 + plane / (sh * sw), plane % (sh * sw), i,
+                      phases + plane * phase_values + i * ph.wq * ph.cp);
+    }
+    if (bad) return AmxConvStatus::kNonfinite;
+    const int64_t items = images * groups * citems;
 
 #pragma omp parallel num_threads(nt)
-  {
-    const TileConfig config;
-    _tile_loadconfig(&config);
-    float* acc = scratch(1, 4 * 256);
-    // Items in (image, pixel group, channel-tile pair) order: a thread's consecutive items read
-    // the same pixels, which stay in its caches.
+    {
+      const TileConfig config;
+      _tile_loadconfig(&config);
+      float* acc = scratch(1, 4 * 256);
+      // Items in (image, pixel group, channel-tile pair) order: a thread's consecutive items read
+      // the same pixels, which stay in its caches.
 #pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t image = it / (groups * citems), rem = it % (groups * citems);
-      const int64_t grp = rem / citems, o0 = 2 * (rem % citems);
-      const bool two = o0 + 1 < ctiles;
-      const int64_t p0 = grp * kGroupPixels;
-      const uint16_t* xa = phases + image * image_values + p0 * ph.cp;
-      const uint16_t* b0 = w.tiles + o0 * taps * cblocks * kTileValues;
-      const uint16_t* b1 = b0 + taps * cblocks * kTileValues;
-      const uint8_t* nz0 = w.nonzero + o0 * taps * cblocks;
-      const uint8_t* nz1 = nz0 + taps * cblocks;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        const int64_t r = (tap / g.kw) * g.dh, q = (tap % g.kw) * g.dw;
-        const int64_t off = ((r % sh) * sw + q % sw) * phase_values + ((r / sh) * wq + q / sw) * ph.cp;
-        for (int64_t c = 0; c < cblocks; ++c) {
-          const int64_t k = tap * cblocks + c;
-          const bool use0 = nz0[k] != 0, use1 = two && nz1[k] != 0;
-          if (!use0 && !use1) continue;
-          const uint16_t* a = xa + off + 32 * c;
-          _tile_loadd(4, a, stride);
-          _tile_loadd(5, a + kBlock * ph.cp, stride);
-          if (use0) {
-            _tile_loadd(6, b0 + k * kTileValues, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(2, 5, 6);
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t local = it / (groups * citems), rem = it % (groups * citems);
+        const int64_t image = i0 + local;
+        const int64_t grp = rem / citems, o0 = 2 * (rem % citems);
+        const bool two = o0 + 1 < ctiles;
+        const int64_t p0 = grp * kGroupPixels;
+        const uint16_t* xa = phases + local * image_values + p0 * ph.cp;
+        const uint16_t* b0 = w.tiles + o0 * taps * cblocks * kTileValues;
+        const uint16_t* b1 = b0 + taps * cblocks * kTileValues;
+        const uint8_t* nz0 = w.nonzero + o0 * taps * cblocks;
+        const uint8_t* nz1 = nz0 + taps * cblocks;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          const int64_t r = (tap / g.kw) * g.dh, q = (tap % g.kw) * g.dw;
+          const int64_t off = ((r % sh) * sw + q % sw) * phase_values + ((r / sh) * wq + q / sw) * ph.cp;
+          for (int64_t c = 0; c < cblocks; ++c) {
+            const int64_t k = tap * cblocks + c;
+            const bool use0 = nz0[k] != 0, use1 = two && nz1[k] != 0;
+            if (!use0 && !use1) continue;
+            const uint16_t* a = xa + off + 32 * c;
+            _tile_loadd(4, a, stride);
+            _tile_loadd(5, a + kBlock * ph.cp, stride);
+            if (use0) {
+              _tile_loadd(6, b0 + k * kTileValues, 64);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(2, 5, 6);
+            }
+            if (use1) {
+              _tile_loadd(7, b1 + k * kTileValues, 64);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(3, 5, 7);
+            }
           }
-          if (use1) {
-            _tile_loadd(7, b1 + k * kTileValues, 64);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, acc, 64);
+        _tile_stored(1, acc + 256, 64);
+        _tile_stored(2, acc + 512, 64);
+        _tile_stored(3, acc + 768, 64);
+        asm volatile("" ::: "memory");  // the stores above write acc behind the compiler's back
+        for (int h = 0; h < (two ? 2 : 1); ++h) {
+          const int64_t n0 = 16 * (o0 + h);
+          const int rows = static_cast<int>(std::min<int64_t>(16, out - n0));
+          uint16_t* y_image = y + image * out * g.ho * g.wo + (channels_last ? n0 : n0 * g.ho * g.wo);
+          for (int j = 0; j < 2; ++j) {
+            store_block(acc + (2 * j + h) * 256, bias_f + n0, rows, g, wq, p0 + j * kBlock, channels_last, out,
+                        y_image);
           }
         }
       }
-      _tile_stored(0, acc, 64);
-      _tile_stored(1, acc + 256, 64);
-      _tile_stored(2, acc + 512, 64);
-      _tile_stored(3, acc + 768, 64);
-      asm volatile("" ::: "memory");  // the stores above write acc behind the compiler's back
-      for (int h = 0; h < (two ? 2 : 1); ++h) {
-        const int64_t n0 = 16 * (o0 + h);
-        const int rows = static_cast<int>(std::min<int64_t>(16, out - n0));
-        uint16_t* y_image = y + image * out * g.ho * g.wo + (channels_last ? n0 : n0 * g.ho * g.wo);
-        for (int j = 0; j < 2; ++j) {
-          store_block(acc + (2 * j + h) * 256, bias_f + n0, rows, g, wq, p0 + j * kBlock, channels_last, out,
-                      y_image);
-        }
-      }
+      _tile_release();
     }
-    _tile_release();
   }
   return AmxConvStatus::kDone;
 }

@@ -1,4 +1,4 @@
-// Stride-1 bfloat16 conv2d on AMX as an implicit GEMM (see amx_conv.h). Built with the AMX flags.
+// bfloat16 conv2d on AMX as an implicit GEMM (see amx_conv.h). Built with the AMX flags.
 #include <immintrin.h>
 #include <omp.h>
 

@@ -173,7 +173,8 @@ void run_gather(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, const flo
   }
 }
 
-// Tile path: X packed (K x ldx, p contiguous, aligned). Rows are split into nnz-balanced chunks;
+// Tile path: X with p contiguous (K x ldx; packed to aligned rows, or read in place). Rows are
+// split into nnz-balanced chunks;
 // columns into tiles of kTileP; when a tile's X panel exceeds kPanelBytes, K is split into blocks
 // and each chunk accumulates its rows block by block in scratch.
 // With scan_x (X read in place, not packed), the work items also look for NaN/Inf in X, each in

@@ -73,11 +73,12 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
     so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference do the same with the
     2:4 tile kernel (sparse24_conv2d_impl; its groups run across taps and channels, which it reads
-    through a table of offsets). Masked and 2:4 k x k convs in bfloat16 CPU inference on a CPU
-    with AMX (and bfloat16 CSR ones) run on the tile unit, also without im2col, strided ones too
-    (amx_conv2d_impl: the weight's dense values as tiles, all-zero tiles skipped). With autograd or NaN/Inf in x, stride-1 CSR convs
-    run one GEMM per kernel tap on a shifted view of the padded input instead (see
-    _shifted_conv), 2:4 and masked ones im2col.
+    through a table of offsets). bfloat16 k x k convs of every pattern in CPU inference on a CPU
+    with AMX run on the tile unit, also without im2col, strided ones too (amx_conv2d_impl: the
+    weight's dense values as tiles, all-zero tiles skipped); bfloat16 CSR ones elsewhere the float32
+    CSR implicit GEMM on float32 copies. With autograd or NaN/Inf in x, stride-1 CSR convs run one
+    GEMM per kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4 and
+    masked ones im2col.
     On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
     (csr_conv2d_cuda_impl: the CSR tile kernel over padded planes, the whole batch in one launch,
     float32/float16/bfloat16, NaN/Inf handled on the device without a host sync); with autograd,
@@ -227,8 +228,8 @@ _IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.f
 
 
 def _implicit_kind(x, weight, bias, kernel) -> str | None:
-    """Which implicit-GEMM kernel serves a stride-1, groups-1 call with this input, bias and
-    weight: "amx" (amx_conv2d_impl: a kxk kernel of any pattern, bfloat16 on a CPU whose AMX is
+    """Which implicit-GEMM kernel serves a groups-1 call (stride 1; "amx" strided ones too) with
+    this input, bias and weight: "amx" (amx_conv2d_impl: a kxk kernel of any pattern, bfloat16 on a CPU whose AMX is
     in use, the weight's dense values on the tile unit; 1x1 convs keep the matmul kernels, which
     run on AMX too), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 kxk through
     float32 copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
@@ -274,7 +275,8 @@ def _csr_conv_cpu(x, weight, plan, geometry, bias):
     if x.dtype == torch.float32:
         return csr_conv2d_impl(x, weight.row_offsets, weight.values, plan, geometry, bias)
     values = _derived(weight, "values_f32", lambda: weight.values.float())
-    y = csr_conv2d_impl(x.float(), weight.row_offsets, values, plan, geometry, None if bias is None else bias.float())
+    bias = None if bias is None else bias.float()
+    y = csr_conv2d_impl(x.float(), weight.row_offsets, values, plan, geometry, bias)
     return None if y is None else y.to(x.dtype)
 
 

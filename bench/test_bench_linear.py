@@ -8,7 +8,8 @@ import torch
 from conftest import case_params
 from pyhwp.bench.cases import suite_cases
 
-CASES = [c for c in suite_cases("quick", "cpu", torch.get_num_threads()) if c.section in ("linear", "bf16")]
+CASES = [c for c in suite_cases("quick", "cpu", torch.get_num_threads())
+         if c.op == "linear" and c.section in ("linear", "bf16")]
 
 
 @pytest.mark.parametrize("case, contender", case_params(CASES))

@@ -138,7 +138,7 @@ def test_nonfinite_inputs_take_the_exact_path(amx_calls, pattern):
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
 
 
-@pytest.mark.parametrize("case", ["isa-capped", "float32", "autograd", "1x1"])
+@pytest.mark.parametrize("case", ["isa-capped", "float32", "autograd"])
 def test_other_inputs_are_not_its_kind(case):
     w = _weight((16, 32, 3, 3), "masked", torch.Generator().manual_seed(5))
     x = torch.randn(1, 32, 6, 6).bfloat16()
@@ -151,8 +151,6 @@ def test_other_inputs_are_not_its_kind(case):
             w, x = w.float(), x.float()
         elif case == "autograd":
             x.requires_grad_(True)
-        elif case == "1x1":
-            w, kernel = w[:, :, :1, :1].contiguous(), (1, 1)
         sw = pyhwp.to_sparse(w, "masked")
         assert conv_mod._implicit_kind(x, sw, None, kernel) is None
         if case == "isa-capped" and HAS_AMX:
@@ -297,3 +295,28 @@ def test_large_batches_run_in_chunks(amx_calls):
     assert amx_calls == [True]
     for i in (0, 31, 61, 62, 63):  # both sides of the chunk boundary
         _assert_close(y[i:i + 1], x[i:i + 1], w, None, 1, 1)
+
+
+@needs_amx
+@pytest.mark.parametrize("pattern", ["masked", "2:4", "csr"])
+@pytest.mark.parametrize("layout, stride", [("contiguous", 1), ("channels_last", 1), ("contiguous", 2)])
+def test_1x1_convs(amx_calls, pattern, layout, stride):
+    """2:4 and CSR 1x1 convs run on the tile unit too (faster than their matmul kernels there),
+    masked ones keep the masked AMX matmul (which skips every zero 16x16 tile): contiguous or
+    channels_last input, stride 2 on the subsampled pixels; the fast path of a repeated call."""
+    g = torch.Generator().manual_seed(13)
+    w = _weight((40, 64, 1, 1), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(2, 64, 9, 10, generator=g).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(40, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, sw, bias, stride=stride)
+    assert amx_calls == ([] if pattern == "masked" else [True])
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    xd, wd, bd = x.double(), w.double(), bias.double()
+    ref = F.conv2d(xd, wd, bd, stride)
+    mag = F.conv2d(xd.abs(), wd.abs(), bd.abs(), stride)
+    u16, u32 = UNIT_ROUNDOFF[torch.bfloat16], UNIT_ROUNDOFF[torch.float32]
+    assert bool(((y.double() - ref).abs() <= u16 * ref.abs() + (1 + u16) * (64 + 2) * u32 * mag).all())
+    assert torch.equal(pyhwp.conv2d(x, sw, bias, stride=stride), y)

@@ -73,9 +73,9 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
     so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference do the same with the
     2:4 tile kernel (sparse24_conv2d_impl; its groups run across taps and channels, which it reads
-    through a table of offsets). bfloat16 k x k convs of every pattern in CPU inference on a CPU
-    with AMX run on the tile unit, also without im2col, strided ones too (amx_conv2d_impl: the
-    weight's dense values as tiles, all-zero tiles skipped); bfloat16 CSR ones elsewhere the float32
+    through a table of offsets). bfloat16 convs of every pattern in CPU inference on a CPU with
+    AMX run on the tile unit, also without im2col, strided ones too (amx_conv2d_impl: the weight's
+    dense values as tiles, all-zero tiles skipped); bfloat16 CSR k x k ones elsewhere the float32
     CSR implicit GEMM on float32 copies. With autograd or NaN/Inf in x, stride-1 CSR convs run one
     GEMM per kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4 and
     masked ones im2col.
@@ -229,16 +229,19 @@ _IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.f
 
 def _implicit_kind(x, weight, bias, kernel) -> str | None:
     """Which implicit-GEMM kernel serves a groups-1 call (stride 1; "amx" strided ones too) with
-    this input, bias and weight: "amx" (amx_conv2d_impl: a kxk kernel of any pattern, bfloat16 on a CPU whose AMX is
-    in use, the weight's dense values on the tile unit; 1x1 convs keep the matmul kernels, which
-    run on AMX too), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 kxk through
+    this input, bias and weight: "amx" (amx_conv2d_impl: bfloat16 on a CPU whose AMX is in use,
+    any pattern and kernel size, but masked 1x1 convs keep the masked AMX matmul; the weight's
+    dense values on the tile unit), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 kxk through
     float32 copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
     (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs keep the matmul kernel
     on x's planes, which packs them aligned), or None. Never with autograd."""
     if needs_op(x, weight.values, bias):
         return None
     cpu_kxk = kernel != (1, 1) and x.device.type == "cpu"
-    if cpu_kxk and x.dtype == torch.bfloat16 and amx_available():
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and amx_available() and (
+            kernel != (1, 1) or weight.pattern != "masked"):
+        # 1x1 convs too, but for masked weights: the masked AMX matmul skips each zero 16x16 tile,
+        # the conv only 16x32 ones (NOTES.md, stop 22)
         return "amx"
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
@@ -372,14 +375,16 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     if pointwise and stride != (1, 1):
         x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
         stride = (1, 1)
-    if groups == 1 and not pointwise and stride != (1, 1) and _implicit_kind(x, weight, bias, (kh, kw)) == "amx":
+    if groups == 1 and stride != (1, 1) and _implicit_kind(x, weight, bias, (kh, kw)) == "amx":
         # strided k x k bfloat16 convs on AMX: the tile-unit kernel over stride phases of x
         geometry = _geometry(x, pads, (kh, kw), dilation, out_hw)
         y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, stride, bias)
         if y is not None:
             return y
-    if stride == (1, 1) and groups == 1 and not (pointwise and channels_last):
+    if stride == (1, 1) and groups == 1:
         kind = _implicit_kind(x, weight, bias, (kh, kw))
+        if pointwise and channels_last and kind != "amx":
+            kind = None  # the NHWC rows below are the matmul's x as they are
         geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw)
         if kind == "2:4":
             y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)

@@ -110,11 +110,67 @@ def fuzz_public_calls(pattern, wshape, xshape, wdtype, xdtype, bias_len, with_ma
     assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+@given(
+    pattern=st.sampled_from(patterns()),
+    dims=st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 40)),  # batch, in, out channels
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    size=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    channels_last=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def fuzz_conv2d(pattern, dims, kernel, size, stride, dilation, padding, dtype, channels_last, with_bias, seed):
+    """conv2d over random geometries (every path: implicit GEMMs, AMX, per-tap, im2col, 1x1):
+    the dense result within the summation bound of one rounding, or a clear error."""
+    n, c, out = dims
+    g = torch.Generator().manual_seed(seed)
+    w2 = _weight_for(pattern, out, c * kernel[0] * kernel[1], seed)
+    w = w2.reshape(out, c, *kernel).to(dtype)
+    try:
+        sw = pyhwp.to_sparse(w, pattern)
+    except ALLOWED:
+        return
+    x = torch.randn(n, c, *size, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(out, generator=g).to(dtype) if with_bias else None
+    try:
+        y = pyhwp.conv2d(x, sw, bias, stride=stride, padding=padding, dilation=dilation)
+    except ALLOWED:
+        with pytest_raises_like():  # the dense conv must refuse the same geometry
+            torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation)
+        return
+    xd, wd = x.double(), w.double()
+    bd = None if bias is None else bias.double()
+    ref = torch.nn.functional.conv2d(xd, wd, bd, stride, padding, dilation)
+    mag = torch.nn.functional.conv2d(xd.abs(), wd.abs(), None if bd is None else bd.abs(), stride, padding, dilation)
+    u = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    tol = u * ref.abs() + (1 + u) * (w[0].numel() + 2) * 2.0**-24 * mag + 1e-30
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert bool(((y.double() - ref).abs() <= tol).all()), (pattern, dims, kernel, size, stride, dilation, padding,
+                                                           dtype, channels_last)
+
+
+class pytest_raises_like:
+    """Asserts that the block raises (RuntimeError from torch counts): pyhwp refused a geometry."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        assert kind is not None, "pyhwp.conv2d refused a geometry torch's conv2d accepts"
+        return True
+
+
 def run(examples: int) -> None:
-    settings.register_profile("fuzz_n", parent=settings.get_profile("fuzz"), max_examples=examples)
-    settings.load_profile("fuzz_n")
-    for fuzz in (fuzz_raw_arrays, fuzz_public_calls):
-        fuzz()
+    # Settings applied to each fuzzer itself: @given binds the profile loaded at import (100
+    # examples), so loading another profile here did not raise the count.
+    for fuzz in (fuzz_raw_arrays, fuzz_public_calls, fuzz_conv2d):
+        settings(settings.get_profile("fuzz"), max_examples=examples)(fuzz)()
 
 
 if __name__ == "__main__":

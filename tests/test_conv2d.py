@@ -425,3 +425,16 @@ X = torch.randn(2, 4, 9, 9)
 def test_conv2d_bad_input(csr_conv, call, exc, match):
     with pytest.raises(exc, match=match):
         call(csr_conv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_csr_weight_with_no_stored_values(dtype, kernel):
+    """A CSR conv weight that stores nothing (an all-zero filter bank) through the implicit GEMM:
+    its plan is empty (found by tests/fuzz_api.py: the plan's null offsets were refused)."""
+    sw = pyhwp.to_sparse(torch.zeros(6, 4, kernel, kernel, dtype=dtype), "csr")
+    assert sw.nnz == 0
+    x = torch.randn(2, 4, 5, 5).to(dtype)
+    bias = torch.randn(6).to(dtype)
+    y = pyhwp.conv2d(x, sw, bias, padding=kernel // 2)
+    assert torch.equal(y, bias.view(1, 6, 1, 1).expand(2, 6, 5, 5))

@@ -90,7 +90,7 @@ int64_t csr_conv2d_blocks(const ConvGeometry& g) {
 
 void csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, int32_t* offsets, int64_t* starts) {
   check_geometry(w, g, "csr_conv2d_plan");
-  PYHWP_CHECK(offsets && starts, "csr_conv2d_plan: null output array");
+  PYHWP_CHECK((offsets || w.nnz == 0) && starts, "csr_conv2d_plan: null output array");
   const PaddedPlanes pd(g);
   const int64_t cb = block_channels(g), blocks = (g.channels + cb - 1) / cb;
   std::vector<int32_t> table(static_cast<size_t>(w.cols));
@@ -108,7 +108,7 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const int32_t* offset
   check_geometry(w, g, "csr_conv2d");
   PYHWP_CHECK(num_threads >= 1, "csr_conv2d: num_threads must be >= 1");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
-  PYHWP_CHECK(x && y && offsets && starts && (w.nnz == 0 || w.values), "csr_conv2d: null x, y, values or plan");
+  PYHWP_CHECK(x && y && starts && (w.nnz == 0 || (offsets && w.values)), "csr_conv2d: null x, y, values or plan");
   const PaddedPlanes pd(g);
   const int64_t work = w.nnz * g.images * g.ho * pd.wp;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;

@@ -155,6 +155,38 @@ def fuzz_conv2d(pattern, dims, kernel, size, stride, dilation, padding, dtype, c
                                                            dtype, channels_last)
 
 
+@given(
+    pattern=st.sampled_from(patterns()),
+    n=st.integers(1, 70),
+    k=st.integers(1, 140),
+    batch=st.integers(1, 40),
+    with_bias=st.booleans(),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def fuzz_linear_bf16(pattern, n, k, batch, with_bias, transposed, seed):
+    """bfloat16 linear over random sizes (the vector and AMX kernels, their tile and pair edges):
+    the dense result computed in float32 and rounded once, within its bound."""
+    g = torch.Generator().manual_seed(seed)
+    w = _weight_for(pattern, n, k, seed).bfloat16()
+    try:
+        sw = pyhwp.to_sparse(w, pattern)
+    except ALLOWED:
+        return
+    x = torch.randn(batch, k, generator=g).bfloat16()
+    if transposed:  # k-strided rows (the packing's other layout)
+        x = x.t().contiguous().t()
+    bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    y = pyhwp.linear(x, sw, bias)
+    xd, wd = x.double(), w.double()
+    bd = None if bias is None else bias.double()
+    ref = torch.nn.functional.linear(xd, wd, bd)
+    mag = torch.nn.functional.linear(xd.abs(), wd.abs(), None if bd is None else bd.abs())
+    u = 2.0**-8
+    tol = u * ref.abs() + (1 + u) * (k + 2) * 2.0**-24 * mag + 1e-30
+    assert y.dtype == torch.bfloat16 and bool(((y.double() - ref).abs() <= tol).all()), (pattern, n, k, batch)
+
+
 class pytest_raises_like:
     """Asserts that the block raises (RuntimeError from torch counts): pyhwp refused a geometry."""
 
@@ -169,7 +201,7 @@ class pytest_raises_like:
 def run(examples: int) -> None:
     # Settings applied to each fuzzer itself: @given binds the profile loaded at import (100
     # examples), so loading another profile here did not raise the count.
-    for fuzz in (fuzz_raw_arrays, fuzz_public_calls, fuzz_conv2d):
+    for fuzz in (fuzz_raw_arrays, fuzz_public_calls, fuzz_conv2d, fuzz_linear_bf16):
         settings(settings.get_profile("fuzz"), max_examples=examples)(fuzz)()
 
 

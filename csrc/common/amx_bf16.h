@@ -40,29 +40,33 @@ struct Step {
   int32_t pair;
 };
 
-// The tile configuration (palette 1): tmm0-3 hold C (16 rows x 64 bytes of float32); a single
-// step: B in tmm4 (8 k pairs x 16 n x 2), A in tmm5 (16 p x 16 k); a pair: B in tmm6 (16 x 16 x
-// 2), A in tmm7 (16 p x 32 k). One A register per shape serves the C tiles in turn (measured as
-// fast as three alternating ones).
+// A tile configuration (palette 1) for _tile_loadconfig: set(t, rows, bytes) shapes register t.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
   uint8_t reserved[14] = {};
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < kGroup; ++t) set(t, 16, 64);
-    set(4, 8, 64);
-    set(5, 16, 32);
-    set(6, 16, 64);
-    set(7, 16, 64);
-  }
   void set(int t, int r, int bytes) {
     rows[t] = static_cast<uint8_t>(r);
     colsb[t] = static_cast<uint16_t>(bytes);
   }
 };
 static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+// The matmul driver's registers: tmm0-3 hold C (16 rows x 64 bytes of float32); a single step:
+// B in tmm4 (8 k pairs x 16 n x 2), A in tmm5 (16 p x 16 k); a pair: B in tmm6 (16 x 16 x 2), A in
+// tmm7 (16 p x 32 k). One A register per shape serves the C tiles in turn (measured as fast as
+// three alternating ones).
+inline TileConfig matmul_tiles() {
+  TileConfig c;
+  for (int t = 0; t < kGroup; ++t) c.set(t, 16, 64);
+  c.set(4, 8, 64);
+  c.set(5, 16, 32);
+  c.set(6, 16, 64);
+  c.set(7, 16, 64);
+  return c;
+}
 
 // The 16 x 16 block of X at k-tile t, columns 16 b.. as rows[r] = X(16 t .. 16 t + 15, 16 b + r),
 // zeros past K and P.
@@ -263,7 +267,7 @@ void run(const Panels& w, const DenseInBf16& x, const uint16_t* bias, const Dens
     // gcc's _tile_loadd does not tell the compiler that it reads memory: keep the stores above.
     asm volatile("" ::: "memory");
 
-    const TileConfig config;
+    const TileConfig config = matmul_tiles();
     _tile_loadconfig(&config);
     const int t = omp_get_thread_num(), threads = omp_get_num_threads();
     // A runtime that gave fewer threads than asked: split the panels evenly instead.

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/amx_bf16.h"
 #include "common/amx_conv.h"
 #include "common/bf16.h"
 #include "common/cpu_features.h"
@@ -20,19 +21,13 @@ constexpr int64_t kBlock = 16;                // pixels of a C tile
 constexpr int64_t kGroupPixels = 2 * kBlock;  // pixels of a work item (two A tiles)
 constexpr int64_t kChunkBytes = int64_t{64} << 20;  // the most bytes of input phases at a time
 
-// Palette 1, every tile 16 rows x 64 bytes: tmm0-3 C (tile 2i + j: pixel block i, channel tile
+// Every tile register 16 rows x 64 bytes: tmm0-3 C (tile 2i + j: pixel block i, channel tile
 // j), tmm4-5 A (the two pixel blocks), tmm6-7 B (the two channel tiles).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
-  }
-};
-static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+amx::TileConfig conv_tiles() {
+  amx::TileConfig c;
+  for (int t = 0; t < 8; ++t) c.set(t, 16, 64);
+  return c;
+}
 
 // The input as the kernel reads it: the padded image split into sh x sw phases (phase (u, v)
 // holds the padded pixels (i sh + u, j sw + v), i < hq, j < wq; one phase for stride 1), each
@@ -42,17 +37,19 @@ static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 // pixel (a, b) is phase ((r dh) % sh, (s dw) % sw) at (a + (r dh) / sh, b + (s dw) / sw): a
 // stride-1 window of one phase, whose A tile rows, 32 channels of one pixel, are aligned 64-byte
 // lines at every tap.
+// `groups` counts the work items' pixel groups (ho rows of wq pixels, wrapped columns included).
 struct Phases {
-  int64_t sh, sw, cp, hq, wq, rows, pixels;
+  int64_t sh, sw, cp, hq, wq, groups, rows, pixels;
 };
 
-Phases phases_of(const ConvGeometry& g, int64_t sh, int64_t sw, int64_t groups) {
+Phases phases_of(const ConvGeometry& g, int64_t sh, int64_t sw) {
   Phases p;
   p.sh = sh, p.sw = sw;
   p.cp = (g.channels + 31) / 32 * 32;
   p.hq = ((g.ho - 1) * sh + (g.kh - 1) * g.dh) / sh + 1;  // rows of padded input read, per phase
   p.wq = ((g.wo - 1) * sw + (g.kw - 1) * g.dw) / sw + 1;
-  const int64_t reach = groups * kGroupPixels + ((g.kh - 1) * g.dh / sh) * p.wq + (g.kw - 1) * g.dw / sw;
+  p.groups = (g.ho * p.wq + kGroupPixels - 1) / kGroupPixels;
+  const int64_t reach = p.groups * kGroupPixels + ((g.kh - 1) * g.dh / sh) * p.wq + (g.kw - 1) * g.dw / sw;
   p.rows = (std::max(p.hq * p.wq, reach) + p.wq - 1) / p.wq;
   p.pixels = p.rows * p.wq;
   return p;
@@ -196,9 +193,8 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int
   if (active_isa() != Isa::kAmx || sh < 1 || sw < 1 || sw > 2) return AmxConvStatus::kUnavailable;
   const int64_t out = w.out, taps = g.kh * g.kw, cblocks = (g.channels + 31) / 32;
   const int64_t ctiles = (out + 15) / 16, citems = (ctiles + 1) / 2;
-  const int64_t wq = ((g.wo - 1) * sw + (g.kw - 1) * g.dw) / sw + 1;  // (phases_of's)
-  const int64_t groups = (g.ho * wq + kGroupPixels - 1) / kGroupPixels;
-  const Phases ph = phases_of(g, sh, sw, groups);
+  const Phases ph = phases_of(g, sh, sw);
+  const int64_t wq = ph.wq, groups = ph.groups;
   if (g.images == 0 || groups == 0 || out == 0) return AmxConvStatus::kDone;
   // The images run in chunks whose phases fit kChunkBytes (the copy of a large batch, or of a
   // 3-channel input padded to 32 channels, would otherwise be many times the input).
@@ -229,7 +225,7 @@ AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int
 
 #pragma omp parallel num_threads(nt)
     {
-      const TileConfig config;
+      const amx::TileConfig config = conv_tiles();
       _tile_loadconfig(&config);
       float* acc = scratch(1, 4 * 256);
       // Items in (image, pixel group, channel-tile pair) order: a thread's consecutive items read

@@ -133,12 +133,6 @@ struct XView {
   int64_t sk, sp;
 };
 
-inline bool is_nonfinite(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return (u & 0x7f800000u) == 0x7f800000u;
-}
-
 // The output the driver writes: float32 with strides (fp32 entry) or, for bfloat16, a float32
 // scratch N x P (p contiguous) converted at the end.
 struct YView {

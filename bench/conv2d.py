@@ -1,7 +1,7 @@
 """Benchmark: pyhwp.conv2d vs torch F.conv2d on the dense weight, ResNet-50 conv shapes, interleaved.
 
     PYTHONPATH=. python bench/conv2d.py [--pattern csr] [--sparsity 0.9] [--batch 1 32] [--dtype bfloat16]
-        [--json out.json]
+        [--strided] [--json out.json]
 
 For each shape, batch and pattern it times, in one interleaved run: torch's dense conv2d, pyhwp.conv2d,
 and the two halves of pyhwp's general path on their own (im2col = conv2d's patch matrix per image; gemm = the
@@ -34,18 +34,22 @@ from pyhwp.ops.linear import MATMULS
 # ResNet-50 (../shared/BENCHMARKS.md): (in, out, kernel, stride, padding, height = width).
 SHAPES = [(64, 64, 3, 1, 1, 56), (128, 128, 3, 1, 1, 28), (256, 256, 3, 1, 1, 14),
           (256, 1024, 1, 1, 0, 14), (512, 2048, 1, 1, 0, 7)]
+# ResNet-50's strided convs (torchvision v1.5: the stride on the 3x3), --strided: the stem, the first
+# 3x3 of stages 2-4 and their 1x1 projections.
+STRIDED_SHAPES = [(3, 64, 7, 2, 3, 224), (128, 128, 3, 2, 1, 56), (256, 256, 3, 2, 1, 28), (512, 512, 3, 2, 1, 14),
+                  (256, 512, 1, 2, 0, 56), (512, 1024, 1, 2, 0, 28), (1024, 2048, 1, 2, 0, 14)]
 
 
 def prune(w: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
-    """Magnitude pruning: "N:M" keeps the N largest of every M along the flattened input dim;
-    other patterns keep the largest (1 - sparsity) of all weights."""
+    """Magnitude pruning: "N:M" keeps the N largest of every M along the flattened input dim (of
+    a partial last group too); other patterns keep the largest (1 - sparsity) of all weights."""
     m = re.fullmatch(r"(\d+):(\d+)", pattern)
     w2 = w.reshape(w.shape[0], -1)
     if m:
         keep, group = int(m[1]), int(m[2])
-        g = w2.reshape(w.shape[0], -1, group)
+        g = F.pad(w2, (0, -w2.shape[1] % group)).reshape(w.shape[0], -1, group)
         mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(keep, -1).indices, True)
-        return (g * mask).reshape(w.shape)
+        return (g * mask).flatten(1)[:, :w2.shape[1]].reshape(w.shape)
     k = round(sparsity * w2.numel())
     if k == 0:
         return w.clone()
@@ -83,7 +87,7 @@ def run_case(cin, cout, k, stride, pad, hw, batch, pattern, sparsity, budget_s, 
     dense_flop = 2 * cout * cin * k * k * ho * ho * batch
     useful_flop = 2 * sw.nnz * ho * ho * batch
     return {
-        "shape": f"{cin}->{cout} {k}x{k} @{hw}x{hw}", "batch": batch, "pattern": pattern,
+        "shape": f"{cin}->{cout} {k}x{k}{f'/{stride}' if stride > 1 else ''} @{hw}x{hw}", "batch": batch, "pattern": pattern,
         "sparsity": round(sw.sparsity, 4), "dtype": str(dtype).removeprefix("torch."),
         "ms": {name: round(v * 1e3, 4) for name, v in t.items()},
         "speedup_vs_dense": round(t["dense"] / t["pyhwp"], 3),
@@ -111,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch and pyhwp threads (default: torch's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and input (bfloat16 k x k convs run on AMX where the CPU has it)")
+    ap.add_argument("--strided", action="store_true", help="ResNet-50's strided convs instead of BENCHMARKS.md's")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
           f"{'gemm':>8} {'taps':>8} {'x dense':>8} {'GFLOP/s':>8} {'%peak':>6}")
     results = []
     for batch in args.batch:
-        for shape in SHAPES:
+        for shape in STRIDED_SHAPES if args.strided else SHAPES:
             for pattern in args.pattern:
                 r = run_case(*shape, batch, pattern, args.sparsity, args.budget, peak, dtype)
                 results.append(r)

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common/amx_conv.h"
+#include "common/checks.h"
 #include "common/cpu_features.h"
 #include "common/dense.h"
 #include "csr/csr_matmul.h"
@@ -137,10 +138,14 @@ PYBIND11_MODULE(_C, m) {
       "element strides for X (k, p) and Y (n, p); bias address 0 for none; col_indices16: "
       "optional uint16 copy of the indices (cols <= 65536) that the kernels then read");
 
-  // Conv geometry as a tuple (images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo).
-  using Geometry = std::array<int64_t, 12>;
+  // Conv geometry as a tuple (images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo[, sh, sw]),
+  // stride 1 when the last two are left out.
+  using Geometry = std::vector<int64_t>;
   auto conv_geometry = [](const Geometry& t) {
-    return pyhwp::ConvGeometry{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11]};
+    PYHWP_CHECK(t.size() == 12 || t.size() == 14, "conv geometry: ", t.size(), " entries, expected 12 or 14");
+    pyhwp::ConvGeometry g{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10], t[11]};
+    if (t.size() == 14) g.sh = t[12], g.sw = t[13];
+    return g;
   };
   m.def(
       "csr_conv2d_blocks", [=](const Geometry& geometry) { return pyhwp::csr_conv2d_blocks(conv_geometry(geometry)); },
@@ -170,7 +175,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("values"),
       py::arg("geometry"), py::arg("offsets"), py::arg("starts"), py::arg("x"), py::arg("bias"), py::arg("y"),
       py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
-      "Stride-1 conv2d with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM through its plan "
+      "conv2d (any stride) with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM through its plan "
       "(csr_conv2d_plan): x is the contiguous (images, C, h, w) input, padded by pt rows on top and pl "
       "columns on the left, y the contiguous (images, out, ho, wo) output; returns True when x holds "
       "a NaN/Inf (y then lacks the dense 0*Inf = NaN terms)");
@@ -222,27 +227,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("rows"), py::arg("cols"), py::arg("values"), py::arg("meta"), py::arg("geometry"), py::arg("x"),
       py::arg("bias"), py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
-      "Stride-1 conv2d with a 2:4 float32 weight (out x C*kh*kw) as an implicit GEMM: x is the contiguous "
+      "conv2d (any stride) with a 2:4 float32 weight (out x C*kh*kw) as an implicit GEMM: x is the contiguous "
       "(images, C, h, w) input, padded by pt rows on top and pl columns on the left, y the contiguous "
       "(images, out, ho, wo) output; returns True when x holds a NaN/Inf (y then lacks the dense 0*Inf = NaN "
       "terms)");
 
   m.def(
       "amx_conv2d_bf16",
-      [=](int64_t out, Addr tiles, Addr nonzero, const Geometry& geometry, const std::array<int64_t, 2>& stride,
-          bool channels_last, Addr x, Addr bias, Addr y, int num_threads) {
+      [=](int64_t out, Addr tiles, Addr nonzero, const Geometry& geometry, bool channels_last, Addr x, Addr bias,
+          Addr y, int num_threads) {
         const pyhwp::AmxConvWeight w{out, ptr<const uint16_t>(tiles), ptr<const uint8_t>(nonzero)};
-        return static_cast<int>(pyhwp::amx_conv2d_bf16(w, conv_geometry(geometry), stride[0], stride[1],
-                                                       channels_last, ptr<const uint16_t>(x),
-                                                       ptr<const uint16_t>(bias), ptr<uint16_t>(y), num_threads));
+        return static_cast<int>(pyhwp::amx_conv2d_bf16(w, conv_geometry(geometry), channels_last,
+                                                       ptr<const uint16_t>(x), ptr<const uint16_t>(bias),
+                                                       ptr<uint16_t>(y), num_threads));
       },
-      py::arg("out"), py::arg("tiles"), py::arg("nonzero"), py::arg("geometry"), py::arg("stride"),
+      py::arg("out"), py::arg("tiles"), py::arg("nonzero"), py::arg("geometry"),
       py::arg("channels_last"), py::arg("x"), py::arg("bias"), py::arg("y"), py::arg("num_threads"),
       py::call_guard<py::gil_scoped_release>(),
       "bfloat16 conv2d on the AMX tile unit (common/amx_conv.h): the weight as B tiles "
       "(out/16, taps, C/32, 16, 32) bfloat16 with one nonzero flag (uint8) per tile, x the (images, C, h, "
-      "w) input and y the (images, out, ho, wo) output, both contiguous or both channels_last, stride "
-      "(h, w); returns 0 "
+      "w) input and y the (images, out, ho, wo) output, both contiguous or both channels_last; returns 0 "
       "(done), 1 (x holds a NaN/Inf; y unspecified) or 2 (not served here: no usable tile unit, or a width "
       "stride above 2; y untouched)");
 
@@ -316,6 +320,12 @@ PYBIND11_MODULE(_C, m) {
       "masked_matmul with bfloat16 values, X, bias and Y (float32 accumulation, one rounding)");
 
 #ifdef PYHWP_WITH_CUDA
+  auto stride1_geometry = [=](const Geometry& t) {  // the CUDA conv is stride 1 only
+    const pyhwp::ConvGeometry g = conv_geometry(t);
+    PYHWP_CHECK(g.sh == 1 && g.sw == 1, "the CUDA implicit-GEMM conv is stride 1 only, got stride (", g.sh, ", ",
+                g.sw, ")");
+    return g;
+  };
   m.def(
       "csr_to_dense_cuda",
       [](int64_t rows, int64_t cols, Addr row_offsets, Addr col_indices, Addr values, Addr dense,
@@ -370,7 +380,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "csr_conv2d_cuda_planes",
       [=](const Geometry& geometry) {
-        const pyhwp::ConvPlanes pl = pyhwp::csr_conv2d_cuda_planes(conv_geometry(geometry));
+        const pyhwp::ConvPlanes pl = pyhwp::csr_conv2d_cuda_planes(stride1_geometry(geometry));
         return std::array<int64_t, 3>{pl.hp, pl.wp, pl.plane};
       },
       py::arg("geometry"), "(hp, wp, plane) of the padded planes the CUDA implicit-GEMM conv reads");
@@ -378,7 +388,7 @@ PYBIND11_MODULE(_C, m) {
       "csr_conv2d_cuda_workspace",
       [=](int64_t rows, int64_t cols, int64_t nnz, int dtype, const Geometry& geometry) {
         const pyhwp::CsrCudaMatrix w{rows, cols, nnz, nullptr, nullptr, nullptr, nullptr};
-        return pyhwp::csr_conv2d_cuda_workspace(w, static_cast<pyhwp::DType>(dtype), conv_geometry(geometry));
+        return pyhwp::csr_conv2d_cuda_workspace(w, static_cast<pyhwp::DType>(dtype), stride1_geometry(geometry));
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("dtype"), py::arg("geometry"),
       "Scratch bytes csr_conv2d_cuda needs for this geometry");
@@ -389,7 +399,7 @@ PYBIND11_MODULE(_C, m) {
           Addr stream) {
         const pyhwp::CsrCudaMatrix w{rows, cols, nnz, ptr<const int64_t>(row_offsets), nullptr,
                                      ptr<const void>(values), ptr<const int32_t>(row_order)};
-        pyhwp::csr_conv2d_cuda(w, static_cast<pyhwp::DType>(dtype), conv_geometry(geometry),
+        pyhwp::csr_conv2d_cuda(w, static_cast<pyhwp::DType>(dtype), stride1_geometry(geometry),
                                ptr<const int32_t>(offsets), ptr<const void>(x), ptr<const void>(bias), ptr<void>(y),
                                ptr<void>(workspace), workspace_bytes, ptr<void>(stream));
       },

@@ -152,10 +152,10 @@ def test_other_inputs_are_not_its_kind(case):
         elif case == "autograd":
             x.requires_grad_(True)
         sw = pyhwp.to_sparse(w, "masked")
-        assert conv_mod._implicit_kind(x, sw, None, kernel) is None
+        assert conv_mod._implicit_kind(x, sw, None, kernel, (1, 1)) is None
         if case == "isa-capped" and HAS_AMX:
             _C.set_isa_cap("amx")
-            assert conv_mod._implicit_kind(x, sw, None, kernel) == "amx"
+            assert conv_mod._implicit_kind(x, sw, None, kernel, (1, 1)) == "amx"
     finally:
         _C.set_isa_cap(previous)
 
@@ -202,7 +202,7 @@ def test_kernel_reports_unavailable_when_capped():
     try:
         _C.set_isa_cap("avx512" if "avx512" in _C.build_info()["cpu_kernels"] else "scalar")
         status = _C.amx_conv2d_bf16(16, tiles.data_ptr(), nonzero.data_ptr(), (1, 32, 5, 5, 1, 1, 3, 3, 1, 1, 5, 5),
-                                    (1, 1), False, x.data_ptr(), 0, y.data_ptr(), 1)
+                                    False, x.data_ptr(), 0, y.data_ptr(), 1)
     finally:
         _C.set_isa_cap(previous)
     assert status == 2 and bool((y == 7).all())
@@ -263,7 +263,7 @@ def test_csr_without_amx_widens_to_the_float32_implicit_gemm(monkeypatch, with_b
     previous = _C.active_isa()
     try:
         _C.set_isa_cap("avx512" if HAS_AMX else previous)
-        assert conv_mod._implicit_kind(x, sw, bias, (3, 3)) == "csr"
+        assert conv_mod._implicit_kind(x, sw, bias, (3, 3), (1, 1)) == "csr"
         y = pyhwp.conv2d(x, sw, bias, padding=1, dilation=1)
         assert calls == [torch.float32]
         _assert_close(y, x, w, bias, 1, 1)

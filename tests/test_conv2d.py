@@ -164,11 +164,11 @@ def test_implicit_gemm_conv_matches_the_op_path(pattern, batch, c_in, hw, paddin
     w, sw = make_weight((40, c_in, 3, 3), pattern, g_, sparsity=0.9)
     bias = torch.randn(40, generator=g_)
     x = torch.randn(batch, c_in, *hw, generator=g_)
-    assert conv2d_module._implicit_kind(x, sw, bias, (3, 3)) == pattern
+    assert conv2d_module._implicit_kind(x, sw, bias, (3, 3), (1, 1)) == pattern
     y = pyhwp.conv2d(x, sw, bias, 1, padding, dilation)
     assert_conv_close(y, x, w, bias, 1, padding, dilation)
     xg = x.clone().requires_grad_()
-    assert conv2d_module._implicit_kind(xg, sw, bias, (3, 3)) is None
+    assert conv2d_module._implicit_kind(xg, sw, bias, (3, 3), (1, 1)) is None
     y_op = pyhwp.conv2d(xg, sw, bias, 1, padding, dilation)
     assert_conv_close(y_op.detach(), x, w, bias, 1, padding, dilation)
 
@@ -178,7 +178,7 @@ def test_sparse24_1x1_convs_keep_their_own_kernel():
     g_ = torch.Generator().manual_seed(7)
     w, sw = make_weight((16, 32, 1, 1), "2:4", g_)
     x = torch.randn(2, 32, 5, 5, generator=g_)
-    assert conv2d_module._implicit_kind(x, sw, None, (1, 1)) is None
+    assert conv2d_module._implicit_kind(x, sw, None, (1, 1), (1, 1)) is None
     assert_conv_close(pyhwp.conv2d(x, sw), x, w)
 
 
@@ -357,7 +357,7 @@ def test_repeated_1x1_calls_take_the_fast_path(pattern, dtype, monkeypatch):
         y = pyhwp.conv2d(x, sw, bias)
         assert torch.equal(y, y0) and y.is_contiguous()
     # The implicit-GEMM kernels (CSR float32, bfloat16 on AMX) decline NaN/Inf; the matmuls do not.
-    if conv_mod._implicit_kind(x, sw, None, (1, 1)) is None:
+    if conv_mod._implicit_kind(x, sw, None, (1, 1), (1, 1)) is None:
         y = pyhwp.conv2d(x_nan, sw)
         ref = F.conv2d(x_nan.double(), w.double()).to(dtype)
         torch.testing.assert_close(y, ref, equal_nan=True, rtol=2e-2, atol=2e-2)

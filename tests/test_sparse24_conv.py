@@ -59,7 +59,7 @@ def test_matches_dense_conv(isa, case, threads):
     w = pattern_weight((c_out, c_in, *kernel), "2:4", generator=g)
     sw, bias = pyhwp.to_sparse(w, "2:4"), torch.randn(c_out, generator=g)
     x = torch.randn(batch, c_in, *hw, generator=g)
-    assert conv_mod._implicit_kind(x, sw, bias, kernel) == "2:4"
+    assert conv_mod._implicit_kind(x, sw, bias, kernel, (1, 1)) == "2:4"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -44,17 +44,15 @@ enum class AmxConvStatus : int {
 
 // y (images, out, ho, wo) bfloat16 = conv(x (images, C, h, w) bfloat16) + bias (out bfloat16, or
 // nullptr), both contiguous, or both channels_last (memory (images, h, w, C) and (images, ho, wo,
-// out)); g as in ConvGeometry but with stride (sh, sw): output pixel (a, b) reads padded input
-// (a sh + r dh, b sw + s dw), ho and wo as the caller computed them. sw above 2 is not served
-// (kUnavailable). Images run in chunks whose copy of the input stays within 64 MiB. Up to
+// out)); g as in ConvGeometry: output pixel (a, b) reads padded input (a sh + r dh, b sw + s dw),
+// ho and wo as the caller computed them. sw above 2 is not served (kUnavailable). Images run in chunks whose copy of the input stays within 64 MiB. Up to
 // num_threads threads.
 #ifdef PYHWP_AMX_KERNELS
-AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int64_t sh, int64_t sw,
-                              bool channels_last, const uint16_t* x, const uint16_t* bias, uint16_t* y,
-                              int num_threads);
+AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, bool channels_last, const uint16_t* x,
+                              const uint16_t* bias, uint16_t* y, int num_threads);
 #else
-inline AmxConvStatus amx_conv2d_bf16(const AmxConvWeight&, const ConvGeometry&, int64_t, int64_t, bool,
-                                     const uint16_t*, const uint16_t*, uint16_t*, int) {
+inline AmxConvStatus amx_conv2d_bf16(const AmxConvWeight&, const ConvGeometry&, bool, const uint16_t*,
+                                     const uint16_t*, uint16_t*, int) {
   return AmxConvStatus::kUnavailable;  // built without the AMX kernels
 }
 #endif

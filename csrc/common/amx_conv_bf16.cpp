@@ -39,12 +39,12 @@ amx::TileConfig conv_tiles() {
 // lines at every tap.
 // `groups` counts the work items' pixel groups (ho rows of wq pixels, wrapped columns included).
 struct Phases {
-  int64_t sh, sw, cp, hq, wq, groups, rows, pixels;
+  int64_t cp, hq, wq, groups, rows, pixels;
 };
 
-Phases phases_of(const ConvGeometry& g, int64_t sh, int64_t sw) {
+Phases phases_of(const ConvGeometry& g) {
+  const int64_t sh = g.sh, sw = g.sw;
   Phases p;
-  p.sh = sh, p.sw = sw;
   p.cp = (g.channels + 31) / 32 * 32;
   p.hq = ((g.ho - 1) * sh + (g.kh - 1) * g.dh) / sh + 1;  // rows of padded input read, per phase
   p.wq = ((g.wo - 1) * sw + (g.kw - 1) * g.dw) / sw + 1;
@@ -73,8 +73,8 @@ inline __m256i load_columns(const uint16_t* row, int64_t base, int64_t sw, int64
 // a 16 x 16 transpose of those; from channels_last, each pixel's channels are one copy.
 bool fill_row(const ConvGeometry& g, const Phases& ph, const uint16_t* x, bool channels_last, int64_t n,
               int64_t phase, int64_t i, uint16_t* row) {
-  const int64_t u = phase / ph.sw, v = phase % ph.sw;
-  const int64_t src_row = i * ph.sh + u - g.pt;
+  const int64_t u = phase / g.sw, v = phase % g.sw;
+  const int64_t src_row = i * g.sh + u - g.pt;
   if (i >= ph.hq || src_row < 0 || src_row >= g.h) {
     std::memset(row, 0, sizeof(uint16_t) * static_cast<size_t>(ph.wq * ph.cp));
     return false;
@@ -84,7 +84,7 @@ bool fill_row(const ConvGeometry& g, const Phases& ph, const uint16_t* x, bool c
     __mmask32 bad = 0;
     for (int64_t j = 0; j < ph.wq; ++j) {
       uint16_t* dst = row + j * ph.cp;
-      const int64_t col = j * ph.sw + v - g.pl;
+      const int64_t col = j * g.sw + v - g.pl;
       if (col < 0 || col >= g.w) {
         std::memset(dst, 0, sizeof(uint16_t) * static_cast<size_t>(ph.cp));
         continue;
@@ -106,12 +106,12 @@ bool fill_row(const ConvGeometry& g, const Phases& ph, const uint16_t* x, bool c
   const uint16_t* src = x + (n * g.channels) * hw + src_row * g.w;
   for (int64_t c0 = 0; c0 < ph.cp; c0 += 32) {
     for (int64_t j = 0; j < ph.wq; j += 16) {
-      const int64_t base = j * ph.sw + v - g.pl;  // input column of phase column j
+      const int64_t base = j * g.sw + v - g.pl;  // input column of phase column j
       __m512 t[16];
       for (int q = 0; q < 16; ++q) {
         const int64_t c = c0 + 2 * q;
-        const __m256i a = c < g.channels ? load_columns(src + c * hw, base, ph.sw, g.w) : _mm256_setzero_si256();
-        const __m256i b = c + 1 < g.channels ? load_columns(src + (c + 1) * hw, base, ph.sw, g.w)
+        const __m256i a = c < g.channels ? load_columns(src + c * hw, base, g.sw, g.w) : _mm256_setzero_si256();
+        const __m256i b = c + 1 < g.channels ? load_columns(src + (c + 1) * hw, base, g.sw, g.w)
                                              : _mm256_setzero_si256();
         bad |= _mm256_cmpeq_epi16_mask(_mm256_and_si256(a, expo), expo);
         bad |= _mm256_cmpeq_epi16_mask(_mm256_and_si256(b, expo), expo);
@@ -187,13 +187,13 @@ void store_block(const float* acc, const float* bias, int rows, const ConvGeomet
 
 }  // namespace
 
-AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, int64_t sh, int64_t sw,
-                              bool channels_last, const uint16_t* x, const uint16_t* bias, uint16_t* y,
-                              int num_threads) {
+AmxConvStatus amx_conv2d_bf16(const AmxConvWeight& w, const ConvGeometry& g, bool channels_last, const uint16_t* x,
+                              const uint16_t* bias, uint16_t* y, int num_threads) {
+  const int64_t sh = g.sh, sw = g.sw;
   if (active_isa() != Isa::kAmx || sh < 1 || sw < 1 || sw > 2) return AmxConvStatus::kUnavailable;
   const int64_t out = w.out, taps = g.kh * g.kw, cblocks = (g.channels + 31) / 32;
   const int64_t ctiles = (out + 15) / 16, citems = (ctiles + 1) / 2;
-  const Phases ph = phases_of(g, sh, sw);
+  const Phases ph = phases_of(g);
   const int64_t wq = ph.wq, groups = ph.groups;
   if (g.images == 0 || groups == 0 || out == 0) return AmxConvStatus::kDone;
   // The images run in chunks whose phases fit kChunkBytes (the copy of a large batch, or of a

@@ -1,4 +1,4 @@
-// Stride-1 conv2d as an implicit GEMM on the CPU (common/conv_geometry.h), the part the CSR and
+// conv2d as an implicit GEMM on the CPU (common/conv_geometry.h), the part the CSR and
 // 2:4 drivers share: the padded copy of the input whose shifted rows the tile kernels read, the
 // copy of computed tiles into the output planes, and the split of the work over threads.
 #pragma once
@@ -20,7 +20,8 @@ namespace pyhwp {
 // Plain layout (shifted_segments == 0; segments == 1 stored): a group is an image, band = ho,
 // wp = wo + dw*(kw-1), hp = ho + dh*(kh-1) + 1; the wp - wo wrapped columns of each output row are
 // computed and dropped, and the spare zero row is only read by windows that wrap past a row's end
-// (none for kw = 1).
+// (none for kw = 1). Strided convs take this layout with `phases` = sh*sw planes per channel
+// (conv_geometry.h), wp = wo + (dw*(kw-1))/sw, hp = ho + (dh*(kh-1))/sh + 1.
 //
 // Shifted layout (shifted_segments >= 1, kw > 1): every tap's window starts on a cache line too. The
 // image is stored kw times, copy s with every padded row shifted left by s*dw (zeros shifted in),
@@ -31,15 +32,15 @@ namespace pyhwp {
 // 16 (no wasted column). Band u of the batch (image u / bands, output rows from (u % bands) *
 // band) is segment u % segments of group u / segments; hp = band + dh*(kh-1) padded rows.
 // Outputs of missing bands (past the batch), rows past ho and columns past wo are computed and
-// dropped.
+// dropped. Stride 1 only.
 struct PaddedPlanes {
-  int64_t segments, bands, band, groups, hp, wp, plane, copies, copy_stride;
+  int64_t segments, bands, band, groups, hp, wp, plane, phases, copies, copy_stride;
   static constexpr int64_t kMaxSegments = 16;  // 16 / gcd(wo, 16) at most
   explicit PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments = 0, int64_t shifted_bands = 1);
   int64_t segment_width() const { return wp / segments; }
   // x is already its own padded copy: no padding, no spare row, aligned planes.
   bool is_input(const ConvGeometry& g) const {
-    return copies == 1 && g.pt == 0 && g.pl == 0 && hp == g.h && wp == g.w && plane == g.h * g.w;
+    return copies == 1 && phases == 1 && g.pt == 0 && g.pl == 0 && hp == g.h && wp == g.w && plane == g.h * g.w;
   }
   int64_t wide_pixels() const { return band * wp; }  // P of a group's GEMM
   int64_t group_floats() const { return copies * copy_stride; }
@@ -68,10 +69,11 @@ void conv_column_offsets(const ConvGeometry& g, const PaddedPlanes& pd, int32_t*
 // accumulator passes (measured 1.9x slower at 512->2048 on 8x8 with 5 blocks).
 int64_t conv_channels_per_block(const ConvGeometry& g, const PaddedPlanes& pd, int64_t width);
 
-// Writes row t of every channel (and copy) of padded group `group` at xp_group, from x (the
-// contiguous (images, C, h, w) input); returns whether the input rows it read hold a NaN/Inf.
-bool pad_group_row(const float* x, const ConvGeometry& g, const PaddedPlanes& pd, int64_t group, float* xp_group,
-                   int64_t t);
+// Writes rows [t0, t1) of every channel (and copy, or phase) of padded group `group` at xp_group,
+// from x (the contiguous (images, C, h, w) input); returns whether the input rows it read hold a
+// NaN/Inf.
+bool pad_group_rows(const float* x, const ConvGeometry& g, const PaddedPlanes& pd, int64_t group, float* xp_group,
+                    int64_t t0, int64_t t1);
 
 // Copies a computed wide tile of group `group` (output rows [r0, r0 + rows) of W, wide pixels
 // [p0, p0 + width) at tile + (r - r0) * ld_tile) into y, the (images, N, ho, wo) output, dropping
@@ -118,7 +120,7 @@ bool run_implicit_conv(const ConvGeometry& g, const PaddedPlanes& pd, int64_t N,
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : bad)
     for (int64_t q = 0; q < pd.groups; ++q) {
       float* xp = scratch(2, x_group);
-      for (int64_t t = 0; t < pd.hp; ++t) bad |= pad_group_row(x, g, pd, q, xp, t);
+      bad |= pad_group_rows(x, g, pd, q, xp, 0, pd.hp);
       for (int64_t i = 0; i < ptiles; ++i) tile(xp, q, int64_t{0}, N, i * tile_p, std::min(tile_p, P - i * tile_p));
     }
     return bad != 0;
@@ -132,9 +134,14 @@ bool run_implicit_conv(const ConvGeometry& g, const PaddedPlanes& pd, int64_t N,
   int bad = 0;
   if (!in_place) {
     float* buf = scratch(3, pd.groups * x_group);  // the calling thread's; slots 1-2 are the workers'
+    const int64_t rows = pd.groups * pd.hp;  // thread k pads rows [k, k + 1) * rows / nt, in (group, row) order
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
-    for (int64_t q = 0; q < pd.groups * pd.hp; ++q)
-      bad |= pad_group_row(x, g, pd, q / pd.hp, buf + (q / pd.hp) * x_group, q % pd.hp);
+    for (int64_t k = 0; k < nt; ++k)
+      for (int64_t r = rows * k / nt, end = rows * (k + 1) / nt; r < end;) {
+        const int64_t q = r / pd.hp, t1 = std::min(end - q * pd.hp, pd.hp);
+        bad |= pad_group_rows(x, g, pd, q, buf + q * x_group, r % pd.hp, t1);
+        r = q * pd.hp + t1;
+      }
     xp = buf;
   }
   const int64_t tiles = pd.groups * ptiles;

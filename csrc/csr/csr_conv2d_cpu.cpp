@@ -1,5 +1,6 @@
-// Stride-1 CSR conv2d on the CPU as an implicit GEMM: the matmul tile kernels read shifted rows of
-// a padded copy of the input, so no im2col matrix and no per-tap GEMM is ever materialized.
+// CSR conv2d on the CPU as an implicit GEMM: the matmul tile kernels read shifted rows of a padded
+// copy of the input (of its stride phases for a strided conv), so no im2col matrix and no per-tap
+// GEMM is ever materialized.
 #include <algorithm>
 #include <vector>
 

@@ -62,7 +62,7 @@ size_t csr_matmul_cuda_workspace(const CsrCudaMatrix& w, DType dtype, const Devi
 void csr_matmul_cuda(const CsrCudaMatrix& w, DType dtype, const DeviceDenseIn& x, const void* bias,
                      const DeviceDenseOut& y, void* workspace, size_t workspace_bytes, void* stream);
 
-struct ConvGeometry;  // csr/csr_matmul.h: images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo
+struct ConvGeometry;  // common/conv_geometry.h (the CUDA conv: stride 1)
 
 // The padded planes of the CUDA implicit-GEMM conv (as the CPU driver's): hp x wp per channel,
 // hp = ho + dh*(kh-1) + 1 (a spare zero row for kw > 1, none for kw == 1), wp = wo + dw*(kw-1),

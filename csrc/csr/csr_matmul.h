@@ -94,9 +94,10 @@ template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx512();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
 
 
-// Stride-1 conv2d as an implicit GEMM over the tile kernels (no im2col; see
-// common/conv_geometry.h and common/implicit_conv.h): W is the (out, C*kh*kw) CSR matrix of a conv weight, and the tile
-// kernel runs unchanged (ldx = 1) on the shifted rows of the padded input.
+// conv2d (any stride) as an implicit GEMM over the tile kernels (no im2col; see
+// common/conv_geometry.h and common/implicit_conv.h): W is the (out, C*kh*kw) CSR matrix of a conv
+// weight, and the tile kernel runs unchanged (ldx = 1) on the shifted rows of the padded input (of
+// its stride phases).
 // The kernels read W through a plan derived from W and the geometry (not from `images`), built
 // once per weight and input size by csr_conv2d_plan: each stored weight's offset into the padded
 // image (nnz int32) and, per block of channels that the driver keeps in L1, where each row's

@@ -1,4 +1,4 @@
-// Stride-1 2:4 conv2d on the CPU as an implicit GEMM: the 2:4 tile kernels read the shifted windows
+// 2:4 conv2d on the CPU as an implicit GEMM: the 2:4 tile kernels read the shifted windows
 // of a padded copy of the input through a table of offsets, one per column of W (see
 // common/implicit_conv.h), so no im2col matrix is built.
 #include <algorithm>
@@ -54,14 +54,15 @@ int64_t bands_for_l2(const ConvGeometry& g, int nt, int64_t segments, int64_t mi
 // with one band a row (wo rounded up to 16 columns) unless packing several wo wide bands into a
 // row computes at most 85% of its pixels; either with the fewest bands that bands_for_l2
 // allows. Shifted when that computes at most 15% more pixels than the plain layout (columns
-// past wo against its wrapped columns), else plain. Measured, packing against one band a row
+// past wo against its wrapped columns), else plain; strided convs always plain (over their
+// stride phases). Measured, packing against one band a row
 // (per-process A/B, 2 threads): at batch 1 bands of a few rows cost more in padding and in
 // smaller K blocks than the columns they save, 0.93-0.95x at 64->64 @56, 0.78-0.83x at 128->128
 // @28, 0.74x at 256->256 @14. Whole images side by side at 512->512 @7 batch 32 and 128->128 @8
 // batch 64: 1.5x faster than the plain layout, which those took before (one band a row would
 // compute 16 columns for their 7 and 8).
 std::pair<int64_t, int64_t> conv_layout(const ConvGeometry& g, int nt) {
-  if (g.kw == 1 || g.images == 0 || g.ho == 0 || g.wo == 0) return {0, 1};
+  if (g.kw == 1 || g.sh * g.sw > 1 || g.images == 0 || g.ho == 0 || g.wo == 0) return {0, 1};
   auto pixels = [&](int64_t segments, int64_t bands) {
     const PaddedPlanes pd(g, segments, bands);
     return pd.groups * pd.wide_pixels();

@@ -173,10 +173,10 @@ template <typename T> void sparse24_rows_tile_avx2(const Sparse24MatrixT<T>&, co
 template <typename T> void sparse24_rows_permute_avx512(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 template <typename T> void sparse24_rows_tile_avx512(const Sparse24MatrixT<T>&, const DenseIn&, const float*, const DenseOut&, int64_t, int64_t);
 
-// Stride-1 conv2d as an implicit GEMM (common/implicit_conv.h) with the 2:4 float32 (out, C*kh*kw)
-// matrix of a conv weight: the tile kernels read row k of X at the offset of column k in the
-// padded input (a table of K int32, built per call), in the shifted layout where it computes at
-// most 15% more pixels than the plain one and fits L2 (see conv_layout). The 2:4 groups run along the flattened
+// conv2d (any stride) as an implicit GEMM (common/implicit_conv.h) with the 2:4 float32 (out,
+// C*kh*kw) matrix of a conv weight: the tile kernels read row k of X at the offset of column k in
+// the padded input (a table of K int32, built per call), in the shifted layout where it computes
+// at most 15% more pixels than the plain one and fits L2 (stride 1; see conv_layout). The 2:4 groups run along the flattened
 // (c, r, s) inputs, across taps and channels, which the table serves like any other order.
 // Returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs the
 // dense-exact propagation of 0 * Inf, which this path does not do.

@@ -40,11 +40,10 @@ def amx_conv_tiles(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def amx_conv2d_impl(x: torch.Tensor, tiles: torch.Tensor, nonzero: torch.Tensor, out: int,
-                    geometry: tuple[int, ...], stride: tuple[int, int],
-                    bias: torch.Tensor | None) -> torch.Tensor | None:
+                    geometry: tuple[int, ...], bias: torch.Tensor | None) -> torch.Tensor | None:
     """conv2d (groups 1) of x (N, C, H, W) bfloat16 CPU with the weight as amx_conv_tiles;
-    geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out, W_out), H_out and
-    W_out those of `stride`. Returns y (N, out, H_out, W_out), channels_last when x is (read in
+    geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out, W_out, stride_h,
+    stride_w) (csrc/common/conv_geometry.h). Returns y (N, out, H_out, W_out), channels_last when x is (read in
     place either way; other layouts are copied contiguous first), or None when x holds a NaN/Inf
     (the caller must take a path with dense-exact 0 * Inf propagation) or the kernel does not
     serve the call here (no usable tile unit; a width stride above 2). Inference only; bias
@@ -54,7 +53,7 @@ def amx_conv2d_impl(x: torch.Tensor, tiles: torch.Tensor, nonzero: torch.Tensor,
         x = x.contiguous()
     y = torch.empty(x.shape[0], out, geometry[10], geometry[11], dtype=x.dtype,
                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    status = _C.amx_conv2d_bf16(out, tiles.data_ptr(), nonzero.data_ptr(), geometry, stride, channels_last,
+    status = _C.amx_conv2d_bf16(out, tiles.data_ptr(), nonzero.data_ptr(), geometry, channels_last,
                                 x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                                 torch.get_num_threads())
     return y if status == _DONE else None

@@ -69,16 +69,17 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     transpose_out=True so Y_g is already the NCHW output plane. X_g is x itself for 1x1 convs
     (subsampled for stride > 1) and the im2col patch matrix otherwise (_im2col: a copy of a strided
     view of the padded image in CPU inference, F.unfold elsewhere); W_g = weight.row_slice.
-    CSR float32 CPU inference with groups == 1 and stride 1 (or 1x1) runs the whole batch as one
-    implicit GEMM (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x,
-    so no im2col matrix is built. 2:4 k x k convs in float32 CPU inference do the same with the
-    2:4 tile kernel (sparse24_conv2d_impl; its groups run across taps and channels, which it reads
-    through a table of offsets). bfloat16 convs of every pattern in CPU inference on a CPU with
+    CSR float32 CPU inference with groups == 1 runs the whole batch as one implicit GEMM
+    (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x (of its stride
+    phases for stride > 1, over which every tap is a stride-1 window), so no im2col matrix is
+    built. 2:4 k x k convs in float32 CPU inference do the same with the 2:4 tile kernel
+    (sparse24_conv2d_impl; its groups run across taps and channels, which it reads through a
+    table of offsets). bfloat16 convs of every pattern in CPU inference on a CPU with
     AMX run on the tile unit, also without im2col, strided ones too (amx_conv2d_impl: the weight's
     dense values as tiles, all-zero tiles skipped); bfloat16 CSR k x k ones elsewhere the float32
     CSR implicit GEMM on float32 copies. With autograd or NaN/Inf in x, stride-1 CSR convs run one
-    GEMM per kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4 and
-    masked ones im2col.
+    GEMM per kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4,
+    masked and strided ones im2col.
     On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
     (csr_conv2d_cuda_impl: the CSR tile kernel over padded planes, the whole batch in one launch,
     float32/float16/bfloat16, NaN/Inf handled on the device without a host sync); with autograd,
@@ -155,7 +156,9 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     else:
         # Remembered arguments must not change under us: no lists (the caller may mutate them).
         immutable = not any(isinstance(v, list) for v in (stride, padding, dilation))
-        fast_key = (x.shape, stride, padding, dilation, groups) if not unbatched and st == (1, 1) and immutable else None
+        # (strided 1x1 convs run on a subsample of x, which the fast path does not take)
+        remember = not unbatched and immutable and (st == (1, 1) or kh * kw > 1)
+        fast_key = (x.shape, stride, padding, dilation, groups) if remember else None
         y = _gemm_conv(MATMULS[kernel.name], x, weight, bias, st, (pt, pb, pl, pr), dl, groups, (ho, wo),
                        channels_last, fast_key, CPU_CALLS.get(kernel.name))
         if channels_last:
@@ -227,9 +230,9 @@ def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
 _IMPLICIT_CSR_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
-def _implicit_kind(x, weight, bias, kernel) -> str | None:
-    """Which implicit-GEMM kernel serves a groups-1 call (stride 1; "amx" strided ones too) with
-    this input, bias and weight: "amx" (amx_conv2d_impl: bfloat16 on a CPU whose AMX is in use,
+def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
+    """Which implicit-GEMM kernel serves a groups-1 call with this input, bias, weight and stride
+    (every stride on the CPU, stride 1 on CUDA): "amx" (amx_conv2d_impl: bfloat16 on a CPU whose AMX is in use,
     any pattern and kernel size, but masked 1x1 convs keep the masked AMX matmul; the weight's
     dense values on the tile unit), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 kxk through
     float32 copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
@@ -243,6 +246,8 @@ def _implicit_kind(x, weight, bias, kernel) -> str | None:
         # 1x1 convs too, but for masked weights: the masked AMX matmul skips each zero 16x16 tile,
         # the conv only 16x32 ones (NOTES.md, stop 22)
         return "amx"
+    if x.device.type != "cpu" and stride != (1, 1):
+        return None
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
     if cpu_kxk and weight.pattern == "csr" and x.dtype == torch.bfloat16:
@@ -283,9 +288,10 @@ def _csr_conv_cpu(x, weight, plan, geometry, bias):
     return None if y is None else y.to(x.dtype)
 
 
-def _geometry(x, pads, kernel, dilation, out_hw) -> tuple[int, ...]:
+def _geometry(x, pads, kernel, dilation, out_hw, stride=(1, 1)) -> tuple[int, ...]:
+    """The implicit-GEMM kernels' geometry tuple (csrc/common/conv_geometry.h)."""
     n, c, h, w = x.shape
-    return (n, c, h, w, pads[0], pads[2], *kernel, *dilation, *out_hw)
+    return (n, c, h, w, pads[0], pads[2], *kernel, *dilation, *out_hw, *stride)
 
 
 def _cpu_plan(csr, geometry):
@@ -324,7 +330,7 @@ class _FastConv:
         if self.sparse24:
             return sparse24_conv2d_impl(x, weight.values, weight.meta, self.geometry, bias)
         if self.amx is not None:
-            return amx_conv2d_impl(x, *self.amx, weight.shape[0], self.geometry, (1, 1), bias)
+            return amx_conv2d_impl(x, *self.amx, weight.shape[0], self.geometry, bias)
         if self.plan is not None:
             return _csr_conv_cpu(x, weight, self.plan, self.geometry, bias)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
@@ -375,21 +381,15 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
     if pointwise and stride != (1, 1):
         x = x[:, :, ::stride[0], ::stride[1]]  # a 1x1 conv with stride s reads every s-th pixel
         stride = (1, 1)
-    if groups == 1 and stride != (1, 1) and _implicit_kind(x, weight, bias, (kh, kw)) == "amx":
-        # strided k x k bfloat16 convs on AMX: the tile-unit kernel over stride phases of x
-        geometry = _geometry(x, pads, (kh, kw), dilation, out_hw)
-        y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, stride, bias)
-        if y is not None:
-            return y
-    if stride == (1, 1) and groups == 1:
-        kind = _implicit_kind(x, weight, bias, (kh, kw))
+    if groups == 1:
+        kind = _implicit_kind(x, weight, bias, (kh, kw), stride)
         if pointwise and channels_last and kind != "amx":
             kind = None  # the NHWC rows below are the matmul's x as they are
-        geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw)
+        geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw, stride)
         if kind == "2:4":
             y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
         elif kind == "amx":
-            y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, stride, bias)
+            y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, bias)
         else:
             y = None if kind is None else _implicit_csr_conv(x, weight, bias, geometry)
         if y is not None:

@@ -139,7 +139,8 @@ def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_in
     """The plan the implicit-GEMM conv reads a CSR conv weight through, for one input geometry
     (csrc/csr/csr_matmul.h): (offsets int32 (nnz,), block starts int64). O(nnz); build it once
     per weight and input size. geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h,
-    dil_w, H_out, W_out); the plan does not depend on images."""
+    dil_w, H_out, W_out[, stride_h, stride_w]), stride 1 without the last two
+    (csrc/common/conv_geometry.h); the plan does not depend on images."""
     rows, nnz = row_offsets.shape[0] - 1, col_indices.shape[0]
     offsets = torch.empty(nnz, dtype=torch.int32)
     starts = torch.empty((_C.csr_conv2d_blocks(geometry) + 1) * rows, dtype=torch.int64)
@@ -153,8 +154,8 @@ def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_in
 def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Tensor,
                     plan: tuple[torch.Tensor, torch.Tensor], geometry: tuple[int, ...],
                     bias: torch.Tensor | None) -> torch.Tensor | None:
-    """Stride-1 conv2d of x (N, C, H, W) float32 CPU with a CSR weight (out, C*kh*kw) as one
-    implicit GEMM (csrc/csr/csr_conv2d_cpu.cpp) through its csr_conv2d_plan for `geometry`.
+    """conv2d of x (N, C, H, W) float32 CPU with a CSR weight (out, C*kh*kw) as one implicit GEMM
+    (csrc/csr/csr_conv2d_cpu.cpp) through its csr_conv2d_plan for `geometry`.
     Returns y (N, out, H_out, W_out) contiguous, or None when x holds a NaN/Inf, where the caller
     must take a path with dense-exact 0 * Inf propagation. Inference only (no autograd).
     """
@@ -170,7 +171,7 @@ def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Te
 
 def csr_conv2d_cuda_plan(col_indices: torch.Tensor, geometry: tuple[int, ...]) -> torch.Tensor:
     """The per-nnz int32 offsets the CUDA implicit-GEMM conv reads a CSR conv weight through, for
-    one input geometry (see csr_conv2d_plan): stored weight j of column (c*kh + r)*kw + s reads the
+    one stride-1 input geometry (see csr_conv2d_plan): stored weight j of column (c*kh + r)*kw + s reads the
     padded image at c*plane + r*dh*wp + s*dw (csrc/csr/csr_cuda.h ConvPlanes). On the weight's
     device, no host sync; build it once per weight and input size."""
     _, wp, plane = _C.csr_conv2d_cuda_planes(geometry)

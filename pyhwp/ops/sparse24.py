@@ -91,10 +91,11 @@ def sparse24_matmul_cpu(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, 
 
 def sparse24_conv2d_impl(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, geometry: tuple[int, ...],
                          bias: torch.Tensor | None) -> torch.Tensor | None:
-    """Stride-1 conv2d of x (N, C, H, W) float32 CPU with a 2:4 weight (out, C*kh*kw) as one
-    implicit GEMM (csrc/sparse24/sparse24_conv2d_cpu.cpp): the 2:4 tile kernels read the shifted
-    windows of a padded copy of x, no im2col. geometry = (images, C, H, W, pad_top, pad_left, kh,
-    kw, dil_h, dil_w, H_out, W_out). Returns y (N, out, H_out, W_out) contiguous, or None when x
+    """conv2d of x (N, C, H, W) float32 CPU with a 2:4 weight (out, C*kh*kw) as one implicit GEMM
+    (csrc/sparse24/sparse24_conv2d_cpu.cpp): the 2:4 tile kernels read the shifted windows of a
+    padded copy of x (of its stride phases), no im2col. geometry = (images, C, H, W, pad_top,
+    pad_left, kh, kw, dil_h, dil_w, H_out, W_out[, stride_h, stride_w]), stride 1 without the last
+    two (csrc/common/conv_geometry.h). Returns y (N, out, H_out, W_out) contiguous, or None when x
     holds a NaN/Inf, where the caller must take a path with dense-exact 0 * Inf propagation.
     Inference only (no autograd); bias contiguous.
     """

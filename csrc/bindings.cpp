@@ -303,6 +303,21 @@ PYBIND11_MODULE(_C, m) {
       "Y (rows x p) = W X + bias with W in the masked tile layout (rows x cols) and X (cols x p), "
       "host float32; element strides for X (k, p) and Y (n, p); bias address 0 for none");
   m.def(
+      "masked_conv2d",
+      [=](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values,
+          const Geometry& geometry, Addr x, Addr bias, Addr y, int num_threads) {
+        const MaskedMatrix w = make_masked(rows, cols, ntiles, tile_ptr, tile_idx, values);
+        return static_cast<int>(pyhwp::masked_conv2d(w, conv_geometry(geometry), ptr<const float>(x),
+                                                     ptr<const float>(bias), ptr<float>(y), num_threads));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("ntiles"), py::arg("tile_ptr"), py::arg("tile_idx"),
+      py::arg("values"), py::arg("geometry"), py::arg("x"), py::arg("bias"), py::arg("y"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "conv2d (any stride) with a masked float32 weight (out x C*kh*kw) as an implicit GEMM: x the "
+      "contiguous (images, C, h, w) input, y the contiguous (images, out, ho, wo) output; returns 0 (done), "
+      "1 (x holds a NaN/Inf; y unspecified) or 2 (not served here: the AVX-512 kernels are not in use; y "
+      "untouched)");
+  m.def(
       "masked_matmul_bf16",
       [](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values,
          Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,

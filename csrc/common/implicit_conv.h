@@ -98,7 +98,7 @@ void conv_output_tile(const ConvGeometry& g, const PaddedPlanes& pd, float* y, i
   store_conv_tile(tile, kConvTileP, r0, rows, p0, width, g, pd, group, N, y);
 }
 
-// Pads x (unless it is read in place) and runs tile(xp_group, group, r0, r1, p0, width) over
+// Pads x (unless it is read in place; scratch slots 1 to 3) and runs tile(xp_group, group, r0, r1, p0, width) over
 // every group, column tile (conv_tile_width) and run of output rows [r0, r1) (of N); returns
 // whether x holds a NaN/Inf. row_bounds(parts, &bounds) splits the N rows into `parts` runs of
 // about equal work (bounds: parts + 1 entries from 0 to N).
@@ -119,7 +119,7 @@ bool run_implicit_conv(const ConvGeometry& g, const PaddedPlanes& pd, int64_t N,
     int bad = 0;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : bad)
     for (int64_t q = 0; q < pd.groups; ++q) {
-      float* xp = scratch(2, x_group);
+      float* xp = scratch(2, x_group + 16);  // (+16: a tile kernel's last vector may read past the group)
       bad |= pad_group_rows(x, g, pd, q, xp, 0, pd.hp);
       for (int64_t i = 0; i < ptiles; ++i) tile(xp, q, int64_t{0}, N, i * tile_p, std::min(tile_p, P - i * tile_p));
     }
@@ -133,7 +133,7 @@ bool run_implicit_conv(const ConvGeometry& g, const PaddedPlanes& pd, int64_t N,
   const float* xp = x;
   int bad = 0;
   if (!in_place) {
-    float* buf = scratch(3, pd.groups * x_group);  // the calling thread's; slots 1-2 are the workers'
+    float* buf = scratch(3, pd.groups * x_group + 16);  // the calling thread's; slots 1-2 are the workers'
     const int64_t rows = pd.groups * pd.hp;  // thread k pads rows [k, k + 1) * rows / nt, in (group, row) order
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(| : bad)
     for (int64_t k = 0; k < nt; ++k)

@@ -90,11 +90,24 @@ inline __mmask16 first_n(int64_t n) {  // lanes < n (none for n <= 0)
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
+// Where the wide kernel reads the 16 NV columns of x at row k of k-tile `tile`: the matmul's packed
+// block (rows 16 NV floats apart), or the conv's padded planes through a table of offsets, one per
+// row of W's columns (masked_conv2d).
+template <int NV>
+struct PackedRows {
+  const float* xp;
+  const float* row(int32_t tile, int k) const { return xp + (int64_t{tile} * Cfg::kTileK + k) * (16 * NV); }
+};
+struct OffsetRows {
+  const float* x;
+  const int32_t* offsets;
+  const float* row(int32_t tile, int k) const { return x + offsets[int64_t{tile} * Cfg::kTileK + k]; }
+};
+
 // 8 rows x NV vectors of 16 columns. Per k: NV vector loads of x, then each of the 8 weights is
 // broadcast once into a register and feeds NV FMAs.
-template <int NV, typename T>
-void wide(const MaskedWideBlockT<T>& b) {
-  constexpr int64_t kLd = 16 * NV;  // packed x row length
+template <int NV, typename T, typename Rows>
+void wide(const MaskedWideBlockT<T>& b, Rows rows) {
   __m512 c[8][NV];
   for (int r = 0; r < 8; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
@@ -119,9 +132,7 @@ void wide(const MaskedWideBlockT<T>& b) {
   };
   if (b.count > 0) widen_tile(0);
   for (int64_t j = 0; j < b.count; ++j) {
-    const float* xt = b.xp + int64_t{b.tidx[j]} * (Cfg::kTileK * kLd);
-    const int64_t jn = j + 1 < b.count ? j + 1 : j;
-    const char* xn = reinterpret_cast<const char*>(b.xp + int64_t{b.tidx[jn]} * (Cfg::kTileK * kLd));
+    const int32_t tile = b.tidx[j], next = b.tidx[j + 1 < b.count ? j + 1 : j];
     const T* wj = w + j * Cfg::kTileSize;
     const char* wn = reinterpret_cast<const char*>(wj + Cfg::kPrefetchTiles * Cfg::kTileSize);
     const float* wf;
@@ -135,12 +146,14 @@ void wide(const MaskedWideBlockT<T>& b) {
 #pragma GCC unroll 16
     for (int k = 0; k < Cfg::kTileK; ++k) {
       // The next tile's x: NV lines per k row, k-row by k-row; the weights kPrefetchTiles ahead.
+      const char* xn = reinterpret_cast<const char*>(rows.row(next, k));
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) _mm_prefetch(xn + 64 * (NV * k + v), _MM_HINT_T0);
+      for (int v = 0; v < NV; ++v) _mm_prefetch(xn + 64 * v, _MM_HINT_T0);
       if (k < kTileLines<T>) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
+      const float* xk = rows.row(tile, k);
       __m512 xv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(xt + k * kLd + 16 * v);
+      for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(xk + 16 * v);
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) {
         __m512 wb = _mm512_set1_ps(wf[kWs * k + r]);
@@ -160,13 +173,26 @@ void wide(const MaskedWideBlockT<T>& b) {
   }
 }
 
+template <int NV, typename T>
+void wide_packed(const MaskedWideBlockT<T>& b) { wide<NV>(b, PackedRows<NV>{b.xp}); }
+
+template <int NV>
+void wide_conv(const MaskedWideBlockT<float>& b, const int32_t* offsets) { wide<NV>(b, OffsetRows{b.xp, offsets}); }
+
 template <typename T, int... I>
 constexpr std::array<void (*)(const MaskedWideBlockT<T>&), sizeof...(I)> wide_table(std::integer_sequence<int, I...>) {
-  return {&wide<I + 1, T>...};
+  return {&wide_packed<I + 1, T>...};
+}
+
+template <int... I>
+constexpr std::array<void (*)(const MaskedWideBlockT<float>&, const int32_t*), sizeof...(I)> wide_conv_table(
+    std::integer_sequence<int, I...>) {
+  return {&wide_conv<I + 1>...};
 }
 
 template <typename T>
 constexpr auto kWide = wide_table<T>(std::make_integer_sequence<int, Cfg::kNvAvx512>{});
+constexpr auto kWideConv = wide_conv_table(std::make_integer_sequence<int, Cfg::kNvAvx512>{});
 
 }  // namespace
 
@@ -283,6 +309,10 @@ template <typename T>
 void masked_wide_avx512(const MaskedWideBlockT<T>& b) { kWide<T>[b.nv - 1](b); }
 template void masked_wide_avx512(const MaskedWideBlockT<float>&);
 template void masked_wide_avx512(const MaskedWideBlockT<uint16_t>&);
+
+void masked_wide_conv_avx512(const MaskedWideBlockT<float>& b, const int32_t* offsets) {
+  kWideConv[b.nv - 1](b, offsets);
+}
 
 template <typename T>
 void masked_block_avx512(const MaskedBlockT<T>& b) { kBlocks<T>[b.mr - 1](b); }

@@ -13,6 +13,7 @@ from pyhwp.ops.amx_conv import amx_available, amx_conv2d_impl, amx_conv_tiles
 from pyhwp.ops.csr import csr_conv2d_cuda_impl, csr_conv2d_cuda_plan, csr_conv2d_impl, csr_conv2d_plan
 from pyhwp.ops.eager import needs_op
 from pyhwp.ops.linear import CPU_CALLS, MATMULS, check_bias
+from pyhwp.ops.masked import masked_conv2d_impl
 from pyhwp.ops.sparse24 import sparse24_conv2d_impl
 
 
@@ -74,7 +75,8 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     phases for stride > 1, over which every tap is a stride-1 window), so no im2col matrix is
     built. 2:4 k x k convs in float32 CPU inference do the same with the 2:4 tile kernel
     (sparse24_conv2d_impl; its groups run across taps and channels, which it reads through a
-    table of offsets). bfloat16 convs of every pattern in CPU inference on a CPU with
+    table of offsets), masked ones with the masked AVX-512 tile kernel (masked_conv2d_impl,
+    where AVX-512 is in use; zero tiles skipped). bfloat16 convs of every pattern in CPU inference on a CPU with
     AMX run on the tile unit, also without im2col, strided ones too (amx_conv2d_impl: the weight's
     dense values as tiles, all-zero tiles skipped); bfloat16 CSR k x k ones elsewhere the float32
     CSR implicit GEMM on float32 copies. With autograd or NaN/Inf in x, stride-1 CSR convs run one
@@ -237,7 +239,8 @@ def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
     dense values on the tile unit), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 kxk through
     float32 copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
     (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs keep the matmul kernel
-    on x's planes, which packs them aligned), or None. Never with autograd."""
+    on x's planes, which packs them aligned), "masked" (masked_conv2d_impl: the same for masked
+    kxk float32 weights; 1x1 ones keep the matmul kernel), or None. Never with autograd."""
     if needs_op(x, weight.values, bias):
         return None
     cpu_kxk = kernel != (1, 1) and x.device.type == "cpu"
@@ -254,6 +257,8 @@ def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
         return "csr"  # 1x1 convs keep the bfloat16 matmul kernel on x's planes
     if cpu_kxk and weight.pattern == "2:4" and x.dtype == torch.float32:
         return "2:4"
+    if cpu_kxk and weight.pattern == "masked" and x.dtype == torch.float32:
+        return "masked"  # None from the kernel where AVX-512 is not in use: im2col then
     return None
 
 
@@ -288,6 +293,11 @@ def _csr_conv_cpu(x, weight, plan, geometry, bias):
     return None if y is None else y.to(x.dtype)
 
 
+def _masked_conv(x, weight, geometry, bias):
+    return masked_conv2d_impl(x, weight.tile_ptr.contiguous(), weight.tile_idx.contiguous(), weight.values.contiguous(),
+                              weight.shape[0], geometry, bias)
+
+
 def _geometry(x, pads, kernel, dilation, out_hw, stride=(1, 1)) -> tuple[int, ...]:
     """The implicit-GEMM kernels' geometry tuple (csrc/common/conv_geometry.h)."""
     n, c, h, w = x.shape
@@ -305,34 +315,36 @@ def _cpu_plan(csr, geometry):
 class _FastConv:
     """conv2d's fast path for one weight: the arguments of the last call that ran a CPU kernel
     directly (`key`), its dtype, the versions of the weight's tensors then, and what that call
-    ran: an implicit-GEMM kernel for `geometry` (the CSR one with its plan, or the 2:4 one) or,
-    for a 1x1 conv, one direct kernel call per image (cpu, out_shape). A weight changed in place
-    (another version) or a call with other arguments takes the general path, which derives again
-    what depends on the weight and remembers anew. Holds no reference to the weight (_FAST's
-    key must be able to die)."""
+    ran: an implicit-GEMM kernel (`kind`, as _implicit_kind names them) for `geometry` (the CSR
+    one with its plan, the AMX one with its tiles) or, for a 1x1 conv (kind None), one direct
+    kernel call per image (cpu, out_shape). A weight changed in place (another version) or a
+    call with other arguments takes the general path, which derives again what depends on the
+    weight and remembers anew. Holds no reference to the weight (_FAST's key must be able to
+    die)."""
 
-    __slots__ = ("key", "dtype", "tensors", "versions", "sparse24", "amx", "plan", "geometry", "cpu",
-                 "out_shape")
+    __slots__ = ("key", "dtype", "tensors", "versions", "kind", "derived", "geometry", "cpu", "out_shape")
 
-    def __init__(self, key, x, weight, *, csr=None, sparse24=False, amx=False, geometry=None, cpu=None,
-                 out_shape=None):
+    def __init__(self, key, x, weight, *, kind=None, geometry=None, cpu=None, out_shape=None):
         self.key, self.dtype = key, x.dtype
         self.tensors = list(weight._tensors().values())
         self.versions = [t._version for t in self.tensors]
-        self.sparse24, self.geometry = sparse24, geometry
-        self.amx = _amx_tiles(weight) if amx else None
-        self.plan = None if csr is None else _cpu_plan(csr, geometry)
+        self.kind, self.geometry = kind, geometry
+        self.derived = (_amx_tiles(weight) if kind == "amx" else _cpu_plan(weight, geometry) if kind == "csr"
+                        else None)
         self.cpu, self.out_shape = cpu, out_shape
 
     def run(self, x, weight, bias):
         """The remembered computation on contiguous CPU x of the remembered shape and dtype, or
         None (x holds a NaN/Inf and the implicit-GEMM kernel declines)."""
-        if self.sparse24:
+        kind = self.kind
+        if kind == "2:4":
             return sparse24_conv2d_impl(x, weight.values, weight.meta, self.geometry, bias)
-        if self.amx is not None:
-            return amx_conv2d_impl(x, *self.amx, weight.shape[0], self.geometry, bias)
-        if self.plan is not None:
-            return _csr_conv_cpu(x, weight, self.plan, self.geometry, bias)
+        if kind == "masked":
+            return _masked_conv(x, weight, self.geometry, bias)
+        if kind == "amx":
+            return amx_conv2d_impl(x, *self.derived, weight.shape[0], self.geometry, bias)
+        if kind == "csr":
+            return _csr_conv_cpu(x, weight, self.derived, self.geometry, bias)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
         n, c, h, w = x.shape
         y = x.new_empty(*self.out_shape)
@@ -388,14 +400,15 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw, stride)
         if kind == "2:4":
             y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
+        elif kind == "masked":
+            y = _masked_conv(x, weight, geometry, bias)
         elif kind == "amx":
             y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, bias)
         else:
             y = None if kind is None else _implicit_csr_conv(x, weight, bias, geometry)
         if y is not None:
             if fast_key is not None and x.device.type == "cpu" and x.is_contiguous():
-                _remember_fast(fast_key, x, weight, geometry=geometry, sparse24=kind == "2:4", amx=kind == "amx",
-                               csr=weight if kind == "csr" else None)
+                _remember_fast(fast_key, x, weight, kind=kind, geometry=geometry)
             return y
     if not pointwise and stride == (1, 1) and groups == 1 and kh * kw > 1:
         # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported

@@ -1,0 +1,98 @@
+// Masked conv2d on the CPU as an implicit GEMM: the AVX-512 wide micro-kernel of masked_matmul reads
+// each stored tile's 16 rows of X straight from a padded copy of the input (of its stride phases
+// for a strided conv; common/implicit_conv.h) through a table of offsets, so neither an im2col
+// matrix nor a packed copy of it is built, and zero tiles cost nothing.
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_features.h"
+#include "common/implicit_conv.h"
+#include "masked/masked_matmul.h"
+
+namespace pyhwp {
+
+using Cfg = MaskedCpuConfig;
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#ifdef PYHWP_X86_KERNELS
+// One 16-row panel of W over wide pixels [p0, p0 + width) of a padded group, into acc (16 rows of
+// acc_ld floats): blocks of kNvAvx512 vectors, each block's tiles in groups of kWideGroupTiles so
+// that both row halves replay the group's x from L1 (as masked_matmul's loop nest does).
+void panel_tile(const MaskedMatrix& w, int64_t panel, const float* xp, const int32_t* offsets, int64_t width,
+                float* acc, int64_t acc_ld) {
+  const int64_t t0 = w.tile_ptr[panel], t1 = w.tile_ptr[panel + 1];
+  const int64_t nvec = width / 16, blocks = ceil_div(nvec, Cfg::kNvAvx512);
+  int64_t s = t0;
+  do {  // a panel without tiles runs once over none: zeros, then its bias
+    const int64_t count = std::min<int64_t>(Cfg::kWideGroupTiles, t1 - s);
+    for (int64_t bi = 0, v0 = 0; bi < blocks; ++bi) {
+      const int64_t nv = ceil_div(nvec - v0, blocks - bi);
+      MaskedWideBlockT<float> blk;
+      blk.tiles = w.values + s * Cfg::kTileSize;
+      blk.tidx = w.tile_idx + s;
+      blk.count = count;
+      blk.xp = xp + 16 * v0;
+      blk.nv = static_cast<int>(nv);
+      blk.acc = acc + 16 * v0;
+      blk.ld = acc_ld;
+      blk.accumulate = s > t0;
+      for (blk.half = 0; blk.half < 2; ++blk.half) masked_wide_conv_avx512(blk, offsets);
+      v0 += nv;
+    }
+    s += count;
+  } while (s < t1);
+}
+#endif
+
+}  // namespace
+
+MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias,
+                               float* y, int num_threads) {
+  const PaddedPlanes pd(g);
+  check_conv_geometry(g, pd, "masked_conv2d");
+  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "masked_conv2d: W has ", w.cols, " columns, expected C*kh*kw = ",
+              g.channels * g.kh * g.kw);
+  PYHWP_CHECK(num_threads >= 1, "masked_conv2d: num_threads must be >= 1");
+  const int64_t N = w.rows, npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(w.cols, Cfg::kTileK);
+  PYHWP_CHECK(w.tile_ptr && (w.ntiles == 0 || (w.tile_idx && w.values)), "masked_conv2d: null tile array");
+  PYHWP_CHECK(w.tile_ptr[npanels] == w.ntiles, "masked_conv2d: tile_ptr[-1] != ntiles");
+#ifndef PYHWP_X86_KERNELS
+  return MaskedConvStatus::kUnavailable;
+#else
+  if (vector_isa() != Isa::kAvx512) return MaskedConvStatus::kUnavailable;  // the wide kernel is AVX-512's
+  if (N == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return MaskedConvStatus::kDone;
+  PYHWP_CHECK(x && y, "masked_conv2d: null x or y");
+
+  // Row k of W's columns at offsets[k] in a padded group; the rows of the last k-tile past K (zero
+  // weights) read column 0, a finite value: x holds no NaN/Inf on this path.
+  std::vector<int32_t> offsets(static_cast<size_t>(ktiles * Cfg::kTileK), 0);
+  conv_column_offsets(g, pd, offsets.data());
+  std::vector<int64_t> panel_bounds;  // the threads' runs of panels, balanced by their tiles
+  const int nt = w.ntiles * Cfg::kTileSize * g.images * g.ho * pd.wp < Cfg::kSerialWork ? 1 : num_threads;
+  const bool bad = run_implicit_conv(
+      g, pd, N, x, nt,
+      [&](int64_t parts, std::vector<int64_t>* bounds) {
+        balanced_runs(w.tile_ptr, npanels, 1, parts, &panel_bounds);
+        for (const int64_t b : panel_bounds) bounds->push_back(std::min(N, b * Cfg::kTileN));
+      },
+      [&](const float* xp_group, int64_t group, int64_t r0, int64_t r1, int64_t p0, int64_t width) {
+        const int64_t acc_ld = 16 * ceil_div(width, 16);
+        float* acc = scratch(0, Cfg::kTileN * acc_ld + 16);
+        for (int64_t n0 = r0; n0 < r1; n0 += Cfg::kTileN) {
+          const int64_t rows = std::min(Cfg::kTileN, N - n0);
+          panel_tile(w, n0 / Cfg::kTileN, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
+          conv_output_tile(g, pd, y, N, group, n0, rows, Cfg::kTileN, p0, width, [&](float* tile, int64_t ld) {
+            masked_store_wide_avx512(acc, acc_ld, width, static_cast<int>(rows), bias ? bias + n0 : nullptr, false,
+                                     tile, ld, 1);
+          });
+        }
+      });
+  return bad ? MaskedConvStatus::kNonfinite : MaskedConvStatus::kDone;
+#endif
+}
+
+}  // namespace pyhwp

@@ -12,9 +12,9 @@
 
 namespace pyhwp {
 
-using Cfg = MaskedCpuConfig;
-
 namespace {
+
+using Cfg = MaskedCpuConfig;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -46,34 +46,19 @@ void panel_tile(const MaskedMatrix& w, int64_t panel, const float* xp, const int
     s += count;
   } while (s < t1);
 }
-#endif
 
-}  // namespace
-
-MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias,
-                               float* y, int num_threads) {
+// The call on AVX-512; returns whether x holds a NaN/Inf.
+bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
+         int num_threads) {
   const PaddedPlanes pd(g);
-  check_conv_geometry(g, pd, "masked_conv2d");
-  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "masked_conv2d: W has ", w.cols, " columns, expected C*kh*kw = ",
-              g.channels * g.kh * g.kw);
-  PYHWP_CHECK(num_threads >= 1, "masked_conv2d: num_threads must be >= 1");
   const int64_t N = w.rows, npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(w.cols, Cfg::kTileK);
-  PYHWP_CHECK(w.tile_ptr && (w.ntiles == 0 || (w.tile_idx && w.values)), "masked_conv2d: null tile array");
-  PYHWP_CHECK(w.tile_ptr[npanels] == w.ntiles, "masked_conv2d: tile_ptr[-1] != ntiles");
-#ifndef PYHWP_X86_KERNELS
-  return MaskedConvStatus::kUnavailable;
-#else
-  if (vector_isa() != Isa::kAvx512) return MaskedConvStatus::kUnavailable;  // the wide kernel is AVX-512's
-  if (N == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return MaskedConvStatus::kDone;
-  PYHWP_CHECK(x && y, "masked_conv2d: null x or y");
-
   // Row k of W's columns at offsets[k] in a padded group; the rows of the last k-tile past K (zero
   // weights) read column 0, a finite value: x holds no NaN/Inf on this path.
   std::vector<int32_t> offsets(static_cast<size_t>(ktiles * Cfg::kTileK), 0);
   conv_column_offsets(g, pd, offsets.data());
   std::vector<int64_t> panel_bounds;  // the threads' runs of panels, balanced by their tiles
   const int nt = w.ntiles * Cfg::kTileSize * g.images * g.ho * pd.wp < Cfg::kSerialWork ? 1 : num_threads;
-  const bool bad = run_implicit_conv(
+  return run_implicit_conv(
       g, pd, N, x, nt,
       [&](int64_t parts, std::vector<int64_t>* bounds) {
         balanced_runs(w.tile_ptr, npanels, 1, parts, &panel_bounds);
@@ -91,8 +76,29 @@ MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, con
           });
         }
       });
-  return bad ? MaskedConvStatus::kNonfinite : MaskedConvStatus::kDone;
+}
 #endif
+
+}  // namespace
+
+MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias,
+                               float* y, int num_threads) {
+  check_conv_geometry(g, PaddedPlanes(g), "masked_conv2d");
+  PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "masked_conv2d: W has ", w.cols, " columns, expected C*kh*kw = ",
+              g.channels * g.kh * g.kw);
+  PYHWP_CHECK(num_threads >= 1, "masked_conv2d: num_threads must be >= 1");
+  PYHWP_CHECK(w.tile_ptr && (w.ntiles == 0 || (w.tile_idx && w.values)), "masked_conv2d: null tile array");
+  PYHWP_CHECK(w.tile_ptr[ceil_div(w.rows, Cfg::kTileN)] == w.ntiles, "masked_conv2d: tile_ptr[-1] != ntiles");
+#ifdef PYHWP_X86_KERNELS
+  if (vector_isa() == Isa::kAvx512) {  // the wide kernel is AVX-512's
+    if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return MaskedConvStatus::kDone;
+    PYHWP_CHECK(x && y, "masked_conv2d: null x or y");
+    return run(w, g, x, bias, y, num_threads) ? MaskedConvStatus::kNonfinite : MaskedConvStatus::kDone;
+  }
+#else
+  (void)x, (void)bias, (void)y;
+#endif
+  return MaskedConvStatus::kUnavailable;
 }
 
 }  // namespace pyhwp

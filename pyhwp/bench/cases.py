@@ -140,6 +140,9 @@ def quick_cases() -> list[Case]:
     for conv in CONV_SHAPES:
         cases.append(conv_case(conv, 1, "csr", 0.9))
         cases.append(conv_case(conv, 1, "2:4", 0.5))
+        if conv.kernel > 1:  # the masked implicit GEMM: no zero tiles (the fallback), 75% of them
+            for zero_tiles in (0.0, 0.75):
+                cases.append(conv_case(conv, 1, "masked", zero_tiles))
     for batch in LINEAR_BATCHES:
         cases.append(linear_case((4096, 4096), batch, "csr", 0.9, dtype="bfloat16", section="bf16"))
         cases.append(linear_case((4096, 4096), batch, "2:4", 0.5, dtype="bfloat16", section="bf16"))

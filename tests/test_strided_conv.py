@@ -37,17 +37,18 @@ def _id(case):
 
 @pytest.fixture
 def implicit_calls(monkeypatch):
-    """Counts the CPU implicit-GEMM kernel calls by pattern."""
-    calls = {"csr": 0, "2:4": 0}
+    """Counts the CPU implicit-GEMM kernel calls that ran (returned y), by pattern."""
+    calls = {"csr": 0, "2:4": 0, "masked": 0}
 
     def counted(name, real):
         def call(*args, **kwargs):
-            calls[name] += 1
-            return real(*args, **kwargs)
+            y = real(*args, **kwargs)
+            calls[name] += y is not None
+            return y
         return call
 
-    monkeypatch.setattr(conv_mod, "csr_conv2d_impl", counted("csr", conv_mod.csr_conv2d_impl))
-    monkeypatch.setattr(conv_mod, "sparse24_conv2d_impl", counted("2:4", conv_mod.sparse24_conv2d_impl))
+    for name, attr in (("csr", "csr_conv2d_impl"), ("2:4", "sparse24_conv2d_impl"), ("masked", "masked_conv2d_impl")):
+        monkeypatch.setattr(conv_mod, attr, counted(name, getattr(conv_mod, attr)))
     return calls
 
 
@@ -113,16 +114,20 @@ def test_nonfinite_inputs_propagate_like_dense(pattern, value, where):
     torch.testing.assert_close(y[finite].double(), ref[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_csr_without_amx(isa, implicit_calls):
-    """bfloat16 CSR k x k convs without the tile unit run the float32 implicit GEMM, strided too."""
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("pattern", ["csr", "2:4", "masked"])
+def test_bfloat16_without_amx(isa, implicit_calls, pattern, stride):
+    """bfloat16 k x k convs without the tile unit run the float32 implicit GEMMs on float32 copies,
+    each output rounded once (the masked one where AVX-512 is in use)."""
     if conv_mod.amx_available():
         pytest.skip("the AMX conv serves bfloat16 here (test_amx_conv.py)")
     g = torch.Generator().manual_seed(29)
-    w = pattern_weight((16, 8, 3, 3), "csr", 0.8, generator=g).bfloat16()
+    w = pattern_weight((16, 8, 3, 3), pattern, 0.8, generator=g).bfloat16()
     x = torch.randn(2, 8, 15, 15, generator=g).bfloat16()
-    y = pyhwp.conv2d(x, pyhwp.to_sparse(w, "csr"), None, 2, 1)
-    assert implicit_calls["csr"] == 1
-    assert_conv_close(y, x, w, None, 2, 1)
+    bias = torch.randn(16, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, pyhwp.to_sparse(w, pattern), bias, stride, 1)
+    assert implicit_calls[pattern] == (0 if pattern == "masked" and isa != "avx512" else 1)
+    assert_conv_close(y, x, w, bias, stride, 1)
 
 
 def test_plans_are_per_stride():

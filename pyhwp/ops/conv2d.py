@@ -78,8 +78,8 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     table of offsets), masked ones with the masked AVX-512 tile kernel (masked_conv2d_impl,
     where AVX-512 is in use; zero tiles skipped). bfloat16 convs of every pattern in CPU inference on a CPU with
     AMX run on the tile unit, also without im2col, strided ones too (amx_conv2d_impl: the weight's
-    dense values as tiles, all-zero tiles skipped); bfloat16 CSR k x k ones elsewhere the float32
-    CSR implicit GEMM on float32 copies. With autograd or NaN/Inf in x, stride-1 CSR convs run one
+    dense values as tiles, all-zero tiles skipped); bfloat16 k x k ones elsewhere the float32
+    implicit GEMMs on float32 copies. With autograd or NaN/Inf in x, stride-1 CSR convs run one
     GEMM per kernel tap on a shifted view of the padded input instead (see _shifted_conv), 2:4,
     masked and strided ones im2col.
     On CUDA, CSR inference with groups == 1 and stride 1 (or 1x1) runs the same implicit GEMM
@@ -236,11 +236,12 @@ def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
     """Which implicit-GEMM kernel serves a groups-1 call with this input, bias, weight and stride
     (every stride on the CPU, stride 1 on CUDA): "amx" (amx_conv2d_impl: bfloat16 on a CPU whose AMX is in use,
     any pattern and kernel size, but masked 1x1 convs keep the masked AMX matmul; the weight's
-    dense values on the tile unit), "csr" (csr_conv2d_impl, float32 on the CPU, and bfloat16 kxk through
-    float32 copies (_csr_conv_cpu); the CUDA tile kernel, float32, float16 and bfloat16), "2:4"
-    (sparse24_conv2d_impl: a kxk kernel, float32 on the CPU; 1x1 2:4 convs keep the matmul kernel
-    on x's planes, which packs them aligned), "masked" (masked_conv2d_impl: the same for masked
-    kxk float32 weights; 1x1 ones keep the matmul kernel), or None. Never with autograd."""
+    dense values on the tile unit), "csr" (csr_conv2d_impl, float32 on the CPU; the CUDA tile
+    kernel, float32, float16 and bfloat16), "2:4" (sparse24_conv2d_impl: a kxk kernel, float32 on
+    the CPU; 1x1 2:4 convs keep the matmul kernel on x's planes, which packs them aligned),
+    "masked" (masked_conv2d_impl: the same for masked kxk weights; 1x1 ones keep the matmul
+    kernel), or None. On the CPU without AMX, bfloat16 kxk convs of the three run the float32
+    kernels on float32 copies (_cpu_implicit). Never with autograd."""
     if needs_op(x, weight.values, bias):
         return None
     cpu_kxk = kernel != (1, 1) and x.device.type == "cpu"
@@ -253,12 +254,10 @@ def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
         return None
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
-    if cpu_kxk and weight.pattern == "csr" and x.dtype == torch.bfloat16:
-        return "csr"  # 1x1 convs keep the bfloat16 matmul kernel on x's planes
-    if cpu_kxk and weight.pattern == "2:4" and x.dtype == torch.float32:
-        return "2:4"
-    if cpu_kxk and weight.pattern == "masked" and x.dtype == torch.float32:
-        return "masked"  # None from the kernel where AVX-512 is not in use: im2col then
+    if cpu_kxk and x.dtype in (torch.float32, torch.bfloat16) and weight.pattern in ("csr", "2:4", "masked"):
+        # (1x1 convs keep the matmul kernels on x's planes; the masked kernel declines where
+        # AVX-512 is not in use: im2col then)
+        return weight.pattern
     return None
 
 
@@ -277,25 +276,28 @@ def _implicit_csr_conv(x, weight, bias, geometry):
         return csr_conv2d_cuda_impl(x, weight.row_offsets, weight.values, weight.row_order, offsets, geometry,
                                     bias)
 
-    return _csr_conv_cpu(x, weight, _cpu_plan(weight, geometry), geometry, bias)
+    return _cpu_implicit("csr", x, weight, geometry, bias, _cpu_plan(weight, geometry))
 
 
-def _csr_conv_cpu(x, weight, plan, geometry, bias):
-    """csr_conv2d_impl; bfloat16 through float32 copies of x, the values (derived once) and the
-    bias, rounded once at the end: bfloat16 products are exact in float32, so this is the contract
-    of the bfloat16 matmuls (float32 products and sums, one rounding per output). 64->64 3x3 @56,
-    90%, 2 threads: 2213 us on the per-tap path before (NOTES.md, stop 22)."""
-    if x.dtype == torch.float32:
-        return csr_conv2d_impl(x, weight.row_offsets, weight.values, plan, geometry, bias)
-    values = _derived(weight, "values_f32", lambda: weight.values.float())
-    bias = None if bias is None else bias.float()
-    y = csr_conv2d_impl(x.float(), weight.row_offsets, values, plan, geometry, bias)
-    return None if y is None else y.to(x.dtype)
-
-
-def _masked_conv(x, weight, geometry, bias):
-    return masked_conv2d_impl(x, weight.tile_ptr.contiguous(), weight.tile_idx.contiguous(), weight.values.contiguous(),
-                              weight.shape[0], geometry, bias)
+def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
+    """The float32 CPU implicit GEMM of `kind` ("csr" with its `plan`, "2:4", "masked"), or None
+    (x holds a NaN/Inf, or the masked kernel is not served here). bfloat16 runs it on float32
+    copies of x, the values (derived once) and the bias, rounded once at the end: bfloat16
+    products are exact in float32, so this is the contract of the bfloat16 matmuls (float32
+    products and sums, one rounding per output). CSR 64->64 3x3 @56, 90%, 2 threads: 2213 us on
+    the per-tap path before (NOTES.md, stop 22)."""
+    dtype, values = x.dtype, weight.values
+    if dtype != torch.float32:
+        values = _derived(weight, "values_f32", lambda: weight.values.float())
+        x, bias = x.float(), None if bias is None else bias.float()
+    if kind == "csr":
+        y = csr_conv2d_impl(x, weight.row_offsets, values, plan, geometry, bias)
+    elif kind == "2:4":
+        y = sparse24_conv2d_impl(x, values, weight.meta, geometry, bias)
+    else:
+        y = masked_conv2d_impl(x, weight.tile_ptr.contiguous(), weight.tile_idx.contiguous(), values.contiguous(),
+                               weight.shape[0], geometry, bias)
+    return y if y is None or dtype == torch.float32 else y.to(dtype)
 
 
 def _geometry(x, pads, kernel, dilation, out_hw, stride=(1, 1)) -> tuple[int, ...]:
@@ -337,14 +339,10 @@ class _FastConv:
         """The remembered computation on contiguous CPU x of the remembered shape and dtype, or
         None (x holds a NaN/Inf and the implicit-GEMM kernel declines)."""
         kind = self.kind
-        if kind == "2:4":
-            return sparse24_conv2d_impl(x, weight.values, weight.meta, self.geometry, bias)
-        if kind == "masked":
-            return _masked_conv(x, weight, self.geometry, bias)
         if kind == "amx":
             return amx_conv2d_impl(x, *self.derived, weight.shape[0], self.geometry, bias)
-        if kind == "csr":
-            return _csr_conv_cpu(x, weight, self.derived, self.geometry, bias)
+        if kind is not None:
+            return _cpu_implicit(kind, x, weight, self.geometry, bias, self.derived)
         # 1x1: image i's (C, H*W) plane is the GEMM's X, its (out, H*W) output plane the Y.
         n, c, h, w = x.shape
         y = x.new_empty(*self.out_shape)
@@ -398,14 +396,12 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         if pointwise and channels_last and kind != "amx":
             kind = None  # the NHWC rows below are the matmul's x as they are
         geometry = None if kind is None else _geometry(x, pads, (kh, kw), dilation, out_hw, stride)
-        if kind == "2:4":
-            y = sparse24_conv2d_impl(x, weight.values, weight.meta, geometry, bias)
-        elif kind == "masked":
-            y = _masked_conv(x, weight, geometry, bias)
-        elif kind == "amx":
+        if kind == "amx":
             y = amx_conv2d_impl(x, *_amx_tiles(weight), out_c, geometry, bias)
+        elif kind == "csr":
+            y = _implicit_csr_conv(x, weight, bias, geometry)
         else:
-            y = None if kind is None else _implicit_csr_conv(x, weight, bias, geometry)
+            y = None if kind is None else _cpu_implicit(kind, x, weight, geometry, bias)
         if y is not None:
             if fast_key is not None and x.device.type == "cpu" and x.is_contiguous():
                 _remember_fast(fast_key, x, weight, kind=kind, geometry=geometry)

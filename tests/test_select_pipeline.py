@@ -82,6 +82,12 @@ def test_describe_layers_resizes_the_batch():
     op, shape, batch, note = infos["0"].latency_case
     assert shape == (4, 2, 3, 3, 4, 4) and batch == 10 and "stride" in note
     assert infos["2"].input_shape == (10, 64) and infos["2"].latency_case[3] is None
+    # Dilated convs are offered the sparse patterns (the implicit GEMMs run any dilation), grouped
+    # ones only dense.
+    dilated = describe_layers(nn.Sequential(nn.Conv2d(4, 8, 3, padding=2, dilation=2), nn.Conv2d(8, 8, 3, groups=2)),
+                              torch.randn(1, 4, 9, 9))
+    assert dilated["0"].sparse_ok is None and "dilation (2, 2)" in dilated["0"].latency_case[3]
+    assert dilated["1"].sparse_ok == "grouped conv: only dense is timed"
     assert at_batch(torch.arange(3.0).reshape(3, 1), 5)[0].flatten().tolist() == [0, 1, 2, 0, 1]
     with pytest.raises(ValueError, match="batch_size"):
         at_batch(torch.zeros(2, 1), 0)

@@ -48,22 +48,25 @@ class LayerInfo:
     @property
     def latency_case(self) -> tuple[str, tuple[int, ...], int, str | None]:
         """(op, shape, batch, note) for pyhwp.hardware.kernel_latency, whose conv2d cases are stride 1 with
-        padding k // 2. A conv of another stride or padding is timed as that case at its output size
-        (the same GEMM: out x in*kh*kw x H_out*W_out); note says so, None when the case is exact."""
+        padding k // 2 and no dilation. A conv of another stride, padding or dilation is timed as that
+        case at its output size (the same GEMM: out x in*kh*kw x H_out*W_out); note says so, None when
+        the case is exact."""
         if self.op == "linear":
             return "linear", self.weight_shape, self.batch, None
         out, cin, kh, kw = self.weight_shape
-        exact = self.stride == (1, 1) and self.padding == (kh // 2, kw // 2) and kh % 2 == 1 and kw % 2 == 1
+        exact = (self.stride == (1, 1) and self.dilation == (1, 1) and self.padding == (kh // 2, kw // 2)
+                 and kh % 2 == 1 and kw % 2 == 1)
         h, w = (self.input_shape[2], self.input_shape[3]) if exact else self.output_hw
         note = None if exact else (f"timed as a stride-1 'same' conv at the output size {h}x{w} "
-                                   f"(same GEMM; the layer has stride {self.stride}, padding {self.padding})")
+                                   f"(same GEMM; the layer has stride {self.stride}, padding {self.padding}, "
+                                   f"dilation {self.dilation})")
         return "conv2d", (out, cin, kh, kw, h, w), self.batch, note
 
     @property
     def sparse_ok(self) -> str | None:
         """Why sparse patterns are not offered for this layer (None when they are)."""
-        if self.op == "conv2d" and (self.groups != 1 or self.dilation != (1, 1)):
-            return "grouped or dilated conv: only dense is timed"
+        if self.op == "conv2d" and self.groups != 1:
+            return "grouped conv: only dense is timed"
         return None
 
     def with_out(self, out: int) -> LayerInfo:

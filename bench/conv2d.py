@@ -87,7 +87,8 @@ def run_case(cin, cout, k, stride, pad, hw, batch, pattern, sparsity, budget_s, 
     dense_flop = 2 * cout * cin * k * k * ho * ho * batch
     useful_flop = 2 * sw.nnz * ho * ho * batch
     return {
-        "shape": f"{cin}->{cout} {k}x{k}{f'/{stride}' if stride > 1 else ''} @{hw}x{hw}", "batch": batch, "pattern": pattern,
+        "shape": f"{cin}->{cout} {k}x{k}{f'/{stride}' if stride > 1 else ''} @{hw}x{hw}",
+        "batch": batch, "pattern": pattern,
         "sparsity": round(sw.sparsity, 4), "dtype": str(dtype).removeprefix("torch."),
         "ms": {name: round(v * 1e3, 4) for name, v in t.items()},
         "speedup_vs_dense": round(t["dense"] / t["pyhwp"], 3),

@@ -315,8 +315,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
       "conv2d (any stride) with a masked float32 weight (out x C*kh*kw) as an implicit GEMM: x the "
       "contiguous (images, C, h, w) input, y the contiguous (images, out, ho, wo) output; returns 0 (done), "
-      "1 (x holds a NaN/Inf; y unspecified) or 2 (not served here: the AVX-512 kernels are not in use; y "
-      "untouched)");
+      "1 (x holds a NaN/Inf; y unspecified) or 2 (not served here: neither the AVX-512 nor the AVX2 kernels "
+      "are in use; y untouched)");
   m.def(
       "masked_matmul_bf16",
       [](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values,

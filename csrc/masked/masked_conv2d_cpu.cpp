@@ -1,7 +1,7 @@
-// Masked conv2d on the CPU as an implicit GEMM: the AVX-512 wide micro-kernel of masked_matmul reads
-// each stored tile's 16 rows of X straight from a padded copy of the input (of its stride phases
-// for a strided conv; common/implicit_conv.h) through a table of offsets, so neither an im2col
-// matrix nor a packed copy of it is built, and zero tiles cost nothing.
+// Masked conv2d on the CPU as an implicit GEMM: the micro-kernels of masked_matmul (AVX-512 wide,
+// AVX2 narrow) read each stored tile's 16 rows of X straight from a padded copy of the input (of
+// its stride phases for a strided conv; common/implicit_conv.h) through a table of offsets, so
+// neither an im2col matrix nor a packed copy of it is built, and zero tiles cost nothing.
 #include <algorithm>
 #include <vector>
 
@@ -19,10 +19,11 @@ using Cfg = MaskedCpuConfig;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #ifdef PYHWP_X86_KERNELS
-// One 16-row panel of W over wide pixels [p0, p0 + width) of a padded group, into acc (16 rows of
-// acc_ld floats): blocks of kNvAvx512 vectors, each block's tiles in groups of kWideGroupTiles so
-// that both row halves replay the group's x from L1 (as masked_matmul's loop nest does).
-void panel_tile(const MaskedMatrix& w, int64_t panel, const float* xp, const int32_t* offsets, int64_t width,
+// One 16-row panel of W over `width` wide pixels of a padded group from xp, AVX-512, into acc (16
+// rows of acc_ld floats): blocks of kNvAvx512 vectors, each block's tiles in groups of
+// kWideGroupTiles so that both row halves replay the group's x from L1 (as masked_matmul's loop
+// nest does).
+void panel_wide(const MaskedMatrix& w, int64_t panel, const float* xp, const int32_t* offsets, int64_t width,
                 float* acc, int64_t acc_ld) {
   const int64_t t0 = w.tile_ptr[panel], t1 = w.tile_ptr[panel + 1];
   const int64_t nvec = width / 16, blocks = ceil_div(nvec, Cfg::kNvAvx512);
@@ -47,9 +48,30 @@ void panel_tile(const MaskedMatrix& w, int64_t panel, const float* xp, const int
   } while (s < t1);
 }
 
-// The call on AVX-512; returns whether x holds a NaN/Inf.
-bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y,
-         int num_threads) {
+// The same on AVX2, straight into the output tile (row r at tile + r * ld): blocks of at most
+// kMrAvx2 columns, each over all the panel's tiles (which stay in L1) with its 16 x mr
+// accumulators in registers.
+void panel_narrow(const MaskedMatrix& w, int64_t panel, const float* xp, const int32_t* offsets, int64_t width,
+                  float* acc, const float* bias, int rows, float* tile, int64_t ld) {
+  const int64_t blocks = ceil_div(width, Cfg::kMrAvx2);
+  MaskedBlockT<float> blk;
+  blk.tiles = w.values + w.tile_ptr[panel] * Cfg::kTileSize;
+  blk.tidx = w.tile_idx + w.tile_ptr[panel];
+  blk.count = w.tile_ptr[panel + 1] - w.tile_ptr[panel];
+  blk.acc = acc;
+  for (int64_t bi = 0, c0 = 0; bi < blocks; ++bi) {
+    const int64_t mr = ceil_div(width - c0, blocks - bi);
+    blk.xp = xp + c0;
+    blk.mr = static_cast<int>(mr);
+    masked_block_conv_avx2(blk, offsets);
+    masked_store_scalar(acc, mr, rows, bias, false, tile + c0, ld, 1);
+    c0 += mr;
+  }
+}
+
+// The call on AVX-512 (`wide`) or AVX2; returns whether x holds a NaN/Inf.
+bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y, int num_threads,
+         bool wide) {
   const PaddedPlanes pd(g);
   const int64_t N = w.rows, npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(w.cols, Cfg::kTileK);
   // Row k of W's columns at offsets[k] in a padded group; the rows of the last k-tile past K (zero
@@ -68,11 +90,16 @@ bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const flo
         const int64_t acc_ld = 16 * ceil_div(width, 16);
         float* acc = scratch(0, Cfg::kTileN * acc_ld + 16);
         for (int64_t n0 = r0; n0 < r1; n0 += Cfg::kTileN) {
-          const int64_t rows = std::min(Cfg::kTileN, N - n0);
-          panel_tile(w, n0 / Cfg::kTileN, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
+          const int rows = static_cast<int>(std::min(Cfg::kTileN, N - n0));
+          const int64_t panel = n0 / Cfg::kTileN;
+          const float* b = bias ? bias + n0 : nullptr;
+          if (wide) panel_wide(w, panel, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
           conv_output_tile(g, pd, y, N, group, n0, rows, Cfg::kTileN, p0, width, [&](float* tile, int64_t ld) {
-            masked_store_wide_avx512(acc, acc_ld, width, static_cast<int>(rows), bias ? bias + n0 : nullptr, false,
-                                     tile, ld, 1);
+            if (wide) {
+              masked_store_wide_avx512(acc, acc_ld, width, rows, b, false, tile, ld, 1);
+            } else {
+              panel_narrow(w, panel, xp_group + p0, offsets.data(), width, acc, b, rows, tile, ld);
+            }
           });
         }
       });
@@ -90,10 +117,12 @@ MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, con
   PYHWP_CHECK(w.tile_ptr && (w.ntiles == 0 || (w.tile_idx && w.values)), "masked_conv2d: null tile array");
   PYHWP_CHECK(w.tile_ptr[ceil_div(w.rows, Cfg::kTileN)] == w.ntiles, "masked_conv2d: tile_ptr[-1] != ntiles");
 #ifdef PYHWP_X86_KERNELS
-  if (vector_isa() == Isa::kAvx512) {  // the wide kernel is AVX-512's
+  const Isa isa = vector_isa();
+  if (isa == Isa::kAvx512 || isa == Isa::kAvx2) {
     if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return MaskedConvStatus::kDone;
     PYHWP_CHECK(x && y, "masked_conv2d: null x or y");
-    return run(w, g, x, bias, y, num_threads) ? MaskedConvStatus::kNonfinite : MaskedConvStatus::kDone;
+    const bool bad = run(w, g, x, bias, y, num_threads, isa == Isa::kAvx512);
+    return bad ? MaskedConvStatus::kNonfinite : MaskedConvStatus::kDone;
   }
 #else
   (void)x, (void)bias, (void)y;

@@ -168,12 +168,13 @@ struct MaskedWideBlockT {
 // conv2d (any stride) of the contiguous (images, C, h, w) float32 input x with the masked (out,
 // C*kh*kw) matrix of a conv weight, as an implicit GEMM (masked_conv2d_cpu.cpp, geometry and layout
 // as common/conv_geometry.h): the wide micro-kernel reads each stored tile's 16 rows of X from a
-// padded copy of x through a table of offsets (masked_wide_conv_avx512), so no im2col matrix is
-// built. y is the contiguous (images, out, ho, wo) output; bias may be nullptr.
+// padded copy of x through a table of offsets (masked_wide_conv_avx512, masked_block_conv_avx2),
+// so no im2col matrix is built. y is the contiguous (images, out, ho, wo) output; bias may be
+// nullptr.
 enum class MaskedConvStatus : int {
   kDone = 0,         // y written
   kNonfinite = 1,    // x holds a NaN/Inf (skipped tiles would drop 0 * Inf = NaN): y unspecified
-  kUnavailable = 2,  // the AVX-512 kernels are not in use here: y untouched
+  kUnavailable = 2,  // neither the AVX-512 nor the AVX2 kernels are in use here: y untouched
 };
 MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias,
                                float* y, int num_threads);
@@ -185,9 +186,10 @@ template <typename T> void masked_block_scalar(const MaskedBlockT<T>& b);
 template <typename T> void masked_block_avx2(const MaskedBlockT<T>& b);
 template <typename T> void masked_block_avx512(const MaskedBlockT<T>& b);
 template <typename T> void masked_wide_avx512(const MaskedWideBlockT<T>& b);
-// The wide kernel of masked_conv2d: row k of k-tile t's x at b.xp + offsets[16 t + k] (a padded
-// conv input, unaligned) instead of the packed block.
+// The kernels of masked_conv2d: row k of k-tile t's x at b.xp + offsets[16 t + k] (a padded conv
+// input, unaligned) instead of the packed block.
 void masked_wide_conv_avx512(const MaskedWideBlockT<float>& b, const int32_t* offsets);
+void masked_block_conv_avx2(const MaskedBlockT<float>& b, const int32_t* offsets);
 
 // Writes a finished accumulator tile to Y: Y(r, p) = y[r * sn + p * sp] for r < rows, p < cols
 // becomes acc[16 p + r] + bias[r] (bias may be nullptr), or with accumulate, Y(r, p) + acc[16 p + r].

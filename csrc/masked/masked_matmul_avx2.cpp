@@ -15,15 +15,28 @@ using Cfg = MaskedCpuConfig;
 
 using avx2::load8;
 
+// Where the kernel reads the MR columns of x at row k of k-tile `tile`: the matmul's packed block
+// (rows MR floats apart), or the conv's padded planes through a table of offsets (masked_conv2d).
+template <int MR>
+struct PackedRows {
+  const float* xp;
+  const float* row(int32_t tile, int k) const { return xp + (int64_t{tile} * Cfg::kTileK + k) * MR; }
+};
+struct OffsetRows {
+  const float* x;
+  const int32_t* offsets;
+  const float* row(int32_t tile, int k) const { return x + offsets[int64_t{tile} * Cfg::kTileK + k]; }
+};
+
 // AVX2 has no broadcast memory operand, so each x value is broadcast once into a register and
 // feeds the two FMAs of the 16-row tile column.
-template <int MR, typename T>
-void block(const MaskedBlockT<T>& b) {
+template <int MR, typename T, typename Rows>
+void block(const MaskedBlockT<T>& b, Rows rows) {
   __m256 c0[MR], c1[MR];
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
   const T* w = b.tiles;
   for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
-    const float* xt = b.xp + static_cast<int64_t>(b.tidx[j]) * (Cfg::kTileK * MR);
+    const int32_t tile = b.tidx[j];
     // At batch 1 (a tile is 32 FMAs) the weights stream as in the AVX-512 kernel: the tile
     // kPrefetchTiles ahead, a line per k, and a touch in the pages kPageAhead and 2 kPageAhead
     // ahead. AVX2 kernels on this machine, from DRAM, no zero tiles: 4096x4096 0.74x -> 0.88-0.92x
@@ -40,9 +53,10 @@ void block(const MaskedBlockT<T>& b) {
       if (MR == 1 && 64 * k < Cfg::kTileSize * static_cast<int64_t>(sizeof(T))) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
       const __m256 w0 = load8(w + Cfg::kTileN * k);
       const __m256 w1 = load8(w + Cfg::kTileN * k + 8);
+      const float* xk = rows.row(tile, k);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
-        const __m256 xv = _mm256_broadcast_ss(xt + k * MR + i);
+        const __m256 xv = _mm256_broadcast_ss(xk + i);
         c0[i] = _mm256_fmadd_ps(w0, xv, c0[i]);
         c1[i] = _mm256_fmadd_ps(w1, xv, c1[i]);
       }
@@ -60,15 +74,32 @@ void block(const MaskedBlockT<T>& b) {
   }
 }
 
+template <int MR, typename T>
+void block_packed(const MaskedBlockT<T>& b) { block<MR>(b, PackedRows<MR>{b.xp}); }
+
+template <int MR>
+void block_conv(const MaskedBlockT<float>& b, const int32_t* offsets) { block<MR>(b, OffsetRows{b.xp, offsets}); }
+
 template <typename T, int... I>
 constexpr std::array<MaskedBlockFn<T>, sizeof...(I)> table(std::integer_sequence<int, I...>) {
-  return {&block<I + 1, T>...};
+  return {&block_packed<I + 1, T>...};
+}
+
+template <int... I>
+constexpr std::array<void (*)(const MaskedBlockT<float>&, const int32_t*), sizeof...(I)> conv_table(
+    std::integer_sequence<int, I...>) {
+  return {&block_conv<I + 1>...};
 }
 
 template <typename T>
 constexpr auto kBlocks = table<T>(std::make_integer_sequence<int, Cfg::kMrAvx2>{});
+constexpr auto kConvBlocks = conv_table(std::make_integer_sequence<int, Cfg::kMrAvx2>{});
 
 }  // namespace
+
+void masked_block_conv_avx2(const MaskedBlockT<float>& b, const int32_t* offsets) {
+  kConvBlocks[b.mr - 1](b, offsets);
+}
 
 template <typename T>
 void masked_block_avx2(const MaskedBlockT<T>& b) { kBlocks<T>[b.mr - 1](b); }

@@ -75,8 +75,8 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     phases for stride > 1, over which every tap is a stride-1 window), so no im2col matrix is
     built. 2:4 k x k convs in float32 CPU inference do the same with the 2:4 tile kernel
     (sparse24_conv2d_impl; its groups run across taps and channels, which it reads through a
-    table of offsets), masked ones with the masked AVX-512 tile kernel (masked_conv2d_impl,
-    where AVX-512 is in use; zero tiles skipped). bfloat16 convs of every pattern in CPU inference on a CPU with
+    table of offsets), masked ones with the masked tile kernels (masked_conv2d_impl, AVX-512 or
+    AVX2; zero tiles skipped). bfloat16 convs of every pattern in CPU inference on a CPU with
     AMX run on the tile unit, also without im2col, strided ones too (amx_conv2d_impl: the weight's
     dense values as tiles, all-zero tiles skipped); bfloat16 k x k ones elsewhere the float32
     implicit GEMMs on float32 copies. With autograd or NaN/Inf in x, stride-1 CSR convs run one
@@ -255,8 +255,8 @@ def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
     if cpu_kxk and x.dtype in (torch.float32, torch.bfloat16) and weight.pattern in ("csr", "2:4", "masked"):
-        # (1x1 convs keep the matmul kernels on x's planes; the masked kernel declines where
-        # AVX-512 is not in use: im2col then)
+        # (1x1 convs keep the matmul kernels on x's planes; the masked kernel declines with the
+        # scalar kernels: im2col then)
         return weight.pattern
     return None
 

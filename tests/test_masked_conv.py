@@ -38,6 +38,8 @@ CASES = [
     (16, 32, (3, 1), (12, 12), 1, (1, 0), 1, 1, 0.5),  # kw = 1: output rows straight into y
     (16, 64, (3, 3), (9, 9), 1, 1, 1, 4, 0.0),        # no stored tile: zeros plus bias
     (32, 16, (3, 3), (56, 56), 1, 1, 1, 1, 0.75),     # several column tiles (wide blocks of 1-3 vectors)
+    (16, 32, (3, 1), (12, 12), 1, 0, 1, 2, 0.5),      # planes as in x (no copy), 120 pixels: a partial vector
+    (8, 16, (3, 3), (15, 13), (1, 2), 1, (2, 1), 1, 0.5),  # width stride with height dilation
 ]
 
 
@@ -48,16 +50,22 @@ def _id(case):
 
 @pytest.fixture
 def masked_calls(monkeypatch):
-    """Counts the masked implicit-GEMM calls that ran (the kernel returned y)."""
-    calls = [0]
-    real = conv_mod.masked_conv2d_impl
+    """Counts the masked implicit-GEMM calls that ran (the kernel returned y), [0], and the calls
+    conv2d's fast path served, [1]."""
+    calls = [0, 0]
+    real, real_fast = conv_mod.masked_conv2d_impl, conv_mod._FastConv.run
 
     def counted(*args, **kwargs):
         y = real(*args, **kwargs)
         calls[0] += y is not None
         return y
 
+    def counted_fast(self, *args):
+        calls[1] += 1
+        return real_fast(self, *args)
+
     monkeypatch.setattr(conv_mod, "masked_conv2d_impl", counted)
+    monkeypatch.setattr(conv_mod._FastConv, "run", counted_fast)
     return calls
 
 
@@ -69,7 +77,8 @@ def test_matches_dense_conv(isa, masked_calls, case, threads):
     w = block_sparse((c_out, c_in, *kernel), keep, g)
     sw, bias = pyhwp.to_sparse(w, "masked"), torch.randn(c_out, generator=g)
     x = torch.randn(batch, c_in, *hw, generator=g)
-    assert conv_mod._implicit_kind(x, sw, bias, kernel, (1, 1)) == "masked"
+    stride2 = conv_mod._pair(stride, "stride")
+    assert conv_mod._implicit_kind(x, sw, bias, kernel, stride2) == ("masked" if isa != "scalar" else None)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -78,24 +87,26 @@ def test_matches_dense_conv(isa, masked_calls, case, threads):
         y_nobias = pyhwp.conv2d(x, sw, None, stride, padding, dilation)
     finally:
         torch.set_num_threads(previous)
-    # The AVX-512 and AVX2 kernels run it; with the scalar ones it declines and im2col serves the call.
-    assert masked_calls[0] == (0 if isa == "scalar" else 3)
+    # The AVX-512 and AVX2 kernels run it (the calls after the first through the fast path, whose
+    # key leaves out the bias); the scalar ones take im2col.
+    assert masked_calls == ([0, 0] if isa == "scalar" else [3, 2])
     assert torch.equal(y, y_fast)
     assert_conv_close(y, x, w, bias, stride, padding, dilation)
     assert_conv_close(y_nobias, x, w, None, stride, padding, dilation)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nonfinite_inputs_propagate_like_dense(value):
+def test_nonfinite_inputs_propagate_like_dense(isa, value, stride):
     """x's NaN/Inf meet the skipped tiles' zeros in dense (0 * Inf = NaN): the kernel declines and
     the exact path gives dense's NaN/Inf pattern."""
     g = torch.Generator().manual_seed(5)
     w = block_sparse((32, 16, 3, 3), 0.4, g)
     sw = pyhwp.to_sparse(w, "masked")
-    x = torch.randn(2, 16, 10, 10, generator=g)
+    x = torch.randn(2, 16, 11, 11, generator=g)
     x[1, 3, 4, 5] = value
-    y = pyhwp.conv2d(x, sw, None, 1, 1)
-    ref = torch.nn.functional.conv2d(x.double(), w.double(), None, 1, 1)
+    y = pyhwp.conv2d(x, sw, None, stride, 1)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None, stride, 1)
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
     finite = ref.isfinite()
     torch.testing.assert_close(y[finite].double(), ref[finite], rtol=1e-4, atol=1e-4)

@@ -37,8 +37,16 @@ def _id(case):
 
 @pytest.fixture
 def implicit_calls(monkeypatch):
-    """Counts the CPU implicit-GEMM kernel calls that ran (returned y), by pattern."""
-    calls = {"csr": 0, "2:4": 0, "masked": 0}
+    """Counts the CPU implicit-GEMM kernel calls that ran (returned y), by pattern, and the calls
+    conv2d's fast path served ("fast")."""
+    calls = {"csr": 0, "2:4": 0, "masked": 0, "fast": 0}
+    real_fast = conv_mod._FastConv.run
+
+    def counted_fast(self, *args):
+        calls["fast"] += 1
+        return real_fast(self, *args)
+
+    monkeypatch.setattr(conv_mod._FastConv, "run", counted_fast)
 
     def counted(name, real):
         def call(*args, **kwargs):
@@ -76,7 +84,7 @@ def test_matches_dense_conv(isa, implicit_calls, case, pattern, threads):
         y = pyhwp.conv2d(x, sw, bias, stride, padding, dilation)
         y_fast = pyhwp.conv2d(x, sw, bias, stride, padding, dilation)  # the remembered call
         y_nobias = pyhwp.conv2d(x, sw, None, stride, padding, dilation)
-    assert implicit_calls[pattern] == 3
+    assert implicit_calls[pattern] == 3 and implicit_calls["fast"] == 2  # (the fast path's key leaves out the bias)
     assert torch.equal(y, y_fast)
     assert_conv_close(y, x, w, bias, stride, padding, dilation)
     assert_conv_close(y_nobias, x, w, None, stride, padding, dilation)

@@ -101,13 +101,15 @@ void conv_output_tile(const ConvGeometry& g, const PaddedPlanes& pd, float* y, i
 // Pads x (unless it is read in place; scratch slots 1 to 3) and runs tile(xp_group, group, r0, r1, p0, width) over
 // every group, column tile (conv_tile_width) and run of output rows [r0, r1) (of N); returns
 // whether x holds a NaN/Inf. row_bounds(parts, &bounds) splits the N rows into `parts` runs of
-// about equal work (bounds: parts + 1 entries from 0 to N).
+// about equal work (bounds: parts + 1 entries from 0 to N). A tile kernel may read whole vectors
+// of 16 floats past `width` in the padded copies (16 floats of slack); one that does
+// (`whole_vectors`) reads x in place only where every tile is a whole number of vectors.
 template <typename Tile, typename RowBounds>
 bool run_implicit_conv(const ConvGeometry& g, const PaddedPlanes& pd, int64_t N, const float* x, int nt,
-                       RowBounds row_bounds, Tile tile) {
+                       RowBounds row_bounds, Tile tile, bool whole_vectors = false) {
   const int64_t P = pd.wide_pixels(), tile_p = conv_tile_width(P), ptiles = (P + tile_p - 1) / tile_p;
   const int64_t x_group = pd.group_floats();
-  const bool in_place = pd.is_input(g);  // 1x1 convs without padding
+  const bool in_place = pd.is_input(g) && (!whole_vectors || P % 16 == 0);  // convs without padding
   if (in_place) {
     const int64_t count = g.images * x_group;
     if (any_nonfinite(DenseIn{x, 1, count, count, 1})) return true;  // caller redoes it exactly

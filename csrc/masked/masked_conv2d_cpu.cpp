@@ -102,7 +102,8 @@ bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const flo
             }
           });
         }
-      });
+      },
+      wide);  // the wide kernel reads whole vectors past a tile's width
 }
 #endif
 

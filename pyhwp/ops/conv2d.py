@@ -7,6 +7,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from pyhwp._ext import _C
 from pyhwp.formats import SparseWeight
 from pyhwp.kernels import find_kernel
 from pyhwp.ops.amx_conv import amx_available, amx_conv2d_impl, amx_conv_tiles
@@ -255,9 +256,8 @@ def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
     if weight.pattern == "csr" and x.dtype in _IMPLICIT_CSR_DTYPES.get(x.device.type, ()):
         return "csr"
     if cpu_kxk and x.dtype in (torch.float32, torch.bfloat16) and weight.pattern in ("csr", "2:4", "masked"):
-        # (1x1 convs keep the matmul kernels on x's planes; the masked kernel declines with the
-        # scalar kernels: im2col then)
-        return weight.pattern
+        # (1x1 convs keep the matmul kernels on x's planes; the masked one is AVX-512's and AVX2's)
+        return None if weight.pattern == "masked" and _C.active_isa() == "scalar" else weight.pattern
     return None
 
 

@@ -93,13 +93,18 @@ bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const flo
           const int rows = static_cast<int>(std::min(Cfg::kTileN, N - n0));
           const int64_t panel = n0 / Cfg::kTileN;
           const float* b = bias ? bias + n0 : nullptr;
-          if (wide) panel_wide(w, panel, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
-          conv_output_tile(g, pd, y, N, group, n0, rows, Cfg::kTileN, p0, width, [&](float* tile, int64_t ld) {
-            if (wide) {
-              masked_store_wide_avx512(acc, acc_ld, width, rows, b, false, tile, ld, 1);
-            } else {
-              panel_narrow(w, panel, xp_group + p0, offsets.data(), width, acc, b, rows, tile, ld);
+          if (wide) {
+            // The accumulator rows are the tile: the bias added in place, then copied into y once.
+            panel_wide(w, panel, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
+            if (b) {
+              for (int r = 0; r < rows; ++r)
+                for (int64_t i = 0; i < width; ++i) acc[r * acc_ld + i] += b[r];
             }
+            store_conv_tile(acc, acc_ld, n0, rows, p0, width, g, pd, group, N, y);
+            continue;
+          }
+          conv_output_tile(g, pd, y, N, group, n0, rows, Cfg::kTileN, p0, width, [&](float* tile, int64_t ld) {
+            panel_narrow(w, panel, xp_group + p0, offsets.data(), width, acc, b, rows, tile, ld);
           });
         }
       },

@@ -291,7 +291,7 @@ def test_new_pyhwp_kernel_needs_no_runner(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("op,shape,batch", [("linear", (37, 29), 5), ("linear", (8, 64), 1),
-                                            ("conv2d", (6, 4, 3, 3, 7, 9), 2)])
+                                            ("conv2d", (6, 4, 3, 3, 7, 9), 2), ("conv2d", (6, 4, 3, 3, 9, 8, 2, 3), 2)])
 def test_runners_compute_the_pruned_product(op, shape, batch):
     case = lat.make_case(op, shape, batch, "csr", 0.7, "float32", "cpu")
     spec = lat.OPS[op]
@@ -299,7 +299,7 @@ def test_runners_compute_the_pruned_product(op, shape, batch):
     mask = lat.prune_mask(w, "csr", 0.7)
     w = w * mask
     x = torch.randn(spec.input_shape(shape, batch))
-    ref = spec.dense(x.double(), w.double())
+    ref = spec.dense(x.double(), w.double(), shape)
     ran = 0
     for k in lat.candidates(case):
         if k.unsupported_reasons(op, case.device, case.dtype):
@@ -318,6 +318,11 @@ def test_conv2d_latency_runs_dense(tmp_path):
     assert "torch_dense" in r.timings
     assert r.timings["torch_dense"].flops == 2 * 2 * 10 * 10 * 8 * 4 * 9
     assert "csr_matmul" in r.skipped or "csr_matmul" in r.timings
+    # A strided case: (out, in, kh, kw, h, w, stride_h, stride_w), padding k // 2, output 5 x 4.
+    r = kernel_latency("conv2d", (8, 4, 3, 3, 10, 10, 2, 3), 2, "csr", 0.5, cache_dir=tmp_path, budget_s=0.01)
+    assert r.timings["torch_dense"].flops == 2 * 2 * 5 * 4 * 8 * 4 * 9
+    with pytest.raises(ValueError, match="must be 6 or 8 positive ints"):
+        kernel_latency("conv2d", (8, 4, 3, 3, 10, 10, 2), 2, "csr", 0.5, cache_dir=tmp_path)
 
 
 def test_pruning_masks():

@@ -79,14 +79,15 @@ def test_describe_layers_resizes_the_batch():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
     infos = describe_layers(model, torch.randn(3, 2, 8, 8), batch_size=10)
     assert infos["0"].input_shape == (10, 2, 8, 8) and infos["0"].output_hw == (4, 4)
-    op, shape, batch, note = infos["0"].latency_case
-    assert shape == (4, 2, 3, 3, 4, 4) and batch == 10 and "stride" in note
+    op, shape, batch, note = infos["0"].latency_case  # timed at its stride: padding k // 2
+    assert shape == (4, 2, 3, 3, 8, 8, 2, 2) and batch == 10 and note is None
     assert infos["2"].input_shape == (10, 64) and infos["2"].latency_case[3] is None
     # Dilated convs are offered the sparse patterns (the implicit GEMMs run any dilation), grouped
     # ones only dense.
     dilated = describe_layers(nn.Sequential(nn.Conv2d(4, 8, 3, padding=2, dilation=2), nn.Conv2d(8, 8, 3, groups=2)),
                               torch.randn(1, 4, 9, 9))
     assert dilated["0"].sparse_ok is None and "dilation (2, 2)" in dilated["0"].latency_case[3]
+    assert dilated["0"].latency_case[1] == (8, 4, 3, 3, 9, 9)  # the stride-1 case at the output size
     assert dilated["1"].sparse_ok == "grouped conv: only dense is timed"
     assert at_batch(torch.arange(3.0).reshape(3, 1), 5)[0].flatten().tolist() == [0, 1, 2, 0, 1]
     with pytest.raises(ValueError, match="batch_size"):

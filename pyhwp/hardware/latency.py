@@ -35,38 +35,44 @@ class OpSpec:
     """How to build and count one op. `shape` is the case's shape tuple (see `doc`)."""
 
     doc: str
-    ndim: int
+    ndim: tuple[int, ...]  # the lengths `shape` may have
     weight_shape: Callable[[tuple], tuple]
     input_shape: Callable[[tuple, int], tuple]
     output_numel: Callable[[tuple, int], int]
     uses_per_weight: Callable[[tuple, int], int]  # multiply-adds per stored weight
-    dense: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # torch on the dense weight
-    pyhwp: Callable[[torch.Tensor, object], torch.Tensor]  # pyhwp public function
+    dense: Callable[[torch.Tensor, torch.Tensor, tuple], torch.Tensor]  # torch on the dense weight
+    pyhwp: Callable[[torch.Tensor, object, tuple], torch.Tensor]  # pyhwp public function
+
+
+def _conv_stride(shape: tuple) -> tuple[int, int]:
+    return (shape[6], shape[7]) if len(shape) == 8 else (1, 1)
+
+
+def _conv_pad(shape: tuple) -> tuple[int, int]:
+    return shape[2] // 2, shape[3] // 2
 
 
 def _conv_out(shape: tuple) -> tuple[int, int]:
-    _, _, kh, kw, h, w = shape
-    return h + 2 * (kh // 2) - kh + 1, w + 2 * (kw // 2) - kw + 1
-
-
-def _conv_pad(w: torch.Tensor) -> tuple[int, int]:
-    return w.shape[2] // 2, w.shape[3] // 2
+    (kh, kw, h, w), (sh, sw) = shape[2:6], _conv_stride(shape)
+    return (h + 2 * (kh // 2) - kh) // sh + 1, (w + 2 * (kw // 2) - kw) // sw + 1
 
 
 OPS: dict[str, OpSpec] = {
     "linear": OpSpec(
-        doc="(out_features, in_features); x is (batch, in_features)", ndim=2,
+        doc="(out_features, in_features); x is (batch, in_features)", ndim=(2,),
         weight_shape=lambda s: s, input_shape=lambda s, b: (b, s[1]),
         output_numel=lambda s, b: b * s[0], uses_per_weight=lambda s, b: b,
-        dense=lambda x, w: F.linear(x, w), pyhwp=lambda x, sw: pyhwp.linear(x, sw)),
-    # Stride 1, padding k // 2 ("same" for odd kernels), as in the ResNet layers of BENCHMARKS.md.
+        dense=lambda x, w, s: F.linear(x, w), pyhwp=lambda x, sw, s: pyhwp.linear(x, sw)),
+    # Padding k // 2 ("same" for odd kernels, as in the ResNet layers of BENCHMARKS.md), stride 1
+    # or (stride_h, stride_w).
     "conv2d": OpSpec(
-        doc="(out_channels, in_channels, kh, kw, height, width); x is (batch, in_channels, height, width)", ndim=6,
+        doc="(out_channels, in_channels, kh, kw, height, width[, stride_h, stride_w]); x is (batch, "
+            "in_channels, height, width)", ndim=(6, 8),
         weight_shape=lambda s: s[:4], input_shape=lambda s, b: (b, s[1], s[4], s[5]),
         output_numel=lambda s, b: b * s[0] * _conv_out(s)[0] * _conv_out(s)[1],
         uses_per_weight=lambda s, b: b * _conv_out(s)[0] * _conv_out(s)[1],
-        dense=lambda x, w: F.conv2d(x, w, padding=_conv_pad(w)),
-        pyhwp=lambda x, sw: pyhwp.conv2d(x, sw, None, 1, (sw.shape[2] // 2, sw.shape[3] // 2))),
+        dense=lambda x, w, s: F.conv2d(x, w, stride=_conv_stride(s), padding=_conv_pad(s)),
+        pyhwp=lambda x, sw, s: pyhwp.conv2d(x, sw, None, _conv_stride(s), _conv_pad(s))),
 }
 
 
@@ -143,7 +149,7 @@ def _nbytes(*tensors: torch.Tensor) -> int:
 
 def _torch_dense(case: Case, w, mask, x, kernel) -> Prepared:
     dense = OPS[case.op].dense
-    return Prepared(lambda: dense(x, w), _nbytes(w))
+    return Prepared(lambda: dense(x, w, case.shape), _nbytes(w))
 
 
 def _torch_csr(case: Case, w, mask, x, kernel) -> Prepared:
@@ -180,7 +186,7 @@ def _pyhwp_kernel(case: Case, w, mask, x, kernel) -> Prepared:
     if case.op == "conv2d" and not hasattr(pyhwp, "conv2d"):
         raise NotImplementedError("pyhwp.conv2d is not part of this pyhwp build")
     run = OPS[case.op].pyhwp
-    return Prepared(lambda: run(x, sw), sw.nbytes)
+    return Prepared(lambda: run(x, sw, case.shape), sw.nbytes)
 
 
 RUNNERS: dict[str, Callable[..., Prepared]] = {
@@ -233,9 +239,10 @@ def make_case(op: str, shape, batch: int, pattern: str, sparsity: float, dtype, 
     if op not in OPS:
         raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}")
     spec = OPS[op]
-    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != spec.ndim or \
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) not in spec.ndim or \
             not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(f"shape for {op} must be {spec.ndim} positive ints {spec.doc}, got {shape!r}")
+        raise ValueError(f"shape for {op} must be {' or '.join(map(str, spec.ndim))} positive ints {spec.doc}, "
+                         f"got {shape!r}")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     if not isinstance(pattern, str) or not pattern:
@@ -408,7 +415,7 @@ def kernel_latency(op: str, shape, batch: int, pattern: str, sparsity: float, dt
     Args:
         op: "linear" or "conv2d" (keys of OPS).
         shape: linear (out_features, in_features); conv2d (out, in, kh, kw, height, width), stride 1
-            and padding k // 2.
+            and padding k // 2, or (..., stride_h, stride_w) for a strided conv.
         batch: rows of x (linear) or images (conv2d).
         pattern: storage pattern of the pruned weight ("csr", "2:4", "masked", ... or "dense").
         sparsity: fraction of pruned weights, in [0, 1); N:M patterns require 1 - N/M.

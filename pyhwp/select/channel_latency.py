@@ -23,7 +23,7 @@ def _runner(op: str, shape: tuple[int, ...], batch: int, dtype, device, gen):
     spec = OPS[op]
     w = torch.randn(spec.weight_shape(shape), generator=gen).to(dtype).to(device)
     x = torch.randn(spec.input_shape(shape, batch), generator=gen).to(dtype).to(device)
-    return lambda: spec.dense(x, w)
+    return lambda: spec.dense(x, w, shape)
 
 
 def channel_latency(info: LayerInfo, kept: int, consumers: Sequence, *, device="cpu", dtype="float32",
@@ -31,7 +31,7 @@ def channel_latency(info: LayerInfo, kept: int, consumers: Sequence, *, device="
     """Median seconds of the layer's dense op at full width ("own_full_s") and with `kept` output
     channels ("own_reduced_s"), and of each consumer (Consumer: info, factor) reading the full and
     the reduced input ("consumers": name -> {"full_s", "reduced_s"}), all timed in one interleaved run
-    on random normal weights and inputs (convs as kernel_latency times them: stride 1, padding k // 2)."""
+    on random normal weights and inputs (convs as kernel_latency times them: padding k // 2)."""
     dev, dt = resolve_device(device), parse_dtype(dtype)
     cases = {"own_full": _case(info), "own_reduced": _case(info.with_out(kept))}
     for i, c in enumerate(consumers):  # by position: the cache key holds shapes, not layer names

@@ -47,19 +47,20 @@ class LayerInfo:
 
     @property
     def latency_case(self) -> tuple[str, tuple[int, ...], int, str | None]:
-        """(op, shape, batch, note) for pyhwp.hardware.kernel_latency, whose conv2d cases are stride 1 with
-        padding k // 2 and no dilation. A conv of another stride, padding or dilation is timed as that
-        case at its output size (the same GEMM: out x in*kh*kw x H_out*W_out); note says so, None when
-        the case is exact."""
+        """(op, shape, batch, note) for pyhwp.hardware.kernel_latency, whose conv2d cases have padding
+        k // 2, no dilation and any stride. A conv of another padding or dilation is timed as the
+        stride-1 case at its output size (the same GEMM: out x in*kh*kw x H_out*W_out); note says
+        so, None when the case is exact."""
         if self.op == "linear":
             return "linear", self.weight_shape, self.batch, None
         out, cin, kh, kw = self.weight_shape
-        exact = (self.stride == (1, 1) and self.dilation == (1, 1) and self.padding == (kh // 2, kw // 2)
-                 and kh % 2 == 1 and kw % 2 == 1)
-        h, w = (self.input_shape[2], self.input_shape[3]) if exact else self.output_hw
-        note = None if exact else (f"timed as a stride-1 'same' conv at the output size {h}x{w} "
-                                   f"(same GEMM; the layer has stride {self.stride}, padding {self.padding}, "
-                                   f"dilation {self.dilation})")
+        exact = self.dilation == (1, 1) and self.padding == (kh // 2, kw // 2) and kh % 2 == 1 and kw % 2 == 1
+        if exact:
+            stride = () if self.stride == (1, 1) else self.stride
+            return "conv2d", (out, cin, kh, kw, *self.input_shape[2:], *stride), self.batch, None
+        h, w = self.output_hw
+        note = (f"timed as a stride-1 'same' conv at the output size {h}x{w} (same GEMM; the layer has "
+                f"stride {self.stride}, padding {self.padding}, dilation {self.dilation})")
         return "conv2d", (out, cin, kh, kw, h, w), self.batch, note
 
     @property

@@ -27,6 +27,7 @@ CASES = [
     (4, 8, (2, 2), (12, 12), 2, 0, 1, 3),          # kernel = stride: no tap reaches a next column
     (12, 40, (5, 5), (30, 26), (3, 2), 2, 1, 1),   # several column tiles and K blocks
     (8, 8, (3, 3), (6, 6), 4, 1, 1, 2),            # stride above the kernel: phases never read
+    (32, 64, (3, 3), (28, 28), 2, 1, 1, 1),        # enough work for both threads, one image: rows split
 ]
 
 

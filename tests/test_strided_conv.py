@@ -4,6 +4,7 @@ fast path, plans per stride, and the geometry the extension accepts."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -61,15 +62,14 @@ def implicit_calls(monkeypatch):
     return calls
 
 
+@contextlib.contextmanager
 def _threads(n):
-    class Threads:
-        def __enter__(self):
-            self.previous = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.previous)
-    return Threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -70,9 +70,8 @@ void panel_narrow(const MaskedMatrix& w, int64_t panel, const float* xp, const i
 }
 
 // The call on AVX-512 (`wide`) or AVX2; returns whether x holds a NaN/Inf.
-bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias, float* y, int num_threads,
-         bool wide) {
-  const PaddedPlanes pd(g);
+bool run(const MaskedMatrix& w, const ConvGeometry& g, const PaddedPlanes& pd, const float* x, const float* bias,
+         float* y, int num_threads, bool wide) {
   const int64_t N = w.rows, npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(w.cols, Cfg::kTileK);
   // Row k of W's columns at offsets[k] in a padded group; the rows of the last k-tile past K (zero
   // weights) read column 0, a finite value: x holds no NaN/Inf on this path.
@@ -116,7 +115,8 @@ bool run(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const flo
 
 MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias,
                                float* y, int num_threads) {
-  check_conv_geometry(g, PaddedPlanes(g), "masked_conv2d");
+  const PaddedPlanes pd(g);
+  check_conv_geometry(g, pd, "masked_conv2d");
   PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "masked_conv2d: W has ", w.cols, " columns, expected C*kh*kw = ",
               g.channels * g.kh * g.kw);
   PYHWP_CHECK(num_threads >= 1, "masked_conv2d: num_threads must be >= 1");
@@ -127,7 +127,7 @@ MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, con
   if (isa == Isa::kAvx512 || isa == Isa::kAvx2) {
     if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return MaskedConvStatus::kDone;
     PYHWP_CHECK(x && y, "masked_conv2d: null x or y");
-    const bool bad = run(w, g, x, bias, y, num_threads, isa == Isa::kAvx512);
+    const bool bad = run(w, g, pd, x, bias, y, num_threads, isa == Isa::kAvx512);
     return bad ? MaskedConvStatus::kNonfinite : MaskedConvStatus::kDone;
   }
 #else

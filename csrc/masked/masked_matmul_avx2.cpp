@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "common/simd_avx2.h"
+#include "common/x_rows.h"
 #include "masked/masked_matmul.h"
 
 namespace pyhwp {
@@ -15,21 +16,9 @@ using Cfg = MaskedCpuConfig;
 
 using avx2::load8;
 
-// Where the kernel reads the MR columns of x at row k of k-tile `tile`: the matmul's packed block
-// (rows MR floats apart), or the conv's padded planes through a table of offsets (masked_conv2d).
-template <int MR>
-struct PackedRows {
-  const float* xp;
-  const float* row(int32_t tile, int k) const { return xp + (int64_t{tile} * Cfg::kTileK + k) * MR; }
-};
-struct OffsetRows {
-  const float* x;
-  const int32_t* offsets;
-  const float* row(int32_t tile, int k) const { return x + offsets[int64_t{tile} * Cfg::kTileK + k]; }
-};
-
 // AVX2 has no broadcast memory operand, so each x value is broadcast once into a register and
-// feeds the two FMAs of the 16-row tile column.
+// feeds the two FMAs of the 16-row tile column. Row k of k-tile t of x at rows.row(16 t + k)
+// (common/x_rows.h).
 template <int MR, typename T, typename Rows>
 void block(const MaskedBlockT<T>& b, Rows rows) {
   __m256 c0[MR], c1[MR];
@@ -53,7 +42,7 @@ void block(const MaskedBlockT<T>& b, Rows rows) {
       if (MR == 1 && 64 * k < Cfg::kTileSize * static_cast<int64_t>(sizeof(T))) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
       const __m256 w0 = load8(w + Cfg::kTileN * k);
       const __m256 w1 = load8(w + Cfg::kTileN * k + 8);
-      const float* xk = rows.row(tile, k);
+      const float* xk = rows.row(int64_t{tile} * Cfg::kTileK + k);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const __m256 xv = _mm256_broadcast_ss(xk + i);
@@ -78,7 +67,9 @@ template <int MR, typename T>
 void block_packed(const MaskedBlockT<T>& b) { block<MR>(b, PackedRows<MR>{b.xp}); }
 
 template <int MR>
-void block_conv(const MaskedBlockT<float>& b, const int32_t* offsets) { block<MR>(b, OffsetRows{b.xp, offsets}); }
+void block_conv(const MaskedBlockT<float>& b, const int32_t* offsets) {
+  block<MR>(b, OffsetRows{b.xp, offsets});
+}
 
 template <typename T, int... I>
 constexpr std::array<MaskedBlockFn<T>, sizeof...(I)> table(std::integer_sequence<int, I...>) {

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "common/simd_avx512.h"
+#include "common/x_rows.h"
 #include "masked/masked_matmul.h"
 
 namespace pyhwp {
@@ -90,22 +91,9 @@ inline __mmask16 first_n(int64_t n) {  // lanes < n (none for n <= 0)
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// Where the wide kernel reads the 16 NV columns of x at row k of k-tile `tile`: the matmul's packed
-// block (rows 16 NV floats apart), or the conv's padded planes through a table of offsets, one per
-// row of W's columns (masked_conv2d).
-template <int NV>
-struct PackedRows {
-  const float* xp;
-  const float* row(int32_t tile, int k) const { return xp + (int64_t{tile} * Cfg::kTileK + k) * (16 * NV); }
-};
-struct OffsetRows {
-  const float* x;
-  const int32_t* offsets;
-  const float* row(int32_t tile, int k) const { return x + offsets[int64_t{tile} * Cfg::kTileK + k]; }
-};
-
-// 8 rows x NV vectors of 16 columns. Per k: NV vector loads of x, then each of the 8 weights is
-// broadcast once into a register and feeds NV FMAs.
+// 8 rows x NV vectors of 16 columns, row k of k-tile t of x at rows.row(16 t + k) (PackedRows of the
+// packed block, OffsetRows of the conv's padded planes: common/x_rows.h). Per k: NV vector loads
+// of x, then each of the 8 weights is broadcast once into a register and feeds NV FMAs.
 template <int NV, typename T, typename Rows>
 void wide(const MaskedWideBlockT<T>& b, Rows rows) {
   __m512 c[8][NV];
@@ -146,11 +134,11 @@ void wide(const MaskedWideBlockT<T>& b, Rows rows) {
 #pragma GCC unroll 16
     for (int k = 0; k < Cfg::kTileK; ++k) {
       // The next tile's x: NV lines per k row, k-row by k-row; the weights kPrefetchTiles ahead.
-      const char* xn = reinterpret_cast<const char*>(rows.row(next, k));
+      const char* xn = reinterpret_cast<const char*>(rows.row(int64_t{next} * Cfg::kTileK + k));
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) _mm_prefetch(xn + 64 * v, _MM_HINT_T0);
       if (k < kTileLines<T>) _mm_prefetch(wn + 64 * k, _MM_HINT_T0);
-      const float* xk = rows.row(tile, k);
+      const float* xk = rows.row(int64_t{tile} * Cfg::kTileK + k);
       __m512 xv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) xv[v] = _mm512_loadu_ps(xk + 16 * v);
@@ -174,10 +162,12 @@ void wide(const MaskedWideBlockT<T>& b, Rows rows) {
 }
 
 template <int NV, typename T>
-void wide_packed(const MaskedWideBlockT<T>& b) { wide<NV>(b, PackedRows<NV>{b.xp}); }
+void wide_packed(const MaskedWideBlockT<T>& b) { wide<NV>(b, PackedRows<16 * NV>{b.xp}); }
 
 template <int NV>
-void wide_conv(const MaskedWideBlockT<float>& b, const int32_t* offsets) { wide<NV>(b, OffsetRows{b.xp, offsets}); }
+void wide_conv(const MaskedWideBlockT<float>& b, const int32_t* offsets) {
+  wide<NV>(b, OffsetRows{b.xp, offsets});
+}
 
 template <typename T, int... I>
 constexpr std::array<void (*)(const MaskedWideBlockT<T>&), sizeof...(I)> wide_table(std::integer_sequence<int, I...>) {

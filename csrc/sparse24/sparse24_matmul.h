@@ -7,6 +7,7 @@
 #include "common/conv_geometry.h"
 #include "common/dense.h"
 #include "common/prefetch.h"
+#include "common/x_rows.h"
 
 namespace pyhwp {
 
@@ -137,30 +138,8 @@ inline void sparse24_prefetch_row(const Sparse24MatrixT<T>& w, int64_t words, in
   prefetch_lines_t0(w.meta + n * words + k0 / 32, 1);
 }
 
-// Where the tile kernels find row k of X (k < K; K blocks of whole metadata words at a time).
-// PanelRows: a packed panel, rows ld floats apart (the matmul). OffsetRows: an implicit-GEMM
-// conv's shifted windows of a padded image, row k at x + offsets[k] (see sparse24_conv2d).
-// chunk(c) is the view from input 32c on, columns(q) the view from column q on; span(k1, k2)
-// the bytes from row k1 on that the
-// kernel prefetches into L2 before K block [k1, k2): a panel's next block, which a long weight
-// streaming through L2 would otherwise have evicted. None for the conv, whose windows are the
-// thread's own padded planes, already in its L2 (and whose blocks span the shifted copies).
-struct PanelRows {
-  const float* x;
-  int64_t ld;
-  const float* row(int64_t k) const { return x + k * ld; }
-  PanelRows chunk(int64_t c) const { return {x + 32 * c * ld, ld}; }
-  PanelRows columns(int64_t q) const { return {x + q, ld}; }
-  int64_t span(int64_t k1, int64_t k2) const { return (k2 - k1) * ld * 4; }
-};
-struct OffsetRows {
-  const float* x;
-  const int32_t* offsets;
-  const float* row(int64_t k) const { return x + offsets[k]; }
-  OffsetRows chunk(int64_t c) const { return {x, offsets + 32 * c}; }
-  OffsetRows columns(int64_t q) const { return {x + q, offsets}; }
-  int64_t span(int64_t, int64_t) const { return 0; }
-};
+// The tile kernels find row k of X (k < K; K blocks of whole metadata words at a time) through
+// PanelRows (the matmul) or OffsetRows (the conv): common/x_rows.h.
 
 template <typename T>
 using Sparse24RowsFn = void (*)(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,

@@ -22,6 +22,7 @@ using avx2::load8;
 template <int MR, typename T, typename Rows>
 void block(const MaskedBlockT<T>& b, Rows rows) {
   __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
   const T* w = b.tiles;
   for (int64_t j = 0; j < b.count; ++j, w += Cfg::kTileSize) {
@@ -52,6 +53,7 @@ void block(const MaskedBlockT<T>& b, Rows rows) {
     }
   }
 
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
     float* out = b.acc + 16 * i;
     if (b.accumulate) {

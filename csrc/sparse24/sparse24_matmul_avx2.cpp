@@ -84,13 +84,17 @@ inline void permute_columns(const Sparse24MatrixT<T>& w, int64_t words, const De
 }
 
 // One K block [k0, k1) of rows [n, n+R) against V*8 columns of X (its rows where `xr` says: a
-// packed panel or a conv's windows); the last vector is masked by `last`. acc starts from bias (first block) or the
-// partial sums already in `out`.
-template <int R, int V, typename T, typename Rows>
+// packed panel or a conv's windows); the last vector is masked by `last` when Masked. acc starts
+// from bias (first block) or the partial sums already in `out`. Unmasked vectors are plain loads:
+// vmaskmovps is two uops and cannot feed the FMA as its memory operand, and with it on every
+// vector the batch-128 kernel issued three uops per FMA.
+template <int R, int V, bool Masked, typename T, typename Rows>
 inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64_t K,
                        int64_t k0, int64_t k1, const Rows& xr, const float* bias,
                        float* out, int64_t out_stride, __m256i last) {
-  const __m256i full = _mm256_set1_epi32(-1);
+  auto load = [&](const float* p, int i) {
+    return Masked && i == V - 1 ? _mm256_maskload_ps(p, last) : _mm256_loadu_ps(p);
+  };
   // Every loop over r and i fully unrolled, so that acc lives in registers (without the pragmas
   // gcc kept half of it on the stack: 48 of 96 FMAs read and wrote acc through memory).
   __m256 acc[R][V];
@@ -98,8 +102,7 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int i = 0; i < V; ++i) {
-      acc[r][i] = k0 == 0 ? _mm256_set1_ps(bias ? bias[r] : 0.f)
-                          : _mm256_maskload_ps(out + r * out_stride + 8 * i, i == V - 1 ? last : full);
+      acc[r][i] = k0 == 0 ? _mm256_set1_ps(bias ? bias[r] : 0.f) : load(out + r * out_stride + 8 * i, i);
     }
   }
   for (int64_t c = k0 / 32; c < (k1 + 31) / 32; ++c) {
@@ -113,12 +116,11 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
         const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
         if (!whole && k >= K) continue;  // padding slot: the panel has only K rows
         const float* xk = xr.row(k);
+        // A plain pointer register: base+index addressing would un-laminate every FMA's load.
+        asm("" : "+r"(xk));
         const __m256 vb = _mm256_set1_ps(to_float(v[j]));
 #pragma GCC unroll 8
-        for (int i = 0; i < V; ++i) {
-          acc[r][i] = _mm256_fmadd_ps(vb, _mm256_maskload_ps(xk + 8 * i, i == V - 1 ? last : full),
-                                      acc[r][i]);
-        }
+        for (int i = 0; i < V; ++i) acc[r][i] = _mm256_fmadd_ps(vb, load(xk + 8 * i, i), acc[r][i]);
       }
     }
   }
@@ -126,21 +128,26 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int i = 0; i < V; ++i) {
-      _mm256_maskstore_ps(out + r * out_stride + 8 * i, i == V - 1 ? last : full, acc[r][i]);
+      float* o = out + r * out_stride + 8 * i;
+      if (Masked && i == V - 1) {
+        _mm256_maskstore_ps(o, last, acc[r][i]);
+      } else {
+        _mm256_storeu_ps(o, acc[r][i]);
+      }
     }
   }
 }
 
 // Rows [row_begin, row_end) against 8V columns of X, K block by K block (tile_k inputs); row n's
 // outputs at out + (n - row_begin) * out_stride.
-template <int V, typename T, typename Rows>
+template <int V, bool Masked, typename T, typename Rows>
 inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr, int64_t tile_k, const float* bias,
                       float* out, int64_t out_stride, int64_t row_begin, int64_t row_end, __m256i last) {
   constexpr int R = 2;
   const int64_t K = w.cols;
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
-    tile_block<RR, V, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, xr,
+    tile_block<RR, V, Masked, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, xr,
                          bias ? bias + n : nullptr, out + (n - row_begin) * out_stride, out_stride, last);
   };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
@@ -163,13 +170,22 @@ void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, const Rows& rows, 
   for (int64_t q = 0; q < width; q += 32) {
     const int64_t rem = width - q;
     const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
-    const __m256i last = tail_mask8(rem - 8 * (nv - 1));
+    const int64_t tail = rem - 8 * (nv - 1);
+    const __m256i last = tail_mask8(tail);
     const Rows xr = rows.columns(q);
+    auto run = [&](auto v_tag) {
+      constexpr int V = decltype(v_tag)::value;
+      if (tail >= 8) {
+        tile_rows<V, false>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last);
+      } else {
+        tile_rows<V, true>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last);
+      }
+    };
     switch (nv) {
-      case 4: tile_rows<4>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
-      case 3: tile_rows<3>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
-      case 2: tile_rows<2>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
-      default: tile_rows<1>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{}); break;
     }
   }
 }

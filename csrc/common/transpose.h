@@ -11,11 +11,13 @@ namespace pyhwp {
 using TransposeFn = void (*)(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t R,
                              int64_t C);
 TransposeFn transpose_scalar();  // common/transpose.cpp
+TransposeFn transpose_avx2();    // common/transpose_avx2.cpp: whole 16x16 blocks as four 8x8
 TransposeFn transpose_avx512();  // common/transpose_avx512.cpp: whole 16x16 blocks in registers
 
 inline TransposeFn pick_transpose([[maybe_unused]] Isa isa) {
 #ifdef PYHWP_X86_KERNELS
   if (isa == Isa::kAvx512) return transpose_avx512();
+  if (isa == Isa::kAvx2) return transpose_avx2();
 #endif
   return transpose_scalar();
 }

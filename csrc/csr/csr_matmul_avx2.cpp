@@ -1,6 +1,8 @@
 // AVX2 CSR kernels: the fallback for CPUs without AVX-512 (same structure, 8 lanes).
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "common/simd_avx2.h"
 
 #include "csr/csr_kernels_inl.h"
@@ -48,64 +50,97 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
   }
 }
 
-// One row times a tile of V*8 columns (last vector masked); two accumulator sets.
-template <int V, typename I, typename T>
+// One row times a tile of V*8 columns of X (the last vector masked by `last` when Masked). U
+// independent accumulator sets keep U*V >= 8 FMA chains in flight (2 FMA ports x 4 cycles), and
+// whole vectors are plain loads that fold into the FMAs (vmaskmovps is two uops and cannot).
+template <int V, bool Masked, typename I, typename T>
 inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
                      const float* init, float* out, __m256i last) {
-  __m256 a0[V], a1[V];
-  const __m256i full = _mm256_set1_epi32(-1);
-  for (int i = 0; i < V; ++i) {
-    a0[i] = _mm256_maskload_ps(init + 8 * i, i == V - 1 ? last : full);
-    a1[i] = _mm256_setzero_ps();
-  }
+  constexpr int U = V >= 5 ? 1 : (V >= 3 ? 2 : 8 / (V * 2));
+  auto load = [&](const float* p, int i) {
+    return Masked && i == V - 1 ? _mm256_maskload_ps(p, last) : _mm256_loadu_ps(p);
+  };
+  __m256 acc[U][V];
+#pragma GCC unroll 8
+  for (int i = 0; i < V; ++i) acc[0][i] = load(init + 8 * i, i);
+#pragma GCC unroll 8
+  for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) acc[u][i] = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 2 <= len; j += 2) {
-    const float* x0 = x + static_cast<int64_t>(cols[j]) * ldx;
-    const float* x1 = x + static_cast<int64_t>(cols[j + 1]) * ldx;
-    const __m256 v0 = _mm256_set1_ps(to_float(vals[j])), v1 = _mm256_set1_ps(to_float(vals[j + 1]));
-    for (int i = 0; i < V; ++i) {
-      const __m256i m = i == V - 1 ? last : full;
-      a0[i] = _mm256_fmadd_ps(v0, _mm256_maskload_ps(x0 + 8 * i, m), a0[i]);
-      a1[i] = _mm256_fmadd_ps(v1, _mm256_maskload_ps(x1 + 8 * i, m), a1[i]);
+  for (; j + U <= len; j += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const float* xr = x + static_cast<int64_t>(cols[j + u]) * ldx;
+      const __m256 v = _mm256_set1_ps(to_float(vals[j + u]));
+#pragma GCC unroll 8
+      for (int i = 0; i < V; ++i) acc[u][i] = _mm256_fmadd_ps(v, load(xr + 8 * i, i), acc[u][i]);
     }
   }
-  if (j < len) {
-    const float* x0 = x + static_cast<int64_t>(cols[j]) * ldx;
-    const __m256 v0 = _mm256_set1_ps(to_float(vals[j]));
-    for (int i = 0; i < V; ++i) {
-      a0[i] = _mm256_fmadd_ps(v0, _mm256_maskload_ps(x0 + 8 * i, i == V - 1 ? last : full), a0[i]);
-    }
+  for (; j < len; ++j) {
+    const float* xr = x + static_cast<int64_t>(cols[j]) * ldx;
+    const __m256 v = _mm256_set1_ps(to_float(vals[j]));
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) acc[0][i] = _mm256_fmadd_ps(v, load(xr + 8 * i, i), acc[0][i]);
   }
+#pragma GCC unroll 8
+  for (int u = 1; u < U; ++u)
+#pragma GCC unroll 8
+    for (int i = 0; i < V; ++i) acc[0][i] = _mm256_add_ps(acc[0][i], acc[u][i]);
+#pragma GCC unroll 8
   for (int i = 0; i < V; ++i) {
-    _mm256_maskstore_ps(out + 8 * i, i == V - 1 ? last : full, _mm256_add_ps(a0[i], a1[i]));
+    if (Masked && i == V - 1) {
+      _mm256_maskstore_ps(out + 8 * i, last, acc[0][i]);
+    } else {
+      _mm256_storeu_ps(out + 8 * i, acc[0][i]);
+    }
   }
 }
 
+// Rows times `width` (<= 64) columns of X starting at x, into y.
+template <int V, bool Masked, typename I, typename T>
+void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows, const float* x,
+            int64_t ldx, const float* bias, bool accumulate, float* y, int64_t ldy, __m256i last) {
+  alignas(32) float init[8 * V];
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = y + i * ldy;
+    const float* src = out;
+    if (!accumulate) {
+      const __m256 b = _mm256_set1_ps(bias ? bias[i] : 0.f);
+      for (int v = 0; v < V; ++v) _mm256_store_ps(init + 8 * v, b);
+      src = init;
+    }
+    row_tile<V, Masked>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, src, out, last);
+  }
+}
+
+// 64 columns (8 ymm) per pass over the rows: W is read once per 64 columns of X.
 template <typename I, typename T>
 void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
           const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
           int64_t ldy) {
-  alignas(32) float init[32];
-  for (int64_t p0 = 0; p0 < P; p0 += 32) {
+  for (int64_t p0 = 0; p0 < P; p0 += 64) {
     const int64_t rem = P - p0;
-    const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
-    const __m256i last = tail_mask8(rem - 8 * (nv - 1));
-    for (int64_t i = 0; i < rows; ++i) {
-      float* out = y + i * ldy + p0;
-      const float* src = out;
-      if (!accumulate) {
-        for (float& v : init) v = bias ? bias[i] : 0.f;
-        src = init;
+    const int nv = rem >= 64 ? 8 : static_cast<int>((rem + 7) / 8);
+    const int64_t tail = rem - 8 * (nv - 1);
+    const __m256i last = tail_mask8(tail);
+    auto run = [&](auto v_tag) {
+      constexpr int V = decltype(v_tag)::value;
+      if (tail >= 8) {
+        tile_v<V, false>(a, begin, end, rows, x + p0, ldx, bias, accumulate, y + p0, ldy, last);
+      } else {
+        tile_v<V, true>(a, begin, end, rows, x + p0, ldx, bias, accumulate, y + p0, ldy, last);
       }
-      const I* cols = a.cols + begin[i];
-      const T* vals = a.vals + begin[i];
-      const int64_t len = end[i] - begin[i];
-      switch (nv) {
-        case 4: row_tile<4>(cols, vals, len, x + p0, ldx, src, out, last); break;
-        case 3: row_tile<3>(cols, vals, len, x + p0, ldx, src, out, last); break;
-        case 2: row_tile<2>(cols, vals, len, x + p0, ldx, src, out, last); break;
-        default: row_tile<1>(cols, vals, len, x + p0, ldx, src, out, last); break;
-      }
+    };
+    switch (nv) {
+      case 8: run(std::integral_constant<int, 8>{}); break;
+      case 7: run(std::integral_constant<int, 7>{}); break;
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 3: run(std::integral_constant<int, 3>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{}); break;
     }
   }
 }

@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # to re-run itself (bench --isa)
     if args.command == "info":
         from pyhwp.info import main as info_main
 

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pyhwp.bench import cases, dlmc, targets
+import pyhwp
+from pyhwp._ext import _C
+from pyhwp.bench import cases, dlmc, isa, targets
 from pyhwp.bench.cases import ConvShape, prune, suite_cases
 from pyhwp.bench.runner import run_case, unavailable
 from pyhwp.cli import main as cli_main
@@ -185,3 +191,26 @@ def test_tiny_suite_cli_writes_json(tmp_path, capsys):
     assert {s["threads"] for s in doc["scaling"]} == {2}
     assert doc["overhead"]["median_us"]["kernel"] > 0
     assert len(doc["targets"]) == len(targets.CPU_TARGETS)
+
+
+@pytest.mark.skipif(not _C.cpu_features()["avx2"] or "avx2" not in _C.build_info()["cpu_kernels"],
+                    reason="needs an AVX2 CPU and pyhwp's AVX2 kernels")
+def test_isa_cap_restarts_with_torch_capped(tmp_path):
+    """`--isa avx2` re-runs the bench with torch's caps set and records both sides' ISA."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in isa.TORCH_CAPS["avx2"]}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(pyhwp.__file__).parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "pyhwp", "bench", "--suite", "tiny", "--isa", "avx2", "--filter",
+                           "linear", "--dlmc", "none", "--no-progress", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "restarting with torch capped at avx2" in proc.stderr
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["isa_cap"]["pyhwp"] == "avx2" and meta["isa_cap"]["torch_capability"] == "AVX2"
+    assert meta["isa_cap"]["env"] == isa.TORCH_CAPS["avx2"]
+    assert "torch capped at AVX2" in proc.stdout
+
+
+def test_isa_cap_needs_cpu(capsys):
+    assert cli_main(["bench", "--suite", "tiny", "--device", "cuda", "--isa", "avx2", "--no-progress"]) == 2
+    assert "--isa caps the CPU kernels" in capsys.readouterr().err

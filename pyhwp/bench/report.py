@@ -113,8 +113,11 @@ def render(result: dict) -> str:
     overhead, targets, and the skipped cases grouped by reason."""
     meta, rows = result["meta"], result["rows"]
     m = result.get("machine", {})
+    cap = meta.get("isa_cap")
+    kernels = meta["isa"]["active"] if cap is None else \
+        f"{cap['pyhwp']}; torch capped at {cap['torch_capability']}"
     lines = [f"pyhwp bench --suite {meta['suite']} on {meta['device']}: {meta['cpu']} "
-             f"(kernels: {meta['isa']['active']}), {meta['threads']} threads, torch {meta['torch']}, "
+             f"(kernels: {kernels}), {meta['threads']} threads, torch {meta['torch']}, "
              f"pyhwp {meta['pyhwp']}, commit {meta['git_commit']}, {meta['date']}"]
     if m:
         peaks = ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in m.get("peak_gflops", {}).items())

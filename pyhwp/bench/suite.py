@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pyhwp.bench import dlmc, report
+from pyhwp.bench import dlmc, isa, report
 from pyhwp.bench.cases import Case, suite_cases
 from pyhwp.bench.runner import Machine, measure_overhead, run_case
 
@@ -30,17 +30,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", metavar="TEXT", help="only cases whose name contains TEXT")
     p.add_argument("--budget", type=float, metavar="S", help="seconds of timing per case")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--isa", choices=sorted(isa.TORCH_CAPS),
+                   help="cap pyhwp's kernels and torch's baselines at this instruction set (CPU): an "
+                        "AVX-512 machine then measures what an AVX2 CPU would")
 
 
 def run_suite(cases: list[Case], device: str, *, suite: str = "custom", budget_s: float = 0.25,
-              threads: int | None = None, progress: bool = True, overhead: bool = True) -> dict:
-    """Measure the machine, then every case; returns the result document (report.finish)."""
+              threads: int | None = None, progress: bool = True, overhead: bool = True,
+              isa_cap: dict | None = None) -> dict:
+    """Measure the machine, then every case; returns the result document (report.finish).
+    `isa_cap`: what `isa.apply` returned, when the run is capped (recorded in the metadata)."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     meta = report.metadata(device, suite, threads)
+    if isa_cap is not None:
+        meta["isa_cap"] = isa_cap
     dtypes = sorted({c.dtype for c in cases} | {"float32"})
     machine = Machine.measure(device, dtypes, budget_s=min(0.5, max(budget_s, 0.05)), small=suite == "tiny")
     rows = []
@@ -56,6 +63,14 @@ def run_suite(cases: list[Case], device: str, *, suite: str = "custom", budget_s
 
 def main(args: argparse.Namespace) -> int:
     device = args.device
+    isa_cap = None
+    if args.isa:
+        if device != "cpu":
+            print("pyhwp bench: --isa caps the CPU kernels; it needs --device cpu", file=sys.stderr)
+            return 2
+        if isa.needs_restart(args.isa):
+            isa.restart(args.isa, args.argv)
+        isa_cap = isa.apply(args.isa)
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("pyhwp bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -74,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         cases = [c for c in cases if args.filter in c.name]
     budget = args.budget if args.budget is not None else BUDGET_S[args.suite]
     result = run_suite(cases, device, suite=args.suite, budget_s=budget, threads=args.threads,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, isa_cap=isa_cap)
     print(report.render(result))
     if args.json:
         report.write_json(result, args.json)

@@ -105,19 +105,42 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
       acc[r][i] = k0 == 0 ? _mm256_set1_ps(bias ? bias[r] : 0.f) : load(out + r * out_stride + 8 * i, i);
     }
   }
-  for (int64_t c = k0 / 32; c < (k1 + 31) / 32; ++c) {
-    const bool whole = 32 * c + 32 <= K;
+  const int64_t c_end = (k1 + 31) / 32;
+  const int64_t c_whole = K / 32 < c_end ? K / 32 : c_end;  // words entirely below K
+  int64_t c = k0 / 32;
+  for (; c < c_whole; ++c) {
+    // Each slot's x row from the word's chunk and a constant shift of its metadata word: no
+    // running shift, and no padding test (every slot of a whole word is below K).
+    const Rows xc = xr.chunk(c);
+    uint32_t m[R];
+    const T* v[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      m[r] = meta[r * words + c];
+      v[r] = vals + r * words * 16 + 16 * c;
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const float* xk = xc.row(4 * (j >> 1) + ((m[r] >> (2 * j)) & 3u));
+        // A plain pointer register: base+index addressing would un-laminate every FMA's load.
+        asm("" : "+r"(xk));
+        const __m256 vb = _mm256_set1_ps(to_float(v[r][j]));
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i) acc[r][i] = _mm256_fmadd_ps(vb, load(xk + 8 * i, i), acc[r][i]);
+      }
+    }
+  }
+  for (; c < c_end; ++c) {  // the last word, partly beyond K: skip padding (X has K rows)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       uint32_t m = meta[r * words + c];
       const T* v = vals + r * words * 16 + 16 * c;
-#pragma GCC unroll 16
       for (int j = 0; j < 16; ++j, m >>= 2) {
         const int64_t k = 32 * c + 4 * (j >> 1) + (m & 3u);
-        if (!whole && k >= K) continue;  // padding slot: the panel has only K rows
+        if (k >= K) continue;
         const float* xk = xr.row(k);
-        // A plain pointer register: base+index addressing would un-laminate every FMA's load.
-        asm("" : "+r"(xk));
         const __m256 vb = _mm256_set1_ps(to_float(v[j]));
 #pragma GCC unroll 8
         for (int i = 0; i < V; ++i) acc[r][i] = _mm256_fmadd_ps(vb, load(xk + 8 * i, i), acc[r][i]);

@@ -186,13 +186,13 @@ inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr
   }
 }
 
-// tile_rows over `width` columns of X, 32 (4 ymm) at a time.
+// tile_rows over `width` columns of X, 48 (6 ymm) at a time.
 template <typename T, typename Rows>
 void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, const Rows& rows, int64_t width, int64_t tile_k,
                   const float* bias, float* out, int64_t out_stride, int64_t row_begin, int64_t row_end) {
-  for (int64_t q = 0; q < width; q += 32) {
+  for (int64_t q = 0; q < width; q += 48) {
     const int64_t rem = width - q;
-    const int nv = rem >= 32 ? 4 : static_cast<int>((rem + 7) / 8);
+    const int nv = rem >= 48 ? 6 : static_cast<int>((rem + 7) / 8);
     const int64_t tail = rem - 8 * (nv - 1);
     const __m256i last = tail_mask8(tail);
     const Rows xr = rows.columns(q);
@@ -205,6 +205,8 @@ void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, const Rows& rows, 
       }
     };
     switch (nv) {
+      case 6: run(std::integral_constant<int, 6>{}); break;
+      case 5: run(std::integral_constant<int, 5>{}); break;
       case 4: run(std::integral_constant<int, 4>{}); break;
       case 3: run(std::integral_constant<int, 3>{}); break;
       case 2: run(std::integral_constant<int, 2>{}); break;

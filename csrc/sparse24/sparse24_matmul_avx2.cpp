@@ -171,7 +171,7 @@ inline void tile_rows(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr
   auto block = [&](auto r_tag, int64_t n, int64_t k0, int64_t k1) {
     constexpr int RR = decltype(r_tag)::value;
     tile_block<RR, V, Masked, T>(w.values + n * words * 16, w.meta + n * words, words, K, k0, k1, xr,
-                         bias ? bias + n : nullptr, out + (n - row_begin) * out_stride, out_stride, last);
+                                 bias ? bias + n : nullptr, out + (n - row_begin) * out_stride, out_stride, last);
   };
   for (int64_t k0 = 0; k0 < K || (K == 0 && k0 == 0); k0 += tile_k) {  // K == 0: Y = bias
     const int64_t k1 = k0 + tile_k < K ? k0 + tile_k : K;

@@ -200,9 +200,11 @@ def test_isa_cap_restarts_with_torch_capped(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k not in isa.TORCH_CAPS["avx2"]}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(pyhwp.__file__).parents[1]), env.get("PYTHONPATH")]))
+    # Run from tmp_path: in the working directory of a source checkout, `python -m pyhwp` would
+    # import the checkout's package rather than the one under test.
     proc = subprocess.run([sys.executable, "-m", "pyhwp", "bench", "--suite", "tiny", "--isa", "avx2", "--filter",
                            "linear", "--dlmc", "none", "--no-progress", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "restarting with torch capped at avx2" in proc.stderr
     meta = json.loads(out.read_text())["meta"]

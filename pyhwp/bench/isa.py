@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+import pyhwp
 from pyhwp._ext import _C
 
 # What torch reads for each ISA: MKL's dispatch (MKL_ENABLE_INSTRUCTIONS), oneDNN's (convs and
@@ -33,12 +35,16 @@ def needs_restart(isa: str) -> bool:
 
 
 def restart(isa: str, argv: list[str]) -> None:
-    """Re-runs `python -m pyhwp *argv` with torch's caps for `isa` set; does not return."""
+    """Re-runs the command line `pyhwp *argv` with torch's caps for `isa` set, with this same
+    pyhwp package (`python -m` would put the working directory first on the path, where a source
+    checkout without a built extension may shadow the installed package); does not return."""
     env = dict(os.environ, **TORCH_CAPS[isa])
     caps = " ".join(f"{k}={v}" for k, v in TORCH_CAPS[isa].items())
     print(f"pyhwp bench: restarting with torch capped at {isa} ({caps})", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "pyhwp", *argv], env)
+    root = str(Path(pyhwp.__file__).resolve().parents[1])
+    code = f"import sys; sys.path[:1] = [{root!r}]; from pyhwp.cli import main; sys.exit(main(sys.argv[1:]))"
+    os.execve(sys.executable, [sys.executable, "-c", code, *argv], env)
 
 
 def apply(isa: str) -> dict:

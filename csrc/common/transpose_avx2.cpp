@@ -33,8 +33,7 @@ void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_ds
       for (int j = 0; j < 16; j += 8) transpose8x8(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
     return;
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+  transpose_scalar()(src, ld_src, dst, ld_dst, R, C);  // partial blocks (built without ISA flags)
 }
 
 }  // namespace

@@ -13,8 +13,7 @@ void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_ds
     for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + c * ld_dst, m[c]);
     return;
   }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+  transpose_scalar()(src, ld_src, dst, ld_dst, R, C);  // partial blocks (built without ISA flags)
 }
 
 }  // namespace

@@ -1,9 +1,8 @@
 // AVX2 CSR kernels: the fallback for CPUs without AVX-512 (same structure, 8 lanes).
 #include <immintrin.h>
 
-#include <type_traits>
-
 #include "common/simd_avx2.h"
+#include "common/vector_count.h"
 
 #include "csr/csr_kernels_inl.h"
 #include "csr/csr_matmul.h"
@@ -132,16 +131,7 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
         tile_v<V, true>(a, begin, end, rows, x + p0, ldx, bias, accumulate, y + p0, ldy, last);
       }
     };
-    switch (nv) {
-      case 8: run(std::integral_constant<int, 8>{}); break;
-      case 7: run(std::integral_constant<int, 7>{}); break;
-      case 6: run(std::integral_constant<int, 6>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      default: run(std::integral_constant<int, 1>{}); break;
-    }
+    with_vectors<8>(nv, run);
   }
 }
 

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include "common/simd_avx512.h"
+#include "common/vector_count.h"
 #include "csr/csr_matmul.h"
 #include "csr/csr_kernels_inl.h"
 
@@ -140,16 +141,9 @@ template <typename I, typename T>
 void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
           const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
           int64_t ldy) {
-  switch ((P + 15) / 16) {
-    case 8: return tile_v<8>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-    case 7: return tile_v<7>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-    case 6: return tile_v<6>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-    case 5: return tile_v<5>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-    case 4: return tile_v<4>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-    case 3: return tile_v<3>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-    case 2: return tile_v<2>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-    default: return tile_v<1>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
-  }
+  with_vectors<8>(static_cast<int>((P + 15) / 16), [&](auto v_tag) {
+    tile_v<decltype(v_tag)::value>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+  });
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include "common/simd_avx2.h"
+#include "common/vector_count.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -204,14 +205,7 @@ void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, const Rows& rows, 
         tile_rows<V, true>(w, words, xr, tile_k, bias, out + q, out_stride, row_begin, row_end, last);
       }
     };
-    switch (nv) {
-      case 6: run(std::integral_constant<int, 6>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      default: run(std::integral_constant<int, 1>{}); break;
-    }
+    with_vectors<6>(nv, run);
   }
 }
 

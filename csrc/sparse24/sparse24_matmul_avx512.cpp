@@ -6,6 +6,7 @@
 
 #include "common/bf16.h"
 #include "common/simd_avx512.h"
+#include "common/vector_count.h"
 #include "sparse24/sparse24_matmul.h"
 
 namespace pyhwp {
@@ -259,16 +260,7 @@ void tile_columns(const Sparse24MatrixT<T>& w, int64_t words, const Rows& xr, in
       tile_rows<V, true, T>(w, words, xr, tile_k, bias, out, out_stride, row_begin, row_end, last);
     }
   };
-  switch (nv) {
-    case 8: run(std::integral_constant<int, 8>{}); break;
-    case 7: run(std::integral_constant<int, 7>{}); break;
-    case 6: run(std::integral_constant<int, 6>{}); break;
-    case 5: run(std::integral_constant<int, 5>{}); break;
-    case 4: run(std::integral_constant<int, 4>{}); break;
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    default: run(std::integral_constant<int, 1>{}); break;
-  }
+  with_vectors<8>(nv, run);
 }
 
 }  // namespace

@@ -132,6 +132,33 @@ def test_conv2d(bf16_isa, pattern):
     assert y.dtype == torch.bfloat16 and bool(((y.double() - ref).abs() <= tol).all())
 
 
+# (channels, multiplier, k, stride, padding, dilation, H, W, batch): strided depthwise convs on
+# small inputs where torch 2.13's CPU bfloat16 conv2d returned wrong values (the first two) or
+# read out of bounds (the third), and a plain one.
+DEPTHWISE = [(4, 2, 3, 3, 1, 1, 17, 1, 1), (16, 2, 5, 2, 0, 1, 17, 5, 2), (16, 3, 3, 3, 3, 2, 1, 19, 1),
+             (8, 1, 3, 1, 1, 1, 9, 9, 2)]
+
+
+@pytest.mark.parametrize("pattern", ["csr", "masked"])
+@pytest.mark.parametrize("c, m, k, s, p, d, h, w, n", DEPTHWISE)
+def test_depthwise_conv2d(pattern, c, m, k, s, p, d, h, w, n):
+    """Depthwise convs run torch's direct convolution, in float32 for bfloat16 (pyhwp.ops.conv2d
+    ._depthwise): within one rounding of the exact result."""
+    g = torch.Generator().manual_seed(c * m + k)
+    wt = torch.randn(c * m, 1, k, k, generator=g)
+    wt = (wt * (torch.rand(wt.shape, generator=g) < 0.6)).bfloat16()
+    sw = pyhwp.to_sparse(wt, pattern)
+    x = torch.randn(n, c, h, w, generator=g).bfloat16()
+    bias = torch.randn(c * m, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, sw, bias, s, p, d, c)
+    ref = F.conv2d(x.double(), wt.double(), bias.double(), s, p, d, c)
+    mag = F.conv2d(x.double().abs(), wt.double().abs(), bias.double().abs(), s, p, d, c)
+    u16, u32 = 2.0**-8, 2.0**-24
+    tol = u16 * ref.abs() + (1 + u16) * (k * k + 2) * u32 * mag
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert bool(((y.double() - ref).abs() <= tol).all())
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("batch", [1, 4, 40])
 def test_nonfinite_inputs_propagate_like_dense(bf16_isa, pattern, batch):

@@ -132,6 +132,29 @@ def test_conv2d(bf16_isa, pattern):
     assert y.dtype == torch.bfloat16 and bool(((y.double() - ref).abs() <= tol).all())
 
 
+@pytest.mark.parametrize("pattern", ["csr", *PATTERNS])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_nonfinite_input_rounds_once(bf16_isa, pattern, stride):
+    """A NaN/Inf in x sends the conv to its fallback (CSR stride 1: one GEMM per tap, summed;
+    else im2col): the outputs it does not reach are still each rounded once, and the NaNs land
+    where dense puts them."""
+    g = torch.Generator().manual_seed(6 + stride)
+    w = bf16_weight((8, 4, 3, 3), pattern, g)
+    sw = pyhwp.to_sparse(w, pattern)
+    x = torch.randn(2, 4, 9, 11, generator=g)
+    x[0, 1, 4, 5], x[1, 2, 0, 0] = float("nan"), float("inf")
+    x = x.bfloat16()
+    bias = torch.randn(8, generator=g).bfloat16()
+    y = pyhwp.conv2d(x, sw, bias, stride, 1)
+    ref = F.conv2d(x.double(), w.double(), bias.double(), stride, 1)
+    mag = F.conv2d(x.double().abs(), w.double().abs(), bias.double().abs(), stride, 1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    u16, u32 = 2.0**-8, 2.0**-24
+    tol = u16 * ref.abs() + (1 + u16) * (36 + 2) * u32 * mag
+    assert bool(fin.any()) and bool(((y.double() - ref).abs() <= tol)[fin].all())
+
+
 # (channels, multiplier, k, stride, padding, dilation, H, W, batch): strided depthwise convs on
 # small inputs where torch 2.13's CPU bfloat16 conv2d returned wrong values (the first two) or
 # read out of bounds (the third), and a plain one.

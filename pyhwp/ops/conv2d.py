@@ -215,6 +215,11 @@ def _kernel_taps(weight: SparseWeight):
     return _derived(weight, "taps", weight.kernel_taps)
 
 
+def _widened(weight: SparseWeight) -> SparseWeight:
+    """The same weight with float32 values (differentiable, like the values' own .float())."""
+    return type(weight)._unchecked(weight.shape, **{**weight._tensors(), "values": weight.values.float()})
+
+
 def _shifted_conv(matmul, taps, x, bias, pads, dilation, kernel, out_hw):
     """Stride-1 conv as the sum over kernel taps (r, s) of W_rs (out, C) X_rs, X_rs a view.
 
@@ -423,6 +428,13 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         # Splitting into taps reads nnz counts on the host: not traceable, so compiled/exported
         # graphs take im2col.
         taps = None if torch.compiler.is_compiling() else _kernel_taps(weight)
+        if taps is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            # bfloat16 partial sums would round once per tap: in float32, rounded once at the end
+            # like every other bfloat16 CPU path (the taps' values widened once per weight)
+            taps = _derived(weight, "taps_f32", lambda: tuple(_widened(t) for t in taps))
+            y = _shifted_conv(matmul, taps, x.float(), None if bias is None else bias.float(), pads, dilation,
+                              (kh, kw), out_hw)
+            return y.to(torch.bfloat16)
         if taps is not None:
             return _shifted_conv(matmul, taps, x, bias, pads, dilation, (kh, kw), out_hw)
 

@@ -104,6 +104,20 @@ def test_channels_last_input(pattern, k, stride, groups):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
+def test_channels_last_depthwise_with_bias(pattern):
+    """A depthwise conv (multiplier 4, 1x1, stride 2, padding 1, dilation 2) on a channels_last
+    1-pixel-wide input with a bias: torch 2.13's CPU conv2d reads out of bounds there (a segfault
+    here); pyhwp hands torch NCHW input and returns channels_last."""
+    g_ = torch.Generator().manual_seed(4)
+    w, sw = make_weight((16, 1, 1, 1), pattern, g_)
+    bias = torch.randn(16, generator=g_)
+    x = torch.randn(1, 4, 28, 1, generator=g_).contiguous(memory_format=torch.channels_last)
+    y = pyhwp.conv2d(x, sw, bias, 2, 1, 2, 4)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_conv_close(y, x, w, bias, 2, 1, 2, 4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("make", [
     lambda g: torch.randn(2, 8, 18, 13, generator=g)[:, :, ::2],             # strided rows
     lambda g: torch.randn(2, 8, 13, 9, generator=g).transpose(2, 3),         # W before H in memory

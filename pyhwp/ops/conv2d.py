@@ -89,7 +89,7 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     stride-1 CSR convs take the per-tap path. Other 2:4 and masked k x k convs (and every strided
     or grouped one) take im2col with one GEMM per image and group.
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight
-    (bfloat16 on the CPU: in float32, rounded once, see _depthwise): their per-group GEMMs have at
+    (on the CPU NCHW, and bfloat16 in float32 rounded once: see _depthwise): their per-group GEMMs have at
     most kh*kw columns, where im2col would move kh*kw times the input for a weight of a few
     hundred values.
     In CPU inference, a call with the same arguments as the previous one on an unchanged weight
@@ -165,18 +165,22 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         fast_key = (x.shape, stride, padding, dilation, groups) if remember else None
         y = _gemm_conv(MATMULS[kernel.name], x, weight, bias, st, (pt, pb, pl, pr), dl, groups, (ho, wo),
                        channels_last, fast_key, CPU_CALLS.get(kernel.name))
-        if channels_last:
-            y = y.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
     return y.squeeze(0) if unbatched else y
 
 
 def _depthwise(x, w, bias, stride, padding, dilation, groups):
-    """torch's direct convolution for depthwise convs. bfloat16 on the CPU runs on float32 copies,
-    rounded once at the end (bfloat16 products are exact in float32: the contract of pyhwp's other
-    bfloat16 paths): torch 2.13's CPU bfloat16 conv2d returns wrong values for some strided small
-    inputs, and reads out of bounds for others (1.5% of random strided cases measured; float32: none;
-    tests/test_bf16.py::test_depthwise_conv2d)."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+    """torch's direct convolution for depthwise convs. On the CPU it gets NCHW input, and bfloat16
+    runs on float32 copies rounded once (bfloat16 products are exact in float32: the contract of
+    pyhwp's other bfloat16 paths). torch 2.13's CPU conv2d returns wrong values for some strided
+    small bfloat16 inputs and reads out of bounds for others (18 of 1200 random strided cases), and
+    reads out of bounds on channels_last float32 input with a bias (1 of 1200); NCHW float32: none
+    of 2400 (bench/NOTES.md, stop 25)."""
+    if x.device.type != "cpu":
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+    x = x.contiguous()
+    if x.dtype == torch.bfloat16:
         b = None if bias is None else bias.float()
         return F.conv2d(x.float(), w.float(), b, stride, padding, dilation, groups).to(torch.bfloat16)
     return F.conv2d(x, w, bias, stride, padding, dilation, groups)

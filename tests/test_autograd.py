@@ -85,6 +85,29 @@ def test_grads_equal_dense_autograd_at_kept_positions(pattern, device, batch, ba
     torch.testing.assert_close(kept_grad, wd.grad * (w != 0), **tol)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("groups, stride", [(1, 1), (1, 2), (2, 1), (4, 2)], ids=str)
+def test_conv2d_grads_equal_dense_autograd_at_kept_positions(pattern, groups, stride):
+    """Every conv path on the CPU (implicit GEMM / per tap, im2col per group, depthwise through
+    torch at groups == 4): the values' gradient is dense autograd's at the kept positions and zero
+    at the others (a masked weight's stored tiles hold pruned zeros)."""
+    dtype = supported_dtype(pattern, "cpu")
+    w, sw = _weight(pattern, (8, 4 // groups, 2, 2), seed=7 + groups + stride, dtype=dtype)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 7, 6, generator=g, dtype=dtype)
+    b = torch.randn(8, generator=g, dtype=dtype)
+    xs, vs, bs = x.clone().requires_grad_(), sw.values.detach().clone().requires_grad_(), b.clone().requires_grad_()
+    y = pyhwp.conv2d(xs, _with_values(sw, vs), bs, stride, 1, 1, groups)
+    gy = torch.randn(y.shape, generator=g, dtype=dtype)
+    y.backward(gy)
+    xd, wd, bd = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    F.conv2d(xd, wd, bd, stride, 1, 1, groups).backward(gy)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs.grad, xd.grad, **tol)
+    torch.testing.assert_close(bs.grad, bd.grad, **tol)
+    torch.testing.assert_close(_with_values(sw, vs.grad).to_dense(), wd.grad * (w != 0), **tol)
+
+
 def test_backward_form_follows_the_memory_bound():
     assert autograd._small(1, 100, 30, 10)  # 3 * 1 * 100 <= 300
     assert not autograd._small(2, 100, 30, 10)

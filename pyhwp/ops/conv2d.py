@@ -154,7 +154,11 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         bias = bias.contiguous()
 
     if groups > 1 and in_g == 1:
-        y = _depthwise(x, weight.to_dense(), bias, st, padding if isinstance(padding, str) else (pt, pl), dl, groups)
+        dense = weight.to_dense()
+        if weight.pattern == "masked" and dense.requires_grad:
+            # the zeros a stored tile holds stay pruned, as in the masked op's backward
+            dense = dense * weight.mask()
+        y = _depthwise(x, dense, bias, st, padding if isinstance(padding, str) else (pt, pl), dl, groups)
     elif n == 0 or out_c == 0:
         y = x.new_empty(n, out_c, ho, wo)
     else:

@@ -121,38 +121,50 @@ def fuzz_public_calls(pattern, wshape, xshape, wdtype, xdtype, bias_len, with_ma
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     channels_last=st.booleans(),
     with_bias=st.booleans(),
+    grouping=st.sampled_from(["none", "two", "depthwise"]),
+    nonfinite=st.sampled_from([None, float("nan"), float("inf")]),
     seed=st.integers(0, 2**16),
 )
-def fuzz_conv2d(pattern, dims, kernel, size, stride, dilation, padding, dtype, channels_last, with_bias, seed):
-    """conv2d over random geometries (every path: implicit GEMMs, AMX, per-tap, im2col, 1x1):
-    the dense result within the summation bound of one rounding, or a clear error."""
+def fuzz_conv2d(pattern, dims, kernel, size, stride, dilation, padding, dtype, channels_last, with_bias, grouping,
+                nonfinite, seed):
+    """conv2d over random geometries (every path: implicit GEMMs, AMX, per-tap, im2col, 1x1, per
+    group, depthwise), with a NaN or Inf in x or not: the dense result within the summation bound of
+    one rounding, NaN/Inf where dense has them, or a clear error."""
     n, c, out = dims
+    groups = {"none": 1, "two": 2, "depthwise": c}[grouping]
+    c, out = -(-c // groups) * groups, -(-out // groups) * groups
     g = torch.Generator().manual_seed(seed)
-    w2 = _weight_for(pattern, out, c * kernel[0] * kernel[1], seed)
-    w = w2.reshape(out, c, *kernel).to(dtype)
+    w2 = _weight_for(pattern, out, c // groups * kernel[0] * kernel[1], seed)
+    w = w2.reshape(out, c // groups, *kernel).to(dtype)
     try:
         sw = pyhwp.to_sparse(w, pattern)
     except ALLOWED:
         return
-    x = torch.randn(n, c, *size, generator=g).to(dtype)
+    x = torch.randn(n, c, *size, generator=g)
+    if nonfinite is not None:
+        x[seed % n, seed % c, seed % size[0], seed % size[1]] = nonfinite
+    x = x.to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     bias = torch.randn(out, generator=g).to(dtype) if with_bias else None
     try:
-        y = pyhwp.conv2d(x, sw, bias, stride=stride, padding=padding, dilation=dilation)
+        y = pyhwp.conv2d(x, sw, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
     except ALLOWED:
         with pytest_raises_like():  # the dense conv must refuse the same geometry
-            torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation)
+            torch.nn.functional.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
         return
     xd, wd = x.double(), w.double()
     bd = None if bias is None else bias.double()
-    ref = torch.nn.functional.conv2d(xd, wd, bd, stride, padding, dilation)
-    mag = torch.nn.functional.conv2d(xd.abs(), wd.abs(), None if bd is None else bd.abs(), stride, padding, dilation)
+    ref = torch.nn.functional.conv2d(xd, wd, bd, stride, padding, dilation, groups)
+    mag = torch.nn.functional.conv2d(xd.abs(), wd.abs(), None if bd is None else bd.abs(), stride, padding, dilation,
+                                     groups)
     u = 2.0**-8 if dtype == torch.bfloat16 else 0.0
     tol = u * ref.abs() + (1 + u) * (w[0].numel() + 2) * 2.0**-24 * mag + 1e-30
-    assert y.shape == ref.shape and y.dtype == dtype
-    assert bool(((y.double() - ref).abs() <= tol).all()), (pattern, dims, kernel, size, stride, dilation, padding,
-                                                           dtype, channels_last)
+    case = (pattern, dims, groups, kernel, size, stride, dilation, padding, dtype, channels_last, nonfinite)
+    assert y.shape == ref.shape and y.dtype == dtype, case
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref)), case
+    finite = torch.isfinite(ref)
+    assert bool(((y.double() - ref).abs() <= tol)[finite].all()), case
 
 
 @given(

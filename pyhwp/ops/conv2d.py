@@ -89,9 +89,9 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     stride-1 CSR convs take the per-tap path. Other 2:4 and masked k x k convs (and every strided
     or grouped one) take im2col with one GEMM per image and group.
     Depthwise convs (C/groups == 1) run torch's direct depthwise convolution on the dense weight
-    (on the CPU NCHW, and bfloat16 in float32 rounded once: see _depthwise): their per-group GEMMs have at
-    most kh*kw columns, where im2col would move kh*kw times the input for a weight of a few
-    hundred values.
+    (on the CPU on NCHW input, bfloat16 in float32 rounded once: see _depthwise): their per-group
+    GEMMs have at most kh*kw columns, where im2col would move kh*kw times the input for a weight
+    of a few hundred values.
     In CPU inference, a call with the same arguments as the previous one on an unchanged weight
     (the steady state of a model's forward) goes straight to the kernel that call ran.
     """
@@ -439,8 +439,8 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         if taps is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             # bfloat16 partial sums would round once per tap: in float32, rounded once at the end
             # like every other bfloat16 CPU path (the taps' values widened once per weight)
-            taps = _derived(weight, "taps_f32", lambda: tuple(_widened(t) for t in taps))
-            y = _shifted_conv(matmul, taps, x.float(), None if bias is None else bias.float(), pads, dilation,
+            wide = _derived(weight, "taps_f32", lambda: tuple(_widened(t) for t in _kernel_taps(weight)))
+            y = _shifted_conv(matmul, wide, x.float(), None if bias is None else bias.float(), pads, dilation,
                               (kh, kw), out_hw)
             return y.to(torch.bfloat16)
         if taps is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pyhwp import cli_types
 from pyhwp.hardware import cache
 
 # The demo's network: wide enough that its middle convs and its hidden Linear dominate the time,
@@ -88,13 +89,15 @@ def run(*, target: str = "cpu", max_accuracy_drop: float | None = 1.0, latency_b
 def add_arguments(p: argparse.ArgumentParser, prune: bool = False) -> None:
     if prune:
         p.add_argument("--model", choices=MODELS, required=True, help="the built-in model to prune")
-    p.add_argument("--target", default="cpu", help="device the model will run on: cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--target", default="cpu", type=cli_types.device,
+                   help="device the model will run on: cpu, cuda, cuda:N (default cpu)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-accuracy-drop", type=float, default=None,
+    g.add_argument("--max-accuracy-drop", type=cli_types.nonnegative_float, default=None,
                    help="fastest model losing at most this many accuracy points (default 1.0)")
-    g.add_argument("--latency-budget-ms", type=float, default=None,
+    g.add_argument("--latency-budget-ms", type=cli_types.positive_float, default=None,
                    help="most accurate model within this end-to-end latency (ms)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch the model serves; every timing uses it (64)")
+    p.add_argument("--batch-size", type=cli_types.positive_int, default=64,
+                   help="batch the model serves; every timing uses it (64)")
     p.add_argument("--out", default="pyhwp-report", help="report folder (default ./pyhwp-report)")
     p.add_argument("--cache-dir", default=None, help="cache for the trained model and latency tables "
                    "(default $XDG_CACHE_HOME/pyhwp)")

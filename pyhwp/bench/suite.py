@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pyhwp import cli_types
 from pyhwp.bench import dlmc, isa, report
 from pyhwp.bench.cases import Case, suite_cases
 from pyhwp.bench.runner import Machine, measure_overhead, run_case
@@ -19,16 +20,17 @@ BUDGET_S = {"quick": 0.25, "full": 0.5, "tiny": 0.01}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", default="cpu", type=cli_types.device, help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--suite", default="quick", choices=("quick", "full", "tiny"),
                    help="quick: the target table (< 2 min on 2 cores); full: every shape x batch x "
                         "sparsity x pattern; tiny: a seconds-long smoke run")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--threads", type=int, help="threads for pyhwp and torch (default torch.get_num_threads())")
+    p.add_argument("--json", metavar="FILE", type=cli_types.output_file, help="also write the results as JSON")
+    p.add_argument("--threads", type=cli_types.positive_int,
+                   help="threads for pyhwp and torch (default torch.get_num_threads())")
     p.add_argument("--dlmc", metavar="DIR", default=None,
                    help=f"DLMC subset directory (default {dlmc.default_path()}); 'none' skips it")
     p.add_argument("--filter", metavar="TEXT", help="only cases whose name contains TEXT")
-    p.add_argument("--budget", type=float, metavar="S", help="seconds of timing per case")
+    p.add_argument("--budget", type=cli_types.positive_float, metavar="S", help="seconds of timing per case")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--isa", choices=sorted(isa.TORCH_CAPS),
                    help="cap pyhwp's kernels and torch's baselines at this instruction set (CPU): an "
@@ -87,6 +89,10 @@ def main(args: argparse.Namespace) -> int:
                   "(pass --dlmc DIR)", file=sys.stderr)
     if args.filter:
         cases = [c for c in cases if args.filter in c.name]
+        if not cases:
+            print(f"pyhwp bench: no case of the {args.suite} suite on {device} has {args.filter!r} in its name "
+                  "(case names look like 'linear 1536x384 b1 csr 90%')", file=sys.stderr)
+            return 2
     budget = args.budget if args.budget is not None else BUDGET_S[args.suite]
     result = run_suite(cases, device, suite=args.suite, budget_s=budget, threads=args.threads,
                        progress=not args.no_progress, isa_cap=isa_cap)

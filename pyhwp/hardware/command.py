@@ -7,15 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+from pyhwp import cli_types
+
 _SHAPES_HELP = ('JSON list of cases, e.g. [{"op": "linear", "shape": [4096, 4096], "batch": 1}, '
                 '{"op": "conv2d", "shape": [64, 64, 3, 3, 56, 56], "batch": 1, "sparsities": [0.8, 0.9]}]')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--json", metavar="FILE", help="write the profile, latency tables and crossovers as JSON")
+    p.add_argument("--device", default="cpu", type=cli_types.device, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--json", metavar="FILE", type=cli_types.output_file,
+                   help="write the profile, latency tables and crossovers as JSON")
     p.add_argument("--shapes", metavar="FILE", help=_SHAPES_HELP)
-    p.add_argument("--plot", metavar="FILE.png", help="write a roofline plot (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", type=cli_types.output_file,
+                   help="write a roofline plot (needs matplotlib)")
     p.add_argument("--quick", action="store_true", help="smaller GEMMs, shapes and sweep (about 20 s)")
     p.add_argument("--dtype", default="float32", help="dtype of the kernel sweep (default float32)")
     p.add_argument("--refresh", action="store_true", help="measure again instead of reading the cache")

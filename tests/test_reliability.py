@@ -131,6 +131,11 @@ def test_out_argument_writes_in_place(pattern):
     pyhwp.linear(x, sw, out=big[:, ::2])
     assert_linear_close(big[:, ::2], x, w)
     assert torch.isnan(big[:, 1::2]).all()
+    # Leading dims that no view flattens: a 3-D out with its last two dims transposed.
+    x = torch.randn(2, 5, 64)
+    out = torch.full((2, 40, 5), float("nan")).transpose(1, 2)
+    assert pyhwp.linear(x, sw, b, out=out) is out
+    assert_linear_close(out, x, w, b)
 
 
 def test_out_argument_rejects_bad_use():

@@ -185,7 +185,8 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         bias: optional (out_features,) tensor, same dtype and device as x.
         out: optional (..., out_features) tensor (dtype and device of x, any strides, not
             overlapping x) the result is written into, so a caller that reuses it allocates
-            nothing per call. Inference only: not with tensors that require grad, nor under
+            nothing per call (unless its leading dims cannot be flattened into a view, as in a
+            transposed 3-D out: that one is filled from a temporary). Inference only: not with tensors that require grad, nor under
             torch.compile / export tracing.
     Returns:
         (..., out_features) tensor, contiguous, dtype and device of x (or `out`). NaN/Inf in x
@@ -260,8 +261,14 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: SparseWeight, bias:
         raise ValueError("pyhwp.linear: out= is for inference: not with tensors that require grad, "
                          "nor under torch.compile / export tracing")
     x2 = x.reshape(math.prod(x.shape[:-1]), weight.in_features)
-    y2 = out.view(x2.shape[0], weight.out_features) if out.dim() != 2 else out
-    if y2.numel() and x2.numel() and y2.untyped_storage().data_ptr() == x2.untyped_storage().data_ptr():
+    if out.numel() and x2.numel() and out.untyped_storage().data_ptr() == x2.untyped_storage().data_ptr():
         raise ValueError("pyhwp.linear: out shares memory with x")
+    try:
+        y2 = out.view(x2.shape[0], weight.out_features) if out.dim() != 2 else out
+    except RuntimeError:
+        # Leading dims no view can flatten (e.g. a transposed 3-D out): computed, then copied in.
+        y2 = out.new_empty(x2.shape[0], weight.out_features)
+        MATMULS_INTO[kernel](y2, x2, weight, bias)
+        return out.copy_(y2.view(out.shape))
     MATMULS_INTO[kernel](y2, x2, weight, bias)
     return out

@@ -90,9 +90,11 @@ def fuzz_raw_arrays(pattern, n, k, seed, field, how, pos, val, batch):
     xdtype=st.sampled_from([torch.float32, torch.float64, torch.int64]),
     bias_len=st.one_of(st.none(), st.integers(0, 10)),
     with_mask=st.booleans(),
+    out_layout=st.sampled_from([None, "contiguous", "transposed"]),
 )
-def fuzz_public_calls(pattern, wshape, xshape, wdtype, xdtype, bias_len, with_mask):
-    """to_sparse and linear on arbitrary shapes and dtypes: a result or a clear error."""
+def fuzz_public_calls(pattern, wshape, xshape, wdtype, xdtype, bias_len, with_mask, out_layout):
+    """to_sparse and linear (also into out= of either layout) on arbitrary shapes and dtypes: a
+    result or a clear error."""
     w = torch.randn(wshape).to(wdtype) if wdtype != torch.bool else torch.randn(wshape) > 0
     mask = (torch.rand(wshape) > 0.5) if with_mask else None
     try:
@@ -101,10 +103,18 @@ def fuzz_public_calls(pattern, wshape, xshape, wdtype, xdtype, bias_len, with_ma
         return
     x = torch.randn(xshape).to(xdtype)
     bias = None if bias_len is None else torch.randn(bias_len)
+    out = None
+    if out_layout is not None and x.dim() >= 1 and len(sw.shape) == 2:
+        shape = (*x.shape[:-1], sw.shape[0])
+        if out_layout == "transposed" and len(shape) >= 2:
+            out = torch.empty(*shape[:-2], shape[-1], shape[-2], dtype=x.dtype).transpose(-1, -2)
+        else:
+            out = torch.empty(shape, dtype=x.dtype)
     try:
-        y = pyhwp.linear(x, sw, bias)
+        y = pyhwp.linear(x, sw, bias, out=out)
     except ALLOWED:
         return
+    assert out is None or y is out
     ref = torch.nn.functional.linear(x.double(), sw.to_dense().double(),
                                      None if bias is None else bias.double())
     assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,38 @@ def test_shared_weight_from_eight_threads(pattern):
         assert_linear_close(results[i], x, w)
 
 
+@pytest.mark.parametrize("pattern", patterns())
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shared_conv_weight_from_six_threads(pattern, stride):
+    """conv2d's implicit GEMMs (per-thread scratch, the per-weight plans and fast-path entry) from
+    six Python threads at once on one weight, each with its own input."""
+    g = torch.Generator().manual_seed(stride)
+    w = _weight(pattern, 24, 16 * 9, 1).reshape(24, 16, 3, 3)
+    sw = pyhwp.to_sparse(w, pattern)
+    inputs = [torch.randn(2, 16, 14, 14, generator=g) for _ in range(6)]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(10):
+                results[i] = pyhwp.conv2d(inputs[i], sw, None, stride, 1)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, x in enumerate(inputs):
+        torch.testing.assert_close(results[i], torch.nn.functional.conv2d(x, w, None, stride, 1), rtol=1e-4,
+                                   atol=1e-4)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

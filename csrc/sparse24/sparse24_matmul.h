@@ -70,6 +70,12 @@ struct Sparse24CpuConfig {
   static_assert(kPermuteMaxP >= 1, "the permute path serves at least batch 1");
 };
 
+// Input position of slot j (0..15) of metadata word `m`, for a word starting at input `base`:
+// slot j belongs to group j / 2 and holds that group's input (m >> 2j) & 3.
+inline int64_t sparse24_slot_input(uint32_t m, int j, int64_t base) {
+  return base + (4 * (j >> 1) + ((m >> (2 * j)) & 3u));
+}
+
 // Kp: K rounded up to a whole number of metadata words.
 constexpr int64_t sparse24_padded_cols(int64_t k) {
   return (k + Sparse24CpuConfig::kChunk - 1) / Sparse24CpuConfig::kChunk * Sparse24CpuConfig::kChunk;

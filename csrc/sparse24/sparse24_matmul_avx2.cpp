@@ -124,7 +124,7 @@ inline void tile_block(const T* vals, const uint32_t* meta, int64_t words, int64
     for (int j = 0; j < 16; ++j) {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const float* xk = xc.row(4 * (j >> 1) + ((m[r] >> (2 * j)) & 3u));
+        const float* xk = xc.row(sparse24_slot_input(m[r], j, 0));
         // A plain pointer register: base+index addressing would un-laminate every FMA's load.
         asm("" : "+r"(xk));
         const __m256 vb = _mm256_set1_ps(to_float(v[r][j]));

@@ -13,15 +13,6 @@
 
 namespace pyhwp {
 
-namespace {
-
-// Input position of slot j (0..15) of metadata word `m` of a word starting at input `base`.
-inline int64_t slot_input(uint32_t m, int j, int64_t base) {
-  return base + 4 * (j >> 1) + ((m >> (2 * j)) & 3u);
-}
-
-}  // namespace
-
 template <typename T>
 void sparse24_rows_permute_scalar(const Sparse24MatrixT<T>& w, const DenseIn& x, const float* bias,
                                   const DenseOut& y, int64_t row_begin, int64_t row_end) {
@@ -33,7 +24,7 @@ void sparse24_rows_permute_scalar(const Sparse24MatrixT<T>& w, const DenseIn& x,
       const float* xr = x.data + p * x.stride_p;
       float acc = 0.f;
       for (int64_t c = 0; c < words; ++c) {
-        for (int j = 0; j < 16; ++j) acc += to_float(vals[16 * c + j]) * xr[slot_input(meta[c], j, 32 * c)];
+        for (int j = 0; j < 16; ++j) acc += to_float(vals[16 * c + j]) * xr[sparse24_slot_input(meta[c], j, 32 * c)];
       }
       y.data[(n - row_begin) * y.stride_n + p * y.stride_p] = acc + (bias ? bias[n] : 0.f);
     }
@@ -56,7 +47,7 @@ void sparse24_rows_tile_scalar(const Sparse24MatrixT<T>& w, const DenseIn& x, co
       for (int64_t q = 0; q < width; ++q) out[q] = b;
       for (int64_t c = 0; c < words; ++c) {
         for (int j = 0; j < 16; ++j) {
-          const int64_t k = slot_input(meta[c], j, 32 * c);
+          const int64_t k = sparse24_slot_input(meta[c], j, 32 * c);
           if (k >= K) continue;  // padding slot (value 0); the panel has only K rows
           const float v = to_float(vals[16 * c + j]);
           const float* xr = panel + k * L;
@@ -79,7 +70,7 @@ void sparse24_rows_conv_scalar(const Sparse24Matrix& w, const float* x, const in
     for (int64_t q = 0; q < width; ++q) out[q] = b;
     for (int64_t c = 0; c < words; ++c) {
       for (int j = 0; j < 16; ++j) {
-        const int64_t k = slot_input(meta[c], j, 32 * c);
+        const int64_t k = sparse24_slot_input(meta[c], j, 32 * c);
         if (k >= K) continue;  // padding slot (value 0); the table has K entries
         const float v = vals[16 * c + j];
         const float* xr = x + offsets[k];
@@ -219,7 +210,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
       for (int64_t c = 0; c < words; ++c) {
         const uint32_t m = w.meta[n * words + c];
         for (int j = 0; j < 16; ++j) {
-          const int64_t k = slot_input(m, j, 32 * c);
+          const int64_t k = sparse24_slot_input(m, j, 32 * c);
           if (k < K) count += flags[k];
         }
       }

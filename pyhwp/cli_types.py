@@ -47,9 +47,9 @@ def nonnegative_float(text: str) -> float:
 
 def output_file(text: str) -> str:
     """A file to write at the end of a long run: its folder must exist now."""
-    folder = Path(text).expanduser().parent
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} of {text!r} does not exist")
-    if Path(text).expanduser().is_dir():
+    path = Path(text).expanduser()
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(path.parent)!r} of {text!r} does not exist")
+    if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file")
     return text

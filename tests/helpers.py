@@ -128,3 +128,25 @@ def assert_linear_close_bf16(y, x, dense_w, bias=None, terms=None):
     err = (y.double().cpu() - ref).abs()
     worst = (err - tol).max().item() if err.numel() else 0.0
     assert worst <= 0, f"max error {err.max().item():.3e} exceeds bound by {worst:.3e}"
+
+
+def assert_conv_close_bf16(y, x, dense_w, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """y (bfloat16) must be F.conv2d(x, dense_w, bias, ...) computed in float32 and rounded once:
+    the bound of assert_linear_close_bf16 with in/groups * kh * kw terms, on every output whose
+    exact value is finite; the others must be NaN / Inf where the exact result is."""
+    assert y.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+    xd, wd = x.detach().double().cpu(), dense_w.detach().double().cpu()
+    bd = None if bias is None else bias.detach().double().cpu()
+    ref = torch.nn.functional.conv2d(xd, wd, bd, stride, padding, dilation, groups)
+    mag = torch.nn.functional.conv2d(xd.abs(), wd.abs(), None if bd is None else bd.abs(), stride, padding, dilation,
+                                     groups)
+    assert y.shape == ref.shape, f"shape {tuple(y.shape)} != {tuple(ref.shape)}"
+    yd = y.double().cpu()
+    assert torch.equal(torch.isnan(yd), torch.isnan(ref)) and torch.equal(torch.isinf(yd), torch.isinf(ref))
+    n = dense_w[0].numel() + 2
+    u16, u32 = UNIT_ROUNDOFF[torch.bfloat16], UNIT_ROUNDOFF[torch.float32]
+    finite = torch.isfinite(ref)
+    tol = u16 * ref.abs() + (1 + u16) * n * u32 * mag + 1e-30
+    err = (yd - ref).abs()
+    worst = (err - tol)[finite].max().item() if bool(finite.any()) else 0.0
+    assert worst <= 0, f"max error {err[finite].max().item():.3e} exceeds bound by {worst:.3e}"

@@ -22,31 +22,37 @@ def _weight(pattern, n, k, seed):
     return w
 
 
-@pytest.mark.parametrize("pattern", patterns())
-def test_shared_weight_from_eight_threads(pattern):
-    w = _weight(pattern, 256, 192, 0)
-    sw = pyhwp.to_sparse(w, pattern)
-    inputs = [torch.randn(b, 192, generator=torch.Generator().manual_seed(b)) for b in range(1, 9)]
+def _from_threads(call, inputs, repeats):
+    """call(x) from one thread per input, all started together, `repeats` times each; the last
+    result of each thread. Any exception a thread raised fails the test."""
     results: dict[int, torch.Tensor] = {}
     errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(len(inputs))
 
     def work(i):
         try:
             barrier.wait()
-            for _ in range(20):
-                results[i] = pyhwp.linear(inputs[i], sw)
+            for _ in range(repeats):
+                results[i] = call(inputs[i])
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    for i, x in enumerate(inputs):
-        assert_linear_close(results[i], x, w)
+    return [results[i] for i in range(len(inputs))]
+
+
+@pytest.mark.parametrize("pattern", patterns())
+def test_shared_weight_from_eight_threads(pattern):
+    w = _weight(pattern, 256, 192, 0)
+    sw = pyhwp.to_sparse(w, pattern)
+    inputs = [torch.randn(b, 192, generator=torch.Generator().manual_seed(b)) for b in range(1, 9)]
+    for x, y in zip(inputs, _from_threads(lambda x: pyhwp.linear(x, sw), inputs, 20)):
+        assert_linear_close(y, x, w)
 
 
 @pytest.mark.parametrize("pattern", patterns())
@@ -58,27 +64,8 @@ def test_shared_conv_weight_from_six_threads(pattern, stride):
     w = _weight(pattern, 24, 16 * 9, 1).reshape(24, 16, 3, 3)
     sw = pyhwp.to_sparse(w, pattern)
     inputs = [torch.randn(2, 16, 14, 14, generator=g) for _ in range(6)]
-    results: dict[int, torch.Tensor] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(6)
-
-    def work(i):
-        try:
-            barrier.wait()
-            for _ in range(10):
-                results[i] = pyhwp.conv2d(inputs[i], sw, None, stride, 1)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for i, x in enumerate(inputs):
-        torch.testing.assert_close(results[i], torch.nn.functional.conv2d(x, w, None, stride, 1), rtol=1e-4,
-                                   atol=1e-4)
+    for x, y in zip(inputs, _from_threads(lambda x: pyhwp.conv2d(x, sw, None, stride, 1), inputs, 10)):
+        torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, None, stride, 1), rtol=1e-4, atol=1e-4)
 
 
 def _rss_bytes() -> int:

@@ -25,8 +25,6 @@ TORCH_CAPS = {
     "avx512": {"MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
                "ATEN_CPU_CAPABILITY": "avx512"},
 }
-# torch.backends.cpu.get_cpu_capability() under each cap.
-TORCH_CAPABILITY = {"avx2": "AVX2", "avx512": "AVX512"}
 
 
 def needs_restart(isa: str) -> bool:
@@ -50,8 +48,8 @@ def restart(isa: str, argv: list[str]) -> None:
 def apply(isa: str) -> dict:
     """Caps pyhwp's kernels at `isa` in this process (whose torch is already capped) and returns
     what the metadata records. Raises RuntimeError if torch did not take its cap."""
-    got = torch.backends.cpu.get_cpu_capability()
-    if got != TORCH_CAPABILITY[isa] and _C.cpu_features()[isa]:
+    got = torch.backends.cpu.get_cpu_capability()  # "AVX2" under ATEN_CPU_CAPABILITY=avx2
+    if got != TORCH_CAPS[isa]["ATEN_CPU_CAPABILITY"].upper() and _C.cpu_features()[isa]:
         raise RuntimeError(f"torch runs its {got} kernels although ATEN_CPU_CAPABILITY="
                            f"{TORCH_CAPS[isa]['ATEN_CPU_CAPABILITY']} is set")
     _C.set_isa_cap(isa)

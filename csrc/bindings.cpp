@@ -87,6 +87,7 @@ py::dict cpu_features() {
   d["avx2"] = f.avx2;
   d["avx512"] = f.avx512;
   d["avx512_bf16"] = f.avx512_bf16;
+  d["avx512_vbmi2"] = f.avx512_vbmi2;
   d["amx_bf16"] = f.amx_bf16;
   d["amx"] = f.amx;  // usable: the CPU has it and the OS granted this process the tile state
   return d;
@@ -105,7 +106,7 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& name) {
         return std::string(pyhwp::isa_name(pyhwp::set_isa_cap(pyhwp::isa_from_name(name))));
       },
-      py::arg("isa"), "Cap the kernels' ISA ('scalar', 'avx2', 'avx512', 'amx'); returns the one in use");
+      py::arg("isa"), "Cap the kernels' ISA ('scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx'); returns the one in use");
 
   m.def(
       "csr_validate",

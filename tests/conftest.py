@@ -35,5 +35,6 @@ def isa(request):
 
 @pytest.fixture(params=BF16_ISAS)
 def bf16_isa(request):
-    """`isa` plus AMX where this build and machine have it (the bfloat16 masked and 2:4 kernels)."""
+    """`isa` plus AVX512-BF16 and AMX where this build and machine have them (the bfloat16 masked
+    and 2:4 kernels)."""
     yield from _capped(request.param)

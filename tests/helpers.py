@@ -6,11 +6,21 @@ import torch
 
 from pyhwp._ext import _C
 
-# The kernel variants this build compiled that this CPU runs. "amx" adds two kernels to "avx512" (the
-# bfloat16 masked and 2:4 matmuls), so ISAS (the conftest `isa` fixture) leaves it out and
-# BF16_ISAS (`bf16_isa`) keeps it.
-BF16_ISAS = [isa for isa in _C.build_info()["cpu_kernels"] if isa == "scalar" or _C.cpu_features()[isa]]
-ISAS = [isa for isa in BF16_ISAS if isa != "amx"]
+
+def _runs_here(isa: str) -> bool:
+    """Whether capping at `isa` activates it: this build compiled it and this CPU runs it."""
+    previous = _C.active_isa()
+    try:
+        return _C.set_isa_cap(isa) == isa
+    finally:
+        _C.set_isa_cap(previous)
+
+
+# The kernel variants this build compiled that this CPU runs. "avx512_bf16" and "amx" add bfloat16
+# kernels to "avx512" (the masked and 2:4 matmuls, and AMX's convs), so ISAS (the conftest `isa`
+# fixture) leaves them out and BF16_ISAS (`bf16_isa`) keeps them.
+BF16_ISAS = [isa for isa in _C.build_info()["cpu_kernels"] if _runs_here(isa)]
+ISAS = [isa for isa in BF16_ISAS if isa not in ("avx512_bf16", "amx")]
 
 # Unit roundoff per dtype: the tolerance table. A dot product of n terms summed in any order is
 # within n * u * sum|terms| of the exact value (Higham, Accuracy and Stability, 3.1).

@@ -1,6 +1,6 @@
 """bfloat16 on the CPU for the 2:4 and masked patterns: float64 references, bit-equality with the
 float32 kernels rounded once, layouts, NaN/Inf, bad input (CSR's bfloat16: test_csr_paths.py).
-`bf16_isa` adds the AMX masked and 2:4 kernels (from 8 columns) to the vector ISAs."""
+`bf16_isa` adds the AVX512-BF16 and AMX masked and 2:4 kernels to the vector ISAs."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import pyhwp
 from helpers import BF16_ISAS, assert_conv_close_bf16, assert_linear_close_bf16, pattern_weight
 from pyhwp._ext import _C
 
-HAS_AMX = "amx" in BF16_ISAS
+# The ISAs whose bfloat16 masked and 2:4 matmuls run dot-product units: AMX's tiles, AVX512-BF16.
+DOT_ISAS = [isa for isa in BF16_ISAS if isa in ("avx512_bf16", "amx")]
 
 PATTERNS = ["2:4", "masked"]
 # Odd sizes around the 2:4 groups (4) and metadata words (32), masked tiles (16) and panels.
 SHAPES = [(1, 1), (5, 3), (17, 33), (16, 32), (37, 77), (33, 130), (70, 1000)]
-# Around the 2:4 permute/tile switch (8) and the masked narrow/wide switch (29 on AVX-512).
-BATCHES = [1, 2, 5, 8, 9, 17, 33, 64, 130]
+# Around the 2:4 permute/tile switch (8), the masked narrow/wide switch (29 on AVX-512) and the
+# AVX512-BF16 switches (masked 4, 2:4 6).
+BATCHES = [1, 2, 4, 5, 6, 8, 9, 17, 33, 64, 130]
 
 
 def bf16_weight(shape, pattern, g):
@@ -207,11 +209,13 @@ def test_masked_tile_pairs_and_singles(bf16_isa, stored, batch):
     assert_linear_close_bf16(pyhwp.linear(x, sw, bias), x, w, bias, terms(w))
 
 
-@pytest.mark.skipif(not HAS_AMX, reason="needs AMX (Sapphire Rapids or later) and a build with it")
+@pytest.mark.skipif(not DOT_ISAS, reason="needs AVX512-BF16 (Zen 4, Sapphire Rapids or later) and a build with it")
+@pytest.mark.parametrize("unit", DOT_ISAS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_amx_reads_subnormal_inputs_as_zero(pattern):
-    """Documented difference of the AMX path (as of every AMX bfloat16 product, torch's dense one
-    included): subnormal bfloat16 inputs count as zero; the vector kernels multiply them."""
+def test_dot_products_read_subnormal_inputs_as_zero(unit, pattern):
+    """Documented difference of the AMX and AVX512-BF16 paths (as of every AMX or VDPBF16PS product,
+    torch's dense one included): subnormal bfloat16 inputs count as zero; the vector kernels
+    multiply them."""
     w = torch.full((16, 16), 2.0**100)
     w.view(16, 4, 4)[:, :, 2:] = 0  # 2:4 (positions 0 and 1 of every group)
     sw = pyhwp.to_sparse(w.bfloat16(), pattern)
@@ -219,7 +223,7 @@ def test_amx_reads_subnormal_inputs_as_zero(pattern):
     x[:, 0] = 2.0**-130  # subnormal in bfloat16 (and float32)
     previous = _C.active_isa()
     try:
-        _C.set_isa_cap("amx")
+        _C.set_isa_cap(unit)
         assert torch.equal(pyhwp.linear(x, sw), torch.zeros(16, 16).bfloat16())
         _C.set_isa_cap("avx512")
         assert torch.equal(pyhwp.linear(x, sw), torch.full((16, 16), 2.0**-30).bfloat16())

@@ -25,7 +25,7 @@ def test_build_info_fields():
 
 def test_compiled_kernels_bound_the_active_isa():
     compiled = _C.build_info()["cpu_kernels"]
-    order = ["scalar", "avx2", "avx512", "amx"]
+    order = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
     assert compiled == order[:len(compiled)]
     assert _C.active_isa() in compiled
     best = _C.active_isa()
@@ -39,6 +39,17 @@ def test_amx_only_where_the_cpu_and_the_os_allow_it():
     f = _C.cpu_features()
     assert not f["amx"] or (f["amx_bf16"] and f["avx512"])
     assert (_C.active_isa() == "amx") == (f["amx"] and "amx" in _C.build_info()["cpu_kernels"])
+
+
+def test_avx512_bf16_where_the_cpu_has_it_and_no_amx():
+    f, compiled = _C.cpu_features(), _C.build_info()["cpu_kernels"]
+    dot = f["avx512_bf16"] and f["avx512_vbmi2"] and "avx512_bf16" in compiled
+    assert (_C.active_isa() == "avx512_bf16") == (dot and _C.active_isa() != "amx")
+    previous = _C.active_isa()
+    try:  # AMX CPUs run the AVX512-BF16 kernels too, capped
+        assert (_C.set_isa_cap("avx512_bf16") == "avx512_bf16") == dot
+    finally:
+        _C.set_isa_cap(previous)
 
 
 def test_isa_cap_round_trip():

@@ -1,22 +1,29 @@
-// The AMX bfloat16 matmul driver the masked and 2:4 AMX kernels share (include only from files
-// built with the AMX flags): Y (N x P) = W X + bias with bfloat16 W, X, bias and Y, W walked in
-// panels of 16 rows whose source (Panels) rearranges them into the tile unit's B layout.
+// The bfloat16 panel driver of the AMX matmul kernels (masked and 2:4) and of their AVX512-BF16
+// twins (include only from files built with the AMX flags): Y (N x P) = W X + bias with bfloat16
+// W, X, bias and Y, W walked in panels of 16 rows whose source (Panels) rearranges them into the
+// tile unit's B layout.
 //
 // Roles (C += A B, TDPBF16PS): A is 16 columns p of X by 16 or 32 k (one or two k-tiles of 16),
 // B the panel's weights over the same k as (k pair, row n, 2), C a 16 (p) x 16 (n) float32 block
 // of Y. X is packed once per call (pack_x; a small X by every thread for itself); a panel's steps
-// then feed kGroup C tiles (64 columns) per pass, each step one B tile and one A tile per C tile.
+// then feed a group of C tiles per pass, each step one B tile and one A tile per C tile.
 // The unit takes as long for K = 16 as for K = 32, so steps cover two k-tiles wherever the
 // panel's weights do.
 //
-// Products are exact and sums float32 in the unit's order; like every AMX bfloat16 product it
-// reads subnormal inputs as zero and flushes subnormal sums (DAZ/FTZ).
+// Two units run the passes: TileUnit on the AMX tile unit (4 C tiles, 64 columns, per pass) and
+// DotUnit on AVX512-BF16's VDPBF16PS (one C tile per pass in 16 zmm registers, each B line, the
+// 16 rows n of one k pair, one register), for CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and
+// later). Both read the same packed X and B and write the same C blocks.
+//
+// Products are exact and sums float32 in the unit's order; like every AMX or VDPBF16PS bfloat16
+// product it reads subnormal inputs as zero and flushes subnormal sums (DAZ/FTZ).
 #pragma once
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/bf16.h"
@@ -25,7 +32,7 @@
 
 namespace pyhwp::amx {
 
-constexpr int kGroup = 4;  // C tiles (blocks of 16 columns of Y) per pass over a panel
+constexpr int kTileGroup = 4;  // C tiles (blocks of 16 columns of Y) per pass of the tile unit
 constexpr int64_t kTile = 256;  // bfloat16 values of a 16 x 16 block (512 bytes)
 // Up to this many bytes of packed X, every thread packs all of X into its own scratch: no barrier
 // after the pack, and no X lines written by one core and read by the other on every call
@@ -60,7 +67,7 @@ static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 // three alternating ones).
 inline TileConfig matmul_tiles() {
   TileConfig c;
-  for (int t = 0; t < kGroup; ++t) c.set(t, 16, 64);
+  for (int t = 0; t < kTileGroup; ++t) c.set(t, 16, 64);
   c.set(4, 8, 64);
   c.set(5, 16, 32);
   c.set(6, 16, 64);
@@ -119,9 +126,9 @@ inline bool pack_x(const DenseInBf16& x, int64_t kt, int64_t nb, int64_t b, uint
   return bad != 0;
 }
 
-// One pass over a panel's steps for NB (1..kGroup) C tiles; leaves them in acc (NB blocks of 16 p
-// x 16 n float32). xa: the first C tile's A block of k-tiles 0 and 1. Meanwhile `prefetch_lines`
-// lines from `prefetch` (the next panel's weights) go to L2, spread over the steps.
+// One pass of the tile unit over a panel's steps for NB (1..kTileGroup) C tiles; leaves them in acc
+// (NB blocks of 16 p x 16 n float32). xa: the first C tile's A block of k-tiles 0 and 1. Meanwhile
+// `prefetch_lines` lines from `prefetch` (the next panel's weights) go to L2, spread over the steps.
 template <int NB>
 void panel_pass(const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
                 const char* prefetch, int64_t prefetch_lines, float* acc) {
@@ -223,6 +230,87 @@ inline void store_block(const float* acc, const float* bias, int rows, int64_t c
   }
 }
 
+// The tile unit: the configuration of matmul_tiles for each thread's passes, then panel_pass.
+struct TileUnit {
+  static constexpr int kGroup = kTileGroup;
+  void begin() const {
+    const TileConfig config = matmul_tiles();
+    _tile_loadconfig(&config);
+  }
+  void end() const { _tile_release(); }
+  void pass(int blocks, int64_t, const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa,
+            int64_t nb, const char* prefetch, int64_t prefetch_lines, float* acc) const {
+    switch (blocks) {
+      case 4: panel_pass<4>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      case 3: panel_pass<3>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      case 2: panel_pass<2>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      default: panel_pass<1>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+    }
+  }
+};
+
+// One step of the AVX512-BF16 pass: `Pairs` k pairs (8: one k-tile, 16: two) of B, each line one
+// register, times the same pairs of the first R columns of A (row r 64 bytes apart, a pair one
+// 32-bit broadcast) into c[0..R).
+template <int R, int Pairs>
+inline void dot_step(const uint16_t* b, const uint16_t* a, __m512 c[R]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < Pairs; ++i) {
+    const __m512bh w = reinterpret_cast<__m512bh>(_mm512_load_si512(b + 32 * i));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + 32 * r + 2 * i, sizeof pair);
+      c[r] = _mm512_dpbf16_ps(c[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w);
+    }
+  }
+}
+
+// One pass of VDPBF16PS over a panel's steps for the first R columns of one C tile (rows R..15 of
+// acc are written as zeros); xa as in panel_pass.
+template <int R>
+void dot_pass(const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
+              const char* prefetch, int64_t prefetch_lines, float* acc) {
+  constexpr int64_t kBlock = 2 * kTile;
+  const int64_t per_step = count > 0 ? (prefetch_lines + count - 1) / count : 0;
+  __m512 c[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) c[r] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < count; ++s) {
+    for (int64_t l = s * per_step; l < std::min(prefetch_lines, (s + 1) * per_step); ++l) {
+      _mm_prefetch(prefetch + 64 * l, _MM_HINT_T1);
+    }
+    const Step step = steps[s];
+    const uint16_t* a = xa + int64_t{step.t / 2} * nb * kBlock;
+    if (step.pair) {
+      dot_step<R, 16>(b, a, c);
+      b += 2 * kTile;
+    } else {
+      dot_step<R, 8>(b, a + 16 * (step.t % 2), c);
+      b += kTile;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) _mm512_store_ps(acc + 16 * r, r < R ? c[r] : _mm512_setzero_ps());
+}
+
+// The AVX512-BF16 unit: one C tile per pass, its columns rounded up to 4 (a tile of 1-4 columns,
+// batch 1-4, costs a quarter of a full one).
+struct DotUnit {
+  static constexpr int kGroup = 1;
+  void begin() const {}
+  void end() const {}
+  void pass(int, int64_t cols, const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa,
+            int64_t nb, const char* prefetch, int64_t prefetch_lines, float* acc) const {
+    switch ((cols + 3) / 4) {
+      case 1: dot_pass<4>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      case 2: dot_pass<8>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      case 3: dot_pass<12>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      default: dot_pass<16>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+    }
+  }
+};
+
 // The driver. Panels (one per weight format) provides:
 //   w                                                          the weight (w.rows = N, w.cols = K)
 //   void runs(int nt, std::vector<int64_t>* runs) const;       nt + 1 bounds of contiguous panel
@@ -236,8 +324,9 @@ inline void store_block(const float* acc, const float* bias, int rows, int64_t c
 //                                                              skipped weights leave undone
 // Scratch slots: the driver uses 0 (calling thread: bias, shared X), 1 (every thread: C, B,
 // steps) and 2 (threads > 0: their own X); slot 3 is the Panels' own.
-template <typename Panels>
-void run(const Panels& w, const DenseInBf16& x, const uint16_t* bias, const DenseOutBf16& y, int nt) {
+template <typename Unit, typename Panels>
+void run(const Unit& unit, const Panels& w, const DenseInBf16& x, const uint16_t* bias, const DenseOutBf16& y,
+         int nt) {
   const int64_t N = w.w.rows, K = w.w.cols, P = x.cols;
   const int64_t npanels = (N + 15) / 16, kt = (K + 15) / 16;
   const int64_t nb = (P + 15) / 16;  // blocks of 16 columns
@@ -267,16 +356,15 @@ void run(const Panels& w, const DenseInBf16& x, const uint16_t* bias, const Dens
     // gcc's _tile_loadd does not tell the compiler that it reads memory: keep the stores above.
     asm volatile("" ::: "memory");
 
-    const TileConfig config = matmul_tiles();
-    _tile_loadconfig(&config);
+    unit.begin();
     const int t = omp_get_thread_num(), threads = omp_get_num_threads();
     // A runtime that gave fewer threads than asked: split the panels evenly instead.
     const int64_t first = threads == nt ? runs[t] : npanels * t / threads;
     const int64_t last = threads == nt ? runs[t + 1] : npanels * (t + 1) / threads;
     const int64_t capacity = w.capacity(first, last);
     // The accumulators, B (64-byte aligned), then the steps (8 bytes each, at most one per tile).
-    float* acc = scratch(1, kGroup * kTile + capacity / 2 + 2 * (capacity / kTile));
-    uint16_t* b = reinterpret_cast<uint16_t*>(acc + kGroup * kTile);
+    float* acc = scratch(1, Unit::kGroup * kTile + capacity / 2 + 2 * (capacity / kTile));
+    uint16_t* b = reinterpret_cast<uint16_t*>(acc + Unit::kGroup * kTile);
     Step* steps = reinterpret_cast<Step*>(b + capacity);
     for (int64_t j = first; j < last; ++j) {
       const int64_t count = w.prepare(j, b, steps);
@@ -285,23 +373,18 @@ void run(const Panels& w, const DenseInBf16& x, const uint16_t* bias, const Dens
       const char* next = j + 1 < last ? w.weights(j + 1, &next_lines) : nullptr;
       const int64_t n0 = 16 * j;
       const int rows = static_cast<int>(std::min<int64_t>(16, N - n0));
-      for (int64_t b0 = 0; b0 < nb; b0 += kGroup) {
-        const int blocks = static_cast<int>(std::min<int64_t>(kGroup, nb - b0));
+      for (int64_t b0 = 0; b0 < nb; b0 += Unit::kGroup) {
+        const int blocks = static_cast<int>(std::min<int64_t>(Unit::kGroup, nb - b0));
         const uint16_t* xa = x_packed + b0 * 2 * kTile;
         const int64_t pf = b0 == 0 ? next_lines : 0;  // prefetch during the first pass only
-        switch (blocks) {
-          case 4: panel_pass<4>(b, steps, count, xa, nb, next, pf, acc); break;
-          case 3: panel_pass<3>(b, steps, count, xa, nb, next, pf, acc); break;
-          case 2: panel_pass<2>(b, steps, count, xa, nb, next, pf, acc); break;
-          default: panel_pass<1>(b, steps, count, xa, nb, next, pf, acc); break;
-        }
+        unit.pass(blocks, std::min<int64_t>(16 * blocks, P - 16 * b0), b, steps, count, xa, nb, next, pf, acc);
         for (int i = 0; i < blocks; ++i) {
           const int64_t p0 = 16 * (b0 + i);
           store_block(acc + i * kTile, bias_f + n0, rows, std::min<int64_t>(16, P - p0), y, n0, p0);
         }
       }
     }
-    _tile_release();
+    unit.end();
   }
   if (bad) w.fix_nonfinite(x, y);
 }

@@ -53,7 +53,12 @@ static Isa lower(Isa a, Isa b) { return static_cast<int>(a) < static_cast<int>(b
 // The best ISA that both the CPU runs and this build has kernels for.
 static Isa best_isa() {
   const CpuFeatures& f = cpu_features();
-  const Isa cpu = f.amx ? Isa::kAmx : f.avx512 ? Isa::kAvx512 : f.avx2 ? Isa::kAvx2 : Isa::kScalar;
+  // kAvx512Bf16's kernels are compiled with the AMX files' flags, AVX512-BF16 and -VBMI2 among them.
+  const Isa cpu = f.amx                               ? Isa::kAmx
+                  : f.avx512_bf16 && f.avx512_vbmi2   ? Isa::kAvx512Bf16
+                  : f.avx512                          ? Isa::kAvx512
+                  : f.avx2                            ? Isa::kAvx2
+                                                      : Isa::kScalar;
   return lower(cpu, best_compiled_isa());
 }
 
@@ -72,6 +77,7 @@ Isa set_isa_cap(Isa cap) {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAmx: return "amx";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "scalar";
@@ -80,10 +86,11 @@ const char* isa_name(Isa isa) {
 
 Isa isa_from_name(const std::string& name) {
   if (name == "amx") return Isa::kAmx;
+  if (name == "avx512_bf16") return Isa::kAvx512Bf16;
   if (name == "avx512") return Isa::kAvx512;
   if (name == "avx2") return Isa::kAvx2;
   if (name == "scalar") return Isa::kScalar;
-  fail("unknown ISA '", name, "': expected 'scalar', 'avx2', 'avx512' or 'amx'");
+  fail("unknown ISA '", name, "': expected 'scalar', 'avx2', 'avx512', 'avx512_bf16' or 'amx'");
 }
 
 }  // namespace pyhwp

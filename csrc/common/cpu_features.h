@@ -4,9 +4,11 @@
 
 namespace pyhwp {
 
-// Kernel variants, from the most portable to the fastest. kAmx is AVX-512 plus the AMX tile unit:
-// ops with an AMX kernel (bfloat16 masked and 2:4 matmul) use it, every other op its AVX-512 one.
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+// Kernel variants, from the most portable to the fastest. kAvx512Bf16 is AVX-512 plus AVX512-BF16's
+// dot products (VDPBF16PS; AMD Zen 4 and later, Intel Sapphire Rapids and later): the bfloat16
+// masked and 2:4 matmuls run them from a few columns of X up, every other op its AVX-512 kernel.
+// kAmx adds the AMX tile unit, which those matmuls and the bfloat16 convs use where it serves.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
 struct CpuFeatures {
   bool avx2 = false;        // AVX2 + FMA
@@ -21,9 +23,10 @@ struct CpuFeatures {
 // What the CPU running this process supports (cpuid, queried once).
 const CpuFeatures& cpu_features();
 
-// The best kernel variant compiled into this build: kAmx (with kAvx512, kAvx2 and kScalar) where
-// the x86 kernels are built (PYHWP_X86_KERNELS, x86-64 hosts) by a compiler with AMX intrinsics
-// (PYHWP_AMX_KERNELS), kAvx512 where it has none, else kScalar (the portable kernels, which serve
+// The best kernel variant compiled into this build: kAmx (with every variant below it) where the
+// x86 kernels are built (PYHWP_X86_KERNELS, x86-64 hosts) by a compiler with AMX and AVX512-BF16
+// intrinsics (PYHWP_AMX_KERNELS, which builds the kAvx512Bf16 kernels too), kAvx512 where it has
+// none, else kScalar (the portable kernels, which serve
 // every op on other architectures).
 Isa best_compiled_isa();
 
@@ -31,8 +34,9 @@ Isa best_compiled_isa();
 // by set_isa_cap.
 Isa active_isa();
 
-// The ISA of the vector kernels: active_isa() with kAmx read as kAvx512. Every dispatch of SIMD
-// kernels takes this one; only the AMX entry points look at active_isa() for kAmx.
+// The ISA of the vector kernels: active_isa() with kAvx512Bf16 and kAmx read as kAvx512. Every
+// dispatch of SIMD kernels takes this one; only the bfloat16 dot-product and AMX entry points look
+// at active_isa().
 Isa vector_isa();
 
 // Caps the kernels to `cap` (for tests and benchmarks of the fallbacks); never raises the ISA

@@ -1,6 +1,5 @@
-// AMX masked matmul for bfloat16 (Sapphire Rapids and later) on the shared AMX driver
-// (common/amx_bf16.h): each stored 16x16 tile of a panel is one B tile, rearranged once per call
-// into the unit's pair layout in the L1 of the thread that uses it; two stored tiles at k-tiles 2u
+// AMX and AVX512-BF16 masked matmuls for bfloat16 on the shared panel driver (common/amx_bf16.h):
+// each stored 16x16 tile of a panel is one B tile, rearranged once per call into the pair layout in the L1 of the thread that uses it; two stored tiles at k-tiles 2u
 // and 2u + 1 make one K = 32 step (every step of a weight with no zero tiles; at 75% zero tiles
 // about one stored tile in four has its partner).
 #include "common/amx_bf16.h"
@@ -62,12 +61,23 @@ struct MaskedPanels {
   }
 };
 
+template <typename Unit>
+void run_panels(const Unit& unit, const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                const DenseOutBf16& y, int num_threads) {
+  const int nt = w.ntiles * MaskedCpuConfig::kTileSize * x.cols < MaskedCpuConfig::kSerialWork ? 1 : num_threads;
+  amx::run(unit, MaskedPanels{w}, x, bias, y, nt);
+}
+
 }  // namespace
 
 void masked_matmul_bf16_amx(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                             const DenseOutBf16& y, int num_threads) {
-  const int nt = w.ntiles * MaskedCpuConfig::kTileSize * x.cols < MaskedCpuConfig::kSerialWork ? 1 : num_threads;
-  amx::run(MaskedPanels{w}, x, bias, y, nt);
+  run_panels(amx::TileUnit{}, w, x, bias, y, num_threads);
+}
+
+void masked_matmul_bf16_dot(const MaskedMatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                            const DenseOutBf16& y, int num_threads) {
+  run_panels(amx::DotUnit{}, w, x, bias, y, num_threads);
 }
 
 }  // namespace pyhwp

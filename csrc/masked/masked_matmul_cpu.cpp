@@ -336,6 +336,10 @@ void masked_matmul_bf16(const MaskedMatrixBf16& w, const DenseInBf16& x, const u
     masked_matmul_bf16_amx(w, x, bias, y, num_threads);
     return;
   }
+  if (active_isa() == Isa::kAvx512Bf16 && P >= Cfg::kDotMinCols) {
+    masked_matmul_bf16_dot(w, x, bias, y, num_threads);
+    return;
+  }
 #endif
   // X widened in its own layout (the packing reads both fast); the driver uses slots 2 and 3.
   const bool k_rows = x.stride_k == 1 && x.stride_p != 1;

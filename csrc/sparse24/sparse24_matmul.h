@@ -60,6 +60,11 @@ struct Sparse24CpuConfig {
   // kernels stop: at 4 columns they beat it (4096x4096 840 against 1455 us), at 8 the AVX-512 tile
   // kernel is 2.2x slower than AMX (3070 against 1390 us).
   static constexpr int64_t kAmxMinCols = kPermuteMaxP;
+  // bfloat16 on AVX512-BF16 (sparse24_matmul_bf16_dot, no AMX) from this many columns of X. On a
+  // Zen 4 (2 threads): at 4 columns the permute kernels are faster on 4096x4096 and 3072x768
+  // (1167 against 1474 us, 120 against 161), at 6 the expanded dot product is faster on every
+  // shape (1680 against 1831 us at 4096x4096), at 8 1.7-2.6x faster than the tile kernels.
+  static constexpr int64_t kDotMinCols = 6;
   static constexpr int64_t kTileRowsAhead = 8;   // tile kernels: rows of W prefetched ahead
   static_assert(kChunk == 32 && kGroup == 4 && kKeep == 2,
                 "one uint32 of 2-bit indices covers 16 slots = 8 groups = 32 inputs");
@@ -92,7 +97,8 @@ void sparse24_matmul(const Sparse24Matrix& w, const DenseIn& x, const float* bia
 // round-to-nearest-even conversion of each output (the contract of csr_matmul_bf16). X and Y
 // are converted to/from float32 in scratch of the calling thread; W's values stay bfloat16 in
 // memory (half the bytes of float32, which is what batch-1 products are bound by). Under
-// Isa::kAmx, from kAmxMinCols columns: sparse24_matmul_bf16_amx (below).
+// Isa::kAmx, from kAmxMinCols columns: sparse24_matmul_bf16_amx; under Isa::kAvx512Bf16, from
+// kDotMinCols: sparse24_matmul_bf16_dot (below).
 void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                           const DenseOutBf16& y, int num_threads);
 
@@ -102,6 +108,12 @@ void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, con
 // each output; subnormal inputs read as zero and subnormal sums flushed (DAZ/FTZ, as every AMX
 // bfloat16 product). Arguments as sparse24_matmul_bf16, already checked.
 void sparse24_matmul_bf16_amx(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                              const DenseOutBf16& y, int num_threads);
+
+// The AVX512-BF16 path of sparse24_matmul_bf16 (sparse24_matmul_amx.cpp), taken when the active
+// ISA is kAvx512Bf16 and X has at least kDotMinCols columns: the AMX path's expanded panels,
+// multiplied by VDPBF16PS (common/amx_bf16.h's DotUnit), with the same numerics.
+void sparse24_matmul_bf16_dot(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                               const DenseOutBf16& y, int num_threads);
 
 // Rows [row_begin, row_end) of Y, one kernel per ISA (sparse24_matmul_{cpu,avx2,avx512}.cpp). Row n

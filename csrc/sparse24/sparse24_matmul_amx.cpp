@@ -1,5 +1,5 @@
-// AMX 2:4 matmul for bfloat16 (Sapphire Rapids and later) on the shared AMX driver
-// (common/amx_bf16.h). The tile unit has no use for the zeros a 2:4 weight skips, so each panel is
+// AMX and AVX512-BF16 2:4 matmuls for bfloat16 on the shared panel driver (common/amx_bf16.h).
+// The tile unit has no use for the zeros a 2:4 weight skips, so each panel is
 // expanded to dense 16 x 32 blocks (one per metadata word, every step a K = 32 product). From
 // batch 8 the bfloat16 2:4 vector kernels lose to torch's dense AMX product (0.4-0.6x at batch 8
 // and 16, 0.2-0.3x at 128); the expanded product does the dense work from half the weight bytes
@@ -77,13 +77,24 @@ struct Sparse24Panels {
   void fix_nonfinite(const DenseInBf16&, const DenseOutBf16&) const {}
 };
 
+template <typename Unit>
+void run_panels(const Unit& unit, const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                const DenseOutBf16& y, int num_threads) {
+  const int64_t words = sparse24_padded_cols(w.cols) / Sparse24CpuConfig::kChunk;
+  const int nt = w.rows * words * 16 * x.cols < Sparse24CpuConfig::kSerialWork ? 1 : num_threads;
+  amx::run(unit, Sparse24Panels{w, words}, x, bias, y, nt);
+}
+
 }  // namespace
 
 void sparse24_matmul_bf16_amx(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                               const DenseOutBf16& y, int num_threads) {
-  const int64_t words = sparse24_padded_cols(w.cols) / Sparse24CpuConfig::kChunk;
-  const int nt = w.rows * words * 16 * x.cols < Sparse24CpuConfig::kSerialWork ? 1 : num_threads;
-  amx::run(Sparse24Panels{w, words}, x, bias, y, nt);
+  run_panels(amx::TileUnit{}, w, x, bias, y, num_threads);
+}
+
+void sparse24_matmul_bf16_dot(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
+                              const DenseOutBf16& y, int num_threads) {
+  run_panels(amx::DotUnit{}, w, x, bias, y, num_threads);
 }
 
 }  // namespace pyhwp

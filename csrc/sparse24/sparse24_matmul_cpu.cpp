@@ -242,6 +242,10 @@ void sparse24_matmul_bf16(const Sparse24MatrixBf16& w, const DenseInBf16& x, con
     sparse24_matmul_bf16_amx(w, x, bias, y, num_threads);
     return;
   }
+  if (active_isa() == Isa::kAvx512Bf16 && P >= Sparse24CpuConfig::kDotMinCols) {
+    sparse24_matmul_bf16_dot(w, x, bias, y, num_threads);
+    return;
+  }
 #endif
   // X widened k-contiguous and zero-padded to Kp (what the permute kernels read as is) unless it
   // comes in the conv layout at a batch the tile kernels take; the driver uses slots 0 and 1.

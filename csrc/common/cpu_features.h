@@ -18,6 +18,9 @@ struct CpuFeatures {
   bool amx_bf16 = false;    // the CPU has AMX-BF16
   bool amx = false;         // AMX-BF16 usable here: AVX512-BF16 and -VBMI2 too (every AMX CPU has
                             // them), and Linux let this process use tiles
+  // Kernel choices by vendor, measured: AMD's masked AVX-512 gathers cost more than a scalar loop
+  // over the same few lanes (Zen 4), so the CSR gather kernel ends rows with one.
+  bool masked_gather_slow = false;
 };
 
 // What the CPU running this process supports (cpuid, queried once).

@@ -19,7 +19,7 @@ PATTERNS = ["2:4", "masked"]
 # Odd sizes around the 2:4 groups (4) and metadata words (32), masked tiles (16) and panels.
 SHAPES = [(1, 1), (5, 3), (17, 33), (16, 32), (37, 77), (33, 130), (70, 1000)]
 # Around the 2:4 permute/tile switch (8), the masked narrow/wide switch (29 on AVX-512) and the
-# AVX512-BF16 switches (masked 4, 2:4 6).
+# AVX512-BF16 switches (masked 8, 2:4 5).
 BATCHES = [1, 2, 4, 5, 6, 8, 9, 17, 33, 64, 130]
 
 

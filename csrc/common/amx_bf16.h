@@ -129,19 +129,25 @@ inline bool pack_x(const DenseInBf16& x, int64_t kt, int64_t nb, int64_t b, uint
 // One pass of the tile unit over a panel's steps for NB (1..kTileGroup) C tiles; leaves them in acc
 // (NB blocks of 16 p x 16 n float32). xa: the first C tile's A block of k-tiles 0 and 1. Meanwhile
 // `prefetch_lines` lines from `prefetch` (the next panel's weights) go to L2, spread over the steps.
+// Step s's share of `lines` prefetch lines (the next panel's weights, into L2), spread over a
+// pass of `count` steps.
+inline void prefetch_share(const char* prefetch, int64_t lines, int64_t s, int64_t count) {
+  const int64_t per_step = (lines + count - 1) / count;
+  for (int64_t l = s * per_step; l < std::min(lines, (s + 1) * per_step); ++l) {
+    _mm_prefetch(prefetch + 64 * l, _MM_HINT_T1);
+  }
+}
+
 template <int NB>
 void panel_pass(const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
                 const char* prefetch, int64_t prefetch_lines, float* acc) {
   constexpr int64_t kBlock = 2 * kTile;  // packed X per (pair of k-tiles, 16 columns)
-  const int64_t per_step = count > 0 ? (prefetch_lines + count - 1) / count : 0;
   _tile_zero(0);
   if (NB > 1) _tile_zero(1);
   if (NB > 2) _tile_zero(2);
   if (NB > 3) _tile_zero(3);
   for (int64_t s = 0; s < count; ++s) {
-    for (int64_t l = s * per_step; l < std::min(prefetch_lines, (s + 1) * per_step); ++l) {
-      _mm_prefetch(prefetch + 64 * l, _MM_HINT_T1);
-    }
+    prefetch_share(prefetch, prefetch_lines, s, count);
     const Step step = steps[s];
     const uint16_t* a = xa + int64_t{step.t / 2} * nb * kBlock;
     // The two step kinds are spelled out: gcc's tile intrinsics paste their register numbers into
@@ -272,14 +278,11 @@ template <int R>
 void dot_pass(const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
               const char* prefetch, int64_t prefetch_lines, float* acc) {
   constexpr int64_t kBlock = 2 * kTile;
-  const int64_t per_step = count > 0 ? (prefetch_lines + count - 1) / count : 0;
   __m512 c[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) c[r] = _mm512_setzero_ps();
   for (int64_t s = 0; s < count; ++s) {
-    for (int64_t l = s * per_step; l < std::min(prefetch_lines, (s + 1) * per_step); ++l) {
-      _mm_prefetch(prefetch + 64 * l, _MM_HINT_T1);
-    }
+    prefetch_share(prefetch, prefetch_lines, s, count);
     const Step step = steps[s];
     const uint16_t* a = xa + int64_t{step.t / 2} * nb * kBlock;
     if (step.pair) {
@@ -294,20 +297,32 @@ void dot_pass(const uint16_t* b, const Step* steps, int64_t count, const uint16_
   for (int r = 0; r < 16; ++r) _mm512_store_ps(acc + 16 * r, r < R ? c[r] : _mm512_setzero_ps());
 }
 
-// The AVX512-BF16 unit: one C tile per pass, its columns rounded up to 4 (a tile of 1-4 columns,
-// batch 1-4, costs a quarter of a full one).
+// A one-C-tile unit's pass (Unit::pass_of<R>) for `cols` columns, rounded up to 4: a tile of 1-4
+// columns (batch 1-4) costs a quarter of a full one.
+template <typename Unit>
+void by_columns(int64_t cols, const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
+                const char* prefetch, int64_t prefetch_lines, float* acc) {
+  switch ((cols + 3) / 4) {
+    case 1: Unit::template pass_of<4>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+    case 2: Unit::template pass_of<8>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+    case 3: Unit::template pass_of<12>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+    default: Unit::template pass_of<16>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+  }
+}
+
+// The AVX512-BF16 unit: one C tile per pass.
 struct DotUnit {
   static constexpr int kGroup = 1;
   void begin() const {}
   void end() const {}
+  template <int R>
+  static void pass_of(const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
+                      const char* prefetch, int64_t prefetch_lines, float* acc) {
+    dot_pass<R>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc);
+  }
   void pass(int, int64_t cols, const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa,
             int64_t nb, const char* prefetch, int64_t prefetch_lines, float* acc) const {
-    switch ((cols + 3) / 4) {
-      case 1: dot_pass<4>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-      case 2: dot_pass<8>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-      case 3: dot_pass<12>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-      default: dot_pass<16>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-    }
+    by_columns<DotUnit>(cols, b, steps, count, xa, nb, prefetch, prefetch_lines, acc);
   }
 };
 

@@ -56,10 +56,11 @@ struct MaskedCpuConfig {
   // long for 1 column as for 16.
   static constexpr int64_t kAmxMinCols = 8;
   // bfloat16 on AVX512-BF16 (masked_matmul_bf16_dot, no AMX) from this many columns of X. On a
-  // Zen 4 (2 threads, 4096x4096 / 3072x768 / 1536x384, no zero tiles): at 1 column the widening
-  // kernel is 1.2-1.5x faster (820 against 1016 us at 4096x4096), at 4 the two are within 5%
-  // (dot 1.1-1.2x faster on the smaller shapes), at 8 dot is 1.25-1.45x faster.
-  static constexpr int64_t kDotMinCols = 4;
+  // Zen 4 (2 threads, no zero tiles, calls alternating with the widening kernels): at 4 columns
+  // those are 1.06-1.14x faster, at 6 1.2x at 4096x4096 and level on 3072x768 and 1536x384, at 8
+  // the dot product is 1.1-1.3x faster (1285 against 1417 us at 4096x4096, 140 against 185 us
+  // at 3072x768).
+  static constexpr int64_t kDotMinCols = 8;
 
   static_assert(kTileN == 16, "the AVX-512 kernel holds one tile row in one zmm register");
   static_assert(kTileK >= 1 && kTileK % 4 == 0, "tile rows of k are unrolled by 4");

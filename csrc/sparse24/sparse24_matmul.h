@@ -61,10 +61,11 @@ struct Sparse24CpuConfig {
   // kernel is 2.2x slower than AMX (3070 against 1390 us).
   static constexpr int64_t kAmxMinCols = kPermuteMaxP;
   // bfloat16 on AVX512-BF16 (sparse24_matmul_bf16_dot, no AMX) from this many columns of X. On a
-  // Zen 4 (2 threads): at 4 columns the permute kernels are faster on 4096x4096 and 3072x768
-  // (1167 against 1474 us, 120 against 161), at 6 the expanded dot product is faster on every
-  // shape (1680 against 1831 us at 4096x4096), at 8 1.7-2.6x faster than the tile kernels.
-  static constexpr int64_t kDotMinCols = 6;
+  // Zen 4 (2 threads, calls alternating with the permute kernels): at 4 columns each wins on
+  // some shape (3072x768 115 against 127 us, 4096x4096 1107 against 1069), from 5 the dot product
+  // is as fast or faster on every shape (1309 against 1650 us at 4096x4096, 42 against 49 at
+  // 1536x384), at 8 2.1-2.5x.
+  static constexpr int64_t kDotMinCols = 5;
   static constexpr int64_t kTileRowsAhead = 8;   // tile kernels: rows of W prefetched ahead
   static_assert(kChunk == 32 && kGroup == 4 && kKeep == 2,
                 "one uint32 of 2-bit indices covers 16 slots = 8 groups = 32 inputs");
@@ -84,6 +85,22 @@ inline int64_t sparse24_slot_input(uint32_t m, int j, int64_t base) {
 // Kp: K rounded up to a whole number of metadata words.
 constexpr int64_t sparse24_padded_cols(int64_t k) {
   return (k + Sparse24CpuConfig::kChunk - 1) / Sparse24CpuConfig::kChunk * Sparse24CpuConfig::kChunk;
+}
+
+// How many of row n's stored slots (their inputs below w.cols) have flags[k] != 0: the
+// stored_count of propagate_nonfinite for a 2:4 weight.
+template <typename T>
+int64_t sparse24_stored_flags(const Sparse24MatrixT<T>& w, int64_t n, const unsigned char* flags) {
+  const int64_t words = sparse24_padded_cols(w.cols) / 32;
+  int64_t count = 0;
+  for (int64_t c = 0; c < words; ++c) {
+    const uint32_t m = w.meta[n * words + c];
+    for (int j = 0; j < 16; ++j) {
+      const int64_t k = sparse24_slot_input(m, j, 32 * c);
+      if (k < w.cols) count += flags[k];
+    }
+  }
+  return count;
 }
 
 // Y (N x P) = W (N x K) X (K x P) + bias (N floats, host, or nullptr), for any strides of X and Y
@@ -111,8 +128,10 @@ void sparse24_matmul_bf16_amx(const Sparse24MatrixBf16& w, const DenseInBf16& x,
                               const DenseOutBf16& y, int num_threads);
 
 // The AVX512-BF16 path of sparse24_matmul_bf16 (sparse24_matmul_amx.cpp), taken when the active
-// ISA is kAvx512Bf16 and X has at least kDotMinCols columns: the AMX path's expanded panels,
-// multiplied by VDPBF16PS (common/amx_bf16.h's DotUnit), with the same numerics.
+// ISA is kAvx512Bf16 and X has at least kDotMinCols columns: the AMX path's driver, with each
+// group's two kept values as one VDPBF16PS pair against the two inputs a byte shuffle picks from
+// the group's four (no expansion: half the products of the dense path). Products exact, sums in
+// float32 in pairs, one rounding of each output; subnormal inputs read as zero (DAZ), as AMX.
 void sparse24_matmul_bf16_dot(const Sparse24MatrixBf16& w, const DenseInBf16& x, const uint16_t* bias,
                               const DenseOutBf16& y, int num_threads);
 

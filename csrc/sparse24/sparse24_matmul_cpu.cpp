@@ -204,18 +204,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
   }
 
   if (nonfinite) {
-    const int64_t words = Kp / 32;
-    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) {
-      int64_t count = 0;
-      for (int64_t c = 0; c < words; ++c) {
-        const uint32_t m = w.meta[n * words + c];
-        for (int j = 0; j < 16; ++j) {
-          const int64_t k = sparse24_slot_input(m, j, 32 * c);
-          if (k < K) count += flags[k];
-        }
-      }
-      return count;
-    });
+    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) { return sparse24_stored_flags(w, n, flags); });
   }
 }
 

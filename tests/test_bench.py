@@ -21,6 +21,7 @@ from pyhwp.bench import cases, dlmc, isa, targets
 from pyhwp.bench.cases import ConvShape, prune, suite_cases
 from pyhwp.bench.runner import run_case, unavailable
 from pyhwp.cli import main as cli_main
+from helpers import BF16_ISAS
 
 
 def test_prune_unstructured_keeps_largest():
@@ -193,24 +194,26 @@ def test_tiny_suite_cli_writes_json(tmp_path, capsys):
     assert len(doc["targets"]) == len(targets.CPU_TARGETS)
 
 
-@pytest.mark.skipif(not _C.cpu_features()["avx2"] or "avx2" not in _C.build_info()["cpu_kernels"],
-                    reason="needs an AVX2 CPU and pyhwp's AVX2 kernels")
-def test_isa_cap_restarts_with_torch_capped(tmp_path):
-    """`--isa avx2` re-runs the bench with torch's caps set and records both sides' ISA."""
+@pytest.mark.parametrize("cap", ["avx2", "avx512_bf16"])
+def test_isa_cap_restarts_with_torch_capped(tmp_path, cap):
+    """`--isa` re-runs the bench with torch's caps set and records both sides' ISA."""
+    if cap not in BF16_ISAS:
+        pytest.skip(f"needs a CPU with {cap} and pyhwp's kernels for it")
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k not in isa.TORCH_CAPS["avx2"]}
+    env = {k: v for k, v in os.environ.items() if k not in isa.TORCH_CAPS[cap]}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(pyhwp.__file__).parents[1]), env.get("PYTHONPATH")]))
     # Run from tmp_path: in the working directory of a source checkout, `python -m pyhwp` would
     # import the checkout's package rather than the one under test.
-    proc = subprocess.run([sys.executable, "-m", "pyhwp", "bench", "--suite", "tiny", "--isa", "avx2", "--filter",
+    proc = subprocess.run([sys.executable, "-m", "pyhwp", "bench", "--suite", "tiny", "--isa", cap, "--filter",
                            "linear", "--dlmc", "none", "--no-progress", "--json", str(out)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "restarting with torch capped at avx2" in proc.stderr
+    assert f"restarting with torch capped at {cap}" in proc.stderr
     meta = json.loads(out.read_text())["meta"]
-    assert meta["isa_cap"]["pyhwp"] == "avx2" and meta["isa_cap"]["torch_capability"] == "AVX2"
-    assert meta["isa_cap"]["env"] == isa.TORCH_CAPS["avx2"]
-    assert "torch capped at AVX2" in proc.stdout
+    torch_cap = isa.TORCH_CAPS[cap]["ATEN_CPU_CAPABILITY"].upper()
+    assert meta["isa_cap"]["pyhwp"] == cap and meta["isa_cap"]["torch_capability"] == torch_cap
+    assert meta["isa_cap"]["env"] == isa.TORCH_CAPS[cap]
+    assert f"torch capped at {torch_cap}" in proc.stdout
 
 
 def test_isa_cap_needs_cpu(capsys):

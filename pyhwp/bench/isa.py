@@ -1,6 +1,7 @@
 """`pyhwp bench --isa`: pyhwp's kernels and torch's baselines capped at one instruction set.
 
-On an AVX-512 machine `--isa avx2` measures what a CPU with AVX2 only would: pyhwp's kernels are
+On an AVX-512 machine `--isa avx2` measures what a CPU with AVX2 only would (and on an AMX machine
+`--isa avx512_bf16` what one with AVX512-BF16 but no tiles would): pyhwp's kernels are
 capped with `_C.set_isa_cap`, and torch's (MKL, oneDNN and ATen's own vectorised kernels) by the
 environment variables each library reads once, when it first runs. Those must be set before torch
 does any work, so the bench re-runs itself with them set, unless they already are. The caps are
@@ -24,6 +25,10 @@ TORCH_CAPS = {
     "avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
     "avx512": {"MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
                "ATEN_CPU_CAPABILITY": "avx512"},
+    # AVX-512 with AVX512-BF16 and no AMX (an AMD Zen 4, or an Intel CPU without tiles): oneDNN's
+    # bfloat16 GEMMs and convs on VDPBF16PS.
+    "avx512_bf16": {"MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+                    "ATEN_CPU_CAPABILITY": "avx512"},
 }
 
 

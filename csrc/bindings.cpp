@@ -307,18 +307,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "masked_conv2d",
       [=](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values,
-          const Geometry& geometry, Addr x, Addr bias, Addr y, int num_threads) {
+          const Geometry& geometry, Addr x, Addr bias, Addr y, int num_threads, Addr values_bf16) {
         const MaskedMatrix w = make_masked(rows, cols, ntiles, tile_ptr, tile_idx, values);
         return static_cast<int>(pyhwp::masked_conv2d(w, conv_geometry(geometry), ptr<const float>(x),
-                                                     ptr<const float>(bias), ptr<float>(y), num_threads));
+                                                     ptr<const float>(bias), ptr<float>(y), num_threads,
+                                                     ptr<const uint16_t>(values_bf16)));
       },
       py::arg("rows"), py::arg("cols"), py::arg("ntiles"), py::arg("tile_ptr"), py::arg("tile_idx"),
       py::arg("values"), py::arg("geometry"), py::arg("x"), py::arg("bias"), py::arg("y"),
-      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("num_threads"), py::arg("values_bf16") = Addr{0}, py::call_guard<py::gil_scoped_release>(),
       "conv2d (any stride) with a masked float32 weight (out x C*kh*kw) as an implicit GEMM: x the "
       "contiguous (images, C, h, w) input, y the contiguous (images, out, ho, wo) output; returns 0 (done), "
       "1 (x holds a NaN/Inf; y unspecified) or 2 (not served here: neither the AVX-512 nor the AVX2 kernels "
-      "are in use; y untouched)");
+      "are in use; y untouched). values_bf16: the same values as bfloat16 (a bfloat16 conv on float32 copies), "
+      "for the AVX512-BF16 kernel; 0 for none");
   m.def(
       "masked_matmul_bf16",
       [](int64_t rows, int64_t cols, int64_t ntiles, Addr tile_ptr, Addr tile_idx, Addr values,

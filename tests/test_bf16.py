@@ -231,6 +231,25 @@ def test_dot_products_read_subnormal_inputs_as_zero(unit, pattern):
         _C.set_isa_cap(previous)
 
 
+@pytest.mark.skipif(not DOT_ISAS, reason="needs AVX512-BF16 (Zen 4, Sapphire Rapids or later) and a build with it")
+@pytest.mark.parametrize("unit", DOT_ISAS)
+def test_dot_product_convs_read_subnormal_inputs_as_zero(unit):
+    """The same for masked 3x3 convs: AMX's conv, or the masked implicit GEMM's VDPBF16PS kernel."""
+    w = torch.zeros(16, 16, 3, 3)
+    w[:, :8] = 2.0**100  # 16x16 tiles of the flattened (channel, tap) columns, half of them stored
+    sw = pyhwp.to_sparse(w.bfloat16(), "masked")
+    x = torch.zeros(1, 16, 8, 8).bfloat16()
+    x[0, 0] = 2.0**-130
+    previous = _C.active_isa()
+    try:
+        _C.set_isa_cap(unit)
+        assert torch.equal(pyhwp.conv2d(x, sw, padding=1), torch.zeros(1, 16, 8, 8).bfloat16())
+        _C.set_isa_cap("avx512")
+        assert pyhwp.conv2d(x, sw, padding=1).float().abs().min() > 0
+    finally:
+        _C.set_isa_cap(previous)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_empty_batch_and_zero_weight(pattern):
     sw = pyhwp.to_sparse(torch.zeros(20, 32).bfloat16(), pattern)

@@ -23,8 +23,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // rows of acc_ld floats): blocks of kNvAvx512 vectors, each block's tiles in groups of
 // kWideGroupTiles so that both row halves replay the group's x from L1 (as masked_matmul's loop
 // nest does).
-void panel_wide(const MaskedMatrix& w, int64_t panel, const float* xp, const int32_t* offsets, int64_t width,
-                float* acc, int64_t acc_ld) {
+// With values_bf16 (the same tiles in bfloat16), the VDPBF16PS kernel instead.
+void panel_wide(const MaskedMatrix& w, const uint16_t* values_bf16, int64_t panel, const float* xp,
+                const int32_t* offsets, int64_t width, float* acc, int64_t acc_ld) {
   const int64_t t0 = w.tile_ptr[panel], t1 = w.tile_ptr[panel + 1];
   const int64_t nvec = width / 16, blocks = ceil_div(nvec, Cfg::kNvAvx512);
   int64_t s = t0;
@@ -41,6 +42,17 @@ void panel_wide(const MaskedMatrix& w, int64_t panel, const float* xp, const int
       blk.acc = acc + 16 * v0;
       blk.ld = acc_ld;
       blk.accumulate = s > t0;
+#ifdef PYHWP_AMX_KERNELS
+      if (values_bf16) {
+        MaskedWideBlockT<uint16_t> dot;
+        dot.tiles = values_bf16 + s * Cfg::kTileSize;
+        dot.tidx = blk.tidx, dot.count = blk.count, dot.xp = blk.xp, dot.nv = blk.nv;
+        dot.acc = blk.acc, dot.ld = blk.ld, dot.accumulate = blk.accumulate;
+        for (dot.half = 0; dot.half < 2; ++dot.half) masked_wide_conv_dot(dot, offsets);
+        v0 += nv;
+        continue;
+      }
+#endif
       for (blk.half = 0; blk.half < 2; ++blk.half) masked_wide_conv_avx512(blk, offsets);
       v0 += nv;
     }
@@ -70,8 +82,8 @@ void panel_narrow(const MaskedMatrix& w, int64_t panel, const float* xp, const i
 }
 
 // The call on AVX-512 (`wide`) or AVX2; returns whether x holds a NaN/Inf.
-bool run(const MaskedMatrix& w, const ConvGeometry& g, const PaddedPlanes& pd, const float* x, const float* bias,
-         float* y, int num_threads, bool wide) {
+bool run(const MaskedMatrix& w, const uint16_t* values_bf16, const ConvGeometry& g, const PaddedPlanes& pd,
+         const float* x, const float* bias, float* y, int num_threads, bool wide) {
   const int64_t N = w.rows, npanels = ceil_div(N, Cfg::kTileN), ktiles = ceil_div(w.cols, Cfg::kTileK);
   // Row k of W's columns at offsets[k] in a padded group; the rows of the last k-tile past K (zero
   // weights) read column 0, a finite value: x holds no NaN/Inf on this path.
@@ -94,7 +106,7 @@ bool run(const MaskedMatrix& w, const ConvGeometry& g, const PaddedPlanes& pd, c
           const float* b = bias ? bias + n0 : nullptr;
           if (wide) {
             // The accumulator rows are the tile: the bias added in place, then copied into y once.
-            panel_wide(w, panel, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
+            panel_wide(w, values_bf16, panel, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
             if (b) {
               for (int r = 0; r < rows; ++r)
                 for (int64_t i = 0; i < width; ++i) acc[r * acc_ld + i] += b[r];
@@ -114,7 +126,7 @@ bool run(const MaskedMatrix& w, const ConvGeometry& g, const PaddedPlanes& pd, c
 }  // namespace
 
 MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias,
-                               float* y, int num_threads) {
+                               float* y, int num_threads, const uint16_t* values_bf16) {
   const PaddedPlanes pd(g);
   check_conv_geometry(g, pd, "masked_conv2d");
   PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, "masked_conv2d: W has ", w.cols, " columns, expected C*kh*kw = ",
@@ -127,11 +139,14 @@ MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, con
   if (isa == Isa::kAvx512 || isa == Isa::kAvx2) {
     if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return MaskedConvStatus::kDone;
     PYHWP_CHECK(x && y, "masked_conv2d: null x or y");
-    const bool bad = run(w, g, pd, x, bias, y, num_threads, isa == Isa::kAvx512);
+    // VDPBF16PS where it is the active level: with AMX, bfloat16 convs take the tile unit instead
+    // (amx_conv2d_bf16), and this path only serves what that one does not.
+    const bool dot = values_bf16 && isa == Isa::kAvx512 && active_isa() == Isa::kAvx512Bf16;
+    const bool bad = run(w, dot ? values_bf16 : nullptr, g, pd, x, bias, y, num_threads, isa == Isa::kAvx512);
     return bad ? MaskedConvStatus::kNonfinite : MaskedConvStatus::kDone;
   }
 #else
-  (void)x, (void)bias, (void)y;
+  (void)x, (void)bias, (void)y, (void)values_bf16;
 #endif
   return MaskedConvStatus::kUnavailable;
 }

@@ -182,14 +182,17 @@ struct MaskedWideBlockT {
 // as common/conv_geometry.h): the wide micro-kernel reads each stored tile's 16 rows of X from a
 // padded copy of x through a table of offsets (masked_wide_conv_avx512, masked_block_conv_avx2),
 // so no im2col matrix is built. y is the contiguous (images, out, ho, wo) output; bias may be
-// nullptr.
+// nullptr. values_bf16, when given, holds w's values as bfloat16 (a bfloat16 conv run on float32
+// copies of x, the values and the bias): under Isa::kAvx512Bf16 the wide kernel then multiplies k
+// pairs of them on VDPBF16PS (masked_wide_conv_dot: products exact, float32 sums in pairs,
+// subnormal inputs read as zero, as the other VDPBF16PS and AMX paths).
 enum class MaskedConvStatus : int {
   kDone = 0,         // y written
   kNonfinite = 1,    // x holds a NaN/Inf (skipped tiles would drop 0 * Inf = NaN): y unspecified
   kUnavailable = 2,  // neither the AVX-512 nor the AVX2 kernels are in use here: y untouched
 };
 MaskedConvStatus masked_conv2d(const MaskedMatrix& w, const ConvGeometry& g, const float* x, const float* bias,
-                               float* y, int num_threads);
+                               float* y, int num_threads, const uint16_t* values_bf16 = nullptr);
 
 // One kernel per ISA (masked_matmul_{cpu,avx2,avx512}.cpp); masked_matmul picks one. Each is
 // instantiated for T = float and T = uint16_t (bfloat16 bits).
@@ -201,6 +204,8 @@ template <typename T> void masked_wide_avx512(const MaskedWideBlockT<T>& b);
 // The kernels of masked_conv2d: row k of k-tile t's x at b.xp + offsets[16 t + k] (a padded conv
 // input, unaligned) instead of the packed block.
 void masked_wide_conv_avx512(const MaskedWideBlockT<float>& b, const int32_t* offsets);
+// The same on VDPBF16PS over bfloat16 tiles (masked_conv2d_dot.cpp, AMX builds only), x float32.
+void masked_wide_conv_dot(const MaskedWideBlockT<uint16_t>& b, const int32_t* offsets);
 void masked_block_conv_avx2(const MaskedBlockT<float>& b, const int32_t* offsets);
 
 // Writes a finished accumulator tile to Y: Y(r, p) = y[r * sn + p * sp] for r < rows, p < cols

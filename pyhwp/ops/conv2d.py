@@ -312,17 +312,19 @@ def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
     products are exact in float32, so this is the contract of the bfloat16 matmuls (float32
     products and sums, one rounding per output). CSR 64->64 3x3 @56, 90%, 2 threads: 2213 us on
     the per-tap path before (NOTES.md, stop 22)."""
-    dtype, values = x.dtype, weight.values
+    dtype, values, values_bf16 = x.dtype, weight.values, None
     if dtype != torch.float32:
         values = _derived(weight, "values_f32", lambda: weight.values.float())
         x, bias = x.float(), None if bias is None else bias.float()
+        if dtype == torch.bfloat16:  # the masked kernel's VDPBF16PS variant multiplies the originals
+            values_bf16 = weight.values.contiguous()
     if kind == "csr":
         y = csr_conv2d_impl(x, weight.row_offsets, values, plan, geometry, bias)
     elif kind == "2:4":
         y = sparse24_conv2d_impl(x, values, weight.meta, geometry, bias)
     else:
         y = masked_conv2d_impl(x, weight.tile_ptr.contiguous(), weight.tile_idx.contiguous(), values.contiguous(),
-                               weight.shape[0], geometry, bias)
+                               weight.shape[0], geometry, bias, values_bf16)
     return y if y is None or dtype == torch.float32 else y.to(dtype)
 
 

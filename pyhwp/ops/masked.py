@@ -119,7 +119,8 @@ def masked_matmul_cpu(y: torch.Tensor, x: torch.Tensor, tile_ptr: torch.Tensor, 
 
 
 def masked_conv2d_impl(x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.Tensor, values: torch.Tensor,
-                       out: int, geometry: tuple[int, ...], bias: torch.Tensor | None) -> torch.Tensor | None:
+                       out: int, geometry: tuple[int, ...], bias: torch.Tensor | None,
+                       values_bf16: torch.Tensor | None = None) -> torch.Tensor | None:
     """conv2d of x (N, C, H, W) float32 CPU with a masked weight (out, C*kh*kw) as one implicit
     GEMM (csrc/masked/masked_conv2d_cpu.cpp): the AVX-512 or AVX2 tile kernel reads each stored
     tile's x rows from a padded copy of x (of its stride phases), no im2col; zero tiles are
@@ -127,12 +128,14 @@ def masked_conv2d_impl(x: torch.Tensor, tile_ptr: torch.Tensor, tile_idx: torch.
     stride_h, stride_w]) (csrc/common/conv_geometry.h). Returns y (N, out, H_out, W_out)
     contiguous, or None when x holds a NaN/Inf (the caller must take a path with dense-exact
     0 * Inf propagation) or neither the AVX-512 nor the AVX2 kernels are in use here. Inference
-    only; contiguous weight arrays and bias."""
+    only; contiguous weight arrays and bias. `values_bf16`: the values as bfloat16 when x, values
+    and bias are float32 copies of a bfloat16 conv's, for the AVX512-BF16 kernel (VDPBF16PS)."""
     x = x.contiguous()
     y = x.new_empty(x.shape[0], out, geometry[10], geometry[11])
     status = _C.masked_conv2d(out, geometry[1] * geometry[6] * geometry[7], tile_idx.shape[0], tile_ptr.data_ptr(),
                               tile_idx.data_ptr(), values.data_ptr(), geometry, x.data_ptr(),
-                              0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                              0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+                              0 if values_bf16 is None else values_bf16.data_ptr())
     return y if status == 0 else None
 
 

@@ -107,7 +107,8 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& name) {
         return std::string(pyhwp::isa_name(pyhwp::set_isa_cap(pyhwp::isa_from_name(name))));
       },
-      py::arg("isa"), "Cap the kernels' ISA ('scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx'); returns the one in use");
+      py::arg("isa"),
+      "Cap the kernels' ISA ('scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx'); returns the one in use");
 
   m.def(
       "csr_validate",

@@ -126,9 +126,6 @@ inline bool pack_x(const DenseInBf16& x, int64_t kt, int64_t nb, int64_t b, uint
   return bad != 0;
 }
 
-// One pass of the tile unit over a panel's steps for NB (1..kTileGroup) C tiles; leaves them in acc
-// (NB blocks of 16 p x 16 n float32). xa: the first C tile's A block of k-tiles 0 and 1. Meanwhile
-// `prefetch_lines` lines from `prefetch` (the next panel's weights) go to L2, spread over the steps.
 // Step s's share of `lines` prefetch lines (the next panel's weights, into L2), spread over a
 // pass of `count` steps.
 inline void prefetch_share(const char* prefetch, int64_t lines, int64_t s, int64_t count) {
@@ -138,6 +135,9 @@ inline void prefetch_share(const char* prefetch, int64_t lines, int64_t s, int64
   }
 }
 
+// One pass of the tile unit over a panel's steps for NB (1..kTileGroup) C tiles; leaves them in acc
+// (NB blocks of 16 p x 16 n float32). xa: the first C tile's A block of k-tiles 0 and 1. Meanwhile
+// `prefetch_lines` lines from `prefetch` (the next panel's weights) go to L2, spread over the steps.
 template <int NB>
 void panel_pass(const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
                 const char* prefetch, int64_t prefetch_lines, float* acc) {

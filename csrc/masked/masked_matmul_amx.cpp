@@ -1,7 +1,8 @@
 // AMX and AVX512-BF16 masked matmuls for bfloat16 on the shared panel driver (common/amx_bf16.h):
-// each stored 16x16 tile of a panel is one B tile, rearranged once per call into the pair layout in the L1 of the thread that uses it; two stored tiles at k-tiles 2u
-// and 2u + 1 make one K = 32 step (every step of a weight with no zero tiles; at 75% zero tiles
-// about one stored tile in four has its partner).
+// each stored 16x16 tile of a panel is one B tile, rearranged once per call into the pair layout
+// in the L1 of the thread that uses it; two stored tiles at k-tiles 2u and 2u + 1 make one K = 32
+// step (every step of a weight with no zero tiles; at 75% zero tiles about one stored tile in four
+// has its partner).
 #include "common/amx_bf16.h"
 #include "masked/masked_matmul.h"
 

@@ -91,8 +91,8 @@ struct Sparse24DotPanels : Sparse24Panels {
     const int64_t kp2 = words * 16;  // slots per row
     const int rows_here = static_cast<int>(std::min<int64_t>(16, w.rows - 16 * j));
     const __mmask16 rows = avx512::tail_mask(rows_here);
-    const __m512i row_words = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(static_cast<int32_t>(words)));
+    const __m512i row_words = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(static_cast<int32_t>(words)));
     const uint32_t* meta = w.meta + 16 * j * words;
     const int64_t kt = (w.cols + 15) / 16;
     const __m512i three = _mm512_set1_epi32(3), bytes = _mm512_set1_epi32(0x202), odd = _mm512_set1_epi32(0x100);
@@ -110,8 +110,9 @@ struct Sparse24DotPanels : Sparse24Panels {
         const __m512i i0 = _mm512_and_si512(_mm512_srli_epi32(mv, 4 * g), three);
         const __m512i i1 = _mm512_and_si512(_mm512_srli_epi32(mv, 4 * g + 2), three);
         // input i's bytes 2i, 2i + 1 (x at byte 0 of the lane): i * 0x202 + 0x100 per 16 bits
-        const __m512i ctrl = _mm512_or_si512(_mm512_add_epi32(_mm512_mullo_epi32(i0, bytes), odd),
-                                             _mm512_slli_epi32(_mm512_add_epi32(_mm512_mullo_epi32(i1, bytes), odd), 16));
+        const __m512i lo = _mm512_add_epi32(_mm512_mullo_epi32(i0, bytes), odd);
+        const __m512i hi = _mm512_add_epi32(_mm512_mullo_epi32(i1, bytes), odd);
+        const __m512i ctrl = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
         _mm512_store_ps(reinterpret_cast<float*>(word + 64 * g), m[g]);
         _mm512_store_si512(word + 64 * g + 32, ctrl);
       }
@@ -122,7 +123,8 @@ struct Sparse24DotPanels : Sparse24Panels {
 
   // Slots multiply their own inputs only: the skipped positions are propagate_nonfinite's.
   void fix_nonfinite(const DenseInBf16& x, const DenseOutBf16& y) const {
-    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) { return sparse24_stored_flags(w, n, flags); });
+    propagate_nonfinite(x, y,
+                        [&](int64_t n, const unsigned char* flags) { return sparse24_stored_flags(w, n, flags); });
   }
 };
 

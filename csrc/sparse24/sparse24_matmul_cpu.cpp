@@ -204,7 +204,8 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
   }
 
   if (nonfinite) {
-    propagate_nonfinite(x, y, [&](int64_t n, const unsigned char* flags) { return sparse24_stored_flags(w, n, flags); });
+    propagate_nonfinite(x, y,
+                        [&](int64_t n, const unsigned char* flags) { return sparse24_stored_flags(w, n, flags); });
   }
 }
 

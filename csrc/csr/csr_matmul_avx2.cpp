@@ -1,6 +1,8 @@
 // AVX2 CSR kernels: the fallback for CPUs without AVX-512 (same structure, 8 lanes).
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "common/simd_avx2.h"
 #include "common/vector_count.h"
 
@@ -43,7 +45,8 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
         a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
       }
       float tail = 0.f;  // the last < 16 terms, in order
-      for (; j < len; ++j) tail += to_float(vals[j]) * xr[cols[j]];
+      // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
+      for (; j < len; ++j) tail = std::fma(to_float(vals[j]), xr[cols[j]], tail);
       y[i * ldy_n + p * ldy_p] = hsum(_mm256_add_ps(a0, a1)) + tail + (bias ? bias[i] : 0.f);
     }
   }

@@ -1,6 +1,8 @@
 // AVX-512 CSR kernels: gather for small batches, register tiles of up to 128 columns for large ones.
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "common/cpu_features.h"
 #include "common/simd_avx512.h"
 #include "common/vector_count.h"
@@ -69,7 +71,8 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
         for (; j + 16 <= len; j += 16) {
           a0 = _mm512_fmadd_ps(load16(vals + j), _mm512_i32gather_ps(load_idx(cols + j), xr, 4), a0);
         }
-        for (; j < len; ++j) tail += to_float(vals[j]) * xr[cols[j]];
+        // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
+        for (; j < len; ++j) tail = std::fma(to_float(vals[j]), xr[cols[j]], tail);
       } else {
         for (; j < len; j += 16) {
           const __mmask16 m = tail_mask(len - j);

@@ -90,7 +90,7 @@ py::dict cpu_features() {
   d["avx512_vbmi2"] = f.avx512_vbmi2;
   d["amx_bf16"] = f.amx_bf16;
   d["amx"] = f.amx;  // usable: the CPU has it and the OS granted this process the tile state
-  d["masked_gather_slow"] = f.masked_gather_slow;
+  d["slow_gathers"] = f.slow_gathers;
   return d;
 }
 

@@ -21,7 +21,7 @@ const CpuFeatures& cpu_features() {
     r.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
     r.avx512_bf16 = r.avx512 && __builtin_cpu_supports("avx512bf16");
-    r.masked_gather_slow = __builtin_cpu_is("amd");
+    r.slow_gathers = __builtin_cpu_is("amd");
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
     r.amx_bf16 = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile");
     r.avx512_vbmi2 = r.avx512 && __builtin_cpu_supports("avx512vbmi2");

@@ -18,9 +18,10 @@ struct CpuFeatures {
   bool amx_bf16 = false;    // the CPU has AMX-BF16
   bool amx = false;         // AMX-BF16 usable here: AVX512-BF16 and -VBMI2 too (every AMX CPU has
                             // them), and Linux let this process use tiles
-  // Kernel choices by vendor, measured: AMD's masked AVX-512 gathers cost more than a scalar loop
-  // over the same few lanes (Zen 4), so the CSR gather kernel ends rows with one.
-  bool masked_gather_slow = false;
+  // Kernel choices by vendor, measured on a Zen 4: AMD's gathers cost more than Intel's, so the
+  // CSR gather kernel ends rows with a scalar loop rather than a masked gather, and serves batch 1
+  // only (the tile kernel from 2 columns; csr_matmul_cpu.cpp, csr_matmul_avx512.cpp).
+  bool slow_gathers = false;
 };
 
 // What the CPU running this process supports (cpuid, queried once).

@@ -44,9 +44,9 @@ inline void prefetch_lines(const E* p) {  // the lines of 32 elements kPrefetchB
 }
 
 // A row's last < 32 terms: one masked gather per 16 (kScalarTail false), or full gathers and then
-// a scalar loop over the last < 16 (true, where CpuFeatures::masked_gather_slow says so: on a
-// Zen 4, 2 threads, batch 1, 1536x384 90% 23-38 -> 19-25 us, level with the AVX2 kernel; the
-// larger shapes within noise).
+// a scalar loop over the last < 16 (true, where CpuFeatures::slow_gathers says so: on a Zen 4, 2
+// threads, batch 1, 1536x384 90% 23-38 -> 19-25 us, level with the AVX2 kernel; the larger shapes
+// within noise).
 template <bool kScalarTail, typename I, typename T>
 void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
             int64_t P, const float* bias, float* y, int64_t ldy_n, int64_t ldy_p) {
@@ -166,7 +166,7 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
 
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels_avx512() {
-  return {cpu_features().masked_gather_slow ? &gather<true, I, T> : &gather<false, I, T>, &tile<I, T>};
+  return {cpu_features().slow_gathers ? &gather<true, I, T> : &gather<false, I, T>, &tile<I, T>};
 }
 template CsrKernels<int32_t, float> csr_kernels_avx512();
 template CsrKernels<uint16_t, float> csr_kernels_avx512();

@@ -147,6 +147,11 @@ struct Problem {
   int64_t N, K, P;
 };
 
+// The gather path serves P below this (with the vector kernels, fewer columns where gathers are slow).
+int64_t gather_max_p(Isa isa) {
+  return isa != Isa::kScalar && cpu_features().slow_gathers ? Cfg::kGatherMaxPSlowGathers : Cfg::kGatherMaxP;
+}
+
 // Gather path: x rows contiguous (ldx apart), small P.
 template <typename I, typename T>
 void run_gather(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, const float* x, int64_t ldx,
@@ -309,7 +314,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   const TransposeFn transpose = pick_transpose(isa);
   constexpr bool kFloat = std::is_same_v<S, float>;
 
-  if (P < Cfg::kGatherMaxP && (xsk == 1 || !kFloat)) {
+  if (P < gather_max_p(isa) && (xsk == 1 || !kFloat)) {
     const float* xf;
     int64_t ldx;
     bool bad;
@@ -400,7 +405,7 @@ void csr_matmul_bf16(const CsrMatrixBf16& w, const DenseInBf16& x, const uint16_
   if (bias)
     for (int64_t n = 0; n < N; ++n) bf[n] = bf16_to_float(bias[n]);
   // Y scratch n-contiguous (P x N) for small P, like a linear output; p-contiguous otherwise.
-  const bool small = P < CsrCpuConfig::kGatherMaxP;
+  const bool small = P < gather_max_p(vector_isa());
   const YView yv = small ? YView{yf, 1, N} : YView{yf, P, 1};
   with_indices(w, w.values, [&](auto pr) {
     pr.P = P;

@@ -33,6 +33,11 @@
 namespace pyhwp::amx {
 
 constexpr int kTileGroup = 4;  // C tiles (blocks of 16 columns of Y) per pass of the tile unit
+// VPERMW indices that interleave the two halves of a register of 32 bfloat16: lanes 2i and 2i + 1
+// get elements i and 16 + i (two rows of 16 values into 16 pairs, the units' B and A pair layout).
+alignas(64) inline constexpr uint16_t kPairInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                             21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                             11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 constexpr int64_t kTile = 256;  // bfloat16 values of a 16 x 16 block (512 bytes)
 // Up to this many bytes of packed X, every thread packs all of X into its own scratch: no barrier
 // after the pack, and no X lines written by one core and read by the other on every call
@@ -297,32 +302,30 @@ void dot_pass(const uint16_t* b, const Step* steps, int64_t count, const uint16_
   for (int r = 0; r < 16; ++r) _mm512_store_ps(acc + 16 * r, r < R ? c[r] : _mm512_setzero_ps());
 }
 
-// A one-C-tile unit's pass (Unit::pass_of<R>) for `cols` columns, rounded up to 4: a tile of 1-4
-// columns (batch 1-4) costs a quarter of a full one.
-template <typename Unit>
-void by_columns(int64_t cols, const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
-                const char* prefetch, int64_t prefetch_lines, float* acc) {
-  switch ((cols + 3) / 4) {
-    case 1: Unit::template pass_of<4>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-    case 2: Unit::template pass_of<8>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-    case 3: Unit::template pass_of<12>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-    default: Unit::template pass_of<16>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
-  }
-}
-
-// The AVX512-BF16 unit: one C tile per pass.
-struct DotUnit {
+// A unit of one C tile per pass (VDPBF16PS): Derived::pass_of<R> computes its first R columns,
+// `cols` rounded up to 4 (a tile of 1-4 columns, batch 1-4, costs a quarter of a full one).
+template <typename Derived>
+struct OneTileUnit {
   static constexpr int kGroup = 1;
   void begin() const {}
   void end() const {}
+  void pass(int, int64_t cols, const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa,
+            int64_t nb, const char* prefetch, int64_t prefetch_lines, float* acc) const {
+    switch ((cols + 3) / 4) {
+      case 1: Derived::template pass_of<4>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      case 2: Derived::template pass_of<8>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      case 3: Derived::template pass_of<12>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+      default: Derived::template pass_of<16>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc); break;
+    }
+  }
+};
+
+// The AVX512-BF16 unit over the tile unit's B layout.
+struct DotUnit : OneTileUnit<DotUnit> {
   template <int R>
   static void pass_of(const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
                       const char* prefetch, int64_t prefetch_lines, float* acc) {
     dot_pass<R>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc);
-  }
-  void pass(int, int64_t cols, const uint16_t* b, const Step* steps, int64_t count, const uint16_t* xa,
-            int64_t nb, const char* prefetch, int64_t prefetch_lines, float* acc) const {
-    by_columns<DotUnit>(cols, b, steps, count, xa, nb, prefetch, prefetch_lines, acc);
   }
 };
 

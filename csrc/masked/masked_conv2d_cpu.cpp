@@ -22,10 +22,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // One 16-row panel of W over `width` wide pixels of a padded group from xp, AVX-512, into acc (16
 // rows of acc_ld floats): blocks of kNvAvx512 vectors, each block's tiles in groups of
 // kWideGroupTiles so that both row halves replay the group's x from L1 (as masked_matmul's loop
-// nest does).
-// With values_bf16 (the same tiles in bfloat16), the VDPBF16PS kernel instead.
-void panel_wide(const MaskedMatrix& w, const uint16_t* values_bf16, int64_t panel, const float* xp,
-                const int32_t* offsets, int64_t width, float* acc, int64_t acc_ld) {
+// nest does). `values` are w's tiles as float (masked_wide_conv_avx512) or bfloat16
+// (masked_wide_conv_dot).
+template <typename T>
+void panel_wide(const MaskedMatrix& w, const T* values, void (*kernel)(const MaskedWideBlockT<T>&, const int32_t*),
+                int64_t panel, const float* xp, const int32_t* offsets, int64_t width, float* acc, int64_t acc_ld) {
   const int64_t t0 = w.tile_ptr[panel], t1 = w.tile_ptr[panel + 1];
   const int64_t nvec = width / 16, blocks = ceil_div(nvec, Cfg::kNvAvx512);
   int64_t s = t0;
@@ -33,8 +34,8 @@ void panel_wide(const MaskedMatrix& w, const uint16_t* values_bf16, int64_t pane
     const int64_t count = std::min<int64_t>(Cfg::kWideGroupTiles, t1 - s);
     for (int64_t bi = 0, v0 = 0; bi < blocks; ++bi) {
       const int64_t nv = ceil_div(nvec - v0, blocks - bi);
-      MaskedWideBlockT<float> blk;
-      blk.tiles = w.values + s * Cfg::kTileSize;
+      MaskedWideBlockT<T> blk;
+      blk.tiles = values + s * Cfg::kTileSize;
       blk.tidx = w.tile_idx + s;
       blk.count = count;
       blk.xp = xp + 16 * v0;
@@ -42,18 +43,7 @@ void panel_wide(const MaskedMatrix& w, const uint16_t* values_bf16, int64_t pane
       blk.acc = acc + 16 * v0;
       blk.ld = acc_ld;
       blk.accumulate = s > t0;
-#ifdef PYHWP_AMX_KERNELS
-      if (values_bf16) {
-        MaskedWideBlockT<uint16_t> dot;
-        dot.tiles = values_bf16 + s * Cfg::kTileSize;
-        dot.tidx = blk.tidx, dot.count = blk.count, dot.xp = blk.xp, dot.nv = blk.nv;
-        dot.acc = blk.acc, dot.ld = blk.ld, dot.accumulate = blk.accumulate;
-        for (dot.half = 0; dot.half < 2; ++dot.half) masked_wide_conv_dot(dot, offsets);
-        v0 += nv;
-        continue;
-      }
-#endif
-      for (blk.half = 0; blk.half < 2; ++blk.half) masked_wide_conv_avx512(blk, offsets);
+      for (blk.half = 0; blk.half < 2; ++blk.half) kernel(blk, offsets);
       v0 += nv;
     }
     s += count;
@@ -106,7 +96,16 @@ bool run(const MaskedMatrix& w, const uint16_t* values_bf16, const ConvGeometry&
           const float* b = bias ? bias + n0 : nullptr;
           if (wide) {
             // The accumulator rows are the tile: the bias added in place, then copied into y once.
-            panel_wide(w, values_bf16, panel, xp_group + p0, offsets.data(), acc_ld, acc, acc_ld);
+#ifdef PYHWP_AMX_KERNELS
+            if (values_bf16) {
+              panel_wide(w, values_bf16, masked_wide_conv_dot, panel, xp_group + p0, offsets.data(), acc_ld, acc,
+                         acc_ld);
+            } else
+#endif
+            {
+              panel_wide(w, w.values, masked_wide_conv_avx512, panel, xp_group + p0, offsets.data(), acc_ld, acc,
+                         acc_ld);
+            }
             if (b) {
               for (int r = 0; r < rows; ++r)
                 for (int64_t i = 0; i < width; ++i) acc[r * acc_ld + i] += b[r];

@@ -9,6 +9,7 @@
 #include <array>
 #include <utility>
 
+#include "common/amx_bf16.h"
 #include "masked/masked_matmul.h"
 
 namespace pyhwp {
@@ -16,10 +17,6 @@ namespace pyhwp {
 namespace {
 
 using Cfg = MaskedCpuConfig;
-
-// Lanes 2i and 2i + 1 of the result: element i of the lower and of the upper half.
-alignas(64) constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 // Rows 8 half .. 8 half + 7 of a stored tile (k-major bfloat16: (k, n) at 16 k + n) as 8 k pairs x
 // 8 rows of 32-bit (k, k + 1) pairs.
@@ -41,7 +38,7 @@ void wide_dot(const MaskedWideBlockT<uint16_t>& b, const int32_t* offsets) {
   __m512 c[8][NV];
   for (int r = 0; r < 8; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = _mm512_load_si512(amx::kPairInterleave);
   alignas(64) uint32_t pairs[2][Cfg::kTileK / 2 * 8];  // double buffer, one tile ahead
   if (b.count > 0) half_pairs(b.tiles, b.half, pairs[0]);
   for (int64_t j = 0; j < b.count; ++j) {

@@ -30,10 +30,7 @@ struct MaskedPanels {
   // The stored tiles (k-major: (k, n) at 16 k + n) in B's pair layout ((k, n) at 32 (k / 2) + 2 n
   // + k % 2): rows 2i and 2i + 1 are one 64-byte line, interleaved by one permute.
   int64_t prepare(int64_t j, uint16_t* b, amx::Step* steps) const {
-    alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
-                                                         21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
-                                                         11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i perm = _mm512_load_si512(kInterleave);
+    const __m512i perm = _mm512_load_si512(amx::kPairInterleave);
     const int64_t t0 = w.tile_ptr[j], count = w.tile_ptr[j + 1] - t0;
     const uint16_t* tiles = w.values + t0 * amx::kTile;
     for (int64_t i = 0; i < count * (amx::kTile / 32); ++i) {

@@ -161,18 +161,11 @@ void dot24_pass(const uint16_t* b, const amx::Step* steps, int64_t count, const 
   for (int r = 0; r < 16; ++r) _mm512_store_ps(acc + 16 * r, r < R ? c[r] : _mm512_setzero_ps());
 }
 
-struct Dot24Unit {
-  static constexpr int kGroup = 1;
-  void begin() const {}
-  void end() const {}
+struct Dot24Unit : amx::OneTileUnit<Dot24Unit> {
   template <int R>
   static void pass_of(const uint16_t* b, const amx::Step* steps, int64_t count, const uint16_t* xa, int64_t nb,
                       const char* prefetch, int64_t prefetch_lines, float* acc) {
     dot24_pass<R>(b, steps, count, xa, nb, prefetch, prefetch_lines, acc);
-  }
-  void pass(int, int64_t cols, const uint16_t* b, const amx::Step* steps, int64_t count, const uint16_t* xa,
-            int64_t nb, const char* prefetch, int64_t prefetch_lines, float* acc) const {
-    amx::by_columns<Dot24Unit>(cols, b, steps, count, xa, nb, prefetch, prefetch_lines, acc);
   }
 };
 

@@ -312,17 +312,17 @@ def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
     products are exact in float32, so this is the contract of the bfloat16 matmuls (float32
     products and sums, one rounding per output). CSR 64->64 3x3 @56, 90%, 2 threads: 2213 us on
     the per-tap path before (NOTES.md, stop 22)."""
-    dtype, values, values_bf16 = x.dtype, weight.values, None
+    dtype, values = x.dtype, weight.values
     if dtype != torch.float32:
         values = _derived(weight, "values_f32", lambda: weight.values.float())
         x, bias = x.float(), None if bias is None else bias.float()
-        if dtype == torch.bfloat16:  # the masked kernel's VDPBF16PS variant multiplies the originals
-            values_bf16 = weight.values.contiguous()
     if kind == "csr":
         y = csr_conv2d_impl(x, weight.row_offsets, values, plan, geometry, bias)
     elif kind == "2:4":
         y = sparse24_conv2d_impl(x, values, weight.meta, geometry, bias)
     else:
+        # bfloat16: the originals too, which the kernel's VDPBF16PS variant multiplies
+        values_bf16 = weight.values.contiguous() if dtype == torch.bfloat16 else None
         y = masked_conv2d_impl(x, weight.tile_ptr.contiguous(), weight.tile_idx.contiguous(), values.contiguous(),
                                weight.shape[0], geometry, bias, values_bf16)
     return y if y is None or dtype == torch.float32 else y.to(dtype)
@@ -441,7 +441,7 @@ def _gemm_conv(matmul, x, weight, bias, stride, pads, dilation, groups, out_hw, 
         if taps is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             # bfloat16 partial sums would round once per tap: in float32, rounded once at the end
             # like every other bfloat16 CPU path (the taps' values widened once per weight)
-            wide = _derived(weight, "taps_f32", lambda: tuple(_widened(t) for t in _kernel_taps(weight)))
+            wide = _derived(weight, "taps_f32", lambda: tuple(_widened(t) for t in taps))
             y = _shifted_conv(matmul, wide, x.float(), None if bias is None else bias.float(), pads, dilation,
                               (kh, kw), out_hw)
             return y.to(torch.bfloat16)

@@ -186,8 +186,8 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         out: optional (..., out_features) tensor (dtype and device of x, any strides, not
             overlapping x) the result is written into, so a caller that reuses it allocates
             nothing per call (unless its leading dims cannot be flattened into a view, as in a
-            transposed 3-D out: that one is filled from a temporary). Inference only: not with tensors that require grad, nor under
-            torch.compile / export tracing.
+            transposed 3-D out: that one is filled from a temporary). Inference only: not with
+            tensors that require grad, nor under torch.compile / export tracing.
     Returns:
         (..., out_features) tensor, contiguous, dtype and device of x (or `out`). NaN/Inf in x
         propagate exactly as in the dense product.
@@ -268,7 +268,7 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: SparseWeight, bias:
     except RuntimeError:
         # Leading dims no view can flatten (e.g. a transposed 3-D out): computed, then copied in.
         y2 = out.new_empty(x2.shape[0], weight.out_features)
-        MATMULS_INTO[kernel](y2, x2, weight, bias)
-        return out.copy_(y2.view(out.shape))
     MATMULS_INTO[kernel](y2, x2, weight, bias)
+    if y2.data_ptr() != out.data_ptr():
+        out.copy_(y2.view(out.shape))
     return out

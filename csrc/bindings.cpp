@@ -109,6 +109,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("isa"),
       "Cap the kernels' ISA ('scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx'); returns the one in use");
+  m.def("set_slow_gathers", &pyhwp::set_slow_gathers, py::arg("mode"),
+        "Take gathers as slow (1) or fast (0) in the kernels' choices, or as the CPU's vendor says "
+        "(-1, the default); returns the previous mode");
 
   m.def(
       "csr_validate",

@@ -8,6 +8,7 @@ import torch
 
 import pyhwp
 from helpers import UNIT_ROUNDOFF, assert_linear_close, random_sparse
+from pyhwp._ext import _C
 
 
 def _terms(sw):
@@ -27,6 +28,45 @@ def test_tile_paths(isa, n, k, sparsity, batch):
     x = torch.randn(batch, k, generator=g)
     bias = torch.randn(n, generator=g)
     assert_linear_close(pyhwp.linear(x, sw, bias), x, w, bias, _terms(sw))
+
+
+@pytest.fixture(params=[0, 1], ids=["gathers", "scalar-loads"])
+def slow_gathers(request):
+    """Both gather kernels on any x86 CPU: hardware gathers, and x's terms by scalar loads (what
+    CPUs with slow gathers get, which also serves 2 columns on that path)."""
+    previous = _C.set_slow_gathers(request.param)
+    yield request.param
+    _C.set_slow_gathers(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_kernels(isa, slow_gathers, dtype):
+    """Row i stores i weights (0 to 70: every remainder of the 32-, 16- and 8-term steps), at
+    batches 1 to 3 (gather path, and the tile path from 2 or 3 columns); the 16-bit and 32-bit
+    index copies give the same bits; NaN/Inf in x propagate as in the dense product."""
+    g = torch.Generator().manual_seed(27 + slow_gathers)
+    k = 300
+    w = torch.zeros(71, k)
+    for i in range(71):
+        w[i, torch.randperm(k, generator=g)[:i]] = torch.randn(i, generator=g)
+    w = w.to(dtype)
+    sw = pyhwp.to_sparse(w, "csr")
+    assert sw.kernel_col_indices.dtype == torch.int16
+    for batch in (1, 2, 3):
+        x = torch.randn(batch, k, generator=g).to(dtype)
+        bias = torch.randn(71, generator=g).to(dtype)
+        y = pyhwp.linear(x, sw, bias)
+        if dtype == torch.float32:
+            assert_linear_close(y, x, w, bias, terms=70)
+        else:
+            _assert_bf16_close(y, x, w, bias)
+        wide = torch.ops.pyhwp.csr_matmul(x, sw.row_offsets, sw.col_indices, sw.values, bias, False)
+        assert torch.equal(wide, y)
+        x[0, 5] = float("nan")
+        x[-1, 9] = float("inf")
+        y, ref = pyhwp.linear(x, sw), torch.nn.functional.linear(x.float(), w.float())
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        assert torch.equal(torch.isinf(y), torch.isinf(ref))
 
 
 @pytest.mark.parametrize("k", [40000, 70000])

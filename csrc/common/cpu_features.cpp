@@ -75,6 +75,18 @@ Isa set_isa_cap(Isa cap) {
   return isa;
 }
 
+static std::atomic<int> g_slow_gathers{-1};
+
+bool slow_gathers() {
+  const int mode = g_slow_gathers.load(std::memory_order_relaxed);
+  return mode < 0 ? cpu_features().slow_gathers : mode == 1;
+}
+
+int set_slow_gathers(int mode) {
+  PYHWP_CHECK(mode >= -1 && mode <= 1, "set_slow_gathers: mode must be -1, 0 or 1, got ", mode);
+  return g_slow_gathers.exchange(mode);
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAmx: return "amx";

@@ -19,8 +19,8 @@ struct CpuFeatures {
   bool amx = false;         // AMX-BF16 usable here: AVX512-BF16 and -VBMI2 too (every AMX CPU has
                             // them), and Linux let this process use tiles
   // Kernel choices by vendor, measured on a Zen 4: AMD's gathers cost more than Intel's, so the
-  // CSR gather kernel ends rows with a scalar loop rather than a masked gather, and serves batch 1
-  // only (the tile kernel from 2 columns; csr_matmul_cpu.cpp, csr_matmul_avx512.cpp).
+  // CSR gather kernel takes x's terms by scalar loads rather than VGATHERDPS, and serves batches
+  // 1 and 2 only (the tile kernel from 3 columns; csr_matmul_cpu.cpp, csr_matmul_avx2.cpp).
   bool slow_gathers = false;
 };
 
@@ -46,6 +46,14 @@ Isa vector_isa();
 // Caps the kernels to `cap` (for tests and benchmarks of the fallbacks); never raises the ISA
 // above what the CPU supports and the build compiled. Returns the ISA now active.
 Isa set_isa_cap(Isa cap);
+
+// Whether the kernels take gathers as slow: CpuFeatures::slow_gathers, unless set_slow_gathers
+// overrode it.
+bool slow_gathers();
+
+// Overrides slow_gathers() with `mode` 1 (slow) or 0 (fast), or -1 for the CPU's own, so that tests
+// run both kernels on any x86 CPU; returns the previous mode.
+int set_slow_gathers(int mode);
 
 const char* isa_name(Isa isa);
 Isa isa_from_name(const std::string& name);  // throws std::invalid_argument on unknown names

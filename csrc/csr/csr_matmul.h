@@ -112,12 +112,12 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const int32_t* offset
 // Tiling knobs of the CPU CSR kernels.
 struct CsrCpuConfig {
   static constexpr int64_t kGatherMaxP = 8;  // P below this: gather from x rows, no packing
-  // The same where gathers are slow (CpuFeatures::slow_gathers). On a Zen 4 (2 threads, 1536x384
-  // 90% / 768x3072 90% / 3072x768 70% / 4096x4096 90%) the gather path's time grows with P
-  // (37 / 92 / 250 / 568 us at 1 column, 55 / 154 / 426 / 1093 at 2, 154 / 530 / 1491 / 3610 at 7)
-  // and the tile path's hardly does (61 / 170 / 340 / 906 at 1 column, 62 / 175 / 342 / 917 at
-  // 2, 69 / 161 / 350 / 903 at 7): batch 1 only.
-  static constexpr int64_t kGatherMaxPSlowGathers = 2;
+  // The same where gathers are slow (slow_gathers(): the gather kernel then takes x's terms by
+  // scalar loads). On a Zen 4, 2 threads, 1536x384 90% / 1536x384 70% / 768x3072 90% / 3072x768
+  // 90%, the gather path against the tile path: 33 / 57 / 105 / 66 us against 34 / 75 / 133 / 119
+  // at 2 columns, 48 / 112 / 176 / 101 against 35 / 78 / 160 / 125 at 3; 4096x4096 90% at 2
+  // columns 573-822 against 846-869 (NOTES.md, stop 27): batches 1 and 2.
+  static constexpr int64_t kGatherMaxPSlowGathers = 3;
   static constexpr int64_t kSerialWork = 1 << 15;  // nnz * P below this runs on one thread
   static constexpr int64_t kTileP = 128;     // output columns per register tile (8 zmm)
   static constexpr int64_t kRowBlock = 16;   // rows per output tile before it is transposed

@@ -2,7 +2,9 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 
+#include "common/cpu_features.h"
 #include "common/simd_avx2.h"
 #include "common/vector_count.h"
 
@@ -24,7 +26,44 @@ inline __m256i load_idx8(const uint16_t* c) {
   return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
 }
 
-template <typename I, typename T>
+// W's index and value streams, kPrefetchBytes ahead of 16 (hardware gathers) or 32 (scalar
+// loads) elements: from DRAM at batch 1 (AVX2 kernels on an AVX-512 machine) 11008x4096 70%
+// 1.41-1.46x -> 1.93-2.06x dense, 4096x4096 90% 3.41-3.55x -> 4.45-4.55x.
+template <int kElements, typename E>
+inline void prefetch_ahead(const E* p) {
+  const char* b = reinterpret_cast<const char*>(p) + CsrCpuConfig::kPrefetchBytes;
+  for (int64_t o = 0; o < kElements * int64_t{sizeof(E)}; o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
+}
+
+// x[c[0..3]], one scalar load each, merged by vinsertps (which takes the load as its operand).
+// The indices come four uint16 or two int32 to a 64-bit load and are split by shifts, so each
+// term costs one load of x and a quarter or half of an index load.
+inline __m128 four(const float* x, uint64_t c0, uint64_t c1, uint64_t c2, uint64_t c3) {
+  __m128 r = _mm_load_ss(x + c0);
+  r = _mm_insert_ps(r, _mm_load_ss(x + c1), 0x10);
+  r = _mm_insert_ps(r, _mm_load_ss(x + c2), 0x20);
+  return _mm_insert_ps(r, _mm_load_ss(x + c3), 0x30);
+}
+inline __m128 load4(const float* x, const uint16_t* c) {
+  uint64_t q;
+  std::memcpy(&q, c, 8);
+  return four(x, q & 0xFFFF, (q >> 16) & 0xFFFF, (q >> 32) & 0xFFFF, q >> 48);
+}
+inline __m128 load4(const float* x, const int32_t* c) {  // indices are non-negative
+  uint64_t q[2];
+  std::memcpy(q, c, 16);
+  return four(x, q[0] & 0xFFFFFFFF, q[0] >> 32, q[1] & 0xFFFFFFFF, q[1] >> 32);
+}
+template <typename I>
+inline __m256 load8_at(const float* x, const I* c) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(load4(x, c)), load4(x, c + 4), 1);
+}
+
+// Gather kernel. kScalarLoads: x's terms come from scalar loads (load8_at) instead of the
+// hardware gather, 32 terms per step in four chains. Where gathers are slow (a Zen 4's
+// VGATHERDPS: 1 thread, 1536x384 / 768x3072 / 3072x768 at 90%, 70%: 1.4-1.7x faster; see
+// NOTES.md, stop 27) the AVX-512 kernel set uses it too.
+template <bool kScalarLoads, typename I, typename T>
 void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
             int64_t P, const float* bias, float* y, int64_t ldy_n, int64_t ldy_p) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -35,16 +74,27 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
       const float* xr = x + p * ldx;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
       int64_t j = 0;
-      for (; j + 16 <= len; j += 16) {
-        // W's streams, 16 values (one line of float32) ahead by kPrefetchBytes: from DRAM at batch
-        // 1 (AVX2 kernels on this AVX-512 machine) 11008x4096 70% 1.41-1.46x -> 1.93-2.06x dense,
-        // 4096x4096 90% 3.41-3.55x -> 4.45-4.55x.
-        _mm_prefetch(reinterpret_cast<const char*>(cols + j) + CsrCpuConfig::kPrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vals + j) + CsrCpuConfig::kPrefetchBytes, _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
-        a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
+      if constexpr (kScalarLoads) {
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (; j + 32 <= len; j += 32) {
+          prefetch_ahead<32>(cols + j);
+          prefetch_ahead<32>(vals + j);
+          a0 = _mm256_fmadd_ps(load8(vals + j), load8_at(xr, cols + j), a0);
+          a1 = _mm256_fmadd_ps(load8(vals + j + 8), load8_at(xr, cols + j + 8), a1);
+          a2 = _mm256_fmadd_ps(load8(vals + j + 16), load8_at(xr, cols + j + 16), a2);
+          a3 = _mm256_fmadd_ps(load8(vals + j + 24), load8_at(xr, cols + j + 24), a3);
+        }
+        for (; j + 8 <= len; j += 8) a0 = _mm256_fmadd_ps(load8(vals + j), load8_at(xr, cols + j), a0);
+        a0 = _mm256_add_ps(a0, a2), a1 = _mm256_add_ps(a1, a3);
+      } else {
+        for (; j + 16 <= len; j += 16) {
+          prefetch_ahead<16>(cols + j);
+          prefetch_ahead<16>(vals + j);
+          a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
+          a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
+        }
       }
-      float tail = 0.f;  // the last < 16 terms, in order
+      float tail = 0.f;  // the last terms (< 16, or < 8 with kScalarLoads), in order
       // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
       for (; j < len; ++j) tail = std::fma(to_float(vals[j]), xr[cols[j]], tail);
       y[i * ldy_n + p * ldy_p] = hsum(_mm256_add_ps(a0, a1)) + tail + (bias ? bias[i] : 0.f);
@@ -142,7 +192,7 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
 
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels_avx2() {
-  return {&gather<I, T>, &tile<I, T>};
+  return {slow_gathers() ? &gather<true, I, T> : &gather<false, I, T>, &tile<I, T>};
 }
 template CsrKernels<int32_t, float> csr_kernels_avx2();
 template CsrKernels<uint16_t, float> csr_kernels_avx2();

@@ -1,8 +1,6 @@
 // AVX-512 CSR kernels: gather for small batches, register tiles of up to 128 columns for large ones.
 #include <immintrin.h>
 
-#include <cmath>
-
 #include "common/cpu_features.h"
 #include "common/simd_avx512.h"
 #include "common/vector_count.h"
@@ -43,11 +41,8 @@ inline void prefetch_lines(const E* p) {  // the lines of 32 elements kPrefetchB
   for (int64_t o = 0; o < 32 * int64_t{sizeof(E)}; o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
 }
 
-// A row's last < 32 terms: one masked gather per 16 (kScalarTail false), or full gathers and then
-// a scalar loop over the last < 16 (true, where CpuFeatures::slow_gathers says so: on a Zen 4, 2
-// threads, batch 1, 1536x384 90% 23-38 -> 19-25 us, level with the AVX2 kernel; the larger shapes
-// within noise).
-template <bool kScalarTail, typename I, typename T>
+// Gather kernel: 32 terms per step in two chains, a row's last < 32 by masked gathers of 16.
+template <typename I, typename T>
 void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
             int64_t P, const float* bias, float* y, int64_t ldy_n, int64_t ldy_p) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -66,21 +61,12 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
         a0 = _mm512_fmadd_ps(load16(vals + j), _mm512_i32gather_ps(i0, xr, 4), a0);
         a1 = _mm512_fmadd_ps(load16(vals + j + 16), _mm512_i32gather_ps(i1, xr, 4), a1);
       }
-      float tail = 0.f;
-      if constexpr (kScalarTail) {  // the last < 16 terms, in order
-        for (; j + 16 <= len; j += 16) {
-          a0 = _mm512_fmadd_ps(load16(vals + j), _mm512_i32gather_ps(load_idx(cols + j), xr, 4), a0);
-        }
-        // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
-        for (; j < len; ++j) tail = std::fma(to_float(vals[j]), xr[cols[j]], tail);
-      } else {
-        for (; j < len; j += 16) {
-          const __mmask16 m = tail_mask(len - j);
-          const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_idx(cols + j, m), xr, 4);
-          a0 = _mm512_fmadd_ps(load16(vals + j, m), xv, a0);
-        }
+      for (; j < len; j += 16) {
+        const __mmask16 m = tail_mask(len - j);
+        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, load_idx(cols + j, m), xr, 4);
+        a0 = _mm512_fmadd_ps(load16(vals + j, m), xv, a0);
       }
-      y[i * ldy_n + p * ldy_p] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail + bi;
+      y[i * ldy_n + p * ldy_p] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + bi;
     }
   }
 }
@@ -166,7 +152,8 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
 
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels_avx512() {
-  return {cpu_features().slow_gathers ? &gather<true, I, T> : &gather<false, I, T>, &tile<I, T>};
+  // Where gathers are slow, the AVX2 set's gather kernel, which takes x's terms by scalar loads.
+  return {slow_gathers() ? csr_kernels_avx2<I, T>().gather : &gather<I, T>, &tile<I, T>};
 }
 template CsrKernels<int32_t, float> csr_kernels_avx512();
 template CsrKernels<uint16_t, float> csr_kernels_avx512();

@@ -149,7 +149,7 @@ struct Problem {
 
 // The gather path serves P below this (with the vector kernels, fewer columns where gathers are slow).
 int64_t gather_max_p(Isa isa) {
-  return isa != Isa::kScalar && cpu_features().slow_gathers ? Cfg::kGatherMaxPSlowGathers : Cfg::kGatherMaxP;
+  return isa != Isa::kScalar && slow_gathers() ? Cfg::kGatherMaxPSlowGathers : Cfg::kGatherMaxP;
 }
 
 // Gather path: x rows contiguous (ldx apart), small P.

@@ -60,9 +60,9 @@ inline __m256 load8_at(const float* x, const I* c) {
 }
 
 // Gather kernel. kScalarLoads: x's terms come from scalar loads (load8_at) instead of the
-// hardware gather, 32 terms per step in four chains. Where gathers are slow (a Zen 4's
-// VGATHERDPS: 1 thread, 1536x384 / 768x3072 / 3072x768 at 90%, 70%: 1.4-1.7x faster; see
-// NOTES.md, stop 27) the AVX-512 kernel set uses it too.
+// hardware gather, 32 terms per step in four chains. Where gathers are slow (on a Zen 4, 1
+// thread, batch 1: 1536x384 90% / 70%, 768x3072 90%, 3072x768 90% 1.5-1.7x faster than with
+// VGATHERDPS; NOTES.md, stop 27) the AVX-512 kernel set uses it too.
 template <bool kScalarLoads, typename I, typename T>
 void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
             int64_t P, const float* bias, float* y, int64_t ldy_n, int64_t ldy_p) {

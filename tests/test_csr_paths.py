@@ -69,6 +69,16 @@ def test_gather_kernels(isa, slow_gathers, dtype):
         assert torch.equal(torch.isinf(y), torch.isinf(ref))
 
 
+def test_set_slow_gathers_rejects_bad_modes():
+    previous = _C.set_slow_gathers(-1)
+    try:
+        with pytest.raises(ValueError, match="mode must be -1, 0 or 1"):
+            _C.set_slow_gathers(2)
+        assert _C.set_slow_gathers(1) == -1 and _C.set_slow_gathers(-1) == 1
+    finally:
+        _C.set_slow_gathers(previous)
+
+
 @pytest.mark.parametrize("k", [40000, 70000])
 def test_wide_inputs_use_right_index_width(isa, k):
     # 40000 columns: 16-bit indices with values above 2**15; 70000: int32 indices.

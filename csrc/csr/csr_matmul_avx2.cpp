@@ -2,7 +2,6 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstring>
 
 #include "common/cpu_features.h"
 #include "common/simd_avx2.h"
@@ -26,37 +25,20 @@ inline __m256i load_idx8(const uint16_t* c) {
   return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
 }
 
-// W's index and value streams, kPrefetchBytes ahead of 16 (hardware gathers) or 32 (scalar
-// loads) elements: from DRAM at batch 1 (AVX2 kernels on an AVX-512 machine) 11008x4096 70%
-// 1.41-1.46x -> 1.93-2.06x dense, 4096x4096 90% 3.41-3.55x -> 4.45-4.55x.
-template <int kElements, typename E>
-inline void prefetch_ahead(const E* p) {
-  const char* b = reinterpret_cast<const char*>(p) + CsrCpuConfig::kPrefetchBytes;
-  for (int64_t o = 0; o < kElements * int64_t{sizeof(E)}; o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
-}
-
-// x[c[0..3]], one scalar load each, merged by vinsertps (which takes the load as its operand).
-// The indices come four uint16 or two int32 to a 64-bit load and are split by shifts, so each
-// term costs one load of x and a quarter or half of an index load.
-inline __m128 four(const float* x, uint64_t c0, uint64_t c1, uint64_t c2, uint64_t c3) {
-  __m128 r = _mm_load_ss(x + c0);
-  r = _mm_insert_ps(r, _mm_load_ss(x + c1), 0x10);
-  r = _mm_insert_ps(r, _mm_load_ss(x + c2), 0x20);
-  return _mm_insert_ps(r, _mm_load_ss(x + c3), 0x30);
-}
-inline __m128 load4(const float* x, const uint16_t* c) {
-  uint64_t q;
-  std::memcpy(&q, c, 8);
-  return four(x, q & 0xFFFF, (q >> 16) & 0xFFFF, (q >> 32) & 0xFFFF, q >> 48);
-}
-inline __m128 load4(const float* x, const int32_t* c) {  // indices are non-negative
-  uint64_t q[2];
-  std::memcpy(q, c, 16);
-  return four(x, q[0] & 0xFFFFFFFF, q[0] >> 32, q[1] & 0xFFFFFFFF, q[1] >> 32);
+// x[c[0..7]], one scalar load each, merged by vinsertps (which takes the load as its operand)
+// into two xmm halves; the indices come a 64-bit word at a time (load_cols), so each term costs
+// one load of x and a quarter or half of an index load.
+inline __m128 four(const float* x, const uint64_t* c) {
+  __m128 r = _mm_load_ss(x + c[0]);
+  r = _mm_insert_ps(r, _mm_load_ss(x + c[1]), 0x10);
+  r = _mm_insert_ps(r, _mm_load_ss(x + c[2]), 0x20);
+  return _mm_insert_ps(r, _mm_load_ss(x + c[3]), 0x30);
 }
 template <typename I>
-inline __m256 load8_at(const float* x, const I* c) {
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(load4(x, c)), load4(x, c + 4), 1);
+inline __m256 load8_at(const float* x, const I* cols) {
+  uint64_t c[8];
+  load_cols<8>(cols, c);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(four(x, c)), four(x, c + 4), 1);
 }
 
 // Gather kernel. kScalarLoads: x's terms come from scalar loads (load8_at) instead of the

@@ -1,8 +1,6 @@
 // AVX-512 CSR kernels: gather for small batches, register tiles of up to 128 columns for large ones.
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "common/cpu_features.h"
 #include "common/simd_avx512.h"
 #include "common/vector_count.h"
@@ -35,14 +33,6 @@ inline __m512i load_idx(const uint16_t* c, __mmask16 m) {
 
 constexpr int64_t kPrefetchBytes = CsrCpuConfig::kPrefetchBytes;
 
-template <typename E>
-inline void prefetch_lines(const E* p) {  // the lines of 32 elements kPrefetchBytes past p
-  // (every line: prefetching one of the two lines that 32 float32 values span, 4 KiB ahead, was
-  // 1.16-1.18x slower at 11008x4096 70% from DRAM, 1 and 2 threads)
-  const char* b = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-  for (int64_t o = 0; o < 32 * int64_t{sizeof(E)}; o += 64) _mm_prefetch(b + o, _MM_HINT_T0);
-}
-
 // Gather kernel: 32 terms per step in two chains, a row's last < 32 by masked gathers of 16.
 template <typename I, typename T>
 void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
@@ -57,8 +47,8 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       int64_t j = 0;
       for (; j + 32 <= len; j += 32) {
-        prefetch_lines(cols + j);
-        prefetch_lines(vals + j);
+        prefetch_ahead<32>(cols + j);
+        prefetch_ahead<32>(vals + j);
         const __m512i i0 = load_idx(cols + j), i1 = load_idx(cols + j + 16);
         a0 = _mm512_fmadd_ps(load16(vals + j), _mm512_i32gather_ps(i0, xr, 4), a0);
         a1 = _mm512_fmadd_ps(load16(vals + j + 16), _mm512_i32gather_ps(i1, xr, 4), a1);
@@ -73,28 +63,12 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
   }
 }
 
-// cols[0..U): uint16 indices four to a 64-bit load, split by shifts, int32 one load each. Where
-// a stored weight is one FMA (16 columns, U = 4) the loads are what the loop runs out of: on a
-// Zen 4, 1 thread, 1536x384 / 768x3072 / 3072x768 at 90%, batch 5 47-49 / 179-181 / 167-169 ->
-// 42-44 / 175-177 / 152-154 us, batch 16 44-45 / 169-171 / 162-164 -> 41 / 167 / 149-151.
-template <int U, typename I>
-inline void load_cols(const I* cols, uint64_t (&c)[U]) {
-  if constexpr (U == 4 && sizeof(I) == 2) {
-    uint64_t q;
-    std::memcpy(&q, cols, 8);
-    c[0] = q & 0xFFFF, c[1] = (q >> 16) & 0xFFFF, c[2] = (q >> 32) & 0xFFFF, c[3] = q >> 48;
-  } else {
-    _Pragma("GCC unroll 8")
-    for (int u = 0; u < U; ++u) c[u] = static_cast<uint64_t>(cols[u]);
-  }
-}
-
 // One row times a tile of V*16 columns of X (the last vector masked by `last`). U independent
 // accumulator sets keep U*V >= 8 FMA chains in flight (2 FMA ports x 4 cycles latency). The last
 // vector is a masked load even when whole: the FMA then takes its weight as an embedded
 // broadcast. Whole vectors as plain loads that fold into the FMAs, after a separate broadcast,
-// ran slower on a Zen 4 (1 thread, batch 16, the shapes above: 46 / 188 / 181 us with
-// load_cols, against 43 / 170 / 161 without it).
+// ran slower on a Zen 4 (1 thread, batch 16, 1536x384 / 768x3072 / 3072x768 at 90%: 46 / 188 /
+// 181 us with load_cols, against 43 / 170 / 161 without it).
 template <int V, typename I, typename T>
 inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
                      const float* init, float* out, __mmask16 last) {

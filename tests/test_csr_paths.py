@@ -89,13 +89,13 @@ def test_wide_inputs_use_right_index_width(isa, k):
     ci = sw.kernel_col_indices
     assert ci.dtype == (torch.int16 if k <= 65536 else torch.int32)
     assert torch.equal(ci.to(torch.int32) & 0xFFFF if k <= 65536 else ci, sw.col_indices)
-    for batch in (1, 3, 17):
+    for batch in (1, 3, 16, 17):  # 16: the 16-column tile kernel on a packed panel (rows 64 bytes apart)
         x = torch.randn(batch, k, generator=g)
         assert_linear_close(pyhwp.linear(x, sw), x, w, terms=_terms(sw))
 
 
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
-@pytest.mark.parametrize("p", [5, 48, 200])
+@pytest.mark.parametrize("p", [5, 16, 48, 200])
 def test_conv_layout(isa, offset, p):
     """X given as (K, P) with p contiguous (an image's patch matrix) and transpose_out."""
     g = torch.Generator().manual_seed(p + offset)

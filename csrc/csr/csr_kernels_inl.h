@@ -25,8 +25,10 @@ inline void prefetch_ahead(const E* p) {
 // out of (the gather kernel by scalar loads; the tile kernel at 16 columns, where a stored weight
 // is one FMA: on a Zen 4, 1 thread, 1536x384 / 768x3072 / 3072x768 at 90%, batch 5 47-49 /
 // 179-181 / 167-169 -> 42-44 / 175-177 / 152-154 us, batch 16 44-45 / 169-171 / 162-164 -> 41 /
-// 167 / 149-151). Otherwise one load each. Indices are non-negative.
-template <int U, typename I>
+// 167 / 149-151). Otherwise one load each. Indices are non-negative. With kShift, each index
+// comes shifted left by kShift (a byte offset where rows of X are 2^kShift bytes apart), in the
+// same shift-and-mask the split takes anyway.
+template <int U, int kShift = 0, typename I>
 inline void load_cols(const I* cols, uint64_t (&c)[U]) {
   constexpr int kPerWord = 8 / static_cast<int>(sizeof(I));
   if constexpr (U % kPerWord == 0) {
@@ -36,11 +38,15 @@ inline void load_cols(const I* cols, uint64_t (&c)[U]) {
       uint64_t q;
       std::memcpy(&q, cols + w * kPerWord, 8);
 #pragma GCC unroll 4
-      for (int e = 0; e < kPerWord; ++e) c[w * kPerWord + e] = (q >> (8 * sizeof(I) * e)) & kMask;
+      for (int e = 0; e < kPerWord; ++e) {
+        constexpr int64_t kBits = 8 * sizeof(I);
+        const int64_t right = kBits * e - kShift;  // the shift that puts index e at bit kShift
+        c[w * kPerWord + e] = (right >= 0 ? q >> right : q << -right) & (kMask << kShift);
+      }
     }
   } else {
 #pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) c[u] = static_cast<uint64_t>(cols[u]);
+    for (int u = 0; u < U; ++u) c[u] = static_cast<uint64_t>(cols[u]) << kShift;
   }
 }
 

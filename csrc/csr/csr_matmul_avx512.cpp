@@ -69,7 +69,9 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
 // broadcast. Whole vectors as plain loads that fold into the FMAs, after a separate broadcast,
 // ran slower on a Zen 4 (1 thread, batch 16, 1536x384 / 768x3072 / 3072x768 at 90%: 46 / 188 /
 // 181 us with load_cols, against 43 / 170 / 161 without it).
-template <int V, typename I, typename T>
+// kLd16: X's rows are 16 floats apart (ldx == 16, a packed 16-column panel), so the byte offset
+// of a row comes out of the index split with no multiply.
+template <int V, bool kLd16, typename I, typename T>
 inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
                      const float* init, float* out, __mmask16 last) {
   constexpr int U = V >= 5 ? 1 : (V >= 3 ? 2 : 8 / (V * 2));
@@ -93,17 +95,18 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
       _mm_prefetch(reinterpret_cast<const char*>(vals + j) + kPrefetchBytes, _MM_HINT_T0);
     }
     uint64_t c[U];
-    load_cols<U>(cols + j, c);
+    load_cols<U, kLd16 ? 6 : 0>(cols + j, c);
     _Pragma("GCC unroll 8")
     for (int u = 0; u < U; ++u) {
-      const float* xr = x + static_cast<int64_t>(c[u]) * ldx;
+      const float* xr = kLd16 ? reinterpret_cast<const float*>(reinterpret_cast<const char*>(x) + c[u])
+                              : x + static_cast<int64_t>(c[u]) * ldx;
       const __m512 v = _mm512_set1_ps(to_float(vals[j + u]));
       _Pragma("GCC unroll 8")
       for (int i = 0; i < V; ++i) acc[u][i] = _mm512_fmadd_ps(v, load(xr + 16 * i, i), acc[u][i]);
     }
   }
   for (; j < len; ++j) {
-    const float* xr = x + static_cast<int64_t>(cols[j]) * ldx;
+    const float* xr = x + static_cast<int64_t>(cols[j]) * (kLd16 ? 16 : ldx);
     const __m512 v = _mm512_set1_ps(to_float(vals[j]));
     _Pragma("GCC unroll 8")
     for (int i = 0; i < V; ++i) acc[0][i] = _mm512_fmadd_ps(v, load(xr + 16 * i, i), acc[0][i]);
@@ -116,7 +119,7 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
   for (int i = 0; i < V; ++i) _mm512_mask_storeu_ps(out + 16 * i, i == V - 1 ? last : 0xFFFF, acc[0][i]);
 }
 
-template <int V, typename I, typename T>
+template <int V, bool kLd16, typename I, typename T>
 void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
             const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
             int64_t ldy) {
@@ -130,7 +133,7 @@ void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t
       for (int v = 0; v < V; ++v) _mm512_store_ps(init + 16 * v, b);
       src = init;
     }
-    row_tile<V>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, src, out, last);
+    row_tile<V, kLd16>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, src, out, last);
   }
 }
 
@@ -138,8 +141,12 @@ template <typename I, typename T>
 void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
           const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
           int64_t ldy) {
+  if (P <= 16 && ldx == 16) {
+    tile_v<1, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+    return;
+  }
   with_vectors<8>(static_cast<int>((P + 15) / 16), [&](auto v_tag) {
-    tile_v<decltype(v_tag)::value>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+    tile_v<decltype(v_tag)::value, false>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
   });
 }
 

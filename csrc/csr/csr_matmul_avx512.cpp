@@ -71,16 +71,17 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
 // 181 us with load_cols, against 43 / 170 / 161 without it).
 // kLd16: X's rows are 16 floats apart (ldx == 16, a packed 16-column panel), so the byte offset
 // of a row comes out of the index split with no multiply.
+// The accumulators start from `out` when accumulating, else from `bias` in every lane.
 template <int V, bool kLd16, typename I, typename T>
 inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
-                     const float* init, float* out, __mmask16 last) {
+                     bool accumulate, __m512 bias, float* out, __mmask16 last) {
   constexpr int U = V >= 5 ? 1 : (V >= 3 ? 2 : 8 / (V * 2));
   auto load = [&](const float* p, int i) {
     return i == V - 1 ? _mm512_maskz_loadu_ps(last, p) : _mm512_loadu_ps(p);
   };
   __m512 acc[U][V];
   _Pragma("GCC unroll 8")
-  for (int i = 0; i < V; ++i) acc[0][i] = load(init + 16 * i, i);
+  for (int i = 0; i < V; ++i) acc[0][i] = accumulate ? load(out + 16 * i, i) : bias;
   _Pragma("GCC unroll 8")
   for (int u = 1; u < U; ++u)
     _Pragma("GCC unroll 8")
@@ -124,16 +125,10 @@ void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t
             const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
             int64_t ldy) {
   const __mmask16 last = tail_mask(P - 16 * (V - 1));
-  alignas(64) float init[16 * V];
   for (int64_t i = 0; i < rows; ++i) {
-    float* out = y + i * ldy;
-    const float* src = out;
-    if (!accumulate) {
-      const __m512 b = _mm512_set1_ps(bias ? bias[i] : 0.f);
-      for (int v = 0; v < V; ++v) _mm512_store_ps(init + 16 * v, b);
-      src = init;
-    }
-    row_tile<V, kLd16>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, src, out, last);
+    const __m512 b = _mm512_set1_ps(bias && !accumulate ? bias[i] : 0.f);
+    row_tile<V, kLd16>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, accumulate, b, y + i * ldy,
+                       last);
   }
 }
 

@@ -87,16 +87,17 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
 // One row times a tile of V*8 columns of X (the last vector masked by `last` when Masked). U
 // independent accumulator sets keep U*V >= 8 FMA chains in flight (2 FMA ports x 4 cycles), and
 // whole vectors are plain loads that fold into the FMAs (vmaskmovps is two uops and cannot).
+// The accumulators start from `out` when accumulating, else from `bias` in every lane.
 template <int V, bool Masked, typename I, typename T>
 inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
-                     const float* init, float* out, __m256i last) {
+                     bool accumulate, __m256 bias, float* out, __m256i last) {
   constexpr int U = V >= 5 ? 1 : (V >= 3 ? 2 : 8 / (V * 2));
   auto load = [&](const float* p, int i) {
     return Masked && i == V - 1 ? _mm256_maskload_ps(p, last) : _mm256_loadu_ps(p);
   };
   __m256 acc[U][V];
 #pragma GCC unroll 8
-  for (int i = 0; i < V; ++i) acc[0][i] = load(init + 8 * i, i);
+  for (int i = 0; i < V; ++i) acc[0][i] = accumulate ? load(out + 8 * i, i) : bias;
 #pragma GCC unroll 8
   for (int u = 1; u < U; ++u)
 #pragma GCC unroll 8
@@ -135,16 +136,10 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
 template <int V, bool Masked, typename I, typename T>
 void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows, const float* x,
             int64_t ldx, const float* bias, bool accumulate, float* y, int64_t ldy, __m256i last) {
-  alignas(32) float init[8 * V];
   for (int64_t i = 0; i < rows; ++i) {
-    float* out = y + i * ldy;
-    const float* src = out;
-    if (!accumulate) {
-      const __m256 b = _mm256_set1_ps(bias ? bias[i] : 0.f);
-      for (int v = 0; v < V; ++v) _mm256_store_ps(init + 8 * v, b);
-      src = init;
-    }
-    row_tile<V, Masked>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, src, out, last);
+    const __m256 b = _mm256_set1_ps(bias && !accumulate ? bias[i] : 0.f);
+    row_tile<V, Masked>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, accumulate, b, y + i * ldy,
+                        last);
   }
 }
 

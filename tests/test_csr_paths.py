@@ -43,7 +43,8 @@ def slow_gathers(request):
 def test_gather_kernels(isa, slow_gathers, dtype):
     """Row i stores i weights (0 to 70: every remainder of the 32-, 16- and 8-term steps), at
     batches 1 to 3 (gather path, and the tile path from 2 or 3 columns); the 16-bit and 32-bit
-    index copies give the same bits; NaN/Inf in x propagate as in the dense product."""
+    index copies give the same bits, and so does a column computed with another; NaN/Inf in x
+    propagate as in the dense product."""
     g = torch.Generator().manual_seed(27 + slow_gathers)
     k = 300
     w = torch.zeros(71, k)
@@ -62,6 +63,9 @@ def test_gather_kernels(isa, slow_gathers, dtype):
             _assert_bf16_close(y, x, w, bias)
         wide = torch.ops.pyhwp.csr_matmul(x, sw.row_offsets, sw.col_indices, sw.values, bias, False)
         assert torch.equal(wide, y)
+        if batch == 2:  # scalar loads take two columns in one pass: each column's bits as alone
+            for q in range(2):
+                assert torch.equal(pyhwp.linear(x[q:q + 1], sw, bias), y[q:q + 1])
         x[0, 5] = float("nan")
         x[-1, 9] = float("inf")
         y, ref = pyhwp.linear(x, sw), torch.nn.functional.linear(x.float(), w.float())

@@ -34,17 +34,60 @@ inline __m128 four(const float* x, const uint64_t* c) {
   r = _mm_insert_ps(r, _mm_load_ss(x + c[2]), 0x20);
   return _mm_insert_ps(r, _mm_load_ss(x + c[3]), 0x30);
 }
-template <typename I>
-inline __m256 load8_at(const float* x, const I* cols) {
-  uint64_t c[8];
-  load_cols<8>(cols, c);
+// x[c[0..7]] in one ymm.
+inline __m256 eight(const float* x, const uint64_t* c) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(four(x, c)), four(x, c + 4), 1);
 }
 
-// Gather kernel. kScalarLoads: x's terms come from scalar loads (load8_at) instead of the
-// hardware gather, 32 terms per step in four chains. Where gathers are slow (on a Zen 4, 1
-// thread, batch 1: 1536x384 90% / 70%, 768x3072 90%, 3072x768 90% 1.5-1.7x faster than with
-// VGATHERDPS; NOTES.md, stop 27) the AVX-512 kernel set uses it too.
+// One row (len terms at cols, vals) against NP columns of x (ldx apart) by scalar loads, 32 terms
+// per step in four chains a column, the last ones (< 8) in order in a scalar chain: out[q] is
+// column q's sum. The columns share the index split and the values' loads, which at NP = 1 are
+// about half of a term's instructions; each column's arithmetic is the same at any NP.
+template <int NP, typename I, typename T>
+__attribute__((always_inline)) inline void scalar_row(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx, float (&out)[NP]) {
+  __m256 acc[NP][4];
+#pragma GCC unroll 2
+  for (int q = 0; q < NP; ++q)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) acc[q][u] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= len; j += 32) {
+    prefetch_ahead<32>(cols + j);
+    prefetch_ahead<32>(vals + j);
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      uint64_t c[8];
+      load_cols<8>(cols + j + 8 * u, c);
+      const __m256 v = load8(vals + j + 8 * u);
+#pragma GCC unroll 2
+      for (int q = 0; q < NP; ++q) acc[q][u] = _mm256_fmadd_ps(v, eight(x + q * ldx, c), acc[q][u]);
+    }
+  }
+  for (; j + 8 <= len; j += 8) {
+    uint64_t c[8];
+    load_cols<8>(cols + j, c);
+    const __m256 v = load8(vals + j);
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) acc[q][0] = _mm256_fmadd_ps(v, eight(x + q * ldx, c), acc[q][0]);
+  }
+  float tail[NP] = {};
+  // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
+  for (; j < len; ++j) {
+    const float v = to_float(vals[j]);
+#pragma GCC unroll 2
+    for (int q = 0; q < NP; ++q) tail[q] = std::fma(v, x[q * ldx + cols[j]], tail[q]);
+  }
+#pragma GCC unroll 2
+  for (int q = 0; q < NP; ++q) {
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[q][0], acc[q][2]), _mm256_add_ps(acc[q][1], acc[q][3]));
+    out[q] = hsum(s) + tail[q];
+  }
+}
+
+// Gather kernel. kScalarLoads: x's terms come from scalar loads (scalar_row) instead of the
+// hardware gather, two columns at a time. Where gathers are slow (on a Zen 4, 1 thread, batch
+// 1: 1536x384 90% / 70%, 768x3072 90%, 3072x768 90% 1.5-1.7x faster than with VGATHERDPS;
+// NOTES.md, stop 27) the AVX-512 kernel set uses it too.
 template <bool kScalarLoads, typename I, typename T>
 void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
             int64_t P, const float* bias, float* y, int64_t ldy_n, int64_t ldy_p) {
@@ -52,34 +95,36 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
     const int64_t b = begin[i], len = begin[i + 1] - b;
     const I* cols = a.cols + b;
     const T* vals = a.vals + b;
+    const float bi = bias ? bias[i] : 0.f;
+    if constexpr (kScalarLoads) {
+      int64_t p = 0;
+      for (; p + 2 <= P; p += 2) {
+        float s[2];
+        scalar_row<2>(cols, vals, len, x + p * ldx, ldx, s);
+        y[i * ldy_n + p * ldy_p] = s[0] + bi;
+        y[i * ldy_n + (p + 1) * ldy_p] = s[1] + bi;
+      }
+      if (p < P) {
+        float s[1];
+        scalar_row<1>(cols, vals, len, x + p * ldx, ldx, s);
+        y[i * ldy_n + p * ldy_p] = s[0] + bi;
+      }
+      continue;
+    }
     for (int64_t p = 0; p < P; ++p) {
       const float* xr = x + p * ldx;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
       int64_t j = 0;
-      if constexpr (kScalarLoads) {
-        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (; j + 32 <= len; j += 32) {
-          prefetch_ahead<32>(cols + j);
-          prefetch_ahead<32>(vals + j);
-          a0 = _mm256_fmadd_ps(load8(vals + j), load8_at(xr, cols + j), a0);
-          a1 = _mm256_fmadd_ps(load8(vals + j + 8), load8_at(xr, cols + j + 8), a1);
-          a2 = _mm256_fmadd_ps(load8(vals + j + 16), load8_at(xr, cols + j + 16), a2);
-          a3 = _mm256_fmadd_ps(load8(vals + j + 24), load8_at(xr, cols + j + 24), a3);
-        }
-        for (; j + 8 <= len; j += 8) a0 = _mm256_fmadd_ps(load8(vals + j), load8_at(xr, cols + j), a0);
-        a0 = _mm256_add_ps(a0, a2), a1 = _mm256_add_ps(a1, a3);
-      } else {
-        for (; j + 16 <= len; j += 16) {
-          prefetch_ahead<16>(cols + j);
-          prefetch_ahead<16>(vals + j);
-          a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
-          a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
-        }
+      for (; j + 16 <= len; j += 16) {
+        prefetch_ahead<16>(cols + j);
+        prefetch_ahead<16>(vals + j);
+        a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
+        a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
       }
-      float tail = 0.f;  // the last terms (< 16, or < 8 with kScalarLoads), in order
+      float tail = 0.f;  // the last terms (< 16), in order
       // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
       for (; j < len; ++j) tail = std::fma(to_float(vals[j]), xr[cols[j]], tail);
-      y[i * ldy_n + p * ldy_p] = hsum(_mm256_add_ps(a0, a1)) + tail + (bias ? bias[i] : 0.f);
+      y[i * ldy_n + p * ldy_p] = hsum(_mm256_add_ps(a0, a1)) + tail + bi;
     }
   }
 }

@@ -111,22 +111,22 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
         scalar_row<1>(cols, vals, len, x + p * ldx, ldx, s);
         y[i * ldy_n + p * ldy_p] = s[0] + bi;
       }
-      continue;
-    }
-    for (int64_t p = 0; p < P; ++p) {
-      const float* xr = x + p * ldx;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t j = 0;
-      for (; j + 16 <= len; j += 16) {
-        prefetch_ahead<16>(cols + j);
-        prefetch_ahead<16>(vals + j);
-        a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
-        a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
+    } else {
+      for (int64_t p = 0; p < P; ++p) {
+        const float* xr = x + p * ldx;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= len; j += 16) {
+          prefetch_ahead<16>(cols + j);
+          prefetch_ahead<16>(vals + j);
+          a0 = _mm256_fmadd_ps(load8(vals + j), _mm256_i32gather_ps(xr, load_idx8(cols + j), 4), a0);
+          a1 = _mm256_fmadd_ps(load8(vals + j + 8), _mm256_i32gather_ps(xr, load_idx8(cols + j + 8), 4), a1);
+        }
+        float tail = 0.f;  // the last terms (< 16), in order
+        // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
+        for (; j < len; ++j) tail = std::fma(to_float(vals[j]), xr[cols[j]], tail);
+        y[i * ldy_n + p * ldy_p] = hsum(_mm256_add_ps(a0, a1)) + tail + bi;
       }
-      float tail = 0.f;  // the last terms (< 16), in order
-      // fused, whatever gcc contracts: the int32 and uint16 index variants must round alike
-      for (; j < len; ++j) tail = std::fma(to_float(vals[j]), xr[cols[j]], tail);
-      y[i * ldy_n + p * ldy_p] = hsum(_mm256_add_ps(a0, a1)) + tail + bi;
     }
   }
 }

@@ -31,8 +31,6 @@ inline __m512i load_idx(const uint16_t* c, __mmask16 m) {
   return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, c));
 }
 
-constexpr int64_t kPrefetchBytes = CsrCpuConfig::kPrefetchBytes;
-
 // Gather kernel: 32 terms per step in two chains, a row's last < 32 by masked gathers of 16.
 template <typename I, typename T>
 void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* x, int64_t ldx,
@@ -92,8 +90,8 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
       // 16 columns: a stored weight is only one FMA, and W streams too fast for the hardware
       // prefetcher (batch 16, 4096x4096 and 11008x4096 at 90%: 1.19-1.24x; 32 columns and more
       // measured no change, W then streams at half the rate or less).
-      _mm_prefetch(reinterpret_cast<const char*>(cols + j) + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(vals + j) + kPrefetchBytes, _MM_HINT_T0);
+      prefetch_ahead<U>(cols + j);
+      prefetch_ahead<U>(vals + j);
     }
     uint64_t c[U];
     load_cols<U, kLd16 ? 6 : 0>(cols + j, c);

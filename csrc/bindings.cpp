@@ -14,6 +14,7 @@
 #include "common/cpu_features.h"
 #include "common/dense.h"
 #include "csr/csr_matmul.h"
+#include "csr/csr_sell.h"
 #include "masked/masked_matmul.h"
 #include "sparse24/sparse24_matmul.h"
 #ifdef PYHWP_WITH_CUDA
@@ -129,8 +130,9 @@ PYBIND11_MODULE(_C, m) {
       "csr_matmul",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
          Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
-         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16) {
-        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16, Addr sell) {
+        CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
+        w.sell = ptr<const void>(sell);
         const DenseIn xin{ptr<const float>(x), cols, p, x_stride_k, x_stride_p};
         const DenseOut yout{ptr<float>(y), rows, p, y_stride_n, y_stride_p};
         pyhwp::csr_matmul(w, xin, ptr<const float>(bias), yout, num_threads);
@@ -139,10 +141,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("col_indices"), py::arg("values"), py::arg("x"), py::arg("p"),
       py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
       py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
-      py::arg("col_indices16") = 0, py::call_guard<py::gil_scoped_release>(),
+      py::arg("col_indices16") = 0, py::arg("sell") = 0, py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias with W CSR (rows x cols) and X (cols x p), host float32; "
       "element strides for X (k, p) and Y (n, p); bias address 0 for none; col_indices16: "
-      "optional uint16 copy of the indices (cols <= 65536) that the kernels then read");
+      "optional uint16 copy of the indices (cols <= 65536) that the kernels then read; sell: "
+      "optional sliced-ELL copy (csr_sell_pack) read at small batches on AVX-512 CPUs");
+
+  m.def(
+      "csr_sell_bytes",
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16) {
+        return pyhwp::csr_sell_bytes(make_csr(rows, cols, nnz, row_offsets, col_indices, 0, col_indices16));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
+      py::arg("col_indices16") = 0, py::call_guard<py::gil_scoped_release>(),
+      "Bytes of the sliced-ELL copy of a validated CSR matrix (csrc/csr/csr_sell.h)");
+  m.def(
+      "csr_sell_pack",
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
+         Addr col_indices16, Addr blob) {
+        pyhwp::csr_sell_pack(make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16),
+                             ptr<void>(blob));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
+      py::arg("values"), py::arg("col_indices16"), py::arg("blob"), py::call_guard<py::gil_scoped_release>(),
+      "Writes the sliced-ELL copy of a validated float32 CSR matrix into blob (csr_sell_bytes "
+      "bytes, 64-byte aligned)");
 
   // Conv geometry as a tuple (images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo[, sh, sw]),
   // stride 1 when the last two are left out.

@@ -14,7 +14,9 @@ namespace pyhwp {
 // entries, non-decreasing, from 0 to nnz; column indices strictly increase within a row.
 // col_indices16 is an optional copy of col_indices as uint16 (only when cols <= 65536): the
 // kernels read it instead, since at batch 1 the index bytes are a third of the traffic. Either
-// index array may be null, not both (when nnz > 0).
+// index array may be null, not both (when nnz > 0). sell is an optional sliced-ELL copy of the
+// matrix (csr_sell.h, written by csr_sell_pack from it) that csr_matmul reads instead at batches
+// up to CsrCpuConfig::kSellMaxP on AVX-512 CPUs when x's rows are contiguous and finite.
 struct CsrMatrix {
   int64_t rows = 0;
   int64_t cols = 0;
@@ -23,6 +25,7 @@ struct CsrMatrix {
   const int32_t* col_indices = nullptr;     // host, nnz
   const float* values = nullptr;            // host, nnz
   const uint16_t* col_indices16 = nullptr;  // host, nnz, or nullptr
+  const void* sell = nullptr;               // host blob, or nullptr
 };
 
 // The same matrix with bfloat16 values (raw bits, round-to-nearest-even from float32).
@@ -118,6 +121,8 @@ struct CsrCpuConfig {
   // at 2 columns, 48 / 112 / 176 / 101 against 35 / 78 / 160 / 125 at 3; 4096x4096 90% at 2
   // columns 573-822 against 846-869 (NOTES.md, stop 27): batches 1 and 2.
   static constexpr int64_t kGatherMaxPSlowGathers = 3;
+  // Batches up to this read the sliced-ELL copy where there is one (csr_sell.h).
+  static constexpr int64_t kSellMaxP = 8;
   static constexpr int64_t kSerialWork = 1 << 15;  // nnz * P below this runs on one thread
   static constexpr int64_t kTileP = 128;     // output columns per register tile (8 zmm)
   static constexpr int64_t kRowBlock = 16;   // rows per output tile before it is transposed

@@ -14,6 +14,7 @@
 #include "common/transpose.h"
 #include "csr/csr_kernels_inl.h"
 #include "csr/csr_matmul.h"
+#include "csr/csr_sell.h"
 
 namespace pyhwp {
 
@@ -357,6 +358,25 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   if (bad) fix_nonfinite(pr, XView{xf, ldx, 1}, y);
 }
 
+#ifdef PYHWP_X86_KERNELS
+// Sliced-ELL path (csr_sell.h): P <= kSellMaxP columns of finite x with contiguous rows (column
+// p at x + p*ldx), W's slices split into slot-balanced runs, one per thread, 4 columns per pass.
+void run_sell(const CsrSell& s, const float* x, int64_t ldx, int64_t P, const float* bias, YView y,
+              int num_threads) {
+  const CsrSellFn kern = csr_sell_kernel_avx512();
+  const int nt = s.slots * 16 * P < Cfg::kSerialWork ? 1 : num_threads;
+  std::vector<int64_t> bounds;
+  balanced_runs(s.slice_slots, s.slices, 1, nt, &bounds);
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+  for (int64_t c = 0; c < nt; ++c) {
+    const int64_t s0 = bounds[static_cast<size_t>(c)], s1 = bounds[static_cast<size_t>(c + 1)];
+    for (int64_t p = 0; p < P && s1 > s0; p += kCsrSellMaxNp) {
+      kern(s, s0, s1, x + p * ldx, ldx, std::min(kCsrSellMaxNp, P - p), bias, y.data + p * y.sp, y.sn, y.sp);
+    }
+  }
+}
+#endif
+
 template <typename M>
 void check_sizes(const M& w, int64_t x_rows, int64_t x_cols, int64_t y_rows, int64_t y_cols, int num_threads,
                  const char* op) {
@@ -387,6 +407,14 @@ void csr_matmul(const CsrMatrix& w, const DenseIn& x, const float* bias, const D
   check_sizes(w, x.rows, x.cols, y.rows, y.cols, num_threads, "csr_matmul");
   if (w.rows == 0 || x.cols == 0) return;
   PYHWP_CHECK(x.data && y.data, "csr_matmul: null x or y");
+#ifdef PYHWP_X86_KERNELS
+  if (w.sell && x.stride_k == 1 && x.cols <= Cfg::kSellMaxP && vector_isa() >= Isa::kAvx512 &&
+      !any_nonfinite(x)) {
+    run_sell(csr_sell_view(w.sell, w.rows, w.cols), x.data, x.stride_p, x.cols, bias,
+             YView{y.data, y.stride_n, y.stride_p}, num_threads);
+    return;
+  }
+#endif
   with_indices(w, w.values, [&](auto pr) {
     pr.P = x.cols;
     run_csr(pr, x.data, x.stride_k, x.stride_p, bias, YView{y.data, y.stride_n, y.stride_p}, num_threads);

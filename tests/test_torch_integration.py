@@ -66,8 +66,9 @@ def test_export_keeps_the_sparse_op_and_matches_eager(pattern, device):
     ep = torch.export.export(head, (h,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
     for b in (2, 7):
         h = torch.randn(b, 200, generator=g, dtype=dtype).to(device)
-        with torch.no_grad():
-            torch.testing.assert_close(ep.module()(h), head(h), rtol=0, atol=0)
+        with torch.no_grad():  # eager CSR reads its sliced-ELL copy on AVX-512 CPUs: rounding
+            exact = pattern != "csr" or device != "cpu"
+            torch.testing.assert_close(ep.module()(h), head(h), rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,6 +16,9 @@ from pyhwp.kernels import _cuda_built
 _INT32_MAX = 2**31 - 1
 _UINT16_COLS = 2**16  # in_features up to this: the CPU kernels read 16-bit column indices
 
+# CSRWeight -> (address and version of the values it was built from, sliced-ELL blob or None).
+_SELL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:
     """The rows of a CSR matrix, longest first (equal lengths in row order), as int32 (out,).
@@ -23,6 +28,25 @@ def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:
     """
     return torch.argsort(row_offsets.diff(), descending=True, stable=True).to(torch.int32)
 
+
+
+@functools.cache
+def _avx512() -> bool:
+    from pyhwp._ext import _C
+
+    return bool(_C.cpu_features()["avx512"])
+
+
+@functools.cache
+def sell_budget_bytes() -> int:
+    """The largest sliced-ELL copy CSRWeight.kernel_sell makes: a quarter of the last-level cache
+    (8 MiB where the OS does not say). A copy that size is likely still in cache at the weight's
+    next call, where it reads 2-3x faster than the CSR gathers; from DRAM its extra bytes make it
+    1.3x slower (Zen 4, batch 1 at 90%: 4096x4096 and 11008x4096, NOTES.md stop 29)."""
+    from pyhwp.hardware.cpu import caches, largest_cache_bytes
+
+    llc = largest_cache_bytes(caches())
+    return (llc or 32 << 20) // 4
 
 
 @register_pattern
@@ -77,6 +101,35 @@ class CSRWeight(SparseWeight):
             return ci
         # uint16 bits in an int16 tensor: indices >= 2**15 become negative.
         return torch.where(ci >= 2**15, ci - _UINT16_COLS, ci).to(torch.int16).contiguous()
+
+    def kernel_sell(self) -> torch.Tensor | None:
+        """The sliced-ELL copy of a 2-D float32 CPU weight (csrc/csr/csr_sell.h) as a uint8 blob,
+        or None (other weights, a CPU without AVX-512, or a copy over sell_budget_bytes()): the
+        CPU kernel reads it instead of the CSR arrays at batches up to 8, where it runs 2-3x
+        faster from cache. 16 rows share each vector and x's terms come from permutes of 32-input
+        windows; rows shorter than the longest of their 16 in a window are padded with zeros, so
+        it takes more bytes than the CSR arrays (about 1.7x at 90% random sparsity). It copies the
+        values: built on first use and again after they change (moved or modified in place); not
+        counted in nbytes."""
+        values = self.values
+        key = (values.data_ptr(), values._version)
+        cached = _SELL.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        blob = None
+        if (len(self.shape) == 2 and values.dtype == torch.float32 and values.is_cpu and self.nnz > 0
+                and _avx512()):
+            from pyhwp._ext import _C
+
+            ro, ci = self.row_offsets.contiguous(), self.kernel_col_indices.contiguous()
+            ci16 = ci.data_ptr() if ci.dtype == torch.int16 else 0
+            sizes = (self.out_features, self.in_features, self.nnz, ro.data_ptr(), 0 if ci16 else ci.data_ptr())
+            nbytes = _C.csr_sell_bytes(*sizes, ci16)
+            if nbytes <= sell_budget_bytes():
+                blob = torch.empty(nbytes, dtype=torch.uint8)  # 64-byte aligned
+                _C.csr_sell_pack(*sizes, values.detach().contiguous().data_ptr(), ci16, blob.data_ptr())
+        _SELL[self] = (key, blob)
+        return blob
 
     @property
     def nnz(self) -> int:

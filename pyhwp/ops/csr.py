@@ -73,7 +73,7 @@ _KERNEL = {torch.float32: _C.csr_matmul, torch.bfloat16: _C.csr_matmul_bf16}
 
 def csr_matmul_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
                     values: torch.Tensor, bias: torch.Tensor | None, transpose_out: bool = False,
-                    row_order: torch.Tensor | None = None) -> torch.Tensor:
+                    row_order: torch.Tensor | None = None, sell: torch.Tensor | None = None) -> torch.Tensor:
     """x (P, K) @ W.T + bias with W (N, K) in CSR; x may have any strides.
 
     col_indices is int32, or int16 holding the indices as uint16 bits (K <= 65536; the kernels
@@ -83,19 +83,22 @@ def csr_matmul_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: tor
     contiguous (N, P) tensor (the layout of a conv output image). On CUDA tensors it runs the
     CUDA kernels (float32, float16, bfloat16; float32 accumulation) on the current stream, rows in
     `row_order` (int32 permutation, longest rows first; computed when None); the CPU kernels
-    take float32 or bfloat16 and ignore row_order. Other dtypes (float64, for gradcheck) run the
+    take float32 or bfloat16 and ignore row_order. `sell` is the weight's sliced-ELL copy
+    (CSRWeight.kernel_sell, float32 only), which the CPU kernel reads instead at batches up to 8 on
+    AVX-512 CPUs: the same sums in another order. Other dtypes (float64, for gradcheck) run the
     torch path on the dense weight (KERNELS entries csr_matmul_torch*).
     """
     if x.dtype not in _NATIVE.get(x.device.type, ()):
         return torch_matmul(CSR_PATTERN, x, (row_offsets, col_indices, values), bias, transpose_out)
     p, n = x.shape[0], row_offsets.shape[0] - 1
     y = torch.empty((n, p) if transpose_out else (p, n), dtype=x.dtype, device=x.device)
-    csr_matmul_into(y.t() if transpose_out else y, x, row_offsets, col_indices, values, bias, row_order)
+    csr_matmul_into(y.t() if transpose_out else y, x, row_offsets, col_indices, values, bias, row_order, sell)
     return y
 
 
 def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
-                    values: torch.Tensor, bias: torch.Tensor | None, row_order: torch.Tensor | None = None) -> None:
+                    values: torch.Tensor, bias: torch.Tensor | None, row_order: torch.Tensor | None = None,
+                    sell: torch.Tensor | None = None) -> None:
     """Writes x @ W.T + bias into y (P, N) of any strides (not overlapping x): csr_matmul_impl
     without the output allocation, for pyhwp.linear(..., out=)."""
     if x.dtype not in _NATIVE.get(x.device.type, ()):
@@ -112,25 +115,31 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
     if x.dtype not in _KERNEL or values.dtype != x.dtype:
         raise TypeError(f"pyhwp::csr_matmul: the CPU kernels take float32 or bfloat16 x and values of the "
                         f"same dtype, got x {x.dtype}, values {values.dtype}")
-    csr_matmul_cpu(y, x, row_offsets, col_indices, values, bias)
+    if sell is not None and (sell.dtype != torch.uint8 or not sell.is_cpu or not sell.is_contiguous()
+                             or sell.numel() < 64):
+        raise TypeError("pyhwp::csr_matmul: sell must be the weight's CSRWeight.kernel_sell() blob "
+                        f"(contiguous CPU uint8), got {sell.dtype} {tuple(sell.shape)} on {sell.device}")
+    csr_matmul_cpu(y, x, row_offsets, col_indices, values, bias, sell if values.dtype == torch.float32 else None)
 
 
 def csr_cpu_args(row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
-                 k: int) -> tuple[dict, tuple, tuple]:
+                 k: int, sell: torch.Tensor | None = None) -> tuple[dict, tuple, tuple]:
     """(kernels by dtype, head, tail) for cpu_kernel_call on contiguous CPU CSR arrays (int16
-    col_indices: the uint16 kernel copy) with k inputs. The arrays must outlive the call."""
+    col_indices: the uint16 kernel copy) with k inputs, and the float32 weight's sliced-ELL copy
+    if any (CSRWeight.kernel_sell). The arrays must outlive the call."""
     narrow = col_indices.dtype == torch.int16
     head = (row_offsets.shape[0] - 1, k, values.shape[0], row_offsets.data_ptr(),
             0 if narrow else col_indices.data_ptr(), values.data_ptr())
-    return _KERNEL, head, (col_indices.data_ptr() if narrow else 0,)
+    tail = (col_indices.data_ptr() if narrow else 0,)
+    return _KERNEL, head, tail if sell is None else (*tail, sell.data_ptr())
 
 
 def csr_matmul_cpu(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,
-                   values: torch.Tensor, bias: torch.Tensor | None) -> None:
+                   values: torch.Tensor, bias: torch.Tensor | None, sell: torch.Tensor | None = None) -> None:
     """The CPU kernel call of csr_matmul_into for inputs already checked: x (P, K) and y (P, N) CPU
     tensors of any strides, x, values and a contiguous bias all float32 or all bfloat16,
     contiguous weight arrays (the eager path of pyhwp.linear on a validated CSRWeight)."""
-    kernels, head, tail = csr_cpu_args(row_offsets, col_indices, values, x.shape[1])
+    kernels, head, tail = csr_cpu_args(row_offsets, col_indices, values, x.shape[1], sell)
     cpu_kernel_call(kernels[x.dtype], head, tail, y, x, bias)
 
 
@@ -210,7 +219,7 @@ csr_matmul = torch.library.custom_op("pyhwp::csr_matmul", mutates_args=())(csr_m
 
 
 @csr_matmul.register_fake
-def _(x, row_offsets, col_indices, values, bias, transpose_out=False, row_order=None):
+def _(x, row_offsets, col_indices, values, bias, transpose_out=False, row_order=None, sell=None):
     n = row_offsets.shape[0] - 1
     return x.new_empty((n, x.shape[0]) if transpose_out else (x.shape[0], n))
 

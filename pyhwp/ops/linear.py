@@ -24,10 +24,11 @@ _UNSET = object()
 
 def _csr(x2, w, bias, transpose_out=False):
     # kernel_col_indices is a cached_property, whose lock torch.compile cannot trace: compiled
-    # graphs pass the int32 indices, which the kernels take too.
-    ci = w.col_indices if torch.compiler.is_compiling() else w.kernel_col_indices
+    # graphs pass the int32 indices, which the kernels take too, and no sliced-ELL copy.
+    compiling = torch.compiler.is_compiling()
+    ci = w.col_indices if compiling else w.kernel_col_indices
     return call_matmul(_csr_op, csr_matmul_impl, x2, (w.row_offsets, ci, w.values), w.values, bias,
-                       transpose_out, w.row_order)
+                       transpose_out, w.row_order, None if compiling else w.kernel_sell())
 
 
 def _sparse24(x2, w, bias, transpose_out=False):
@@ -46,7 +47,8 @@ def _masked(x2, w, bias, transpose_out=False):
 
 def _csr_args(w):
     arrays = (w.row_offsets.contiguous(), w.kernel_col_indices.contiguous(), w.values.contiguous())
-    return (*csr_cpu_args(*arrays, math.prod(w.shape[1:])), arrays)
+    sell = w.kernel_sell()
+    return (*csr_cpu_args(*arrays, math.prod(w.shape[1:]), sell), arrays if sell is None else (*arrays, sell))
 
 
 def _sparse24_args(w):
@@ -93,7 +95,7 @@ def _eager_cpu(call_op, cpu):
 
 
 def _csr_into(y, x2, w, bias):
-    csr_matmul_into(y, x2, w.row_offsets, w.kernel_col_indices, w.values, bias, w.row_order)
+    csr_matmul_into(y, x2, w.row_offsets, w.kernel_col_indices, w.values, bias, w.row_order, w.kernel_sell())
 
 
 def _sparse24_into(y, x2, w, bias):
@@ -127,7 +129,9 @@ _KERNEL_NAMES: dict[tuple[str, torch.dtype], str | None] = {}
 
 # pyhwp.linear's fast path: id(weight) -> (weakref to it, {x dtype: plan or None}); an entry leaves
 # with its weight. A plan is (kernel, head, tail, out_features, in_features, values, address of
-# values, arrays): everything a call on that weight needs besides x, bias and the thread count.
+# values, version of values, arrays): everything a call on that weight needs besides x, bias and
+# the thread count. It is rebuilt when the values move or change in place (the CSR plan holds a
+# copy of them, CSRWeight.kernel_sell).
 _PLANS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
@@ -150,9 +154,9 @@ def _cpu_plan(weight, dtype: torch.dtype):
         kernels, head, tail, arrays = build(weight)
         # Aliases of the arrays keep the memory the addresses point into alive, even if a tensor
         # of the weight is later given other storage (`.data =`, set_): the plan then still reads
-        # what it was built over, except for moved values, which rebuild it.
+        # what it was built over, except for moved or changed values, which rebuild it.
         plan = (kernels[dtype], head, tail, weight.shape[0], weight.shape[1], weight.values,
-                weight.values.data_ptr(), tuple(a.detach() for a in arrays))
+                weight.values.data_ptr(), weight.values._version, tuple(a.detach() for a in arrays))
     entry = _PLANS.get(id(weight))
     if entry is None or entry[0]() is not weight:
         entry = _PLANS[id(weight)] = (entry_ref(_PLANS, weight), {})
@@ -200,7 +204,7 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     if out is None and type(x) is torch.Tensor and not intercepted():
         entry = _PLANS.get(id(weight))
         plan = entry[1].get(x.dtype, _UNSET) if entry is not None and entry[0]() is weight else _UNSET
-        if plan is _UNSET or (plan is not None and plan[5].data_ptr() != plan[6]):
+        if plan is _UNSET or (plan is not None and (plan[5].data_ptr() != plan[6] or plan[5]._version != plan[7])):
             plan = _cpu_plan(weight, x.dtype)
         if plan is not None:
             kernel, head, tail, n, k, values = plan[:6]

@@ -1,0 +1,134 @@
+"""The sliced-ELL copy of CSR weights (csrc/csr/csr_sell.h): what pyhwp.linear reads at batches up
+to 8 on AVX-512 CPUs, against float64 references, and when it is (not) read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyhwp
+from helpers import assert_linear_close, random_sparse
+from pyhwp._ext import _C
+from pyhwp.formats import csr as csr_format
+
+AVX512 = bool(_C.cpu_features()["avx512"])
+needs_avx512 = pytest.mark.skipif(not AVX512, reason="the sliced-ELL copy serves AVX-512 CPUs only")
+
+
+def _ragged(n, k, g):
+    """Row i stores i % 71 weights at random columns (0 up to 70: every slot count in a window)."""
+    w = torch.zeros(n, k)
+    for i in range(n):
+        c = min(i % 71, k)
+        w[i, torch.randperm(k, generator=g)[:c]] = torch.randn(c, generator=g)
+    return w
+
+
+def _op(x, sw, bias=None, sell=None, transpose_out=False):
+    return torch.ops.pyhwp.csr_matmul(x, sw.row_offsets, sw.kernel_col_indices, sw.values, bias, transpose_out,
+                                      None, sell)
+
+
+@pytest.mark.parametrize("n, k", [(71, 300), (16, 64), (33, 16), (5, 33), (140, 1000)])
+def test_linear_small_batches(isa, n, k):
+    """Partial last slices (rows not a multiple of 16) and windows (k not a multiple of 32, a
+    window of one column, k below 16), batches 1 to 9 (1-4 columns per pass, then two passes; 9
+    takes the CSR paths), with and without bias, 2-D and 3-D x."""
+    g = torch.Generator().manual_seed(n * k)
+    w = _ragged(n, k, g)
+    sw = pyhwp.to_sparse(w, "csr")
+    terms = int(sw.row_offsets.diff().max())
+    bias = torch.randn(n, generator=g)
+    for batch in range(1, 10):
+        x = torch.randn(batch, k, generator=g)
+        for b in (None, bias):
+            assert_linear_close(pyhwp.linear(x, sw, b), x, w, b, terms)
+    x3 = torch.randn(2, 3, k, generator=g)
+    assert_linear_close(pyhwp.linear(x3, sw, bias), x3, w, bias, terms)
+
+
+@needs_avx512
+def test_copy_is_read_where_it_applies(isa):
+    """The kernel reads only the copy where it applies: given the copy of another weight of the
+    same shape, the op computes that weight's product at batches 1-8 of finite x, and its own
+    arrays' at batch 9, with x strided, or with a NaN in x (which the copy's padding would turn into
+    NaN where dense gives +-Inf)."""
+    g = torch.Generator().manual_seed(5)
+    w, other = random_sparse((40, 100), 0.8, g), random_sparse((40, 100), 0.8, g)
+    sw, so = pyhwp.to_sparse(w, "csr"), pyhwp.to_sparse(other, "csr")
+    sell = so.kernel_sell()
+    uses_copy = isa.startswith("avx512")
+    for batch in (1, 5, 8, 9):
+        x = torch.randn(batch, 100, generator=g)
+        expect = other if batch <= 8 and uses_copy else w
+        assert_linear_close(_op(x, sw, sell=sell), x, expect, terms=100)
+    strided = torch.randn(100, 4, generator=g).t()  # (4, 100), k not contiguous
+    assert_linear_close(_op(strided, sw, sell=sell), strided, w, terms=100)
+    x = torch.randn(2, 100, generator=g)
+    x[1, 7] = float("inf")
+    y, ref = _op(x, sw, sell=sell), torch.nn.functional.linear(x, w)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    assert torch.equal(y[:1], _op(x[:1], sw))
+
+
+@needs_avx512
+def test_output_layouts_and_out(isa):
+    """The (N, P) output of transpose_out (rows P apart) and a strided out= are written row by row."""
+    g = torch.Generator().manual_seed(6)
+    w = random_sparse((45, 70), 0.7, g)
+    sw = pyhwp.to_sparse(w, "csr")
+    x, bias = torch.randn(3, 70, generator=g), torch.randn(45, generator=g)
+    yt = _op(x, sw, bias, sw.kernel_sell(), transpose_out=True)
+    assert yt.shape == (45, 3) and yt.is_contiguous()
+    assert_linear_close(yt.t(), x, w, bias, 70)
+    out = torch.empty(45, 3).t()
+    pyhwp.linear(x, sw, bias, out=out)
+    assert_linear_close(out, x, w, bias, 70)
+
+
+@needs_avx512
+def test_copy_follows_the_values():
+    """The copy holds the values: it is rebuilt, and the linear fast path's plan with it, when they
+    change in place or are replaced."""
+    g = torch.Generator().manual_seed(7)
+    w = random_sparse((32, 64), 0.9, g)
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(1, 64, generator=g)
+    first = sw.kernel_sell()
+    assert first is sw.kernel_sell() and first.numel() == _C.csr_sell_bytes(
+        32, 64, sw.nnz, sw.row_offsets.data_ptr(), 0, sw.kernel_col_indices.data_ptr())
+    y = pyhwp.linear(x, sw)
+    with torch.no_grad():
+        sw.values.mul_(-2)
+    assert sw.kernel_sell() is not first
+    assert_linear_close(pyhwp.linear(x, sw), x, -2 * w, terms=64)
+    assert torch.allclose(pyhwp.linear(x, sw), -2 * y)
+    sw.values.data = sw.values * -0.5  # new storage, the original values
+    assert_linear_close(pyhwp.linear(x, sw), x, w, terms=64)
+
+
+def test_copy_only_where_read(monkeypatch):
+    """No copy for bfloat16 values, conv weights, a weight without stored values, or a copy over
+    the cache budget."""
+    g = torch.Generator().manual_seed(8)
+    assert pyhwp.to_sparse(random_sparse((16, 32), 0.5, g).bfloat16(), "csr").kernel_sell() is None
+    assert pyhwp.to_sparse(random_sparse((8, 4, 3, 3), 0.5, g), "csr").kernel_sell() is None
+    assert pyhwp.to_sparse(torch.zeros(16, 32), "csr").kernel_sell() is None
+    sell = pyhwp.to_sparse(random_sparse((16, 32), 0.5, g), "csr").kernel_sell()
+    assert (sell is not None) == AVX512
+    monkeypatch.setattr(csr_format, "sell_budget_bytes", lambda: 0)
+    assert pyhwp.to_sparse(random_sparse((16, 32), 0.5, g), "csr").kernel_sell() is None
+
+
+@needs_avx512
+def test_bad_copies_are_refused():
+    g = torch.Generator().manual_seed(9)
+    sw = pyhwp.to_sparse(random_sparse((20, 40), 0.5, g), "csr")
+    x = torch.randn(1, 40, generator=g)
+    with pytest.raises(TypeError, match="sell must be"):
+        _op(x, sw, sell=torch.zeros(128))
+    wrong = pyhwp.to_sparse(random_sparse((20, 48), 0.5, g), "csr").kernel_sell()
+    with pytest.raises(ValueError, match="packed for 20x48, the matrix is 20x40"):
+        _op(x, sw, sell=wrong)
+    with pytest.raises(ValueError, match="not written by csr_sell_pack"):
+        _op(x, sw, sell=torch.zeros(256, dtype=torch.uint8))

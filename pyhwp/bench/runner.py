@@ -312,23 +312,22 @@ def measure_overhead(device: str = "cpu", budget_s: float = 0.5) -> dict:
     timed after them, for scale.
     Microseconds. (Right after a call that evicts the caches, such as a large dense layer, every
     call is slower, the Python path included: that cost is in the suite's per-case ratios.)"""
-    from pyhwp._ext import _C
+    from pyhwp.ops.csr import csr_cpu_args
 
     case = Case("linear", (1536, 384), 1, 0.9, "csr")
     p = prepare(case, device)
     sw, x = p.sparse, p.x
     y = torch.empty(1, 1536)
-    ro, ci, v = sw.row_offsets, sw.kernel_col_indices, sw.values
+    ro, ci, v, sell = sw.row_offsets, sw.kernel_col_indices, sw.values, sw.kernel_sell()
     nt = torch.get_num_threads()
-    narrow = ci.dtype == torch.int16
-    args = (1536, 384, v.numel(), ro.data_ptr(), 0 if narrow else ci.data_ptr(), v.data_ptr(), x.data_ptr(), 1,
-            x.stride(1), x.stride(0), 0, y.data_ptr(), 1, 1536, nt, ci.data_ptr() if narrow else 0)
+    kernels, head, tail = csr_cpu_args(ro, ci, v, 384, sell)  # the arrays pyhwp.linear's plan reads
+    args = (*head, x.data_ptr(), 1, x.stride(1), x.stride(0), 0, y.data_ptr(), 1, 1536, nt, *tail)
     fns = {
         "pyhwp.linear": lambda: pyhwp.linear(x, sw),
-        "kernel": lambda: _C.csr_matmul(*args),
+        "kernel": lambda: kernels[torch.float32](*args),
     }
     t = interleaved_medians(fns, warmup=20, min_reps=50, max_reps=20000, budget_s=budget_s)
-    for name, fn in (("custom_op", lambda: torch.ops.pyhwp.csr_matmul(x, ro, ci, v, None, False)),
+    for name, fn in (("custom_op", lambda: torch.ops.pyhwp.csr_matmul(x, ro, ci, v, None, False, None, sell)),
                      ("torch_dense", lambda: F.linear(x, p.weight))):
         t |= interleaved_medians({name: fn}, warmup=20, min_reps=50, max_reps=20000, budget_s=budget_s / 4)
     us = {k: v * 1e6 for k, v in t.items()}

@@ -32,9 +32,10 @@ def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _avx512() -> bool:
+    """Whether this build has AVX-512 kernels and the CPU runs them."""
     from pyhwp._ext import _C
 
-    return bool(_C.cpu_features()["avx512"])
+    return "avx512" in _C.build_info()["cpu_kernels"] and bool(_C.cpu_features()["avx512"])
 
 
 @functools.cache

@@ -149,23 +149,34 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "csr_sell_bytes",
-      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16) {
-        return pyhwp::csr_sell_bytes(make_csr(rows, cols, nnz, row_offsets, col_indices, 0, col_indices16));
+      [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16,
+         bool bf16) {
+        return pyhwp::csr_sell_bytes(make_csr(rows, cols, nnz, row_offsets, col_indices, 0, col_indices16),
+                                     bf16 ? 2 : 4);
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
-      py::arg("col_indices16") = 0, py::call_guard<py::gil_scoped_release>(),
-      "Bytes of the sliced-ELL copy of a validated CSR matrix (csrc/csr/csr_sell.h)");
+      py::arg("col_indices16") = 0, py::arg("bf16") = false, py::call_guard<py::gil_scoped_release>(),
+      "Bytes of the sliced-ELL copy of a validated CSR matrix (csrc/csr/csr_sell.h) with float32 or "
+      "bfloat16 values");
   m.def(
       "csr_sell_pack",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
-         Addr col_indices16, Addr blob) {
-        pyhwp::csr_sell_pack(make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16),
-                             ptr<void>(blob));
+         Addr col_indices16, Addr blob, bool bf16) {
+        if (bf16) {
+          pyhwp::csr_sell_pack(pyhwp::CsrMatrixBf16{rows, cols, nnz, ptr<const int64_t>(row_offsets),
+                                                    ptr<const int32_t>(col_indices), ptr<const uint16_t>(values),
+                                                    ptr<const uint16_t>(col_indices16)},
+                               ptr<void>(blob));
+        } else {
+          pyhwp::csr_sell_pack(make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16),
+                               ptr<void>(blob));
+        }
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
-      py::arg("values"), py::arg("col_indices16"), py::arg("blob"), py::call_guard<py::gil_scoped_release>(),
-      "Writes the sliced-ELL copy of a validated float32 CSR matrix into blob (csr_sell_bytes "
-      "bytes, 64-byte aligned)");
+      py::arg("values"), py::arg("col_indices16"), py::arg("blob"), py::arg("bf16") = false,
+      py::call_guard<py::gil_scoped_release>(),
+      "Writes the sliced-ELL copy of a validated CSR matrix (float32 values, or bfloat16 bits with "
+      "bf16=True) into blob (csr_sell_bytes bytes, 64-byte aligned)");
 
   // Conv geometry as a tuple (images, channels, h, w, pt, pl, kh, kw, dh, dw, ho, wo[, sh, sw]),
   // stride 1 when the last two are left out.
@@ -213,10 +224,10 @@ PYBIND11_MODULE(_C, m) {
       "csr_matmul_bf16",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
          Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
-         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16) {
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16, Addr sell) {
         const pyhwp::CsrMatrixBf16 w{rows, cols, nnz, ptr<const int64_t>(row_offsets),
                                      ptr<const int32_t>(col_indices), ptr<const uint16_t>(values),
-                                     ptr<const uint16_t>(col_indices16)};
+                                     ptr<const uint16_t>(col_indices16), ptr<const void>(sell)};
         const pyhwp::DenseInBf16 xin{ptr<const uint16_t>(x), cols, p, x_stride_k, x_stride_p};
         const pyhwp::DenseOutBf16 yout{ptr<uint16_t>(y), rows, p, y_stride_n, y_stride_p};
         pyhwp::csr_matmul_bf16(w, xin, ptr<const uint16_t>(bias), yout, num_threads);
@@ -225,8 +236,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("col_indices"), py::arg("values"), py::arg("x"), py::arg("p"),
       py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
       py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
-      py::arg("col_indices16") = 0, py::call_guard<py::gil_scoped_release>(),
-      "csr_matmul with bfloat16 values, X, bias and Y (float32 accumulation, one rounding)");
+      py::arg("col_indices16") = 0, py::arg("sell") = 0, py::call_guard<py::gil_scoped_release>(),
+      "csr_matmul with bfloat16 values, X, bias and Y (float32 accumulation, one rounding); sell: "
+      "optional sliced-ELL copy with bfloat16 values (csr_sell_pack with bf16=True)");
 
   m.def(
       "sparse24_matmul",

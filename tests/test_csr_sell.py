@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pyhwp
-from helpers import assert_linear_close, random_sparse
+from helpers import assert_linear_close, assert_linear_close_bf16, random_sparse
 from pyhwp._ext import _C
 from pyhwp.formats import csr as csr_format
 
@@ -29,44 +29,52 @@ def _op(x, sw, bias=None, sell=None, transpose_out=False):
                                       None, sell)
 
 
+def _close(y, x, w, bias, terms):
+    (assert_linear_close if y.dtype == torch.float32 else assert_linear_close_bf16)(y, x, w, bias, terms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, k", [(71, 300), (16, 64), (33, 16), (5, 33), (140, 1000)])
-def test_linear_small_batches(isa, n, k):
+def test_linear_small_batches(isa, n, k, dtype):
     """Partial last slices (rows not a multiple of 16) and windows (k not a multiple of 32, a
     window of one column, k below 16), batches 1 to 9 (1-4 columns per pass, then two passes; 9
-    takes the CSR paths), with and without bias, 2-D and 3-D x."""
+    takes the CSR paths), with and without bias, 2-D and 3-D x; float32 and bfloat16 (values
+    widened in the kernel, one rounding of each output)."""
     g = torch.Generator().manual_seed(n * k)
-    w = _ragged(n, k, g)
+    w = _ragged(n, k, g).to(dtype)
     sw = pyhwp.to_sparse(w, "csr")
     terms = int(sw.row_offsets.diff().max())
-    bias = torch.randn(n, generator=g)
+    bias = torch.randn(n, generator=g).to(dtype)
     for batch in range(1, 10):
-        x = torch.randn(batch, k, generator=g)
+        x = torch.randn(batch, k, generator=g).to(dtype)
         for b in (None, bias):
-            assert_linear_close(pyhwp.linear(x, sw, b), x, w, b, terms)
-    x3 = torch.randn(2, 3, k, generator=g)
-    assert_linear_close(pyhwp.linear(x3, sw, bias), x3, w, bias, terms)
+            _close(pyhwp.linear(x, sw, b), x, w, b, terms)
+    x3 = torch.randn(2, 3, k, generator=g).to(dtype)
+    _close(pyhwp.linear(x3, sw, bias), x3, w, bias, terms)
 
 
 @needs_avx512
-def test_copy_is_read_where_it_applies(isa):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_is_read_where_it_applies(isa, dtype):
     """The kernel reads only the copy where it applies: given the copy of another weight of the
     same shape, the op computes that weight's product at batches 1-8 of finite x, and its own
-    arrays' at batch 9, with x strided, or with a NaN in x (which the copy's padding would turn into
-    NaN where dense gives +-Inf)."""
+    arrays' at batch 9, with x strided (float32: bfloat16 x is converted, so any strides), or with
+    an Inf in x (which the copy's padding would turn into NaN where dense gives +-Inf)."""
     g = torch.Generator().manual_seed(5)
-    w, other = random_sparse((40, 100), 0.8, g), random_sparse((40, 100), 0.8, g)
+    w, other = random_sparse((40, 100), 0.8, g).to(dtype), random_sparse((40, 100), 0.8, g).to(dtype)
     sw, so = pyhwp.to_sparse(w, "csr"), pyhwp.to_sparse(other, "csr")
     sell = so.kernel_sell()
     uses_copy = isa.startswith("avx512")
     for batch in (1, 5, 8, 9):
-        x = torch.randn(batch, 100, generator=g)
+        x = torch.randn(batch, 100, generator=g).to(dtype)
         expect = other if batch <= 8 and uses_copy else w
-        assert_linear_close(_op(x, sw, sell=sell), x, expect, terms=100)
-    strided = torch.randn(100, 4, generator=g).t()  # (4, 100), k not contiguous
-    assert_linear_close(_op(strided, sw, sell=sell), strided, w, terms=100)
-    x = torch.randn(2, 100, generator=g)
+        _close(_op(x, sw, sell=sell), x, expect, None, 100)
+    strided = torch.randn(100, 4, generator=g).to(dtype).t()  # (4, 100), k not contiguous
+    expect = other if dtype == torch.bfloat16 and uses_copy else w
+    _close(_op(strided, sw, sell=sell), strided, expect, None, 100)
+    x = torch.randn(2, 100, generator=g).to(dtype)
     x[1, 7] = float("inf")
-    y, ref = _op(x, sw, sell=sell), torch.nn.functional.linear(x, w)
+    y, ref = _op(x, sw, sell=sell), torch.nn.functional.linear(x.float(), w.float())
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
     assert torch.equal(y[:1], _op(x[:1], sw))
 
@@ -108,14 +116,16 @@ def test_copy_follows_the_values():
 
 
 def test_copy_only_where_read(monkeypatch):
-    """No copy for bfloat16 values, conv weights, a weight without stored values, or a copy over
-    the cache budget."""
+    """No copy for float16 values, conv weights, a weight without stored values, or a copy over
+    the cache budget; bfloat16 copies hold 2-byte values."""
     g = torch.Generator().manual_seed(8)
-    assert pyhwp.to_sparse(random_sparse((16, 32), 0.5, g).bfloat16(), "csr").kernel_sell() is None
+    assert pyhwp.to_sparse(random_sparse((16, 32), 0.5, g).half(), "csr").kernel_sell() is None
     assert pyhwp.to_sparse(random_sparse((8, 4, 3, 3), 0.5, g), "csr").kernel_sell() is None
     assert pyhwp.to_sparse(torch.zeros(16, 32), "csr").kernel_sell() is None
-    sell = pyhwp.to_sparse(random_sparse((16, 32), 0.5, g), "csr").kernel_sell()
-    assert (sell is not None) == AVX512
+    w = random_sparse((16, 32), 0.5, g)
+    sell, sell16 = pyhwp.to_sparse(w, "csr").kernel_sell(), pyhwp.to_sparse(w.bfloat16(), "csr").kernel_sell()
+    assert (sell is not None) == AVX512 and (sell16 is not None) == AVX512
+    assert not AVX512 or sell16.numel() < sell.numel()
     monkeypatch.setattr(csr_format, "sell_budget_bytes", lambda: 0)
     assert pyhwp.to_sparse(random_sparse((16, 32), 0.5, g), "csr").kernel_sell() is None
 
@@ -132,3 +142,6 @@ def test_bad_copies_are_refused():
         _op(x, sw, sell=wrong)
     with pytest.raises(ValueError, match="not written by csr_sell_pack"):
         _op(x, sw, sell=torch.zeros(256, dtype=torch.uint8))
+    bf = pyhwp.to_sparse(sw.to_dense().bfloat16(), "csr")
+    with pytest.raises(ValueError, match="packed with 4-byte values, the matrix has 2-byte values"):
+        _op(x.bfloat16(), bf, sell=sw.kernel_sell())

@@ -28,7 +28,8 @@ struct CsrMatrix {
   const void* sell = nullptr;               // host blob, or nullptr
 };
 
-// The same matrix with bfloat16 values (raw bits, round-to-nearest-even from float32).
+// The same matrix with bfloat16 values (raw bits, round-to-nearest-even from float32), and its
+// sliced-ELL copy with bfloat16 values if any.
 struct CsrMatrixBf16 {
   int64_t rows = 0;
   int64_t cols = 0;
@@ -37,6 +38,7 @@ struct CsrMatrixBf16 {
   const int32_t* col_indices = nullptr;
   const uint16_t* values = nullptr;  // host, nnz bfloat16 bit patterns
   const uint16_t* col_indices16 = nullptr;
+  const void* sell = nullptr;
 };
 
 // Full structural check (offsets monotonic from 0 to nnz, indices in range). O(nnz); run once

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/bf16.h"
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "common/transpose.h"
@@ -377,6 +378,23 @@ void run_sell(const CsrSell& s, const float* x, int64_t ldx, int64_t P, const fl
 }
 #endif
 
+// The sliced-ELL path of csr_matmul_bf16 (x converted to float32 rows, k contiguous), where W has
+// the copy, P <= kSellMaxP, the CPU has AVX-512 and x is finite; false where it does not apply.
+bool sell_bf16(const CsrMatrixBf16& w, const DenseInBf16& x, const float* bias, YView y, int num_threads) {
+#ifdef PYHWP_X86_KERNELS
+  const int64_t K = w.cols, P = x.cols;
+  if (!w.sell || P > Cfg::kSellMaxP || vector_isa() < Isa::kAvx512) return false;
+  const CsrSell s = csr_sell_view(w.sell, w.rows, w.cols, 2);
+  const DenseIn xf = widen_bf16(x, /*k_contiguous=*/true, K, scratch(0, P * K + 16), num_threads);
+  if (any_nonfinite(xf)) return false;  // NaN/Inf: the CSR paths propagate them as dense does
+  run_sell(s, xf.data, K, P, bias, y, num_threads);
+  return true;
+#else
+  (void)w, (void)x, (void)bias, (void)y, (void)num_threads;
+  return false;
+#endif
+}
+
 template <typename M>
 void check_sizes(const M& w, int64_t x_rows, int64_t x_cols, int64_t y_rows, int64_t y_cols, int num_threads,
                  const char* op) {
@@ -410,7 +428,7 @@ void csr_matmul(const CsrMatrix& w, const DenseIn& x, const float* bias, const D
 #ifdef PYHWP_X86_KERNELS
   if (w.sell && x.stride_k == 1 && x.cols <= Cfg::kSellMaxP && vector_isa() >= Isa::kAvx512 &&
       !any_nonfinite(x)) {
-    run_sell(csr_sell_view(w.sell, w.rows, w.cols), x.data, x.stride_p, x.cols, bias,
+    run_sell(csr_sell_view(w.sell, w.rows, w.cols, 4), x.data, x.stride_p, x.cols, bias,
              YView{y.data, y.stride_n, y.stride_p}, num_threads);
     return;
   }
@@ -429,20 +447,18 @@ void csr_matmul_bf16(const CsrMatrixBf16& w, const DenseInBf16& x, const uint16_
   PYHWP_CHECK(x.data && y.data, "csr_matmul_bf16: null x or y");
   // float32 bias and output scratch (slot 3: the driver uses 0 for X and 1-2 in workers).
   float* yf = scratch(3, N * P + N + 16);
-  float* bf = bias ? yf + N * P : nullptr;
-  if (bias)
-    for (int64_t n = 0; n < N; ++n) bf[n] = bf16_to_float(bias[n]);
-  // Y scratch n-contiguous (P x N) for small P, like a linear output; p-contiguous otherwise.
-  const bool small = P < gather_max_p(vector_isa());
+  const float* bf = widen_bf16(bias, N, yf + N * P);
+  // Y scratch n-contiguous (P x N) for small P, like a linear output (and what the sliced-ELL
+  // kernel writes whole vectors of); p-contiguous otherwise.
+  const bool small = P < gather_max_p(vector_isa()) || (w.sell && P <= Cfg::kSellMaxP);
   const YView yv = small ? YView{yf, 1, N} : YView{yf, P, 1};
-  with_indices(w, w.values, [&](auto pr) {
-    pr.P = P;
-    run_csr(pr, x.data, x.stride_k, x.stride_p, bf, yv, num_threads);
-  });
-  const int nt = N * P < 65536 ? 1 : num_threads;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t p = 0; p < P; ++p) y.data[n * y.stride_n + p * y.stride_p] = float_to_bf16(yf[n * yv.sn + p * yv.sp]);
+  if (!sell_bf16(w, x, bf, yv, num_threads)) {
+    with_indices(w, w.values, [&](auto pr) {
+      pr.P = P;
+      run_csr(pr, x.data, x.stride_k, x.stride_p, bf, yv, num_threads);
+    });
+  }
+  round_to_bf16(DenseOut{yf, N, P, yv.sn, yv.sp}, y, num_threads);
 }
 
 }  // namespace pyhwp

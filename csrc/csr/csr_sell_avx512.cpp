@@ -11,21 +11,22 @@ namespace pyhwp {
 
 namespace {
 
+using avx512::load16;
 using avx512::tail_mask;
 
 // One slot for NP columns: lane r of every accumulator gains values[r] * x_p[window + lanes[r]].
-template <int NP>
-inline void slot(const float* v, const uint8_t* ln, const __m512 (&lo)[NP], const __m512 (&hi)[NP],
+template <int NP, typename T>
+inline void slot(const T* v, const uint8_t* ln, const __m512 (&lo)[NP], const __m512 (&hi)[NP],
                  __m512 (&acc)[NP]) {
   const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ln)));
-  const __m512 vv = _mm512_loadu_ps(v);
+  const __m512 vv = load16(v);
 #pragma GCC unroll 4
   for (int p = 0; p < NP; ++p) acc[p] = _mm512_fmadd_ps(vv, _mm512_permutex2var_ps(lo[p], idx, hi[p]), acc[p]);
 }
 
 // Slices [s0, s1) for NP columns. Two accumulator sets take alternate slots, so that the FMA
 // chains are not what a slot waits on at NP = 1.
-template <int NP>
+template <int NP, typename T>
 void sell_np(const CsrSell& s, int64_t s0, int64_t s1, const float* x, int64_t ldx, const float* bias,
              float* y, int64_t ldy_n, int64_t ldy_p) {
   const int64_t nw = s.windows;
@@ -37,7 +38,7 @@ void sell_np(const CsrSell& s, int64_t s0, int64_t s1, const float* x, int64_t l
     __m512 a0[NP], a1[NP];
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) a0[p] = b, a1[p] = _mm512_setzero_ps();
-    const float* v = s.values + 16 * s.slice_slots[sl];
+    const T* v = static_cast<const T*>(s.values) + 16 * s.slice_slots[sl];
     const uint8_t* ln = s.lanes + 16 * s.slice_slots[sl];
     const uint8_t* counts = s.counts + sl * nw;
     for (int64_t w = 0; w < nw; ++w) {
@@ -75,14 +76,20 @@ void sell_np(const CsrSell& s, int64_t s0, int64_t s1, const float* x, int64_t l
   }
 }
 
+template <typename T>
+void sell_t(const CsrSell& s, int64_t s0, int64_t s1, const float* x, int64_t ldx, int64_t P, const float* bias,
+            float* y, int64_t ldy_n, int64_t ldy_p) {
+  switch (P) {
+    case 1: return sell_np<1, T>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
+    case 2: return sell_np<2, T>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
+    case 3: return sell_np<3, T>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
+    default: return sell_np<4, T>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
+  }
+}
+
 void sell(const CsrSell& s, int64_t s0, int64_t s1, const float* x, int64_t ldx, int64_t P, const float* bias,
           float* y, int64_t ldy_n, int64_t ldy_p) {
-  switch (P) {
-    case 1: return sell_np<1>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
-    case 2: return sell_np<2>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
-    case 3: return sell_np<3>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
-    default: return sell_np<4>(s, s0, s1, x, ldx, bias, y, ldy_n, ldy_p);
-  }
+  (s.bf16 ? sell_t<uint16_t> : sell_t<float>)(s, s0, s1, x, ldx, P, bias, y, ldy_n, ldy_p);
 }
 static_assert(kCsrSellMaxNp == 4, "sell() dispatches 1..4 columns");
 

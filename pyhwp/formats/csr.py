@@ -104,8 +104,9 @@ class CSRWeight(SparseWeight):
         return torch.where(ci >= 2**15, ci - _UINT16_COLS, ci).to(torch.int16).contiguous()
 
     def kernel_sell(self) -> torch.Tensor | None:
-        """The sliced-ELL copy of a 2-D float32 CPU weight (csrc/csr/csr_sell.h) as a uint8 blob,
-        or None (other weights, a CPU without AVX-512, or a copy over sell_budget_bytes()): the
+        """The sliced-ELL copy of a 2-D float32 or bfloat16 CPU weight (csrc/csr/csr_sell.h) as a
+        uint8 blob, or None (other weights, a CPU without AVX-512, or a copy over
+        sell_budget_bytes()): the
         CPU kernel reads it instead of the CSR arrays at batches up to 8, where it runs 2-3x
         faster from cache. 16 rows share each vector and x's terms come from permutes of 32-input
         windows; rows shorter than the longest of their 16 in a window are padded with zeros, so
@@ -118,17 +119,18 @@ class CSRWeight(SparseWeight):
         if cached is not None and cached[0] == key:
             return cached[1]
         blob = None
-        if (len(self.shape) == 2 and values.dtype == torch.float32 and values.is_cpu and self.nnz > 0
-                and _avx512()):
+        if (len(self.shape) == 2 and values.dtype in (torch.float32, torch.bfloat16) and values.is_cpu
+                and self.nnz > 0 and _avx512()):
             from pyhwp._ext import _C
 
             ro, ci = self.row_offsets.contiguous(), self.kernel_col_indices.contiguous()
             ci16 = ci.data_ptr() if ci.dtype == torch.int16 else 0
             sizes = (self.out_features, self.in_features, self.nnz, ro.data_ptr(), 0 if ci16 else ci.data_ptr())
-            nbytes = _C.csr_sell_bytes(*sizes, ci16)
+            bf16 = values.dtype == torch.bfloat16
+            nbytes = _C.csr_sell_bytes(*sizes, ci16, bf16)
             if nbytes <= sell_budget_bytes():
                 blob = torch.empty(nbytes, dtype=torch.uint8)  # 64-byte aligned
-                _C.csr_sell_pack(*sizes, values.detach().contiguous().data_ptr(), ci16, blob.data_ptr())
+                _C.csr_sell_pack(*sizes, values.detach().contiguous().data_ptr(), ci16, blob.data_ptr(), bf16)
         _SELL[self] = (key, blob)
         return blob
 

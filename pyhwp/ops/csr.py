@@ -84,8 +84,8 @@ def csr_matmul_impl(x: torch.Tensor, row_offsets: torch.Tensor, col_indices: tor
     CUDA kernels (float32, float16, bfloat16; float32 accumulation) on the current stream, rows in
     `row_order` (int32 permutation, longest rows first; computed when None); the CPU kernels
     take float32 or bfloat16 and ignore row_order. `sell` is the weight's sliced-ELL copy
-    (CSRWeight.kernel_sell, float32 only), which the CPU kernel reads instead at batches up to 8 on
-    AVX-512 CPUs: the same sums in another order. Other dtypes (float64, for gradcheck) run the
+    (CSRWeight.kernel_sell), which the CPU kernels read instead at batches up to 8 on AVX-512
+    CPUs: the same sums in another order. Other dtypes (float64, for gradcheck) run the
     torch path on the dense weight (KERNELS entries csr_matmul_torch*).
     """
     if x.dtype not in _NATIVE.get(x.device.type, ()):
@@ -119,14 +119,14 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
                              or sell.numel() < 64):
         raise TypeError("pyhwp::csr_matmul: sell must be the weight's CSRWeight.kernel_sell() blob "
                         f"(contiguous CPU uint8), got {sell.dtype} {tuple(sell.shape)} on {sell.device}")
-    csr_matmul_cpu(y, x, row_offsets, col_indices, values, bias, sell if values.dtype == torch.float32 else None)
+    csr_matmul_cpu(y, x, row_offsets, col_indices, values, bias, sell)
 
 
 def csr_cpu_args(row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
                  k: int, sell: torch.Tensor | None = None) -> tuple[dict, tuple, tuple]:
     """(kernels by dtype, head, tail) for cpu_kernel_call on contiguous CPU CSR arrays (int16
-    col_indices: the uint16 kernel copy) with k inputs, and the float32 weight's sliced-ELL copy
-    if any (CSRWeight.kernel_sell). The arrays must outlive the call."""
+    col_indices: the uint16 kernel copy) with k inputs, and the weight's sliced-ELL copy if any
+    (CSRWeight.kernel_sell, made for the values' dtype). The arrays must outlive the call."""
     narrow = col_indices.dtype == torch.int16
     head = (row_offsets.shape[0] - 1, k, values.shape[0], row_offsets.data_ptr(),
             0 if narrow else col_indices.data_ptr(), values.data_ptr())

@@ -1,13 +1,14 @@
-// A sliced-ELL copy of a float32 CSR matrix for small batches on AVX-512 CPUs ("SELL-16" with
-// 32-column windows), and its kernel.
+// A sliced-ELL copy of a float32 or bfloat16 CSR matrix for small batches on AVX-512 CPUs ("SELL-16"
+// with 32-column windows), and its kernel.
 //
 // Why: at batch 1 the CSR kernels spend about a cycle per stored weight (a scalar load of x's term
 // or a 16-lane gather, then a horizontal sum per row). Here 16 rows go in the 16 lanes of a
 // vector, and x's terms come from a two-register permute (VPERMI2PS) of a 32-float window of x
 // held in registers: one permute and one FMA serve 16 stored weights. The price is padding: in a
 // window every row of the slice takes as many slots as the slice's longest row there (at 90%
-// random sparsity about 2 slots per stored weight, so 10 bytes per stored weight against CSR's
-// 6). The kernel is bound by those bytes, not by its instructions (NOTES.md, stop 29).
+// random sparsity half the lanes hold a stored weight: 10 bytes per stored weight with float32
+// values, 6 with bfloat16, against CSR's 6 and 4). The kernel is bound by those bytes, not by its
+// instructions (NOTES.md, stop 29).
 //
 // Layout: one 64-byte aligned blob (`csr_sell_bytes`), written by `csr_sell_pack`:
 //   CsrSellHeader (64 bytes)

@@ -16,7 +16,7 @@ namespace pyhwp {
 // kernels read it instead, since at batch 1 the index bytes are a third of the traffic. Either
 // index array may be null, not both (when nnz > 0). sell is an optional sliced-ELL copy of the
 // matrix (csr_sell.h, written by csr_sell_pack from it) that csr_matmul reads instead at batches
-// up to CsrCpuConfig::kSellMaxP on AVX-512 CPUs when x's rows are contiguous and finite.
+// up to CsrCpuConfig::kSellMaxP on AVX-512 CPUs when x is finite (any strides).
 struct CsrMatrix {
   int64_t rows = 0;
   int64_t cols = 0;

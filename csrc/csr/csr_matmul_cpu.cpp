@@ -426,9 +426,16 @@ void csr_matmul(const CsrMatrix& w, const DenseIn& x, const float* bias, const D
   if (w.rows == 0 || x.cols == 0) return;
   PYHWP_CHECK(x.data && y.data, "csr_matmul: null x or y");
 #ifdef PYHWP_X86_KERNELS
-  if (w.sell && x.stride_k == 1 && x.cols <= Cfg::kSellMaxP && vector_isa() >= Isa::kAvx512 &&
-      !any_nonfinite(x)) {
-    run_sell(csr_sell_view(w.sell, w.rows, w.cols, 4), x.data, x.stride_p, x.cols, bias,
+  if (w.sell && x.cols <= Cfg::kSellMaxP && vector_isa() >= Isa::kAvx512 && !any_nonfinite(x)) {
+    // x's columns k-contiguous, as the kernel reads them (a copy of P x K floats otherwise).
+    DenseIn xk = x;
+    if (x.stride_k != 1) {
+      float* buf = scratch(0, x.cols * x.rows + 16);
+      for (int64_t p = 0; p < x.cols; ++p)
+        for (int64_t k = 0; k < x.rows; ++k) buf[p * x.rows + k] = x.data[k * x.stride_k + p * x.stride_p];
+      xk = DenseIn{buf, x.rows, x.cols, 1, x.rows};
+    }
+    run_sell(csr_sell_view(w.sell, w.rows, w.cols, 4), xk.data, xk.stride_p, x.cols, bias,
              YView{y.data, y.stride_n, y.stride_p}, num_threads);
     return;
   }

@@ -144,3 +144,20 @@ def test_bad_copies_are_refused():
     bf = pyhwp.to_sparse(sw.to_dense().bfloat16(), "csr")
     with pytest.raises(ValueError, match="packed with 4-byte values, the matrix has 2-byte values"):
         _op(x.bfloat16(), bf, sell=sw.kernel_sell())
+
+
+def test_budget_from_the_environment(monkeypatch):
+    try:
+        for value, expect in (("0", 0), ("123456", 123456)):
+            monkeypatch.setenv("PYHWP_SELL_BUDGET", value)
+            csr_format.sell_budget_bytes.cache_clear()
+            assert csr_format.sell_budget_bytes() == expect
+        monkeypatch.setenv("PYHWP_SELL_BUDGET", "8M")
+        csr_format.sell_budget_bytes.cache_clear()
+        with pytest.raises(ValueError, match="PYHWP_SELL_BUDGET must be a number of bytes"):
+            csr_format.sell_budget_bytes()
+        monkeypatch.delenv("PYHWP_SELL_BUDGET")
+        csr_format.sell_budget_bytes.cache_clear()
+        assert csr_format.sell_budget_bytes() > 0
+    finally:
+        csr_format.sell_budget_bytes.cache_clear()

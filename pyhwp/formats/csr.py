@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,10 +41,16 @@ def _avx512() -> bool:
 
 @functools.cache
 def sell_budget_bytes() -> int:
-    """The largest sliced-ELL copy CSRWeight.kernel_sell makes: a quarter of the last-level cache
+    """The largest sliced-ELL copy CSRWeight.kernel_sell makes: the environment variable
+    PYHWP_SELL_BUDGET (bytes; 0 makes none) where set, else a quarter of the last-level cache
     (8 MiB where the OS does not say). A copy that size is likely still in cache at the weight's
     next call, where it reads 2-3x faster than the CSR gathers; from DRAM its extra bytes make it
-    1.3x slower (Zen 4, batch 1 at 90%: 4096x4096 and 11008x4096, NOTES.md stop 29)."""
+    1.3x slower (Zen 4, batch 1 at 90%: 4096x4096 and 11008x4096, NOTES.md stop 29). Read once."""
+    env = os.environ.get("PYHWP_SELL_BUDGET")
+    if env is not None:
+        if not env.strip().isdigit():
+            raise ValueError(f"PYHWP_SELL_BUDGET must be a number of bytes (0: no copies), got {env!r}")
+        return int(env)
     from pyhwp.hardware.cpu import caches, largest_cache_bytes
 
     llc = largest_cache_bytes(caches())

@@ -56,6 +56,9 @@ void for_each_window(const M& w, Fn fn) {
         count[r] = j - pos[r];
         slots = std::max(slots, count[r]);
       }
+      // Strictly increasing columns put at most 32 of a row in a window (csr_validate).
+      PYHWP_CHECK(slots <= kWindow, "csr_sell: ", slots, " stored weights of one row in a 32-column window; "
+                  "the CSR matrix is not valid (csr_validate)");
       fn(s, win, pos, count, slots);
       for (int64_t r = 0; r < kLanes; ++r) pos[r] += count[r];
     }

@@ -114,6 +114,22 @@ def test_copy_follows_the_values():
     assert_linear_close(pyhwp.linear(x, sw), x, w, terms=64)
 
 
+def test_training_batches_do_not_remake_the_copy(monkeypatch):
+    """Autograd calls above 8 rows of x (where the kernel does not read the copy) leave it alone,
+    so that an optimizer step's new values do not cost a repack per forward pass."""
+    g = torch.Generator().manual_seed(10)
+    sw = pyhwp.to_sparse(random_sparse((32, 64), 0.8, g), "csr")
+    values = torch.nn.Parameter(sw.values.clone())
+    object.__setattr__(sw, "values", values)
+    made = []
+    original = type(sw).kernel_sell
+    monkeypatch.setattr(type(sw), "kernel_sell", lambda self: made.append(1) or original(self))
+    pyhwp.linear(torch.randn(16, 64, generator=g), sw).sum().backward()
+    assert made == [] and values.grad is not None
+    pyhwp.linear(torch.randn(4, 64, generator=g), sw).sum().backward()
+    assert made == [1]
+
+
 def test_copy_only_where_read(monkeypatch):
     """No copy for float16 values, conv weights, a weight without stored values, or a copy over
     the cache budget; bfloat16 copies hold 2-byte values."""

@@ -8,6 +8,7 @@ import weakref
 import torch
 
 from pyhwp.formats import SparseWeight
+from pyhwp.formats.csr import SELL_MAX_BATCH
 from pyhwp.kernels import find_kernel
 from pyhwp.ops.csr import csr_cpu_args, csr_matmul_impl, csr_matmul_into
 from pyhwp.ops.eager import call_matmul, cpu_kernel_call, entry_ref, intercepted, needs_op
@@ -22,13 +23,19 @@ _grad_enabled = torch.is_grad_enabled
 _UNSET = object()
 
 
+def _sell(x2, w):
+    # The weight's sliced-ELL copy where the kernel reads it (x with up to SELL_MAX_BATCH rows),
+    # else None: while training changes the values every step, larger batches do not remake it.
+    return w.kernel_sell() if x2.shape[0] <= SELL_MAX_BATCH else None
+
+
 def _csr(x2, w, bias, transpose_out=False):
     # kernel_col_indices is a cached_property, whose lock torch.compile cannot trace: compiled
     # graphs pass the int32 indices, which the kernels take too, and no sliced-ELL copy.
     compiling = torch.compiler.is_compiling()
     ci = w.col_indices if compiling else w.kernel_col_indices
     return call_matmul(_csr_op, csr_matmul_impl, x2, (w.row_offsets, ci, w.values), w.values, bias,
-                       transpose_out, w.row_order, None if compiling else w.kernel_sell())
+                       transpose_out, w.row_order, None if compiling else _sell(x2, w))
 
 
 def _sparse24(x2, w, bias, transpose_out=False):
@@ -95,7 +102,7 @@ def _eager_cpu(call_op, cpu):
 
 
 def _csr_into(y, x2, w, bias):
-    csr_matmul_into(y, x2, w.row_offsets, w.kernel_col_indices, w.values, bias, w.row_order, w.kernel_sell())
+    csr_matmul_into(y, x2, w.row_offsets, w.kernel_col_indices, w.values, bias, w.row_order, _sell(x2, w))
 
 
 def _sparse24_into(y, x2, w, bias):
@@ -205,7 +212,10 @@ def linear(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
         entry = _PLANS.get(id(weight))
         plan = entry[1].get(x.dtype, _UNSET) if entry is not None and entry[0]() is weight else _UNSET
         if plan is _UNSET or (plan is not None and (plan[5].data_ptr() != plan[6] or plan[5]._version != plan[7])):
-            plan = _cpu_plan(weight, x.dtype)
+            # Not while autograd records (training changes the values every step, and those calls
+            # take the op anyway): a plan can hold copies derived from the values.
+            trains = _grad_enabled() and getattr(getattr(weight, "values", None), "requires_grad", False)
+            plan = None if trains else _cpu_plan(weight, x.dtype)
         if plan is not None:
             kernel, head, tail, n, k, values = plan[:6]
             shape = x.shape

@@ -25,8 +25,12 @@ _UNSET = object()
 
 def _sell(x2, w):
     # The weight's sliced-ELL copy where the kernel reads it (x with up to SELL_MAX_BATCH rows),
-    # else None: while training changes the values every step, larger batches do not remake it.
-    return w.kernel_sell() if x2.shape[0] <= SELL_MAX_BATCH else None
+    # else None; None too while autograd records the values' gradient: training changes them
+    # every step, and remaking the copy costs about 1-5 ms per layer (a 10-40 us product at
+    # 1536x384-3072x768, 90%, batch 1; NOTES.md stop 29).
+    if x2.shape[0] > SELL_MAX_BATCH or (_grad_enabled() and w.values.requires_grad):
+        return None
+    return w.kernel_sell()
 
 
 def _csr(x2, w, bias, transpose_out=False):

@@ -34,10 +34,10 @@ def _close(y, x, w, bias, terms):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, k", [(71, 300), (16, 64), (33, 16), (5, 33), (140, 1000)])
+@pytest.mark.parametrize("n, k", [(71, 300), (16, 64), (33, 16), (9, 7), (5, 33), (140, 1000)])
 def test_linear_small_batches(isa, n, k, dtype):
     """Partial last slices (rows not a multiple of 16) and windows (k not a multiple of 32, a
-    window of one column, k below 16), batches 1 to 9 (1-4 columns per pass, then two passes; 9
+    window of one column, k of 16 and below), batches 1 to 9 (1-4 columns per pass, then two passes; 9
     takes the CSR paths), with and without bias, 2-D and 3-D x; float32 and bfloat16 (values
     widened in the kernel, one rounding of each output)."""
     g = torch.Generator().manual_seed(n * k)

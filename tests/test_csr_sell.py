@@ -115,24 +115,31 @@ def test_copy_follows_the_values():
 
 
 def test_training_does_not_remake_the_copy(monkeypatch):
-    """Calls that record the values' gradient leave the copy alone (an optimizer step's new values
-    would cost a repack per forward pass), and so do calls above 8 rows of x, where the kernel
-    does not read it; inference at small batches makes it."""
+    """A call that records the values' gradient makes the copy once but does not remake a stale
+    one (an optimizer step's new values would cost a repack per forward pass); calls above 8 rows
+    of x never ask for it; inference remakes it."""
     g = torch.Generator().manual_seed(10)
-    sw = pyhwp.to_sparse(random_sparse((32, 64), 0.8, g), "csr")
+    w = random_sparse((32, 64), 0.8, g)
+    sw = pyhwp.to_sparse(w, "csr")
     values = torch.nn.Parameter(sw.values.clone())
     object.__setattr__(sw, "values", values)
-    made = []
-    original = type(sw).kernel_sell
-    monkeypatch.setattr(type(sw), "kernel_sell", lambda self: made.append(1) or original(self))
-    for batch in (16, 4):
-        pyhwp.linear(torch.randn(batch, 64, generator=g), sw).sum().backward()
-    assert made == [] and values.grad is not None
+    packs = []
+    pack = _C.csr_sell_pack
+    monkeypatch.setattr(_C, "csr_sell_pack", lambda *a: packs.append(1) or pack(*a))
+    x, big = torch.randn(4, 64, generator=g), torch.randn(16, 64, generator=g)
+    pyhwp.linear(big, sw).sum().backward()
+    assert packs == [] and values.grad is not None
+    pyhwp.linear(x, sw).sum().backward()
+    assert len(packs) == int(AVX512)  # the first: a model run for inference without no_grad
     with torch.no_grad():
-        pyhwp.linear(torch.randn(16, 64, generator=g), sw)
-        assert made == [1]  # the plan's, built once for every batch
-        pyhwp.linear(torch.randn(4, 64, generator=g), sw)
-        assert made == [1]
+        values.mul_(2)  # an optimizer step
+    y = pyhwp.linear(x, sw)
+    y.sum().backward()
+    assert len(packs) == int(AVX512)
+    assert_linear_close(y.detach(), x, 2 * w, terms=64)
+    with torch.no_grad():
+        assert_linear_close(pyhwp.linear(x, sw), x, 2 * w, terms=64)
+    assert len(packs) == 2 * int(AVX512)
 
 
 def test_copy_only_where_read(monkeypatch):

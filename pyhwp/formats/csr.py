@@ -113,7 +113,7 @@ class CSRWeight(SparseWeight):
         # uint16 bits in an int16 tensor: indices >= 2**15 become negative.
         return torch.where(ci >= 2**15, ci - _UINT16_COLS, ci).to(torch.int16).contiguous()
 
-    def kernel_sell(self) -> torch.Tensor | None:
+    def kernel_sell(self, remake: bool = True) -> torch.Tensor | None:
         """The sliced-ELL copy of a 2-D float32 or bfloat16 CPU weight (csrc/csr/csr_sell.h) as a
         uint8 blob, or None (other weights, a CPU without AVX-512, or a copy over
         sell_budget_bytes()): the CPU kernels read it instead of the CSR arrays at batches up to
@@ -121,12 +121,14 @@ class CSRWeight(SparseWeight):
         from permutes of 32-input windows; rows shorter than the longest of their 16 in a window
         are padded with zeros, so it takes more bytes than the CSR arrays (at 90% random sparsity
         about 1.7x with float32 values, 1.5x with bfloat16). It copies the values: built on first
-        use and again after they change (moved or modified in place); not counted in nbytes."""
+        use and again after they change (moved or modified in place), unless `remake` is False,
+        which returns None for a stale copy instead (remaking one takes about 1-5 ms at 1536x384
+        to 3072x768, 90%). Not counted in nbytes."""
         values = self.values
         key = (values.data_ptr(), values._version)
         cached = _SELL.get(self)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and (cached[0] == key or not remake):
+            return cached[1] if cached[0] == key else None
         blob = None
         if (len(self.shape) == 2 and values.dtype in (torch.float32, torch.bfloat16) and values.is_cpu
                 and self.nnz > 0 and _avx512()):

@@ -25,12 +25,13 @@ _UNSET = object()
 
 def _sell(x2, w):
     # The weight's sliced-ELL copy where the kernel reads it (x with up to SELL_MAX_BATCH rows),
-    # else None; None too while autograd records the values' gradient: training changes them
-    # every step, and remaking the copy costs about 1-5 ms per layer (a 10-40 us product at
-    # 1536x384-3072x768, 90%, batch 1; NOTES.md stop 29).
-    if x2.shape[0] > SELL_MAX_BATCH or (_grad_enabled() and w.values.requires_grad):
+    # else None. While autograd records the values' gradient, a stale copy is not remade:
+    # training changes the values every step, and remaking costs about 1-5 ms per layer against a
+    # 10-40 us product (1536x384-3072x768, 90%, batch 1; NOTES.md stop 29); a model run without
+    # no_grad for inference keeps the copy it made on its first call.
+    if x2.shape[0] > SELL_MAX_BATCH:
         return None
-    return w.kernel_sell()
+    return w.kernel_sell(remake=not (_grad_enabled() and w.values.requires_grad))
 
 
 def _csr(x2, w, bias, transpose_out=False):

@@ -170,8 +170,11 @@ def test_bad_copies_are_refused():
     with pytest.raises(ValueError, match="not written by csr_sell_pack"):
         _op(x, sw, sell=torch.zeros(256, dtype=torch.uint8))
     ro, dup = torch.tensor([0, 40]), torch.zeros(40, dtype=torch.int32)  # 40 weights in one column
-    with pytest.raises(ValueError, match="40 stored weights of one row in a 32-column window"):
+    with pytest.raises(ValueError, match="column index 0 at position 1 of row 0 is out of range or not increasing"):
         _C.csr_sell_bytes(1, 64, 40, ro.data_ptr(), dup.data_ptr(), 0)
+    ro2, wide = torch.tensor([0, 2]), torch.tensor([3, 64], dtype=torch.int32)
+    with pytest.raises(ValueError, match="column index 64 at position 1 of row 0 is out of range"):
+        _C.csr_sell_bytes(1, 64, 2, ro2.data_ptr(), wide.data_ptr(), 0)
     bf = pyhwp.to_sparse(sw.to_dense().bfloat16(), "csr")
     with pytest.raises(ValueError, match="packed with 4-byte values, the matrix has 2-byte values"):
         _op(x.bfloat16(), bf, sell=sw.kernel_sell())

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -29,46 +30,63 @@ Sections sections(int64_t slices, int64_t windows, int64_t slots, int64_t value_
   return o;
 }
 
-// Column index j of W (16-bit copy preferred, as the kernels); M is CsrMatrix or CsrMatrixBf16.
-template <typename M>
-inline int64_t column(const M& w, int64_t j) {
-  return w.col_indices16 ? w.col_indices16[j] : w.col_indices[j];
+// Calls fn(indices) with W's column indices (the 16-bit copy where there is one, as the kernels);
+// M is CsrMatrix or CsrMatrixBf16.
+template <typename M, typename Fn>
+void with_columns(const M& w, Fn fn) {
+  if (w.col_indices16) {
+    fn(w.col_indices16);
+  } else {
+    fn(w.col_indices);
+  }
 }
 
-// For every slice and window in order: fn(slice, window, first, count, slots), where row r of
-// the slice stores count[r] weights in the window from position first[r] on, and slots is the
-// largest count.
-template <typename M, typename Fn>
-void for_each_window(const M& w, Fn fn) {
-  const int64_t slices = (w.rows + kLanes - 1) / kLanes, windows = (w.cols + kWindow - 1) / kWindow;
-  int64_t pos[kLanes], count[kLanes];
-  for (int64_t s = 0; s < slices; ++s) {
-    const int64_t rows = std::min(kLanes, w.rows - s * kLanes);
-    for (int64_t r = 0; r < kLanes; ++r) pos[r] = r < rows ? w.row_offsets[s * kLanes + r] : 0;
-    for (int64_t win = 0; win < windows; ++win) {
-      int64_t slots = 0;
-      for (int64_t r = 0; r < kLanes; ++r) {
-        int64_t j = pos[r];
-        if (r < rows) {
-          const int64_t end = w.row_offsets[s * kLanes + r + 1];
-          while (j < end && column(w, j) < (win + 1) * kWindow) ++j;
-        }
-        count[r] = j - pos[r];
-        slots = std::max(slots, count[r]);
-      }
-      // Strictly increasing columns put at most 32 of a row in a window (csr_validate).
-      PYHWP_CHECK(slots <= kWindow, "csr_sell: ", slots, " stored weights of one row in a 32-column window; "
-                  "the CSR matrix is not valid (csr_validate)");
-      fn(s, win, pos, count, slots);
-      for (int64_t r = 0; r < kLanes; ++r) pos[r] += count[r];
+// One slice's shape, in one pass over its rows' indices: count[r * windows + win] stored weights of
+// row r in window win, and slots[win], the largest of them. Refuses what csr_validate would (an
+// index out of range or not increasing), on which the packing's writes depend.
+template <typename M, typename I>
+void slice_counts(const M& w, const I* cols, int64_t s, int64_t windows, int32_t* count, int64_t* slots) {
+  std::fill(count, count + kLanes * windows, 0);
+  const int64_t rows = std::min(kLanes, w.rows - s * kLanes);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = s * kLanes + r;
+    int64_t prev = -1;
+    for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
+      const int64_t c = cols[j];
+      PYHWP_CHECK(c > prev && c < w.cols, "csr_sell: column index ", c, " at position ", j, " of row ", n,
+                  " is out of range or not increasing; the CSR matrix is not valid (csr_validate)");
+      ++count[r * windows + c / kWindow];
+      prev = c;
     }
   }
+  for (int64_t win = 0; win < windows; ++win) {
+    int32_t most = 0;
+    for (int64_t r = 0; r < kLanes; ++r) most = std::max(most, count[r * windows + win]);
+    slots[win] = most;
+  }
+}
+
+// fn(s, cols, count, slots) for every slice s in order (count and slots as slice_counts gives).
+template <typename M, typename Fn>
+void for_each_slice(const M& w, Fn fn) {
+  const int64_t slices = (w.rows + kLanes - 1) / kLanes, windows = (w.cols + kWindow - 1) / kWindow;
+  std::vector<int32_t> count(static_cast<size_t>(kLanes * windows));
+  std::vector<int64_t> slots(static_cast<size_t>(windows));
+  with_columns(w, [&](const auto* cols) {
+    for (int64_t s = 0; s < slices; ++s) {
+      slice_counts(w, cols, s, windows, count.data(), slots.data());
+      fn(s, cols, count.data(), slots.data());
+    }
+  });
 }
 
 template <typename M>
 int64_t count_slots(const M& w) {
+  const int64_t windows = (w.cols + kWindow - 1) / kWindow;
   int64_t total = 0;
-  for_each_window(w, [&](int64_t, int64_t, const int64_t*, const int64_t*, int64_t slots) { total += slots; });
+  for_each_slice(w, [&](int64_t, const auto*, const int32_t*, const int64_t* slots) {
+    for (int64_t win = 0; win < windows; ++win) total += slots[win];
+  });
   return total;
 }
 
@@ -90,17 +108,29 @@ void pack(const M& w, void* blob) {
   auto* counts = reinterpret_cast<uint8_t*>(base + o.counts);
   auto* values = reinterpret_cast<T*>(base + o.values);
   auto* lanes = reinterpret_cast<uint8_t*>(base + o.lanes);
+  std::vector<int64_t> first(static_cast<size_t>(h.windows));  // a slice's first slot of each window
   int64_t t = 0;
-  for_each_window(w, [&](int64_t s, int64_t win, const int64_t* first, const int64_t* count, int64_t slots) {
-    if (win == 0) slice_slots[s] = t;
-    counts[s * h.windows + win] = static_cast<uint8_t>(slots);
-    for (int64_t r = 0; r < kLanes; ++r) {
-      for (int64_t i = 0; i < count[r]; ++i) {
-        values[(t + i) * kLanes + r] = w.values[first[r] + i];
-        lanes[(t + i) * kLanes + r] = static_cast<uint8_t>(column(w, first[r] + i) - win * kWindow);
+  for_each_slice(w, [&](int64_t s, const auto* cols, const int32_t*, const int64_t* slots) {
+    slice_slots[s] = t;
+    for (int64_t win = 0; win < h.windows; ++win) {
+      counts[s * h.windows + win] = static_cast<uint8_t>(slots[win]);  // <= 32: columns increase
+      first[static_cast<size_t>(win)] = t;
+      t += slots[win];
+    }
+    // A row's columns increase, so its weights of each window are consecutive: the i-th of them
+    // takes slot first[win] + i, lane r.
+    const int64_t rows = std::min(kLanes, w.rows - s * kLanes);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = s * kLanes + r;
+      int64_t win = -1, slot = 0;
+      for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
+        const int64_t c = cols[j];
+        if (c / kWindow != win) win = c / kWindow, slot = first[static_cast<size_t>(win)];
+        values[slot * kLanes + r] = w.values[j];
+        lanes[slot * kLanes + r] = static_cast<uint8_t>(c - win * kWindow);
+        ++slot;
       }
     }
-    t += slots;
   });
   slice_slots[h.slices] = t;
 }

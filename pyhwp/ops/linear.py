@@ -26,7 +26,7 @@ _UNSET = object()
 def _sell(x2, w):
     # The weight's sliced-ELL copy where the kernel reads it (x with up to SELL_MAX_BATCH rows),
     # else None. While autograd records the values' gradient, a stale copy is not remade:
-    # training changes the values every step, and remaking costs about 1-5 ms per layer against a
+    # training changes the values every step, and remaking costs about 0.4-2 ms per layer against a
     # 10-40 us product (1536x384-3072x768, 90%, batch 1; NOTES.md stop 29); a model run without
     # no_grad for inference keeps the copy it made on its first call.
     if x2.shape[0] > SELL_MAX_BATCH:

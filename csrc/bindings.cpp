@@ -147,6 +147,7 @@ PYBIND11_MODULE(_C, m) {
       "optional uint16 copy of the indices (cols <= 65536) that the kernels then read; sell: "
       "optional sliced-ELL copy (csr_sell_pack) read at small batches on AVX-512 CPUs");
 
+  m.attr("csr_sell_max_batch") = pyhwp::CsrCpuConfig::kSellMaxP;  // x rows up to which the copy is read
   m.def(
       "csr_sell_bytes",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16,

@@ -305,6 +305,19 @@ void fix_nonfinite(const Problem<I, T>& pr, XView x, YView y) {
   });
 }
 
+// X's P columns as float32 rows of K (k contiguous), as the gather and sliced-ELL kernels read
+// them: float32 x in place where its k is contiguous, else copied or widened into scratch slot 0.
+inline DenseIn x_as_rows(const float* x, int64_t K, int64_t P, int64_t xsk, int64_t xsp, int) {
+  if (xsk == 1) return DenseIn{x, K, P, 1, xsp};
+  float* buf = scratch(0, P * K + 16);
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t k = 0; k < K; ++k) buf[p * K + k] = x[k * xsk + p * xsp];
+  return DenseIn{buf, K, P, 1, K};
+}
+inline DenseIn x_as_rows(const uint16_t* x, int64_t K, int64_t P, int64_t xsk, int64_t xsp, int num_threads) {
+  return widen_bf16(DenseInBf16{x, K, P, xsk, xsp}, /*k_contiguous=*/true, K, scratch(0, P * K + 16), num_threads);
+}
+
 // The driver: X as float32 (xf, strides) when S == float, else bfloat16 bits converted on the way.
 template <typename I, typename T, typename S>
 void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, const float* bias,
@@ -317,25 +330,9 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   constexpr bool kFloat = std::is_same_v<S, float>;
 
   if (P < gather_max_p(isa) && (xsk == 1 || !kFloat)) {
-    const float* xf;
-    int64_t ldx;
-    bool bad;
-    if constexpr (kFloat) {
-      xf = x, ldx = xsp;
-      bad = any_nonfinite(DenseIn{x, K, P, xsk, xsp});
-    } else {  // convert the P rows of x to float32, k contiguous
-      float* buf = scratch(0, P * K + 16);
-      uint32_t worst = 0;
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t k = 0; k < K; ++k) {
-          buf[p * K + k] = bf16_to_float(x[k * xsk + p * xsp]);
-          worst = std::max<uint32_t>(worst, (x[k * xsk + p * xsp] & 0x7f80u));
-        }
-      xf = buf, ldx = K;
-      bad = worst == 0x7f80u;
-    }
-    run_gather(pr, kern, xf, ldx, bias, y, nt);
-    if (bad) fix_nonfinite(pr, XView{xf, 1, ldx}, y);
+    const DenseIn xr = x_as_rows(x, K, P, xsk, xsp, num_threads);
+    run_gather(pr, kern, xr.data, xr.stride_p, bias, y, nt);
+    if (any_nonfinite(xr)) fix_nonfinite(pr, XView{xr.data, 1, xr.stride_p}, y);
     return;
   }
 
@@ -378,19 +375,21 @@ void run_sell(const CsrSell& s, const float* x, int64_t ldx, int64_t P, const fl
 }
 #endif
 
-// The sliced-ELL path of csr_matmul_bf16 (x converted to float32 rows, k contiguous), where W has
-// the copy, P <= kSellMaxP, the CPU has AVX-512 and x is finite; false where it does not apply.
-bool sell_bf16(const CsrMatrixBf16& w, const DenseInBf16& x, const float* bias, YView y, int num_threads) {
+// The sliced-ELL path of both entry points, where W has the copy (M: CsrMatrix or CsrMatrixBf16,
+// the copy's values of the same type), P <= kSellMaxP, the CPU has AVX-512 and x is finite (with
+// NaN/Inf the CSR paths propagate them as dense does); false where it does not apply.
+template <typename M, typename S>
+bool try_sell(const M& w, const S* x, int64_t xsk, int64_t xsp, int64_t P, const float* bias, YView y,
+              int num_threads) {
 #ifdef PYHWP_X86_KERNELS
-  const int64_t K = w.cols, P = x.cols;
   if (!w.sell || P > Cfg::kSellMaxP || vector_isa() < Isa::kAvx512) return false;
-  const CsrSell s = csr_sell_view(w.sell, w.rows, w.cols, 2);
-  const DenseIn xf = widen_bf16(x, /*k_contiguous=*/true, K, scratch(0, P * K + 16), num_threads);
-  if (any_nonfinite(xf)) return false;  // NaN/Inf: the CSR paths propagate them as dense does
-  run_sell(s, xf.data, K, P, bias, y, num_threads);
+  const CsrSell s = csr_sell_view(w.sell, w.rows, w.cols, sizeof(*w.values) == 4 ? 4 : 2);
+  const DenseIn xr = x_as_rows(x, w.cols, P, xsk, xsp, num_threads);
+  if (any_nonfinite(xr)) return false;
+  run_sell(s, xr.data, xr.stride_p, P, bias, y, num_threads);
   return true;
 #else
-  (void)w, (void)x, (void)bias, (void)y, (void)num_threads;
+  (void)w, (void)x, (void)xsk, (void)xsp, (void)P, (void)bias, (void)y, (void)num_threads;
   return false;
 #endif
 }
@@ -425,21 +424,9 @@ void csr_matmul(const CsrMatrix& w, const DenseIn& x, const float* bias, const D
   check_sizes(w, x.rows, x.cols, y.rows, y.cols, num_threads, "csr_matmul");
   if (w.rows == 0 || x.cols == 0) return;
   PYHWP_CHECK(x.data && y.data, "csr_matmul: null x or y");
-#ifdef PYHWP_X86_KERNELS
-  if (w.sell && x.cols <= Cfg::kSellMaxP && vector_isa() >= Isa::kAvx512 && !any_nonfinite(x)) {
-    // x's columns k-contiguous, as the kernel reads them (a copy of P x K floats otherwise).
-    DenseIn xk = x;
-    if (x.stride_k != 1) {
-      float* buf = scratch(0, x.cols * x.rows + 16);
-      for (int64_t p = 0; p < x.cols; ++p)
-        for (int64_t k = 0; k < x.rows; ++k) buf[p * x.rows + k] = x.data[k * x.stride_k + p * x.stride_p];
-      xk = DenseIn{buf, x.rows, x.cols, 1, x.rows};
-    }
-    run_sell(csr_sell_view(w.sell, w.rows, w.cols, 4), xk.data, xk.stride_p, x.cols, bias,
-             YView{y.data, y.stride_n, y.stride_p}, num_threads);
+  if (try_sell(w, x.data, x.stride_k, x.stride_p, x.cols, bias, YView{y.data, y.stride_n, y.stride_p}, num_threads)) {
     return;
   }
-#endif
   with_indices(w, w.values, [&](auto pr) {
     pr.P = x.cols;
     run_csr(pr, x.data, x.stride_k, x.stride_p, bias, YView{y.data, y.stride_n, y.stride_p}, num_threads);
@@ -459,7 +446,7 @@ void csr_matmul_bf16(const CsrMatrixBf16& w, const DenseInBf16& x, const uint16_
   // kernel writes whole vectors of); p-contiguous otherwise.
   const bool small = P < gather_max_p(vector_isa()) || (w.sell && P <= Cfg::kSellMaxP);
   const YView yv = small ? YView{yf, 1, N} : YView{yf, P, 1};
-  if (!sell_bf16(w, x, bf, yv, num_threads)) {
+  if (!try_sell(w, x.data, x.stride_k, x.stride_p, P, bf, yv, num_threads)) {
     with_indices(w, w.values, [&](auto pr) {
       pr.P = P;
       run_csr(pr, x.data, x.stride_k, x.stride_p, bf, yv, num_threads);

@@ -66,7 +66,7 @@ void slice_counts(const M& w, const I* cols, int64_t s, int64_t windows, int32_t
   }
 }
 
-// fn(s, cols, count, slots) for every slice s in order (count and slots as slice_counts gives).
+// fn(s, slots) for every slice s in order (slots as slice_counts gives).
 template <typename M, typename Fn>
 void for_each_slice(const M& w, Fn fn) {
   const int64_t slices = (w.rows + kLanes - 1) / kLanes, windows = (w.cols + kWindow - 1) / kWindow;
@@ -75,7 +75,7 @@ void for_each_slice(const M& w, Fn fn) {
   with_columns(w, [&](const auto* cols) {
     for (int64_t s = 0; s < slices; ++s) {
       slice_counts(w, cols, s, windows, count.data(), slots.data());
-      fn(s, cols, count.data(), slots.data());
+      fn(s, slots.data());
     }
   });
 }
@@ -84,12 +84,14 @@ template <typename M>
 int64_t count_slots(const M& w) {
   const int64_t windows = (w.cols + kWindow - 1) / kWindow;
   int64_t total = 0;
-  for_each_slice(w, [&](int64_t, const auto*, const int32_t*, const int64_t* slots) {
+  for_each_slice(w, [&](int64_t, const int64_t* slots) {
     for (int64_t win = 0; win < windows; ++win) total += slots[win];
   });
   return total;
 }
 
+// One histogram pass writes the slot counts and the slices' slot offsets, whose places do not
+// depend on the total; a second pass over the indices places every stored weight.
 template <typename M>
 void pack(const M& w, void* blob) {
   using T = std::remove_cv_t<std::remove_pointer_t<decltype(w.values)>>;
@@ -98,41 +100,49 @@ void pack(const M& w, void* blob) {
   h.magic = kCsrSellMagic;
   h.rows = w.rows, h.cols = w.cols;
   h.slices = (w.rows + kLanes - 1) / kLanes, h.windows = (w.cols + kWindow - 1) / kWindow;
-  h.slots = count_slots(w);
   h.value_bytes = sizeof(T);
   char* base = static_cast<char*>(blob);
-  const Sections o = sections(h.slices, h.windows, h.slots, h.value_bytes);
-  std::memset(base, 0, static_cast<size_t>(o.end));
-  std::memcpy(base, &h, sizeof h);
+  Sections o = sections(h.slices, h.windows, 0, h.value_bytes);  // up to the values: slots not needed
+  std::memset(base, 0, static_cast<size_t>(o.values));
   auto* slice_slots = reinterpret_cast<int64_t*>(base + o.slice_slots);
   auto* counts = reinterpret_cast<uint8_t*>(base + o.counts);
-  auto* values = reinterpret_cast<T*>(base + o.values);
-  auto* lanes = reinterpret_cast<uint8_t*>(base + o.lanes);
-  std::vector<int64_t> first(static_cast<size_t>(h.windows));  // a slice's first slot of each window
   int64_t t = 0;
-  for_each_slice(w, [&](int64_t s, const auto* cols, const int32_t*, const int64_t* slots) {
+  for_each_slice(w, [&](int64_t s, const int64_t* slots) {
     slice_slots[s] = t;
     for (int64_t win = 0; win < h.windows; ++win) {
       counts[s * h.windows + win] = static_cast<uint8_t>(slots[win]);  // <= 32: columns increase
-      first[static_cast<size_t>(win)] = t;
       t += slots[win];
     }
-    // A row's columns increase, so its weights of each window are consecutive: the i-th of them
-    // takes slot first[win] + i, lane r.
-    const int64_t rows = std::min(kLanes, w.rows - s * kLanes);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = s * kLanes + r;
-      int64_t win = -1, slot = 0;
-      for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
-        const int64_t c = cols[j];
-        if (c / kWindow != win) win = c / kWindow, slot = first[static_cast<size_t>(win)];
-        values[slot * kLanes + r] = w.values[j];
-        lanes[slot * kLanes + r] = static_cast<uint8_t>(c - win * kWindow);
-        ++slot;
+  });
+  slice_slots[h.slices] = h.slots = t;
+  std::memcpy(base, &h, sizeof h);
+  o = sections(h.slices, h.windows, h.slots, h.value_bytes);
+  std::memset(base + o.values, 0, static_cast<size_t>(o.end - o.values));
+  auto* values = reinterpret_cast<T*>(base + o.values);
+  auto* lanes = reinterpret_cast<uint8_t*>(base + o.lanes);
+  std::vector<int64_t> first(static_cast<size_t>(h.windows));  // a slice's first slot of each window
+  with_columns(w, [&](const auto* cols) {
+    for (int64_t s = 0; s < h.slices; ++s) {
+      for (int64_t win = 0, f = slice_slots[s]; win < h.windows; ++win) {
+        first[static_cast<size_t>(win)] = f;
+        f += counts[s * h.windows + win];
+      }
+      // A row's columns increase, so its weights of each window are consecutive: the i-th of them
+      // takes slot first[win] + i, lane r.
+      const int64_t rows = std::min(kLanes, w.rows - s * kLanes);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = s * kLanes + r;
+        int64_t win = -1, slot = 0;
+        for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
+          const int64_t c = cols[j];
+          if (c / kWindow != win) win = c / kWindow, slot = first[static_cast<size_t>(win)];
+          values[slot * kLanes + r] = w.values[j];
+          lanes[slot * kLanes + r] = static_cast<uint8_t>(c - win * kWindow);
+          ++slot;
+        }
       }
     }
   });
-  slice_slots[h.slices] = t;
 }
 
 }  // namespace

@@ -19,9 +19,6 @@ _UINT16_COLS = 2**16  # in_features up to this: the CPU kernels read 16-bit colu
 
 # CSRWeight -> (address and version of the values it was built from, sliced-ELL blob or None).
 _SELL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# The batches (rows of x) up to which the CPU kernels read the sliced-ELL copy
-# (CsrCpuConfig::kSellMaxP in csrc/csr/csr_matmul.h).
-SELL_MAX_BATCH = 8
 
 
 def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ import weakref
 
 import torch
 
+from pyhwp._ext import _C
 from pyhwp.formats import SparseWeight
-from pyhwp.formats.csr import SELL_MAX_BATCH
 from pyhwp.kernels import find_kernel
 from pyhwp.ops.csr import csr_cpu_args, csr_matmul_impl, csr_matmul_into
 from pyhwp.ops.eager import call_matmul, cpu_kernel_call, entry_ref, intercepted, needs_op
@@ -23,13 +23,16 @@ _grad_enabled = torch.is_grad_enabled
 _UNSET = object()
 
 
+_SELL_MAX_BATCH = _C.csr_sell_max_batch  # rows of x up to which the CPU kernels read the copy
+
+
 def _sell(x2, w):
-    # The weight's sliced-ELL copy where the kernel reads it (x with up to SELL_MAX_BATCH rows),
+    # The weight's sliced-ELL copy where the kernel reads it (x with up to _SELL_MAX_BATCH rows),
     # else None. While autograd records the values' gradient, a stale copy is not remade:
     # training changes the values every step, and remaking costs about 0.4-2 ms per layer against a
     # 10-40 us product (1536x384-3072x768, 90%, batch 1; NOTES.md stop 29); a model run without
     # no_grad for inference keeps the copy it made on its first call.
-    if x2.shape[0] > SELL_MAX_BATCH:
+    if x2.shape[0] > _SELL_MAX_BATCH:
         return None
     return w.kernel_sell(remake=not (_grad_enabled() and w.values.requires_grad))
 

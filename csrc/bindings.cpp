@@ -148,7 +148,6 @@ PYBIND11_MODULE(_C, m) {
       "optional sliced-ELL copy (csr_sell_pack) read at small batches on AVX-512 CPUs");
 
   m.attr("csr_sell_max_batch") = pyhwp::CsrCpuConfig::kSellMaxP;  // x rows up to which the copy is read
-  m.attr("csr_stream_bytes") = pyhwp::CsrCpuConfig::kStreamBytes;  // W bytes per thread streamed (csr_streams_w)
   m.def(
       "csr_sell_bytes",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16,

@@ -30,34 +30,6 @@ def test_tile_paths(isa, n, k, sparsity, batch):
     assert_linear_close(pyhwp.linear(x, sw, bias), x, w, bias, _terms(sw))
 
 
-def test_streamed_and_resident_weights(isa):
-    """At 16 columns the tile kernel prefetches W only where a thread's share of its arrays
-    exceeds _C.csr_stream_bytes: a weight over that on one thread and under it on two gives the
-    reference on both (and the same bits: each row is summed by one thread in the same order)."""
-    g = torch.Generator().manual_seed(30)
-    n, k = 1024, 2048
-    per_weight = 2 + 4  # 16-bit index, float32 value
-    nnz = int(1.5 * _C.csr_stream_bytes / per_weight)
-    w = random_sparse((n, k), 1 - nnz / (n * k), g)
-    sw = pyhwp.to_sparse(w, "csr")
-    assert sw.kernel_col_indices.dtype == torch.int16
-    stored = sw.values.numel() * per_weight
-    assert _C.csr_stream_bytes < stored <= 2 * _C.csr_stream_bytes
-    x = torch.randn(16, k, generator=g)
-    bias = torch.randn(n, generator=g)
-    previous = torch.get_num_threads()
-    try:
-        ys = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            ys.append(_csr_op(x, sw, bias))
-    finally:
-        torch.set_num_threads(previous)
-    for y in ys:
-        assert_linear_close(y, x, w, bias, _terms(sw))
-    assert torch.equal(ys[0], ys[1])
-
-
 def _csr_op(x, sw, bias=None):
     """The CSR op on the kernel's 16-bit indices, without the sliced-ELL copy."""
     return torch.ops.pyhwp.csr_matmul(x, sw.row_offsets, sw.kernel_col_indices, sw.values, bias, False)

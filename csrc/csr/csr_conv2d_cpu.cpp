@@ -51,7 +51,6 @@ struct ConvRun {
   const PaddedPlanes& pd;
   const float* bias;
   float* y;  // (images, N, ho, wo)
-  bool stream_w;  // csr_streams_w
 };
 
 // Rows [r0, r1) of one image's output over wide pixels [p0, p0 + width), from its padded planes,
@@ -64,7 +63,7 @@ void conv_tile(const ConvRun<T>& c, const float* xp_img, int64_t img, int64_t r0
     conv_output_tile(c.g, c.pd, c.y, c.N, img, rb, rows, Cfg::kRowBlock, p0, width, [&](float* tile, int64_t ld) {
       for (int64_t b = 0; b < c.blocks; ++b) {
         c.kern.tile(c.a, c.starts + b * c.N + rb, c.starts + (b + 1) * c.N + rb, rows, xp_img + p0, 1, width,
-                    c.bias ? c.bias + rb : nullptr, b > 0, c.stream_w, tile, ld);
+                    c.bias ? c.bias + rb : nullptr, b > 0, tile, ld);
       }
     });
   }
@@ -115,8 +114,7 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const int32_t* offset
   const int64_t work = w.nnz * g.images * g.ho * pd.wp;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
   const ConvRun<float> run{csr_kernels<int32_t, float>(vector_isa()), {offsets, w.values}, w.row_offsets, starts,
-                           w.rows, csr_conv2d_blocks(g), g, pd, bias, y,
-                           csr_streams_w(w.nnz, sizeof(int32_t) + sizeof(float), nt)};
+                           w.rows, csr_conv2d_blocks(g), g, pd, bias, y};
   return run_implicit_conv(
       g, pd, w.rows, x, nt,
       [&](int64_t parts, std::vector<int64_t>* bounds) { balanced_runs(w.row_offsets, w.rows, Cfg::kRowCost, parts, bounds); },

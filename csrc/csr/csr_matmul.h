@@ -80,12 +80,11 @@ using CsrGatherFn = void (*)(CsrArrays<I, T> a, const int64_t* begin, int64_t ro
 // to 64-byte aligned rows, the conv driver reads shifted rows in place): for rows i in [0, rows),
 // y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
 //                  + sum_{j in [begin[i], end[i])} vals[j] * x[cols[j]*ldx + 0:P].
-// P <= kTileP; begin/end are per-row position ranges (a K block of each row). stream_w: W's
-// arrays stream from beyond L2 (csr_streams_w); the kernels that prefetch them do so only then.
+// P <= kTileP; begin/end are per-row position ranges (a K block of each row).
 template <typename I, typename T>
 using CsrTileFn = void (*)(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
                            const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate,
-                           bool stream_w, float* y, int64_t ldy);
+                           float* y, int64_t ldy);
 
 template <typename I, typename T>
 struct CsrKernels {
@@ -149,20 +148,10 @@ struct CsrCpuConfig {
   // tile kernel) prefetch every line of W's index and value streams: at batch 1 they are bound by
   // how fast those arrive (NOTES.md, stop 17: 1, 2, 3 and 4 KiB measured, 2 the best).
   static constexpr int64_t kPrefetchBytes = 2048;
-  // A thread's share of W's arrays above which the 16-column tile kernel prefetches them (see
-  // csr_streams_w). Below it they stay in L2 from call to call, and the prefetches only take load
-  // slots from a kernel bound by them (NOTES.md, stop 30).
-  static constexpr int64_t kStreamBytes = 1 << 20;
   static_assert(kTileP % 16 == 0 && kTileP <= 128, "tiles are whole zmm vectors, at most 8 per row");
   static_assert(kRowBlock % 16 == 0, "row blocks fill whole 64-byte output lines");
   static_assert(kGatherMaxP >= 1 && kGatherMaxPSlowGathers >= 1, "the gather path serves at least batch 1");
   static_assert(kPanelBytes >= kTileP * 4 * 64, "a K block holds at least 64 rows of X");
 };
-
-// Whether W's arrays (nnz entries of elem_bytes index and value bytes) stream from beyond L2 when
-// nt threads share them: more than kStreamBytes each.
-inline bool csr_streams_w(int64_t nnz, int64_t elem_bytes, int nt) {
-  return nnz * elem_bytes > CsrCpuConfig::kStreamBytes * nt;
-}
 
 }  // namespace pyhwp

@@ -219,3 +219,60 @@ def test_isa_cap_restarts_with_torch_capped(tmp_path, cap):
 def test_isa_cap_needs_cpu(capsys):
     assert cli_main(["bench", "--suite", "tiny", "--device", "cuda", "--isa", "avx2", "--no-progress"]) == 2
     assert "--isa caps the CPU kernels" in capsys.readouterr().err
+
+
+def test_before_runs_ahead_of_every_timed_call():
+    """interleaved_medians' `before` (the cold-cache eviction) precedes each timed call, not the
+    warm-up ones."""
+    from pyhwp.bench.timing import interleaved_medians
+
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    interleaved_medians(fns, warmup=1, min_reps=2, max_reps=2, budget_s=0.0, before=lambda: calls.append("-"))
+    assert "".join(calls) == "ab" + "-a-b" + "-b-a"
+
+
+def test_cache_evictor_reads_and_writes_its_buffer():
+    from pyhwp.bench.cold import CacheEvictor, eviction_bytes
+
+    assert eviction_bytes() >= 2 * (1 << 20)
+    evict = CacheEvictor(1 << 16)
+    assert evict.nbytes == 1 << 16
+    evict()
+    evict()
+    assert torch.equal(evict._buffer, torch.full(((1 << 16) // 4,), 2.0))
+    for bad in (0, 63, -1, 1.5e6):
+        with pytest.raises(ValueError, match="64-byte line"):
+            CacheEvictor(bad)
+
+
+def test_cold_cli_records_the_eviction(tmp_path, capsys, monkeypatch):
+    """`--cold` evicts before every timed call of the cases and says so in the report and JSON."""
+    from pyhwp.bench import cold, suite
+
+    made = []
+
+    class SmallEvictor(cold.CacheEvictor):
+        def __init__(self):
+            super().__init__(1 << 20)
+            self.calls = 0
+            made.append(self)
+
+        def __call__(self):
+            self.calls += 1
+            super().__call__()
+
+    monkeypatch.setattr(suite, "CacheEvictor", SmallEvictor)
+    out = tmp_path / "cold.json"
+    args = ["bench", "--suite", "tiny", "--filter", "linear", "--cold", "--json", str(out), "--no-progress"]
+    assert cli_main(args) == 0
+    assert "cold caches: 1 MiB read and written before every timed call" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["cold_evict_bytes"] == 1 << 20
+    measured = [r for r in doc["rows"] if "skipped" not in r]
+    timed_calls = sum(len(r["time_s"]) for r in measured)
+    assert len(made) == 1 and made[0].calls >= 5 * timed_calls  # at least min_reps rounds each
+    assert cli_main(["bench", "--suite", "tiny", "--device", "cuda", "--cold", "--no-progress"]) == 2
+    assert "--cold evicts the CPU caches" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs device 'cpu'"):
+        suite.run_suite([], "cuda", cold=True)

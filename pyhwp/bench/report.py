@@ -122,6 +122,9 @@ def render(result: dict) -> str:
     if m:
         peaks = ", ".join(f"{d} {v:.0f} GFLOP/s" for d, v in m.get("peak_gflops", {}).items())
         lines.append(f"measured ceilings: dense GEMM {peaks}; copy {m.get('copy_gbs', float('nan')):.1f} GB/s")
+    if meta.get("cold_evict_bytes"):
+        lines.append(f"cold caches: {meta['cold_evict_bytes'] / 2**20:.0f} MiB read and written before every timed "
+                     "call (--cold)")
     lines.append("ratios: pyhwp speedup over each baseline, medians of interleaved runs; "
                  "% peak: useful GFLOP/s over the measured GEMM rate; % bw: batch-1 bytes over copy bandwidth")
     for section in SECTIONS:

@@ -262,8 +262,10 @@ def _pct(value: float, ceiling: float | None) -> float | None:
     return None if not ceiling or not math.isfinite(ceiling) else 100.0 * value / ceiling
 
 
-def run_case(case: Case, device: str, machine: Machine | None = None, budget_s: float = 0.3) -> dict:
-    """Measure one case; returns its result row (see report.py for the fields)."""
+def run_case(case: Case, device: str, machine: Machine | None = None, budget_s: float = 0.3,
+             before: Callable[[], object] | None = None) -> dict:
+    """Measure one case; returns its result row (see report.py for the fields). `before` runs
+    ahead of every timed call (interleaved_medians; the cold-cache eviction)."""
     row = {"name": case.name, **{k: v for k, v in asdict(case).items() if k not in ("conv", "label")},
            "conv": str(case.conv) if case.conv else None, "device": device}
     row["shape"] = list(case.shape)
@@ -277,7 +279,7 @@ def run_case(case: Case, device: str, machine: Machine | None = None, budget_s: 
     try:
         p = prepare(case, device)
         fns, skipped = contenders(case, p, device)
-        times = interleaved_medians(fns, budget_s=budget_s, device=device)
+        times = interleaved_medians(fns, budget_s=budget_s, device=device, before=before)
     finally:
         torch.set_num_threads(previous_threads)
     t = times["pyhwp"]

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pyhwp import cli_types
 from pyhwp.bench import dlmc, isa, report
+from pyhwp.bench.cold import CacheEvictor
 from pyhwp.bench.cases import Case, suite_cases
 from pyhwp.bench.runner import Machine, measure_overhead, run_case
 
@@ -32,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", metavar="TEXT", help="only cases whose name contains TEXT")
     p.add_argument("--budget", type=cli_types.positive_float, metavar="S", help="seconds of timing per case")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cold", action="store_true",
+                   help="evict the CPU caches (a pass over twice the last-level cache) before every "
+                        "timed call, as in a model whose weights exceed the cache (CPU only)")
     p.add_argument("--isa", choices=sorted(isa.TORCH_CAPS),
                    help="cap pyhwp's kernels and torch's baselines at this instruction set (CPU): an "
                         "AVX-512 machine then measures what an AVX2 CPU would")
@@ -39,9 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_suite(cases: list[Case], device: str, *, suite: str = "custom", budget_s: float = 0.25,
               threads: int | None = None, progress: bool = True, overhead: bool = True,
-              isa_cap: dict | None = None) -> dict:
+              isa_cap: dict | None = None, cold: bool = False) -> dict:
     """Measure the machine, then every case; returns the result document (report.finish).
-    `isa_cap`: what `isa.apply` returned, when the run is capped (recorded in the metadata)."""
+    `isa_cap`: what `isa.apply` returned, when the run is capped (recorded in the metadata).
+    `cold`: evict the caches before every timed call of the cases (bench/cold.py; CPU only),
+    recorded in the metadata as the bytes of each eviction."""
+    if cold and device != "cpu":
+        raise ValueError(f"cold-cache timing evicts the CPU caches; it needs device 'cpu', got {device!r}")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -50,6 +58,9 @@ def run_suite(cases: list[Case], device: str, *, suite: str = "custom", budget_s
     meta = report.metadata(device, suite, threads)
     if isa_cap is not None:
         meta["isa_cap"] = isa_cap
+    evict = CacheEvictor() if cold else None
+    if evict is not None:
+        meta["cold_evict_bytes"] = evict.nbytes
     dtypes = sorted({c.dtype for c in cases} | {"float32"})
     machine = Machine.measure(device, dtypes, budget_s=min(0.5, max(budget_s, 0.05)), small=suite == "tiny")
     rows = []
@@ -57,7 +68,7 @@ def run_suite(cases: list[Case], device: str, *, suite: str = "custom", budget_s
                dynamic_ncols=True)
     for case in bar:
         bar.set_postfix_str(case.name, refresh=False)
-        rows.append(run_case(case, device, machine, budget_s))
+        rows.append(run_case(case, device, machine, budget_s, before=evict))
     over = measure_overhead(device, budget_s=min(0.5, max(budget_s, 0.05))) \
         if overhead and device == "cpu" else None
     return report.finish(meta, asdict(machine), rows, over)
@@ -73,6 +84,9 @@ def main(args: argparse.Namespace) -> int:
         if isa.needs_restart(args.isa):
             isa.restart(args.isa, args.argv)
         isa_cap = isa.apply(args.isa)
+    if args.cold and device != "cpu":
+        print("pyhwp bench: --cold evicts the CPU caches; it needs --device cpu", file=sys.stderr)
+        return 2
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("pyhwp bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -95,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
     budget = args.budget if args.budget is not None else BUDGET_S[args.suite]
     result = run_suite(cases, device, suite=args.suite, budget_s=budget, threads=args.threads,
-                       progress=not args.no_progress, isa_cap=isa_cap)
+                       progress=not args.no_progress, isa_cap=isa_cap, cold=args.cold)
     print(report.render(result))
     if args.json:
         report.write_json(result, args.json)

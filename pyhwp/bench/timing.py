@@ -19,14 +19,16 @@ def _sync(device: str) -> None:
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 3,
                         min_reps: int = 5, max_reps: int = 200, budget_s: float = 1.0,
-                        device: str = "cpu") -> dict[str, float]:
+                        device: str = "cpu", before: Callable[[], object] | None = None) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin.
 
     Each round calls every function once (each call timed alone), starting one function later
     than the round before (A B C, B C A, C A B, ...), so that no function always follows the
     same one: a call right after another's pass over a large operand finds the caches in the
     state that pass left (NOTES.md, stop 22). Rounds continue until `budget_s` of total time is
-    spent, at least `min_reps` and at most `max_reps` rounds.
+    spent, at least `min_reps` and at most `max_reps` rounds. `before`, where given, runs ahead
+    of every timed call, outside its interval (the cold-cache runs' eviction, bench/cold.py); the
+    budget counts it.
     """
     if not fns:
         raise ValueError("fns must name at least one function to time")
@@ -42,6 +44,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 3
         while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
             first = reps % len(items)
             for k, f in items[first:] + items[:first]:
+                if before is not None:
+                    before()
+                    _sync(device)
                 t0 = time.perf_counter()
                 f()
                 _sync(device)

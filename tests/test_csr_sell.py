@@ -157,6 +157,35 @@ def test_copy_only_where_read(monkeypatch):
     assert pyhwp.to_sparse(random_sparse((16, 32), 0.5, g), "csr").kernel_sell() is None
 
 
+
+@needs_avx512
+def test_copies_share_one_budget(monkeypatch):
+    """The copies of all live weights fit sell_budget_bytes() together, first come, first served:
+    a second weight gets none while the first holds its copy (decided once, like a copy, until its
+    values change), and a weight made once the first is gone gets one; pyhwp.linear is right
+    either way."""
+    import gc
+
+    g = torch.Generator().manual_seed(12)
+    dense = [random_sparse((64, 96), 0.7, g) for _ in range(2)]
+    first, second = (pyhwp.to_sparse(w, "csr") for w in dense)
+    size = first.kernel_sell().numel()
+    csr_format._SELL.pop(first)
+    others = csr_format._copies_bytes(excluding=first)  # copies of weights earlier tests left alive
+    monkeypatch.setattr(csr_format, "sell_budget_bytes", lambda: others + size + size // 2)
+    assert first.kernel_sell() is not None
+    assert second.kernel_sell() is None
+    assert first.kernel_sell() is not None  # its own copy does not count against it
+    x = torch.randn(3, 96, generator=g)
+    with torch.no_grad():
+        assert_linear_close(pyhwp.linear(x, second), x, dense[1], terms=96)
+        del first
+        gc.collect()
+        assert second.kernel_sell() is None
+        third = pyhwp.to_sparse(dense[1], "csr")
+        assert third.kernel_sell() is not None
+        assert_linear_close(pyhwp.linear(x, third), x, dense[1], terms=96)
+
 @needs_avx512
 def test_bad_copies_are_refused():
     g = torch.Generator().manual_seed(9)

@@ -101,7 +101,9 @@ def pruned_weight(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor, 
     """(dense pruned weight, keep mask, SparseWeight) of a case, on device in the case's dtype.
 
     The random weight depends only on the shape (and DLMC file), so every pattern and sparsity
-    prunes the same weights; the last few are cached (cases come sorted by weight).
+    prunes the same weights; the last one is cached (cases come sorted by weight). Only one: the
+    sliced-ELL copies of all live CSR weights share one budget (formats/csr.py sell_budget_bytes),
+    and an idle cached weight's copy would take it from the case being measured.
     """
     key = (case.op, case.shape, case.pattern, case.sparsity, case.dtype, case.source, device)
     if key in _WEIGHTS:
@@ -118,8 +120,7 @@ def pruned_weight(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor, 
     # Keep exactly the pruned positions: rounding to bf16 never creates zeros from normals, but a
     # mask makes that independent of the dtype.
     sw = to_sparse(w, case.pattern, mask=mask)
-    while len(_WEIGHTS) >= 2:
-        _WEIGHTS.pop(next(iter(_WEIGHTS)))
+    _WEIGHTS.clear()
     _WEIGHTS[key] = (w, mask, sw)
     return w, mask, sw
 

@@ -41,11 +41,14 @@ def _avx512() -> bool:
 
 @functools.cache
 def sell_budget_bytes() -> int:
-    """The largest sliced-ELL copy CSRWeight.kernel_sell makes: the environment variable
-    PYHWP_SELL_BUDGET (bytes; 0 makes none) where set, else a quarter of the last-level cache
-    (8 MiB where the OS does not say). A copy that size is likely still in cache at the weight's
-    next call, where it reads 2-3x faster than the CSR gathers; from DRAM its extra bytes make it
-    1.3x slower (Zen 4, batch 1 at 90%: 4096x4096 and 11008x4096, NOTES.md stop 29). Read once."""
+    """The most bytes the sliced-ELL copies of all live weights take together (CSRWeight.kernel_sell
+    makes them first come, first served): the environment variable PYHWP_SELL_BUDGET (bytes; 0
+    makes none) where set, else a quarter of the last-level cache (8 MiB where the OS does not say).
+    Copies within it are likely still in cache at their weight's next call, where they read 2-3x
+    faster than the CSR gathers; from DRAM their extra bytes make them 1.2-2x slower (Zen 4, batch 1
+    at 90%, NOTES.md stops 29 and 30). A model whose weights exceed the cache reads every layer's
+    from DRAM, so a budget per copy would lose there: 24 layers of 3072x768 / 768x3072 at 90%, batch
+    1, each with its copy, ran 1.3x slower than with none (stop 30). Read once."""
     env = os.environ.get("PYHWP_SELL_BUDGET")
     if env is not None:
         if not env.strip().isdigit():
@@ -55,6 +58,11 @@ def sell_budget_bytes() -> int:
 
     llc = largest_cache_bytes(caches())
     return (llc or 32 << 20) // 4
+
+
+def _copies_bytes(excluding: CSRWeight) -> int:
+    """Bytes of the sliced-ELL copies that live weights other than `excluding` hold."""
+    return sum(blob.numel() for weight, (_, blob) in list(_SELL.items()) if blob is not None and weight is not excluding)
 
 
 @register_pattern
@@ -112,9 +120,11 @@ class CSRWeight(SparseWeight):
 
     def kernel_sell(self, remake: bool = True) -> torch.Tensor | None:
         """The sliced-ELL copy of a 2-D float32 or bfloat16 CPU weight (csrc/csr/csr_sell.h) as a
-        uint8 blob, or None (other weights, a CPU without AVX-512, or a copy over
-        sell_budget_bytes()): the CPU kernels read it instead of the CSR arrays at batches up to
-        8, where they run 2-3x faster from cache. 16 rows share each vector and x's terms come
+        uint8 blob, or None (other weights, a CPU without AVX-512, or a copy larger than what
+        sell_budget_bytes() leaves after the copies other live weights hold, decided at the first
+        call and kept, like a copy, until the values change): the CPU kernels
+        read it instead of the CSR arrays at batches up to 8, where they run 2-3x faster from
+        cache. 16 rows share each vector and x's terms come
         from permutes of 32-input windows; rows shorter than the longest of their 16 in a window
         are padded with zeros, so it takes more bytes than the CSR arrays (at 90% random sparsity
         about 1.7x with float32 values, 1.5x with bfloat16). It copies the values: built on first
@@ -136,7 +146,7 @@ class CSRWeight(SparseWeight):
             sizes = (self.out_features, self.in_features, self.nnz, ro.data_ptr(), 0 if ci16 else ci.data_ptr())
             bf16 = values.dtype == torch.bfloat16
             nbytes = _C.csr_sell_bytes(*sizes, ci16, bf16)
-            if nbytes <= sell_budget_bytes():
+            if nbytes <= sell_budget_bytes() - _copies_bytes(excluding=self):
                 blob = torch.empty(nbytes, dtype=torch.uint8)  # 64-byte aligned
                 _C.csr_sell_pack(*sizes, values.detach().contiguous().data_ptr(), ci16, blob.data_ptr(), bf16)
         _SELL[self] = (key, blob)

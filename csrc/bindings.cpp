@@ -130,9 +130,11 @@ PYBIND11_MODULE(_C, m) {
       "csr_matmul",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
          Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
-         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16, Addr sell) {
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16, Addr sell,
+         bool resident) {
         CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
         w.sell = ptr<const void>(sell);
+        w.resident = resident;
         const DenseIn xin{ptr<const float>(x), cols, p, x_stride_k, x_stride_p};
         const DenseOut yout{ptr<float>(y), rows, p, y_stride_n, y_stride_p};
         pyhwp::csr_matmul(w, xin, ptr<const float>(bias), yout, num_threads);
@@ -141,11 +143,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("col_indices"), py::arg("values"), py::arg("x"), py::arg("p"),
       py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
       py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
-      py::arg("col_indices16") = 0, py::arg("sell") = 0, py::call_guard<py::gil_scoped_release>(),
+      py::arg("col_indices16") = 0, py::arg("sell") = 0, py::arg("resident") = false,
+      py::call_guard<py::gil_scoped_release>(),
       "Y (rows x p) = W X + bias with W CSR (rows x cols) and X (cols x p), host float32; "
       "element strides for X (k, p) and Y (n, p); bias address 0 for none; col_indices16: "
       "optional uint16 copy of the indices (cols <= 65536) that the kernels then read; sell: "
-      "optional sliced-ELL copy (csr_sell_pack) read at small batches on AVX-512 CPUs");
+      "optional sliced-ELL copy (csr_sell_pack) read at small batches on AVX-512 CPUs; resident: "
+      "W's arrays are expected in cache (no software prefetch of them; same results)");
 
   m.attr("csr_sell_max_batch") = pyhwp::CsrCpuConfig::kSellMaxP;  // x rows up to which the copy is read
   m.def(
@@ -225,10 +229,11 @@ PYBIND11_MODULE(_C, m) {
       "csr_matmul_bf16",
       [](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr values,
          Addr x, int64_t p, int64_t x_stride_k, int64_t x_stride_p, Addr bias, Addr y,
-         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16, Addr sell) {
+         int64_t y_stride_n, int64_t y_stride_p, int num_threads, Addr col_indices16, Addr sell,
+         bool resident) {
         const pyhwp::CsrMatrixBf16 w{rows, cols, nnz, ptr<const int64_t>(row_offsets),
                                      ptr<const int32_t>(col_indices), ptr<const uint16_t>(values),
-                                     ptr<const uint16_t>(col_indices16), ptr<const void>(sell)};
+                                     ptr<const uint16_t>(col_indices16), ptr<const void>(sell), resident};
         const pyhwp::DenseInBf16 xin{ptr<const uint16_t>(x), cols, p, x_stride_k, x_stride_p};
         const pyhwp::DenseOutBf16 yout{ptr<uint16_t>(y), rows, p, y_stride_n, y_stride_p};
         pyhwp::csr_matmul_bf16(w, xin, ptr<const uint16_t>(bias), yout, num_threads);
@@ -237,9 +242,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("col_indices"), py::arg("values"), py::arg("x"), py::arg("p"),
       py::arg("x_stride_k"), py::arg("x_stride_p"), py::arg("bias"), py::arg("y"),
       py::arg("y_stride_n"), py::arg("y_stride_p"), py::arg("num_threads"),
-      py::arg("col_indices16") = 0, py::arg("sell") = 0, py::call_guard<py::gil_scoped_release>(),
+      py::arg("col_indices16") = 0, py::arg("sell") = 0, py::arg("resident") = false,
+      py::call_guard<py::gil_scoped_release>(),
       "csr_matmul with bfloat16 values, X, bias and Y (float32 accumulation, one rounding); sell: "
-      "optional sliced-ELL copy with bfloat16 values (csr_sell_pack with bf16=True)");
+      "optional sliced-ELL copy with bfloat16 values (csr_sell_pack with bf16=True); resident: as "
+      "in csr_matmul");
 
   m.def(
       "sparse24_matmul",

@@ -30,6 +30,48 @@ def test_tile_paths(isa, n, k, sparsity, batch):
     assert_linear_close(pyhwp.linear(x, sw, bias), x, w, bias, _terms(sw))
 
 
+@pytest.mark.parametrize("batch", [16, 9, 40])
+def test_resident_weights_skip_only_the_prefetches(isa, batch):
+    """CsrMatrix::resident (W expected in cache) only drops the 16-column kernel's software
+    prefetches: the raw kernel gives the same bits either way, and the reference."""
+    g = torch.Generator().manual_seed(31 + batch)
+    w = random_sparse((300, 500), 0.9, g)
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(batch, 500, generator=g)
+    bias = torch.randn(300, generator=g)
+    ro, ci, v = sw.row_offsets, sw.kernel_col_indices, sw.values
+    ys = []
+    for resident in (False, True):
+        y = torch.empty(batch, 300)
+        _C.csr_matmul(300, 500, v.numel(), ro.data_ptr(), 0, v.data_ptr(), x.data_ptr(), batch, 1, 500,
+                      bias.data_ptr(), y.data_ptr(), 1, 300, 2, ci.data_ptr(), 0, resident)
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])
+    assert_linear_close(ys[0], x, w, bias, _terms(sw))
+
+
+def test_kernel_resident_counts_live_weights_once(monkeypatch):
+    """kernel_resident: the live CSR weights' kernel bytes against sell_budget_bytes(); a module's
+    weight shares its storage with the to_sparse weight it came from and counts once."""
+    import gc
+
+    from pyhwp.formats import csr as csr_format
+
+    gc.collect()
+    g = torch.Generator().manual_seed(33)
+    sw = pyhwp.to_sparse(random_sparse((64, 96), 0.5, g), "csr")
+    before = csr_format.live_kernel_bytes()
+    layer = pyhwp.nn.SparseLinear(sw, None, requires_grad=False)
+    assert layer.weight is not sw and layer.weight.values.data_ptr() == sw.values.data_ptr()
+    assert csr_format.live_kernel_bytes() == before
+    other = pyhwp.to_sparse(random_sparse((64, 96), 0.5, g), "csr")
+    assert csr_format.live_kernel_bytes() == before + other.nnz * (4 + 2) + 8 * 65
+    monkeypatch.setattr(csr_format, "sell_budget_bytes", lambda: csr_format.live_kernel_bytes())
+    assert sw.kernel_resident()
+    monkeypatch.setattr(csr_format, "sell_budget_bytes", lambda: csr_format.live_kernel_bytes() - 1)
+    assert not sw.kernel_resident()
+
+
 def _csr_op(x, sw, bias=None):
     """The CSR op on the kernel's 16-bit indices, without the sliced-ELL copy."""
     return torch.ops.pyhwp.csr_matmul(x, sw.row_offsets, sw.kernel_col_indices, sw.values, bias, False)

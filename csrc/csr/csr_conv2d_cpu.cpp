@@ -63,7 +63,7 @@ void conv_tile(const ConvRun<T>& c, const float* xp_img, int64_t img, int64_t r0
     conv_output_tile(c.g, c.pd, c.y, c.N, img, rb, rows, Cfg::kRowBlock, p0, width, [&](float* tile, int64_t ld) {
       for (int64_t b = 0; b < c.blocks; ++b) {
         c.kern.tile(c.a, c.starts + b * c.N + rb, c.starts + (b + 1) * c.N + rb, rows, xp_img + p0, 1, width,
-                    c.bias ? c.bias + rb : nullptr, b > 0, tile, ld);
+                    c.bias ? c.bias + rb : nullptr, b > 0, /*stream_w=*/true, tile, ld);
       }
     });
   }

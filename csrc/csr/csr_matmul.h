@@ -26,6 +26,11 @@ struct CsrMatrix {
   const float* values = nullptr;            // host, nnz
   const uint16_t* col_indices16 = nullptr;  // host, nnz, or nullptr
   const void* sell = nullptr;               // host blob, or nullptr
+  // The caller expects W's arrays to be in cache at this call (pyhwp: the CSR weights alive in the
+  // process fit a quarter of the last-level cache). Then the 16-column tile kernel does not
+  // prefetch them: from L2 or L3 its prefetches cost about 10%, from DRAM they gain 15-20%
+  // (NOTES.md, stop 30). Performance only; the sums are the same.
+  bool resident = false;
 };
 
 // The same matrix with bfloat16 values (raw bits, round-to-nearest-even from float32), and its
@@ -39,6 +44,7 @@ struct CsrMatrixBf16 {
   const uint16_t* values = nullptr;  // host, nnz bfloat16 bit patterns
   const uint16_t* col_indices16 = nullptr;
   const void* sell = nullptr;
+  bool resident = false;  // as in CsrMatrix
 };
 
 // Full structural check (offsets monotonic from 0 to nnz, indices in range). O(nnz); run once
@@ -80,11 +86,12 @@ using CsrGatherFn = void (*)(CsrArrays<I, T> a, const int64_t* begin, int64_t ro
 // to 64-byte aligned rows, the conv driver reads shifted rows in place): for rows i in [0, rows),
 // y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
 //                  + sum_{j in [begin[i], end[i])} vals[j] * x[cols[j]*ldx + 0:P].
-// P <= kTileP; begin/end are per-row position ranges (a K block of each row).
+// P <= kTileP; begin/end are per-row position ranges (a K block of each row). stream_w: W's
+// arrays come from DRAM (not CsrMatrix::resident); the kernels that prefetch them do so only then.
 template <typename I, typename T>
 using CsrTileFn = void (*)(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
                            const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate,
-                           float* y, int64_t ldy);
+                           bool stream_w, float* y, int64_t ldy);
 
 template <typename I, typename T>
 struct CsrKernels {

@@ -193,7 +193,7 @@ void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t
 // 64 columns (8 ymm) per pass over the rows: W is read once per 64 columns of X.
 template <typename I, typename T>
 void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
-          const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
+          const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, bool /*stream_w*/, float* y,
           int64_t ldy) {
   for (int64_t p0 = 0; p0 < P; p0 += 64) {
     const int64_t rem = P - p0;

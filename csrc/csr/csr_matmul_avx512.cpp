@@ -68,9 +68,10 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
 // ran slower on a Zen 4 (1 thread, batch 16, 1536x384 / 768x3072 / 3072x768 at 90%: 46 / 188 /
 // 181 us with load_cols, against 43 / 170 / 161 without it).
 // kLd16: X's rows are 16 floats apart (ldx == 16, a packed 16-column panel), so the byte offset
-// of a row comes out of the index split with no multiply.
+// of a row comes out of the index split with no multiply. kStream: W streams from beyond L2
+// (not CsrMatrix::resident), which the 16-column kernel then prefetches.
 // The accumulators start from `out` when accumulating, else from `bias` in every lane.
-template <int V, bool kLd16, typename I, typename T>
+template <int V, bool kLd16, bool kStream, typename I, typename T>
 inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
                      bool accumulate, __m512 bias, float* out, __mmask16 last) {
   constexpr int U = V >= 5 ? 1 : (V >= 3 ? 2 : 8 / (V * 2));
@@ -86,10 +87,11 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
     for (int i = 0; i < V; ++i) acc[u][i] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + U <= len; j += U) {
-    if constexpr (V == 1) {
+    if constexpr (V == 1 && kStream) {
       // 16 columns: a stored weight is only one FMA, and W streams too fast for the hardware
       // prefetcher (batch 16, 4096x4096 and 11008x4096 at 90%: 1.19-1.24x; 32 columns and more
-      // measured no change, W then streams at half the rate or less).
+      // measured no change, W then streams at half the rate or less). From L2 the prefetches
+      // only cost load slots (NOTES.md, stop 30).
       prefetch_ahead<U>(cols + j);
       prefetch_ahead<U>(vals + j);
     }
@@ -118,24 +120,32 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
   for (int i = 0; i < V; ++i) _mm512_mask_storeu_ps(out + 16 * i, i == V - 1 ? last : 0xFFFF, acc[0][i]);
 }
 
-template <int V, bool kLd16, typename I, typename T>
+template <int V, bool kLd16, bool kStream = false, typename I, typename T>
 void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
             const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
             int64_t ldy) {
   const __mmask16 last = tail_mask(P - 16 * (V - 1));
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 b = _mm512_set1_ps(bias && !accumulate ? bias[i] : 0.f);
-    row_tile<V, kLd16>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, accumulate, b, y + i * ldy,
+    row_tile<V, kLd16, kStream>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, accumulate, b, y + i * ldy,
                        last);
   }
 }
 
 template <typename I, typename T>
 void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
-          const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
+          const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, bool stream_w, float* y,
           int64_t ldy) {
   if (P <= 16 && ldx == 16) {
-    tile_v<1, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+    if (stream_w) {
+      tile_v<1, true, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+    } else {
+      tile_v<1, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+    }
+    return;
+  }
+  if (P <= 16 && stream_w) {
+    tile_v<1, false, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
     return;
   }
   with_vectors<8>(static_cast<int>((P + 15) / 16), [&](auto v_tag) {

@@ -81,8 +81,8 @@ void gather_scalar(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const 
 
 template <typename I, typename T>
 void tile_scalar(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
-                 const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, float* y,
-                 int64_t ldy) {
+                 const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, bool /*stream_w*/,
+                 float* y, int64_t ldy) {
   for (int64_t i = 0; i < rows; ++i) {
     float* out = y + i * ldy;
     if (!accumulate) {
@@ -147,6 +147,7 @@ struct Problem {
   CsrArrays<I, T> a;
   const int64_t* ro;
   int64_t N, K, P;
+  bool resident;  // CsrMatrix::resident
 };
 
 // The gather path serves P below this (with the vector kernels, fewer columns where gathers are slow).
@@ -195,6 +196,7 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   // Many column tiles and few rows (conv images): spread the column tiles over threads instead,
   // in groups of consecutive tiles when X is read in place (below).
   const bool by_columns = nkb == 1 && ptiles >= 2 * nt;
+  const bool stream_w = !pr.resident;
   // With X in place, a group's panel is scanned for NaN/Inf first, which also brings it into
   // cache ahead of the kernel's scattered reads of its rows; wider groups scan longer runs of each
   // row (see kScanGroupBytes). The groups are a multiple of the thread count where possible.
@@ -216,10 +218,10 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
         const int64_t rows = std::min(Cfg::kRowBlock, r1 - rb);
         const float* b = bias ? bias + rb : nullptr;
         if (direct) {
-          kern.tile(pr.a, pr.ro + rb, pr.ro + rb + 1, rows, xt, ldx, width, b, false,
+          kern.tile(pr.a, pr.ro + rb, pr.ro + rb + 1, rows, xt, ldx, width, b, false, stream_w,
                     y.data + rb * y.sn + p0, y.sn);
         } else {
-          kern.tile(pr.a, pr.ro + rb, pr.ro + rb + 1, rows, xt, ldx, width, b, false, tile, Cfg::kTileP);
+          kern.tile(pr.a, pr.ro + rb, pr.ro + rb + 1, rows, xt, ldx, width, b, false, stream_w, tile, Cfg::kTileP);
           // Y(n, p) at y.data[n*sn + p*sp]: with sn == 1 each p gets 16 consecutive n.
           for (int64_t q = 0; q < width; q += 16) {
             const int64_t cols = std::min<int64_t>(16, width - q);
@@ -250,7 +252,7 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
         end[i] = cur[i] + (std::lower_bound(first, last, static_cast<int64_t>(k_end),
                                             [](I v, int64_t k) { return static_cast<int64_t>(v) < k; }) - first);
       }
-      kern.tile(pr.a, cur, end, rows, xt, ldx, width, bias ? bias + r0 : nullptr, kb > 0, acc, ld_acc);
+      kern.tile(pr.a, cur, end, rows, xt, ldx, width, bias ? bias + r0 : nullptr, kb > 0, stream_w, acc, ld_acc);
       std::swap(cur, end);
     }
     if (!direct) {
@@ -411,9 +413,9 @@ void check_sizes(const M& w, int64_t x_rows, int64_t x_cols, int64_t y_rows, int
 template <typename T, typename M, typename Fn>
 void with_indices(const M& w, const T* values, Fn fn) {
   if (w.col_indices16) {
-    fn(Problem<uint16_t, T>{{w.col_indices16, values}, w.row_offsets, w.rows, w.cols, 0});
+    fn(Problem<uint16_t, T>{{w.col_indices16, values}, w.row_offsets, w.rows, w.cols, 0, w.resident});
   } else {
-    fn(Problem<int32_t, T>{{w.col_indices, values}, w.row_offsets, w.rows, w.cols, 0});
+    fn(Problem<int32_t, T>{{w.col_indices, values}, w.row_offsets, w.rows, w.cols, 0, w.resident});
   }
 }
 

@@ -19,6 +19,8 @@ _UINT16_COLS = 2**16  # in_features up to this: the CPU kernels read 16-bit colu
 
 # CSRWeight -> (address and version of the values it was built from, sliced-ELL blob or None).
 _SELL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Every CSRWeight made in this process that is still alive (live_kernel_bytes).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 def row_order_by_length(row_offsets: torch.Tensor) -> torch.Tensor:
@@ -60,6 +62,20 @@ def sell_budget_bytes() -> int:
     return (llc or 32 << 20) // 4
 
 
+def live_kernel_bytes() -> int:
+    """Bytes the CPU kernels read of all live CSR weights on the CPU (values, kernel column
+    indices, row offsets), each values storage once: a module's weight and the to_sparse weight
+    it was made from share theirs."""
+    seen: dict[int, int] = {}
+    for w in list(_LIVE):
+        values = w.values
+        if values.is_cpu:
+            index_bytes = 2 if w.in_features <= _UINT16_COLS else 4
+            seen[values.untyped_storage().data_ptr()] = (values.numel() * (values.element_size() + index_bytes)
+                                                         + 8 * (w.out_features + 1))
+    return sum(seen.values())
+
+
 def _copies_bytes(excluding: CSRWeight) -> int:
     """Bytes of the sliced-ELL copies that live weights other than `excluding` hold."""
     return sum(blob.numel() for weight, (_, blob) in list(_SELL.items()) if blob is not None and weight is not excluding)
@@ -88,6 +104,13 @@ class CSRWeight(SparseWeight):
         super().__post_init__()
         if self.row_order is None:
             object.__setattr__(self, "row_order", row_order_by_length(self.row_offsets))
+        _LIVE.add(self)
+
+    @classmethod
+    def _unchecked(cls, shape: tuple[int, ...], **arrays: torch.Tensor) -> CSRWeight:
+        self = super()._unchecked(shape, **arrays)
+        _LIVE.add(self)
+        return self
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> CSRWeight:
@@ -151,6 +174,15 @@ class CSRWeight(SparseWeight):
                 _C.csr_sell_pack(*sizes, values.detach().contiguous().data_ptr(), ci16, blob.data_ptr(), bf16)
         _SELL[self] = (key, blob)
         return blob
+
+    def kernel_resident(self) -> bool:
+        """Whether the CPU kernels may expect this weight's arrays in cache at its calls: the CSR
+        weights alive in this process (live_kernel_bytes) fit sell_budget_bytes() together. Where
+        they do not, a model reads each layer's weights from DRAM, and the batch 9-16 tile kernel
+        prefetches them (15-20% faster from DRAM, about 10% slower from L2 or L3; NOTES.md stop
+        30). Performance only: the sums are the same. pyhwp.linear asks at a weight's first call
+        (when its plan is built)."""
+        return live_kernel_bytes() <= sell_budget_bytes()
 
     @property
     def nnz(self) -> int:

@@ -123,15 +123,16 @@ def csr_matmul_into(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor,
 
 
 def csr_cpu_args(row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
-                 k: int, sell: torch.Tensor | None = None) -> tuple[dict, tuple, tuple]:
+                 k: int, sell: torch.Tensor | None = None, resident: bool = False) -> tuple[dict, tuple, tuple]:
     """(kernels by dtype, head, tail) for cpu_kernel_call on contiguous CPU CSR arrays (int16
-    col_indices: the uint16 kernel copy) with k inputs, and the weight's sliced-ELL copy if any
-    (CSRWeight.kernel_sell, made for the values' dtype). The arrays must outlive the call."""
+    col_indices: the uint16 kernel copy) with k inputs, the weight's sliced-ELL copy if any
+    (CSRWeight.kernel_sell, made for the values' dtype), and whether its arrays are expected in
+    cache (CSRWeight.kernel_resident: the kernels then do not prefetch them). The arrays must
+    outlive the call."""
     narrow = col_indices.dtype == torch.int16
     head = (row_offsets.shape[0] - 1, k, values.shape[0], row_offsets.data_ptr(),
             0 if narrow else col_indices.data_ptr(), values.data_ptr())
-    tail = (col_indices.data_ptr() if narrow else 0,)
-    return _KERNEL, head, tail if sell is None else (*tail, sell.data_ptr())
+    return _KERNEL, head, (col_indices.data_ptr() if narrow else 0, 0 if sell is None else sell.data_ptr(), resident)
 
 
 def csr_matmul_cpu(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_indices: torch.Tensor,

@@ -63,7 +63,8 @@ def _masked(x2, w, bias, transpose_out=False):
 def _csr_args(w):
     arrays = (w.row_offsets.contiguous(), w.kernel_col_indices.contiguous(), w.values.contiguous())
     sell = w.kernel_sell()
-    return (*csr_cpu_args(*arrays, math.prod(w.shape[1:]), sell), arrays if sell is None else (*arrays, sell))
+    return (*csr_cpu_args(*arrays, math.prod(w.shape[1:]), sell, w.kernel_resident()),
+            arrays if sell is None else (*arrays, sell))
 
 
 def _sparse24_args(w):

@@ -68,8 +68,8 @@ void gather(CsrArrays<I, T> a, const int64_t* begin, int64_t rows, const float* 
 // ran slower on a Zen 4 (1 thread, batch 16, 1536x384 / 768x3072 / 3072x768 at 90%: 46 / 188 /
 // 181 us with load_cols, against 43 / 170 / 161 without it).
 // kLd16: X's rows are 16 floats apart (ldx == 16, a packed 16-column panel), so the byte offset
-// of a row comes out of the index split with no multiply. kStream: W streams from beyond L2
-// (not CsrMatrix::resident), which the 16-column kernel then prefetches.
+// of a row comes out of the index split with no multiply. kStream: W comes from DRAM (not
+// CsrMatrix::resident), which the 16-column kernel then prefetches.
 // The accumulators start from `out` when accumulating, else from `bias` in every lane.
 template <int V, bool kLd16, bool kStream, typename I, typename T>
 inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, int64_t ldx,
@@ -90,8 +90,8 @@ inline void row_tile(const I* cols, const T* vals, int64_t len, const float* x, 
     if constexpr (V == 1 && kStream) {
       // 16 columns: a stored weight is only one FMA, and W streams too fast for the hardware
       // prefetcher (batch 16, 4096x4096 and 11008x4096 at 90%: 1.19-1.24x; 32 columns and more
-      // measured no change, W then streams at half the rate or less). From L2 the prefetches
-      // only cost load slots (NOTES.md, stop 30).
+      // measured no change, W then streams at half the rate or less). Where W stays in L2 or L3
+      // (CsrMatrix::resident) they cost about 10% instead (NOTES.md, stop 30).
       prefetch_ahead<U>(cols + j);
       prefetch_ahead<U>(vals + j);
     }
@@ -127,8 +127,8 @@ void tile_v(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t
   const __mmask16 last = tail_mask(P - 16 * (V - 1));
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 b = _mm512_set1_ps(bias && !accumulate ? bias[i] : 0.f);
-    row_tile<V, kLd16, kStream>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, accumulate, b, y + i * ldy,
-                       last);
+    row_tile<V, kLd16, kStream>(a.cols + begin[i], a.vals + begin[i], end[i] - begin[i], x, ldx, accumulate, b,
+                                y + i * ldy, last);
   }
 }
 

@@ -78,7 +78,8 @@ def live_kernel_bytes() -> int:
 
 def _copies_bytes(excluding: CSRWeight) -> int:
     """Bytes of the sliced-ELL copies that live weights other than `excluding` hold."""
-    return sum(blob.numel() for weight, (_, blob) in list(_SELL.items()) if blob is not None and weight is not excluding)
+    return sum(blob.numel() for weight, (_, blob) in list(_SELL.items())
+               if blob is not None and weight is not excluding)
 
 
 @register_pattern
@@ -144,11 +145,10 @@ class CSRWeight(SparseWeight):
     def kernel_sell(self, remake: bool = True) -> torch.Tensor | None:
         """The sliced-ELL copy of a 2-D float32 or bfloat16 CPU weight (csrc/csr/csr_sell.h) as a
         uint8 blob, or None (other weights, a CPU without AVX-512, or a copy larger than what
-        sell_budget_bytes() leaves after the copies other live weights hold, decided at the first
-        call and kept, like a copy, until the values change): the CPU kernels
-        read it instead of the CSR arrays at batches up to 8, where they run 2-3x faster from
-        cache. 16 rows share each vector and x's terms come
-        from permutes of 32-input windows; rows shorter than the longest of their 16 in a window
+        sell_budget_bytes() leaves after the copies other live weights hold: decided at the first
+        call and kept, like a copy, until the values change). The CPU kernels read it instead of
+        the CSR arrays at batches up to 8, where they run 2-3x faster from cache. 16 rows share
+        each vector and x's terms come from permutes of 32-input windows; rows shorter than the longest of their 16 in a window
         are padded with zeros, so it takes more bytes than the CSR arrays (at 90% random sparsity
         about 1.7x with float32 values, 1.5x with bfloat16). It copies the values: built on first
         use and again after they change (moved or modified in place), unless `remake` is False,
@@ -178,9 +178,9 @@ class CSRWeight(SparseWeight):
     def kernel_resident(self) -> bool:
         """Whether the CPU kernels may expect this weight's arrays in cache at its calls: the CSR
         weights alive in this process (live_kernel_bytes) fit sell_budget_bytes() together. Where
-        they do not, a model reads each layer's weights from DRAM, and the batch 9-16 tile kernel
-        prefetches them (15-20% faster from DRAM, about 10% slower from L2 or L3; NOTES.md stop
-        30). Performance only: the sums are the same. pyhwp.linear asks at a weight's first call
+        they do not, a model reads each layer's weights from DRAM, and the 16-column tile kernel
+        (batches up to 16 off the gather and sliced-ELL paths) prefetches them: 15-20% faster
+        from DRAM, about 10% slower from L2 or L3 (NOTES.md stop 30). Performance only: the sums are the same. pyhwp.linear asks at a weight's first call
         (when its plan is built)."""
         return live_kernel_bytes() <= sell_budget_bytes()
 

@@ -148,9 +148,9 @@ class CSRWeight(SparseWeight):
         sell_budget_bytes() leaves after the copies other live weights hold: decided at the first
         call and kept, like a copy, until the values change). The CPU kernels read it instead of
         the CSR arrays at batches up to 8, where they run 2-3x faster from cache. 16 rows share
-        each vector and x's terms come from permutes of 32-input windows; rows shorter than the longest of their 16 in a window
-        are padded with zeros, so it takes more bytes than the CSR arrays (at 90% random sparsity
-        about 1.7x with float32 values, 1.5x with bfloat16). It copies the values: built on first
+        each vector and x's terms come from permutes of 32-input windows; rows shorter than the
+        longest of their 16 in a window are padded with zeros, so it takes more bytes than the CSR
+        arrays (at 90% random sparsity about 1.7x with float32 values, 1.5x with bfloat16). It copies the values: built on first
         use and again after they change (moved or modified in place), unless `remake` is False,
         which returns None for a stale copy instead (remaking one takes about 0.4-2 ms at 1536x384
         to 3072x768, 90%). Not counted in nbytes."""

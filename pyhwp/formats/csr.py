@@ -150,10 +150,10 @@ class CSRWeight(SparseWeight):
         the CSR arrays at batches up to 8, where they run 2-3x faster from cache. 16 rows share
         each vector and x's terms come from permutes of 32-input windows; rows shorter than the
         longest of their 16 in a window are padded with zeros, so it takes more bytes than the CSR
-        arrays (at 90% random sparsity about 1.7x with float32 values, 1.5x with bfloat16). It copies the values: built on first
-        use and again after they change (moved or modified in place), unless `remake` is False,
-        which returns None for a stale copy instead (remaking one takes about 0.4-2 ms at 1536x384
-        to 3072x768, 90%). Not counted in nbytes."""
+        arrays (at 90% random sparsity about 1.7x with float32 values, 1.5x with bfloat16). It
+        copies the values: built on first use and again after they change (moved or modified in
+        place), unless `remake` is False, which returns None for a stale copy instead (remaking
+        one takes about 0.4-2 ms at 1536x384 to 3072x768, 90%). Not counted in nbytes."""
         values = self.values
         key = (values.data_ptr(), values._version)
         cached = _SELL.get(self)
@@ -180,8 +180,8 @@ class CSRWeight(SparseWeight):
         weights alive in this process (live_kernel_bytes) fit sell_budget_bytes() together. Where
         they do not, a model reads each layer's weights from DRAM, and the 16-column tile kernel
         (batches up to 16 off the gather and sliced-ELL paths) prefetches them: 15-20% faster
-        from DRAM, about 10% slower from L2 or L3 (NOTES.md stop 30). Performance only: the sums are the same. pyhwp.linear asks at a weight's first call
-        (when its plan is built)."""
+        from DRAM, about 10% slower from L2 or L3 (NOTES.md stop 30). Performance only: the sums
+        are the same. pyhwp.linear asks at a weight's first call (when its plan is built)."""
         return live_kernel_bytes() <= sell_budget_bytes()
 
     @property

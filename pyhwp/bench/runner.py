@@ -323,7 +323,8 @@ def measure_overhead(device: str = "cpu", budget_s: float = 0.5) -> dict:
     y = torch.empty(1, 1536)
     ro, ci, v, sell = sw.row_offsets, sw.kernel_col_indices, sw.values, sw.kernel_sell()
     nt = torch.get_num_threads()
-    kernels, head, tail = csr_cpu_args(ro, ci, v, 384, sell)  # the arrays pyhwp.linear's plan reads
+    # the arrays and flags pyhwp.linear's plan passes
+    kernels, head, tail = csr_cpu_args(ro, ci, v, 384, sell, sw.kernel_resident())
     args = (*head, x.data_ptr(), 1, x.stride(1), x.stride(0), 0, y.data_ptr(), 1, 1536, nt, *tail)
     fns = {
         "pyhwp.linear": lambda: pyhwp.linear(x, sw),

@@ -62,6 +62,13 @@ def sell_budget_bytes() -> int:
     return (llc or 32 << 20) // 4
 
 
+def _register(weight: CSRWeight) -> None:
+    # Not while torch.compile traces a module's forward (which rebuilds its weight): dynamo cannot
+    # trace the weak set, and compiled graphs take no plan, so nothing reads the count there.
+    if not torch.compiler.is_compiling():
+        _LIVE.add(weight)
+
+
 def live_kernel_bytes() -> int:
     """Bytes the CPU kernels read of all live CSR weights on the CPU (values, kernel column
     indices, row offsets), each values storage once: a module's weight and the to_sparse weight
@@ -105,12 +112,12 @@ class CSRWeight(SparseWeight):
         super().__post_init__()
         if self.row_order is None:
             object.__setattr__(self, "row_order", row_order_by_length(self.row_offsets))
-        _LIVE.add(self)
+        _register(self)
 
     @classmethod
     def _unchecked(cls, shape: tuple[int, ...], **arrays: torch.Tensor) -> CSRWeight:
         self = super()._unchecked(shape, **arrays)
-        _LIVE.add(self)
+        _register(self)
         return self
 
     @classmethod

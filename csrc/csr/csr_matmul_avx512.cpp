@@ -1,6 +1,8 @@
 // AVX-512 CSR kernels: gather for small batches, register tiles of up to 128 columns for large ones.
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "common/cpu_features.h"
 #include "common/simd_avx512.h"
 #include "common/vector_count.h"
@@ -136,16 +138,18 @@ template <typename I, typename T>
 void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t rows,
           const float* x, int64_t ldx, int64_t P, const float* bias, bool accumulate, bool stream_w, float* y,
           int64_t ldy) {
-  if (P <= 16 && ldx == 16) {
-    if (stream_w) {
-      tile_v<1, true, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+  if (P <= 16) {  // one vector: the four forms of (packed 16-column panel, prefetch W)
+    auto one = [&](auto ld16, auto stream) {
+      tile_v<1, decltype(ld16)::value, decltype(stream)::value>(a, begin, end, rows, x, ldx, P, bias, accumulate,
+                                                                 y, ldy);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (ldx == 16) {
+      stream_w ? one(Yes{}, Yes{}) : one(Yes{}, No{});
     } else {
-      tile_v<1, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
+      stream_w ? one(No{}, Yes{}) : one(No{}, No{});
     }
-    return;
-  }
-  if (P <= 16 && stream_w) {
-    tile_v<1, false, true>(a, begin, end, rows, x, ldx, P, bias, accumulate, y, ldy);
     return;
   }
   with_vectors<8>(static_cast<int>((P + 15) / 16), [&](auto v_tag) {

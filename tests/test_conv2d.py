@@ -164,6 +164,25 @@ def test_nonfinite_inputs_propagate_like_dense(pattern, k, groups):
     torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("col", [0, 15, 16, 36])
+def test_nonfinite_input_found_in_any_column(isa, pattern, col):
+    # The padded copies of x are checked for NaN/Inf as they are written (common/row_copy*.cpp,
+    # one per ISA): rows of 37 inputs take whole vectors and masked ends, and the copy shifted by
+    # the left pad starts its vectors one column early.
+    g_ = torch.Generator().manual_seed(500 + col)
+    w, sw = make_weight((16, 8, 3, 3), pattern, g_, sparsity=0.5)
+    x = torch.randn(1, 8, 5, 37, generator=g_)
+    x[0, 3, 2, col] = float("nan")
+    x[0, 5, 4, 36 - col] = float("inf")
+    y = pyhwp.conv2d(x, sw, None, 1, 1)
+    ref = F.conv2d(x, w, None, 1, 1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch, c_in, hw, padding, dilation", [
     (3, 70, (20, 23), 1, 1),          # 3 channel blocks, 4 column tiles per image
     (1, 70, (5, 5), (2, 0), (2, 1)),  # one column tile: rows split over threads

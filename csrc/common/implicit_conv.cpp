@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/row_copy.h"
 
 namespace pyhwp {
 
@@ -115,11 +116,10 @@ bool pad_phase_rows(const float* x, const ConvGeometry& g, const PaddedPlanes& p
   return seen != 0;
 }
 
-}  // namespace
-
-// Row t of every channel (and copy) of a stride-1 conv's padded group.
+// Row t of every channel (and copy) of a stride-1 conv's padded group, each segment's row of
+// zeros and inputs written (and its inputs checked for NaN/Inf) by copy_run.
 bool pad_group_row(const float* x, const ConvGeometry& g, const PaddedPlanes& pd, int64_t group, float* xp_group,
-                   int64_t t) {
+                   int64_t t, RowCopyFn copy_run) {
   // Each segment's input row (channel 0), or nullptr where it is zeros: a missing band, or a
   // padded row outside the input.
   const float* src[PaddedPlanes::kMaxSegments];
@@ -128,16 +128,16 @@ bool pad_group_row(const float* x, const ConvGeometry& g, const PaddedPlanes& pd
     src[sg] = u < g.images * pd.bands && i >= 0 && i < g.h ? x + (u / pd.bands * g.channels * g.h + i) * g.w : nullptr;
   }
   const int64_t seg = pd.segment_width();
-  // The side pads are a float or two: stores, not memset calls (measured: the calls were a third
-  // of this pass), and no memcpy calls either (for short rows, the calls cost more than the
-  // copies). A zero the compiler cannot see keeps it from turning the loops into calls.
+  // The alignment padding after the last row is a few floats: stores, not memset calls (the calls
+  // measured a third of this pass when the side pads took them too). A zero the compiler cannot
+  // see keeps it from turning the loop into calls.
   float zero = 0.f;
 #if defined(__x86_64__) || defined(__i386__)
   asm("" : "+x"(zero));
 #elif defined(__aarch64__)
   asm("" : "+w"(zero));
 #endif
-  uint32_t seen = 0;
+  bool seen = false;
   for (int64_t s = 0; s < pd.copies; ++s) {
     float* copy = xp_group + s * pd.copy_stride + t * pd.wp;
     if (t + 1 == pd.hp) {  // the alignment padding after the last row
@@ -155,27 +155,21 @@ bool pad_group_row(const float* x, const ConvGeometry& g, const PaddedPlanes& pd
         for (int64_t c = 0; c < g.channels; ++c) std::memset(row + c * pd.plane, 0, sizeof(float) * seg);
         continue;
       }
-      const uint32_t* first = reinterpret_cast<const uint32_t*>(src[sg] + skip);
-      for (int64_t c = 0; c < g.channels; ++c, row += pd.plane) {
-        for (int64_t b = 0; b < lo; ++b) row[b] = zero;
-        const uint32_t* in = first + c * g.h * g.w;
-        uint32_t* out = reinterpret_cast<uint32_t*>(row + lo);
-        for (int64_t b = 0; b < n; ++b) {
-          out[b] = in[b];
-          seen |= (in[b] & 0x7f800000u) == 0x7f800000u;
-        }
-        for (int64_t b = 0; b < hi; ++b) row[lo + n + b] = zero;
-      }
+      const float* first = src[sg] + skip;
+      for (int64_t c = 0; c < g.channels; ++c, row += pd.plane) seen |= copy_run(first + c * g.h * g.w, lo, n, hi, row);
     }
   }
-  return seen != 0;
+  return seen;
 }
+
+}  // namespace
 
 bool pad_group_rows(const float* x, const ConvGeometry& g, const PaddedPlanes& pd, int64_t group, float* xp_group,
                     int64_t t0, int64_t t1) {
   if (pd.phases > 1) return pad_phase_rows(x, g, pd, group, xp_group, t0, t1);
+  const RowCopyFn copy = pick_row_copy(vector_isa());
   bool bad = false;
-  for (int64_t t = t0; t < t1; ++t) bad |= pad_group_row(x, g, pd, group, xp_group, t);
+  for (int64_t t = t0; t < t1; ++t) bad |= pad_group_row(x, g, pd, group, xp_group, t, copy);
   return bad;
 }
 

@@ -210,6 +210,32 @@ def _assert_bf16_close(y, x, w, bias=None):
     assert bool((err <= tol).all()), f"max excess {(err - tol).max().item():.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan_inf"])
+def test_small_x_packed_by_every_thread(isa, dtype, nonfinite):
+    """An X small enough (K * P <= kPrivatePack) is packed by each of 2 threads into its own
+    scratch inside the kernels' parallel region: the reference, NaN/Inf propagated as dense."""
+    g = torch.Generator().manual_seed(77)
+    w = random_sparse((300, 500), 0.9, g).to(dtype)
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(16, 500, generator=g).to(dtype)
+    if nonfinite:
+        x[3, 17], x[9, 400] = float("nan"), float("inf")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = pyhwp.linear(x, sw)
+    finally:
+        torch.set_num_threads(threads)
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    rows = [i for i in range(16) if not nonfinite or i not in (3, 9)]
+    if dtype == torch.float32:
+        assert_linear_close(y[rows], x[rows], w, None, _terms(sw))
+    else:
+        _assert_bf16_close(y[rows], x[rows], w)
+
+
 @pytest.mark.parametrize("batch", [1, 5, 16, 130])
 def test_bfloat16(isa, batch):
     g = torch.Generator().manual_seed(batch)

@@ -151,6 +151,9 @@ struct CsrCpuConfig {
   // 22): groups of one tile (512-byte runs) 1.2-1.6x slower than 2 MiB, 1 MiB 1.1-1.3x slower,
   // 4 MiB the same.
   static constexpr int64_t kScanGroupBytes = 2 << 20;
+  // X of at most this many elements (K * P) that must be packed is packed by every thread into
+  // its own scratch inside the kernels' parallel region (run_csr), not once for all of them.
+  static constexpr int64_t kPrivatePack = 16384;
   // Bytes ahead of the current position at which the batch-1 gather kernels (and the 16-column
   // tile kernel) prefetch every line of W's index and value streams: at batch 1 they are bound by
   // how fast those arrive (NOTES.md, stop 17: 1, 2, 3 and 4 KiB measured, 2 the best).

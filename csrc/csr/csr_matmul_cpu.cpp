@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -181,9 +182,11 @@ void run_gather(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, const flo
 // and each chunk accumulates its rows block by block in scratch.
 // With scan_x (X read in place, not packed), the work items also look for NaN/Inf in X, each in
 // its own part of it, and the result says whether they found one; without, it is false.
-template <typename I, typename T>
+// With pack (x then unused), every thread first packs its own copy: pack(&bad) returns it and
+// ORs into bad whether X holds a NaN/Inf (see run_csr).
+template <typename I, typename T, typename Pack = std::nullptr_t>
 bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn transpose,
-              const float* x, int64_t ldx, const float* bias, YView y, int nt, bool scan_x) {
+              const float* x, int64_t ldx, const float* bias, YView y, int nt, bool scan_x, Pack pack = nullptr) {
   const int64_t N = pr.N, K = pr.K, P = pr.P;
   const int64_t tile_p = std::min<int64_t>(Cfg::kTileP, (P + 15) / 16 * 16);
   const int64_t kblock = std::max<int64_t>(64, Cfg::kPanelBytes / (4 * tile_p)) / 16 * 16;
@@ -209,9 +212,9 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   bool bad = false;
 
   // One tile: rows [r0, r1) of chunk c over column tile pt.
-  auto run_item = [&](int64_t r0, int64_t r1, int64_t pt) {
+  auto run_item = [&](const float* xv, int64_t r0, int64_t r1, int64_t pt) {
     const int64_t p0 = pt * tile_p, width = std::min(tile_p, P - p0);
-    const float* xt = x + p0;
+    const float* xt = xv + p0;
     if (nkb == 1) {
       float* tile = direct ? nullptr : scratch(1, Cfg::kRowBlock * Cfg::kTileP);
       for (int64_t rb = r0; rb < r1; rb += Cfg::kRowBlock) {
@@ -277,20 +280,25 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   // and outputs stay in that thread's L2 (dynamic scheduling of 4 chunks per thread, at 1536x384,
   // 90%, 2 threads: batch 128 188-191 -> 165-171 us, batch 16 35-37 -> 32 us; the larger
   // quick-suite shapes unchanged).
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : bad)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t c = by_columns ? 0 : it / ptiles;
-    const int64_t t0 = by_columns ? ptiles * it / groups : it % ptiles;
-    const int64_t t1 = by_columns ? ptiles * (it + 1) / groups : t0 + 1;
-    if (scan_x) {  // the group's panel, or with row chunks, chunk c's share of the tile's rows
-      const int64_t k0 = by_columns ? 0 : K * c / parts, k1 = by_columns ? K : K * (c + 1) / parts;
-      const int64_t p0 = t0 * tile_p, p1 = std::min(P, t1 * tile_p);
-      bad = any_nonfinite(DenseIn{x + k0 * ldx + p0, k1 - k0, p1 - p0, ldx, 1}) || bad;
+#pragma omp parallel num_threads(nt) reduction(|| : bad)
+  {
+    const float* xv = x;
+    if constexpr (!std::is_same_v<Pack, std::nullptr_t>) xv = pack(&bad);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t c = by_columns ? 0 : it / ptiles;
+      const int64_t t0 = by_columns ? ptiles * it / groups : it % ptiles;
+      const int64_t t1 = by_columns ? ptiles * (it + 1) / groups : t0 + 1;
+      if (scan_x) {  // the group's panel, or with row chunks, chunk c's share of the tile's rows
+        const int64_t k0 = by_columns ? 0 : K * c / parts, k1 = by_columns ? K : K * (c + 1) / parts;
+        const int64_t p0 = t0 * tile_p, p1 = std::min(P, t1 * tile_p);
+        bad = any_nonfinite(DenseIn{xv + k0 * ldx + p0, k1 - k0, p1 - p0, ldx, 1}) || bad;
+      }
+      const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];
+      const int64_t r1 = by_columns ? N : bounds[static_cast<size_t>(c + 1)];
+      if (r1 <= r0) continue;
+      for (int64_t pt = t0; pt < t1; ++pt) run_item(xv, r0, r1, pt);
     }
-    const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];
-    const int64_t r1 = by_columns ? N : bounds[static_cast<size_t>(c + 1)];
-    if (r1 <= r0) continue;
-    for (int64_t pt = t0; pt < t1; ++pt) run_item(r0, r1, pt);
   }
   return bad;
 }
@@ -348,6 +356,20 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
                          pr.ro[pr.N] < Cfg::kInPlaceReuse * K);
   if (in_place) {  // run_tile looks for NaN/Inf
     xf = reinterpret_cast<const float*>(x), ldx = xsk;
+  } else if (nt > 1 && K * P <= Cfg::kPrivatePack) {
+    // A small X packed by every thread into its own scratch, in the kernels' parallel region.
+    // Packed once by the calling thread, its lines moved to the other core on every call:
+    // 1536x384 90% batch 16 on 2 threads took 51 us a call that way, against 35 us for an x
+    // already in the packed layout (read in place), in one process (NOTES.md, stop 31).
+    ldx = (P + 15) / 16 * 16;
+    auto pack = [&](bool* bad_x) {
+      float* buf = scratch(0, K * ldx);
+      *bad_x = pack_panels(x, K, P, xsk, xsp, ldx, buf, 1, transpose) || *bad_x;
+      return static_cast<const float*>(buf);
+    };
+    bad = run_tile(pr, kern, transpose, nullptr, ldx, bias, y, nt, false, pack);
+    if (bad) fix_nonfinite(pr, XView{pack(&bad), ldx, 1}, y);
+    return;
   } else {
     ldx = (P + 15) / 16 * 16;
     float* buf = scratch(0, K * ldx);

@@ -186,4 +186,8 @@ def to_sparse(weight: torch.Tensor, pattern: str, *, mask: torch.Tensor | None =
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected weight's shape {tuple(weight.shape)}")
         if mask.device != weight.device:
             raise ValueError(f"mask is on {mask.device}, weight on {weight.device}")
-    return _PATTERNS[pattern].from_dense(weight, mask)
+    # Built outside inference mode even when called inside it: inference tensors have no version
+    # counter, which the kernels' cached plans and copies are keyed on, so a weight holding them
+    # would take the uncached paths on every call.
+    with torch.inference_mode(False):
+        return _PATTERNS[pattern].from_dense(weight, mask)

@@ -160,8 +160,12 @@ class CSRWeight(SparseWeight):
         arrays (at 90% random sparsity about 1.7x with float32 values, 1.5x with bfloat16). It
         copies the values: built on first use and again after they change (moved or modified in
         place), unless `remake` is False, which returns None for a stale copy instead (remaking
-        one takes about 0.4-2 ms at 1536x384 to 3072x768, 90%). Not counted in nbytes."""
+        one takes about 0.4-2 ms at 1536x384 to 3072x768, 90%). None for inference-tensor values
+        (made under torch.inference_mode by other means than to_sparse), whose changes in place
+        nothing could detect. Not counted in nbytes."""
         values = self.values
+        if values.is_inference():  # no version counter to tell a stale copy: none
+            return None
         key = (values.data_ptr(), values._version)
         cached = _SELL.get(self)
         if cached is not None and (cached[0] == key or not remake):

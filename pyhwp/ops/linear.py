@@ -154,7 +154,8 @@ _PLANS: dict[int, tuple[weakref.ref, dict]] = {}
 def _cpu_plan(weight, dtype: torch.dtype):
     """The fast path's plan for `weight` and x of `dtype` (see _PLANS), or None where the general
     path must run: another kernel than a compiled CPU one, a conv weight, values of another dtype,
-    no inputs. Built on a weight's first call, again if its values tensor has moved."""
+    no inputs, inference-tensor values (no version counter to tell a stale plan). Built on a
+    weight's first call, again if its values tensor has moved or changed."""
     if not isinstance(weight, SparseWeight):
         return None
     key = (weight.pattern, dtype)
@@ -166,7 +167,7 @@ def _cpu_plan(weight, dtype: torch.dtype):
     build = _CPU_ARGS.get(_KERNEL_NAMES[key])
     plan = None
     if (build is not None and len(weight.shape) == 2 and weight.shape[1] > 0 and weight.values.is_cpu
-            and weight.values.dtype == dtype):
+            and weight.values.dtype == dtype and not weight.values.is_inference()):
         kernels, head, tail, arrays = build(weight)
         # Aliases of the arrays keep the memory the addresses point into alive, even if a tensor
         # of the weight is later given other storage (`.data =`, set_): the plan then still reads

@@ -183,6 +183,32 @@ def test_nonfinite_input_found_in_any_column(isa, pattern, col):
     torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel, padding", [((1, 1), 0), ((1, 1), (2, 0)), ((3, 1), (1, 0)), ((2, 1), (0, 0))])
+def test_convs_without_column_padding_copy_whole_planes(isa, kernel, padding, threads):
+    # With no column padding (kw = 1, no left/right pad) the CSR implicit GEMM copies each
+    # channel's rows as one run (common/implicit_conv.cpp), the zero rows above and below and the
+    # alignment padding included; with 2 threads each copies a range of rows from mid-plane.
+    g_ = torch.Generator().manual_seed(kernel[0] * 10 + threads)
+    w, sw = make_weight((32, 16, *kernel), "csr", g_, sparsity=0.5)
+    x = torch.randn(2, 16, 11, 13, generator=g_)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = pyhwp.conv2d(x, sw, None, 1, padding)
+        torch.testing.assert_close(y, F.conv2d(x, w, None, 1, padding), rtol=1e-5, atol=1e-5)
+        x[1, 15, 10, 12] = float("nan")
+        x[0, 0, 0, 0] = float("inf")
+        y = pyhwp.conv2d(x, sw, None, 1, padding)
+    finally:
+        torch.set_num_threads(previous)
+    ref = F.conv2d(x, w, None, 1, padding)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch, c_in, hw, padding, dilation", [
     (3, 70, (20, 23), 1, 1),          # 3 channel blocks, 4 column tiles per image
     (1, 70, (5, 5), (2, 0), (2, 1)),  # one column tile: rows split over threads

@@ -193,37 +193,42 @@ PYBIND11_MODULE(_C, m) {
     return g;
   };
   m.def(
-      "csr_conv2d_blocks", [=](const Geometry& geometry) { return pyhwp::csr_conv2d_blocks(conv_geometry(geometry)); },
-      py::arg("geometry"), "Channel blocks of the implicit-GEMM conv (its plan holds (blocks + 1) * rows starts)");
+      "csr_conv2d_aligned", [=](const Geometry& geometry) { return pyhwp::csr_conv2d_aligned(conv_geometry(geometry)); },
+      py::arg("geometry"), "Whether the implicit-GEMM conv's plan for this geometry takes the aligned layout");
+  m.def(
+      "csr_conv2d_starts",
+      [=](const Geometry& geometry, bool aligned) { return pyhwp::csr_conv2d_starts(conv_geometry(geometry), aligned); },
+      py::arg("geometry"), py::arg("aligned"), "Block starts per row of the implicit-GEMM conv's plan");
   m.def(
       "csr_conv2d_plan",
       [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16,
-          const Geometry& geometry, Addr offsets, Addr starts) {
-        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, 0, col_indices16);
-        pyhwp::csr_conv2d_plan(w, conv_geometry(geometry), ptr<int32_t>(offsets), ptr<int64_t>(starts));
+          Addr values, const Geometry& geometry, bool aligned, Addr offsets, Addr starts, Addr plan_values) {
+        const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
+        pyhwp::csr_conv2d_plan(w, conv_geometry(geometry), aligned, ptr<int32_t>(offsets), ptr<int64_t>(starts),
+                               ptr<float>(plan_values));
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
-      py::arg("col_indices16"), py::arg("geometry"), py::arg("offsets"), py::arg("starts"),
-      py::call_guard<py::gil_scoped_release>(),
-      "Writes the plan of a CSR conv weight (out x C*kh*kw) for a geometry: nnz int32 offsets and "
-      "(csr_conv2d_blocks + 1) * rows int64 block starts");
+      py::arg("col_indices16"), py::arg("values"), py::arg("geometry"), py::arg("aligned"), py::arg("offsets"),
+      py::arg("starts"), py::arg("plan_values"), py::call_guard<py::gil_scoped_release>(),
+      "Writes the plan of a CSR conv weight (out x C*kh*kw, float32 values) for a geometry: nnz int32 offsets, "
+      "csr_conv2d_starts * rows int64 block starts and, for the aligned plan, the nnz reordered values");
   m.def(
       "csr_conv2d",
       [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr values, const Geometry& geometry,
-          Addr offsets, Addr starts, Addr x, Addr bias, Addr y, int num_threads) {
+          bool aligned, Addr offsets, Addr starts, Addr x, Addr bias, Addr y, int num_threads) {
         // The kernels read the plan's offsets, not the column indices: pass offsets as the indices.
         const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, offsets, values);
-        return pyhwp::csr_conv2d(w, conv_geometry(geometry), ptr<const int32_t>(offsets),
+        return pyhwp::csr_conv2d(w, conv_geometry(geometry), aligned, ptr<const int32_t>(offsets),
                                  ptr<const int64_t>(starts), ptr<const float>(x), ptr<const float>(bias),
                                  ptr<float>(y), num_threads);
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("values"),
-      py::arg("geometry"), py::arg("offsets"), py::arg("starts"), py::arg("x"), py::arg("bias"), py::arg("y"),
-      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("geometry"), py::arg("aligned"), py::arg("offsets"), py::arg("starts"), py::arg("x"), py::arg("bias"),
+      py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
       "conv2d (any stride) with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM through its plan "
-      "(csr_conv2d_plan): x is the contiguous (images, C, h, w) input, padded by pt rows on top and pl "
-      "columns on the left, y the contiguous (images, out, ho, wo) output; returns True when x holds "
-      "a NaN/Inf (y then lacks the dense 0*Inf = NaN terms)");
+      "(csr_conv2d_plan; values: the aligned plan's own): x is the contiguous (images, C, h, w) input, padded by "
+      "pt rows on top and pl columns on the left, y the contiguous (images, out, ho, wo) output; returns True when "
+      "x holds a NaN/Inf (y then lacks the dense 0*Inf = NaN terms)");
 
   m.def(
       "csr_matmul_bf16",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import pyhwp
 from pyhwp.formats import SparseWeight, patterns
 from pyhwp.ops import conv2d_reference
-from helpers import assert_conv_close, pattern_weight, random_sparse
+from helpers import ISAS, assert_conv_close, pattern_weight, random_sparse
 
 PATTERNS = patterns()
 
@@ -207,6 +207,82 @@ def test_convs_without_column_padding_copy_whole_planes(isa, kernel, padding, th
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
     finite = torch.isfinite(ref)
     torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+def _record_csr_plans(monkeypatch):
+    """A list that gets, for every CSR implicit-GEMM call, whether its plan was aligned."""
+    conv2d_module = __import__("sys").modules["pyhwp.ops.conv2d"]
+    aligned, run = [], conv2d_module.csr_conv2d_impl
+
+    def spy(x, row_offsets, values, plan, geometry, bias):
+        aligned.append(plan.values is not None)
+        return run(x, row_offsets, values, plan, geometry, bias)
+
+    monkeypatch.setattr(conv2d_module, "csr_conv2d_impl", spy)
+    return aligned
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel, hw, padding, dilation", [
+    (3, (14, 14), 1, 1),      # rows of 16 floats already: no pixel added
+    (3, (9, 30), 1, 1),       # 30 + 2 = 32
+    (3, (16, 12), 2, 2),      # dilation 2: 12 + 4
+    (5, (7, 12), 2, 1),       # five shifted groups
+    (2, (6, 15), "same", 1),  # an even kernel
+], ids=str)
+def test_aligned_csr_plan_matches_dense(isa, monkeypatch, kernel, hw, padding, dilation, threads):
+    # Stride-1 kxk CSR convs on AVX-512 whose padded rows round up to whole lines cheaply take the
+    # aligned plan (csr_conv2d_aligned): weights reordered by channel block and tap column, every
+    # window read from its line and each column's sums shifted into place. Under other ISAs the
+    # plain plan. NaN/Inf in x still send the call to the per-tap path.
+    aligned = _record_csr_plans(monkeypatch)
+    g_ = torch.Generator().manual_seed(kernel * 100 + hw[1])
+    w, sw = make_weight((40, 24, kernel, kernel), "csr", g_, sparsity=0.7)
+    bias = torch.randn(40, generator=g_)
+    x = torch.randn(2, 24, *hw, generator=g_)
+    x_bad = x.clone()
+    x_bad[1, 23, hw[0] - 1, hw[1] - 1] = float("nan")
+    x_bad[0, 5, 0, 3] = float("inf")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = pyhwp.conv2d(x, sw, bias, 1, padding, dilation)
+        y_again = pyhwp.conv2d(x, sw, None, 1, padding, dilation)
+        y_bad = pyhwp.conv2d(x_bad, sw, bias, 1, padding, dilation)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(aligned) >= 3 and set(aligned) == {isa == "avx512"}
+    assert_conv_close(y, x, w, bias, 1, padding, dilation)
+    assert_conv_close(y_again, x, w, None, 1, padding, dilation)
+    ref = F.conv2d(x_bad, w, bias, 1, padding, dilation)
+    assert torch.equal(torch.isnan(y_bad), torch.isnan(ref)) and torch.equal(torch.isinf(y_bad), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y_bad[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_aligned_csr_plan_runs_under_every_isa(monkeypatch):
+    # A plan made under AVX-512 is reused when the ISA cap is lowered afterwards (the call's fast
+    # path keeps it): the AVX2 and scalar tile kernels then read its groups at their shifts.
+    if "avx512" not in ISAS:
+        pytest.skip("needs AVX-512")
+    from pyhwp._ext import _C
+
+    aligned = _record_csr_plans(monkeypatch)
+    g_ = torch.Generator().manual_seed(77)
+    w, sw = make_weight((32, 16, 3, 3), "csr", g_, sparsity=0.6)
+    x = torch.randn(1, 16, 14, 14, generator=g_)
+    previous = _C.active_isa()
+    try:
+        _C.set_isa_cap("avx512")
+        outs = [pyhwp.conv2d(x, sw, None, 1, 1)]
+        for name in ISAS:
+            _C.set_isa_cap(name)
+            outs.append(pyhwp.conv2d(x, sw, None, 1, 1))
+    finally:
+        _C.set_isa_cap(previous)
+    assert len(aligned) >= len(outs) and all(aligned)
+    for y in outs:
+        assert_conv_close(y, x, w, None, 1, 1)
 
 
 @pytest.mark.parametrize("batch, c_in, hw, padding, dilation", [

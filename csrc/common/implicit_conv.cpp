@@ -9,8 +9,10 @@
 
 namespace pyhwp {
 
-PaddedPlanes::PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments, int64_t shifted_bands) {
+PaddedPlanes::PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments, int64_t shifted_bands,
+                           bool aligned_rows) {
   const bool shifted = shifted_segments >= 1;
+  PYHWP_CHECK(!aligned_rows || (!shifted && g.sh * g.sw == 1), "PaddedPlanes: aligned rows are plain stride 1 only");
   PYHWP_CHECK(g.sh >= 1 && g.sw >= 1, "bad geometry: stride (", g.sh, ", ", g.sw, ")");
   PYHWP_CHECK(!shifted || g.sh * g.sw == 1, "PaddedPlanes: the shifted layout is stride 1 only");
   segments = shifted ? shifted_segments : 1;
@@ -19,7 +21,9 @@ PaddedPlanes::PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments, int6
   groups = (g.images * bands + segments - 1) / segments;
   const int64_t reach_w = g.dw * (g.kw - 1) / g.sw;  // the columns a window reaches past its pixel
   hp = band + g.dh * (g.kh - 1) / g.sh + (reach_w > 0 && !shifted ? 1 : 0);
-  wp = !shifted ? g.wo + reach_w : segments == 1 ? (g.wo + 15) / 16 * 16 : segments * g.wo;
+  wp = !shifted ? (aligned_rows ? (g.wo + reach_w + 15) / 16 * 16 : g.wo + reach_w)
+       : segments == 1 ? (g.wo + 15) / 16 * 16
+                       : segments * g.wo;
   plane = (hp * wp + 15) / 16 * 16;
   phases = g.sh * g.sw;
   copies = shifted ? g.kw : 1;

@@ -23,6 +23,10 @@ namespace pyhwp {
 // (none for kw = 1). Strided convs take this layout with `phases` = sh*sw planes per channel
 // (conv_geometry.h), wp = wo + (dw*(kw-1))/sw, hp = ho + (dh*(kh-1))/sh + 1.
 //
+// Aligned rows (aligned_rows, plain layout, stride 1): wp rounded up to a multiple of 16, so that
+// every window of tap (c, r, s) starts s*dw floats past a cache line (the CSR conv's shifted
+// groups, csr_conv2d_aligned).
+//
 // Shifted layout (shifted_segments >= 1, kw > 1): every tap's window starts on a cache line too. The
 // image is stored kw times, copy s with every padded row shifted left by s*dw (zeros shifted in),
 // one copy every `copy_stride` floats, so that tap (c, r, s) reads copy s at c*plane + r*dh*wp.
@@ -36,7 +40,8 @@ namespace pyhwp {
 struct PaddedPlanes {
   int64_t segments, bands, band, groups, hp, wp, plane, phases, copies, copy_stride;
   static constexpr int64_t kMaxSegments = 16;  // 16 / gcd(wo, 16) at most
-  explicit PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments = 0, int64_t shifted_bands = 1);
+  explicit PaddedPlanes(const ConvGeometry& g, int64_t shifted_segments = 0, int64_t shifted_bands = 1,
+                        bool aligned_rows = false);
   int64_t segment_width() const { return wp / segments; }
   // x is already its own padded copy: no padding, no spare row, aligned planes.
   bool is_input(const ConvGeometry& g) const {

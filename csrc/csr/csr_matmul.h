@@ -99,6 +99,16 @@ struct CsrKernels {
   CsrTileFn<I, T> tile;
 };
 
+// The CSR conv's tile kernel over shifted groups (csr_conv2d_aligned; AVX-512, csr_matmul_avx512.cpp):
+// for rows i in [0, rows), y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
+//   + sum over groups s, j in [starts[s*N + i], starts[(s+1)*N + i]) of vals[j] * x[offsets[j] + shifts[s] + 0:P],
+// with every x + offsets[j] on a 64-byte line and 0 <= shifts[s] < 16; it reads whole vectors up to
+// 16 floats past P + shifts[s]. P <= kTileP.
+using CsrShiftedTileFn = void (*)(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N,
+                                  int64_t groups, const int32_t* shifts, int64_t rows, const float* x, int64_t P,
+                                  const float* bias, bool accumulate, float* y, int64_t ldy);
+CsrShiftedTileFn csr_shifted_tile_avx512();
+
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_scalar();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx2();
 template <typename I, typename T> CsrKernels<I, T> csr_kernels_avx512();
@@ -113,13 +123,20 @@ template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
 // The kernels read W through a plan derived from W and the geometry (not from `images`), built
 // once per weight and input size by csr_conv2d_plan: each stored weight's offset into the padded
 // image (nnz int32) and, per block of channels that the driver keeps in L1, where each row's
-// stored weights of that block start ((csr_conv2d_blocks(g) + 1) * rows int64). csr_conv2d
-// returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs the
-// dense-exact propagation of 0 * Inf (see propagate_nonfinite), which this path does not do.
-int64_t csr_conv2d_blocks(const ConvGeometry& g);
-void csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, int32_t* offsets, int64_t* starts);
-bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, const int32_t* offsets, const int64_t* starts,
-                const float* x, const float* bias, float* y, int num_threads);
+// stored weights of that block start (csr_conv2d_starts(g, aligned) * rows int64).
+// The aligned plan (csr_conv2d_aligned(g): stride 1, kw > 1, AVX-512, where rounding the padded
+// rows up to whole lines adds few pixels) also splits each block by the column s of the tap,
+// reorders the stored weights so (`values`: nnz float32, which csr_conv2d then takes as w.values)
+// and stores every offset rounded down to its line: the shifted kernel (CsrShiftedTileFn) then
+// loads whole lines only, and moves each group's sums by s*dw lanes once per tile.
+// csr_conv2d returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs
+// the dense-exact propagation of 0 * Inf (see propagate_nonfinite), which this path does not do.
+bool csr_conv2d_aligned(const ConvGeometry& g);
+int64_t csr_conv2d_starts(const ConvGeometry& g, bool aligned);
+void csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts,
+                     float* values);
+bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const int32_t* offsets,
+                const int64_t* starts, const float* x, const float* bias, float* y, int num_threads);
 
 // Tiling knobs of the CPU CSR kernels.
 struct CsrCpuConfig {
@@ -139,6 +156,11 @@ struct CsrCpuConfig {
   // every row of the block streams past; beyond it, K is split into blocks and Y accumulates.
   static constexpr int64_t kPanelBytes = 1 << 20;
   static constexpr int64_t kRowCost = 8;     // per-row work in nnz units, for load balance
+  // The CSR conv takes the aligned plan (csr_conv2d_aligned) where its rows of whole lines hold
+  // at most this percentage of the plain layout's pixels. 90%, batch 1, 1 thread, Zen 4, against
+  // the plain plan: 256->256 @14 (16 = 16 floats a row) 1.13-1.15x, 128->128 @28 (32 / 30)
+  // 1.09x, 64->64 @56 (64 / 58) 1.06x (NOTES.md, stop 32).
+  static constexpr int64_t kAlignedRowsPercent = 115;
   // X with p contiguous but unaligned rows is read in place (unaligned loads) when its rows are
   // used fewer than this many times on average (nnz < kInPlaceReuse * K), else copied to aligned
   // rows first. DLMC ResNet-50 matrices, P = 196 and 49 (NOTES.md, stop 22): in place was 1.7x

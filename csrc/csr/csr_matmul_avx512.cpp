@@ -157,7 +157,63 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
   });
 }
 
+// The CSR conv's shifted groups (csr_conv2d_aligned): V output vectors of one row, group s summed
+// in its own V + 1 vectors from whole-line loads, then moved shifts[s] lanes down into the
+// accumulators (one permute per vector and group, not one per stored weight).
+template <int V>
+void shifted_rows(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t groups,
+                  const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate,
+                  float* y, int64_t ldy) {
+  const __mmask16 last = tail_mask(P - 16 * (V - 1));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = y + i * ldy;
+    __m512 acc[V];
+    const __m512 b0 = _mm512_set1_ps(bias && !accumulate ? bias[i] : 0.f);
+    _Pragma("GCC unroll 8")
+    for (int k = 0; k < V; ++k) acc[k] = accumulate ? _mm512_maskz_loadu_ps(k == V - 1 ? last : 0xFFFF, out + 16 * k) : b0;
+    for (int64_t s = 0; s < groups; ++s) {
+      const int64_t begin = starts[s * N + i], end = starts[(s + 1) * N + i];
+      if (begin == end) continue;
+      if (shifts[s] == 0) {
+        for (int64_t j = begin; j < end; ++j) {
+          const float* xr = x + offsets[j];
+          const __m512 v = _mm512_set1_ps(vals[j]);
+          _Pragma("GCC unroll 8")
+          for (int k = 0; k < V; ++k) acc[k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * k), acc[k]);
+        }
+        continue;
+      }
+      __m512 t[V + 1];
+      _Pragma("GCC unroll 9")
+      for (int k = 0; k <= V; ++k) t[k] = _mm512_setzero_ps();
+      for (int64_t j = begin; j < end; ++j) {
+        const float* xr = x + offsets[j];
+        const __m512 v = _mm512_set1_ps(vals[j]);
+        _Pragma("GCC unroll 9")
+        for (int k = 0; k <= V; ++k) t[k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * k), t[k]);
+      }
+      const __m512i idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(shifts[s]));
+      _Pragma("GCC unroll 8")
+      for (int k = 0; k < V; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_permutex2var_ps(t[k], idx, t[k + 1]));
+    }
+    _Pragma("GCC unroll 8")
+    for (int k = 0; k < V; ++k) _mm512_mask_storeu_ps(out + 16 * k, k == V - 1 ? last : 0xFFFF, acc[k]);
+  }
+}
+
+void shifted_tile(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t groups,
+                  const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate,
+                  float* y, int64_t ldy) {
+  with_vectors<8>(static_cast<int>((P + 15) / 16), [&](auto v_tag) {
+    shifted_rows<decltype(v_tag)::value>(offsets, vals, starts, N, groups, shifts, rows, x, P, bias, accumulate, y,
+                                         ldy);
+  });
+}
+
 }  // namespace
+
+CsrShiftedTileFn csr_shifted_tile_avx512() { return &shifted_tile; }
 
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels_avx512() {

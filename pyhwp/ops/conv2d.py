@@ -74,7 +74,10 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     CSR float32 CPU inference with groups == 1 runs the whole batch as one implicit GEMM
     (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x (of its stride
     phases for stride > 1, over which every tap is a stride-1 window), so no im2col matrix is
-    built. 2:4 k x k convs in float32 CPU inference do the same with the 2:4 tile kernel
+    built (stride-1 k x k convs on AVX-512, where rounding the padded rows up to whole lines adds
+    at most 15% of pixels, through an aligned plan: the weights grouped by tap column, every window
+    loaded from its line and each column's sums shifted into place once per tile). 2:4 k x k convs
+    in float32 CPU inference do the same with the 2:4 tile kernel
     (sparse24_conv2d_impl; its groups run across taps and channels, which it reads through a
     table of offsets), masked ones with the masked tile kernels (masked_conv2d_impl, AVX-512 or
     AVX2; zero tiles skipped). bfloat16 convs of every pattern in CPU inference on a CPU with
@@ -338,7 +341,8 @@ def _cpu_plan(csr, geometry):
     """The CPU implicit-GEMM plan of a CSR weight for `geometry`, derived once (see _derived)."""
     def plan():
         ci = csr.kernel_col_indices
-        return csr_conv2d_plan(csr.row_offsets, csr.col_indices, ci if ci.dtype == torch.int16 else None, geometry)
+        return csr_conv2d_plan(csr.row_offsets, csr.col_indices, ci if ci.dtype == torch.int16 else None,
+                               csr.values, geometry)
     return _derived(csr, ("plan", geometry[1:]), plan)
 
 

@@ -3,6 +3,8 @@ autograd, its float64 torch path and its export decomposition."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from pyhwp._ext import _C
@@ -144,38 +146,54 @@ def csr_matmul_cpu(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, 
     cpu_kernel_call(kernels[x.dtype], head, tail, y, x, bias)
 
 
+class CsrConvPlan(NamedTuple):
+    """csr_conv2d_plan's arrays: values is None unless the plan is aligned (its own value order)."""
+
+    offsets: torch.Tensor
+    starts: torch.Tensor
+    values: torch.Tensor | None
+
+
 def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_indices16: torch.Tensor | None,
-                    geometry: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+                    values: torch.Tensor, geometry: tuple[int, ...]) -> CsrConvPlan:
     """The plan the implicit-GEMM conv reads a CSR conv weight through, for one input geometry
-    (csrc/csr/csr_matmul.h): (offsets int32 (nnz,), block starts int64). O(nnz); build it once
-    per weight and input size. geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h,
-    dil_w, H_out, W_out[, stride_h, stride_w]), stride 1 without the last two
+    (csrc/csr/csr_matmul.h): offsets int32 (nnz,), block starts int64 and, for the aligned plan
+    (csr_conv2d_aligned: stride-1 kxk convs on AVX-512 whose padded rows round up to whole lines
+    cheaply), the float32 values in its order. O(nnz); build it once per weight and input size
+    (and again after the weight's values change). geometry = (images, C, H, W, pad_top, pad_left,
+    kh, kw, dil_h, dil_w, H_out, W_out[, stride_h, stride_w]), stride 1 without the last two
     (csrc/common/conv_geometry.h); the plan does not depend on images."""
     rows, nnz = row_offsets.shape[0] - 1, col_indices.shape[0]
+    aligned = _C.csr_conv2d_aligned(geometry)
     offsets = torch.empty(nnz, dtype=torch.int32)
-    starts = torch.empty((_C.csr_conv2d_blocks(geometry) + 1) * rows, dtype=torch.int64)
+    starts = torch.empty(_C.csr_conv2d_starts(geometry, aligned) * rows, dtype=torch.int64)
+    values = values.detach().float().contiguous()
+    plan_values = torch.empty(nnz, dtype=torch.float32) if aligned else None
     narrow = col_indices16 is not None
     _C.csr_conv2d_plan(rows, geometry[1] * geometry[6] * geometry[7], nnz, row_offsets.data_ptr(),
                        0 if narrow else col_indices.data_ptr(), col_indices16.data_ptr() if narrow else 0,
-                       geometry, offsets.data_ptr(), starts.data_ptr())
-    return offsets, starts
+                       values.data_ptr(), geometry, aligned, offsets.data_ptr(), starts.data_ptr(),
+                       0 if plan_values is None else plan_values.data_ptr())
+    return CsrConvPlan(offsets, starts, plan_values)
 
 
 def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Tensor,
-                    plan: tuple[torch.Tensor, torch.Tensor], geometry: tuple[int, ...],
+                    plan: CsrConvPlan, geometry: tuple[int, ...],
                     bias: torch.Tensor | None) -> torch.Tensor | None:
     """conv2d of x (N, C, H, W) float32 CPU with a CSR weight (out, C*kh*kw) as one implicit GEMM
-    (csrc/csr/csr_conv2d_cpu.cpp) through its csr_conv2d_plan for `geometry`.
+    (csrc/csr/csr_conv2d_cpu.cpp) through its csr_conv2d_plan for `geometry` (whose own values an
+    aligned plan reads instead of `values`).
     Returns y (N, out, H_out, W_out) contiguous, or None when x holds a NaN/Inf, where the caller
     must take a path with dense-exact 0 * Inf propagation. Inference only (no autograd).
     """
     x = x.contiguous()
     rows = row_offsets.shape[0] - 1
     y = x.new_empty(x.shape[0], rows, geometry[10], geometry[11])  # varargs: ~3x cheaper cold than a tuple
-    offsets, starts = plan
+    aligned = plan.values is not None
     bad = _C.csr_conv2d(rows, geometry[1] * geometry[6] * geometry[7], values.shape[0], row_offsets.data_ptr(),
-                        values.data_ptr(), geometry, offsets.data_ptr(), starts.data_ptr(), x.data_ptr(),
-                        0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                        (plan.values if aligned else values).data_ptr(), geometry, aligned, plan.offsets.data_ptr(),
+                        plan.starts.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                        torch.get_num_threads())
     return None if bad else y
 
 

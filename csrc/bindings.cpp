@@ -204,14 +204,15 @@ PYBIND11_MODULE(_C, m) {
       [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16,
           Addr values, const Geometry& geometry, bool aligned, Addr offsets, Addr starts, Addr plan_values) {
         const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
-        pyhwp::csr_conv2d_plan(w, conv_geometry(geometry), aligned, ptr<int32_t>(offsets), ptr<int64_t>(starts),
-                               ptr<float>(plan_values));
+        return pyhwp::csr_conv2d_plan(w, conv_geometry(geometry), aligned, ptr<int32_t>(offsets),
+                                      ptr<int64_t>(starts), ptr<float>(plan_values));
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
       py::arg("col_indices16"), py::arg("values"), py::arg("geometry"), py::arg("aligned"), py::arg("offsets"),
       py::arg("starts"), py::arg("plan_values"), py::call_guard<py::gil_scoped_release>(),
-      "Writes the plan of a CSR conv weight (out x C*kh*kw, float32 values) for a geometry: nnz int32 offsets, "
-      "csr_conv2d_starts * rows int64 block starts and, for the aligned plan, the nnz reordered values");
+      "Writes the plan of a CSR conv weight (out x C*kh*kw, float32 values) for a geometry: nnz int32 offsets "
+      "(or fewer: returns how many), csr_conv2d_starts * rows int64 block starts and, for the aligned plan, three "
+      "float32 values per offset");
   m.def(
       "csr_conv2d",
       [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr values, const Geometry& geometry,

@@ -12,19 +12,23 @@ import torch.nn.functional as F
 import pyhwp
 from pyhwp._ext import _C
 from pyhwp.ops.sparse24 import sparse24_conv2d_impl
-from helpers import assert_conv_close, pattern_weight
+from helpers import assert_conv_close, assert_conv_close_bf16, pattern_weight
 
 conv_mod = importlib.import_module("pyhwp.ops.conv2d")
 
 
-def _layout(x, sw, padding, dilation, threads):
-    """(segments, bands) of the layout sparse24_conv2d reads x in ((0, 1): plain)."""
+def _geometry(x, sw, padding, dilation):
     n, c, h, w = x.shape
     (kh, kw), (dh, dw) = sw.shape[2:], conv_mod._pair(dilation, "dilation")
     pt, pb, pl, pr = conv_mod._resolve_padding(padding, (kh, kw), (1, 1), (dh, dw))
     out_hw = (h + pt + pb - dh * (kh - 1), w + pl + pr - dw * (kw - 1))
-    geometry = conv_mod._geometry(x, (pt, pb, pl, pr), (kh, kw), (dh, dw), out_hw)
-    return _C.sparse24_conv2d_layout(sw.shape[0], c * kh * kw, geometry, threads)
+    return conv_mod._geometry(x, (pt, pb, pl, pr), (kh, kw), (dh, dw), out_hw)
+
+
+def _layout(x, sw, padding, dilation, threads):
+    """(segments, bands) of the layout sparse24_conv2d reads x in ((0, 1): plain)."""
+    c, (kh, kw) = x.shape[1], sw.shape[2:]
+    return _C.sparse24_conv2d_layout(sw.shape[0], c * kh * kw, _geometry(x, sw, padding, dilation), threads)
 
 
 # (c_in, c_out, kernel, (h, w), padding, dilation, batch)
@@ -63,12 +67,43 @@ def test_matches_dense_conv(isa, case, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        # conv2d (on AVX-512 some of these take the CSR tap-row kernel instead: _sparse24_taps),
+        # and the 2:4 kernel itself
         y = pyhwp.conv2d(x, sw, bias, 1, padding, dilation)
         y_nobias = pyhwp.conv2d(x, sw, None, 1, padding, dilation)
+        y_kernel = sparse24_conv2d_impl(x, sw.values, sw.meta, _geometry(x, sw, padding, dilation), bias)
     finally:
         torch.set_num_threads(previous)
     assert_conv_close(y, x, w, bias, 1, padding, dilation)
     assert_conv_close(y_nobias, x, w, None, 1, padding, dilation)
+    assert_conv_close(y_kernel, x, w, bias, 1, padding, dilation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aligned_geometries_take_the_csr_tap_rows(isa, monkeypatch, dtype):
+    # Where the CSR conv's aligned plan applies (csr_conv2d_aligned: AVX-512, kw <= 3, rows that
+    # round up to whole lines cheaply), 2:4 kxk convs run the CSR tap-row kernel on their kept
+    # values (_sparse24_taps), the second call through conv2d's fast path; bfloat16 ones (no AMX)
+    # on float32 copies, rounded once.
+    calls, run = [], conv_mod.csr_conv2d_impl
+
+    def spy(x, row_offsets, values, plan, geometry, bias):
+        calls.append(plan.values is not None)
+        return run(x, row_offsets, values, plan, geometry, bias)
+
+    monkeypatch.setattr(conv_mod, "csr_conv2d_impl", spy)
+    g = torch.Generator().manual_seed(5)
+    w = pattern_weight((24, 16, 3, 3), "2:4", generator=g).to(dtype)
+    sw, bias = pyhwp.to_sparse(w, "2:4"), torch.randn(24, generator=g).to(dtype)
+    x = torch.randn(2, 16, 14, 14, generator=g).to(dtype)
+    ys = [pyhwp.conv2d(x, sw, bias, 1, 1) for _ in range(2)]
+    taps = isa == "avx512" and not (dtype == torch.bfloat16 and conv_mod.amx_available())
+    assert calls == ([True, True] if taps else [])
+    for y in ys:
+        if dtype == torch.float32:
+            assert_conv_close(y, x, w, bias, 1, 1)
+        else:
+            assert_conv_close_bf16(y, x, w, bias, 1, 1)
 
 
 def test_strided_weight_arrays():

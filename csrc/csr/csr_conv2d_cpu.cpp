@@ -25,33 +25,71 @@ void stored_offsets(const I* cols, int64_t nnz, const ConvGeometry& g, const Pad
   for (int64_t j = 0; j < nnz; ++j) out[j] = table[cols[j]];
 }
 
-// The aligned plan (csr_conv2d_aligned): each row's stored weights reordered by (channel block b,
-// column s of the tap), stable; offsets[j] = the window's start rounded down to its line (its
-// offset less shifts[s] = s*dw mod 16), values[j] the weight; starts[(b * kw + s) * N + n] the
-// first position of row n in group (b, s), starts[blocks * kw * N + n] its end.
+// The aligned plan (csr_conv2d_aligned, csr_matmul.h): per row n, one entry per tap row t = c*kh + r
+// holding a stored weight, in runs by channel block b and mask M (bit s: column s stored):
+// starts[(b * runs + M - 1) * N + n] the first entry of the run, starts[blocks * runs * N + n] the
+// row's end; offsets[e] the line of the tap row's windows (its column 0's offset), values[3e + s]
+// its weights (stored duplicates summed, zeros elsewhere). Returns the number of entries.
 template <typename I>
-void aligned_plan(const CsrMatrix& w, const I* cols, const ConvGeometry& g, const PaddedPlanes& pd, int64_t cb,
-                  int64_t blocks, int32_t* offsets, int64_t* starts, float* values) {
-  const int64_t N = w.rows, kw = g.kw, taps = g.kh * g.kw, groups = blocks * kw;
+int64_t tap_row_plan(const CsrMatrix& w, const I* cols, const ConvGeometry& g, const PaddedPlanes& pd, int64_t cb,
+                     int64_t blocks, int32_t* offsets, int64_t* starts, float* values) {
+  const int64_t N = w.rows, kw = g.kw, tap_rows = g.channels * g.kh, runs = (int64_t{1} << kw) - 1;
+  const int64_t groups = blocks * runs;
   std::vector<int32_t> table(static_cast<size_t>(w.cols));
   conv_column_offsets(g, pd, table.data());
-  std::vector<int64_t> count(static_cast<size_t>(groups));
+  std::vector<int64_t> slot(static_cast<size_t>(tap_rows), -1), count(static_cast<size_t>(groups));
+  std::vector<int64_t> touched;  // this row's tap rows, in first-seen order
+  std::vector<int32_t> mask;
+  std::vector<float> weights;  // 3 per touched tap row
+  int64_t e = 0;
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t r0 = w.row_offsets[n], r1 = w.row_offsets[n + 1];
-    auto group = [&](int64_t j) { const int64_t k = cols[j]; return k / taps / cb * kw + k % kw; };
+    touched.clear(), mask.clear(), weights.clear();
+    for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
+      const int64_t t = static_cast<int64_t>(cols[j]) / kw, s = static_cast<int64_t>(cols[j]) % kw;
+      int64_t& at = slot[static_cast<size_t>(t)];
+      if (at < 0) {
+        at = static_cast<int64_t>(touched.size());
+        touched.push_back(t), mask.push_back(0), weights.insert(weights.end(), 3, 0.f);
+      }
+      mask[static_cast<size_t>(at)] |= 1 << s;
+      weights[static_cast<size_t>(3 * at + s)] += w.values[j];
+    }
+    auto group = [&](size_t i) { return touched[i] / g.kh / cb * runs + mask[i] - 1; };
     std::fill(count.begin(), count.end(), 0);
-    for (int64_t j = r0; j < r1; ++j) ++count[static_cast<size_t>(group(j))];
-    for (int64_t q = 0, at = r0; q < groups; ++q) {
+    for (size_t i = 0; i < touched.size(); ++i) ++count[static_cast<size_t>(group(i))];
+    for (int64_t q = 0, at = e; q < groups; ++q) {
       starts[q * N + n] = at;
       at += count[static_cast<size_t>(q)];
-      count[static_cast<size_t>(q)] = starts[q * N + n];  // now the next free position of group q
+      count[static_cast<size_t>(q)] = starts[q * N + n];  // now the next free entry of run q
     }
-    starts[groups * N + n] = r1;
-    for (int64_t j = r0; j < r1; ++j) {
-      const int64_t q = group(j), at = count[static_cast<size_t>(q)]++;
-      offsets[at] = table[cols[j]] - static_cast<int32_t>(cols[j] % kw * g.dw % 16);
-      values[at] = w.values[j];
+    for (size_t i = 0; i < touched.size(); ++i) {
+      const int64_t at = count[static_cast<size_t>(group(i))]++;
+      offsets[at] = table[static_cast<size_t>(touched[i] * kw)];
+      std::copy_n(weights.begin() + static_cast<std::ptrdiff_t>(3 * i), 3, values + 3 * at);
+      slot[static_cast<size_t>(touched[i])] = -1;
     }
+    e += static_cast<int64_t>(touched.size());
+    starts[groups * N + n] = e;
+  }
+  return e;
+}
+
+// The tap-row kernel's sums in portable code, for an aligned plan run where the ISA has no
+// tap-row kernel (the ISA cap lowered after the plan was made): as CsrTapTileFn.
+void tap_tile_portable(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t kw,
+                       const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias,
+                       bool accumulate, float* y, int64_t ldy) {
+  const int64_t runs = (int64_t{1} << kw) - 1;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* out = y + i * ldy;
+    if (!accumulate) std::fill(out, out + P, bias ? bias[i] : 0.f);
+    for (int64_t e = starts[i]; e < starts[runs * N + i]; ++e)
+      for (int64_t s = 0; s < kw; ++s) {
+        const float v = vals[3 * e + s];
+        const float* xr = x + offsets[e] + shifts[s];
+        if (v != 0.f)
+          for (int64_t p = 0; p < P; ++p) out[p] += v * xr[p];
+      }
   }
 }
 
@@ -70,15 +108,15 @@ void block_starts(const int64_t* ro, int64_t N, const I* cols, const ConvGeometr
   }
 }
 
-// The plan and operands every work item of one call shares. groups: starts per channel block (kw
-// shifted groups in the aligned plan, else 1), shifts[s] the lanes group s is shifted by.
+// The plan and operands every work item of one call shares. An aligned plan (runs > 0: 2^kw - 1
+// runs per channel block) takes the tap-row kernel, whose shifts[s] = s*dw.
 struct ConvRun {
   CsrKernels<int32_t, float> kern;
-  CsrShiftedTileFn shifted;  // the aligned plan's kernel where the ISA has one
+  CsrTapTileFn tap_tile;
   CsrArrays<int32_t, float> a;
   const int64_t* starts;
-  int64_t N, blocks, groups;
-  std::vector<int32_t> shifts;
+  int64_t N, blocks, runs;
+  int32_t shifts[3];
   const ConvGeometry& g;
   const PaddedPlanes& pd;
   const float* bias;
@@ -86,8 +124,7 @@ struct ConvRun {
 };
 
 // Rows [r0, r1) of one image's output over wide pixels [p0, p0 + width), from its padded planes,
-// kRowBlock rows at a time. Without a shifted kernel an aligned plan's groups take the tile
-// kernel on x shifted back by their shifts (unaligned loads).
+// kRowBlock rows at a time.
 void conv_tile(const ConvRun& c, const float* xp_img, int64_t img, int64_t r0, int64_t r1, int64_t p0,
                int64_t width) {
   for (int64_t rb = r0; rb < r1; rb += Cfg::kRowBlock) {
@@ -95,15 +132,13 @@ void conv_tile(const ConvRun& c, const float* xp_img, int64_t img, int64_t r0, i
     conv_output_tile(c.g, c.pd, c.y, c.N, img, rb, rows, Cfg::kRowBlock, p0, width, [&](float* tile, int64_t ld) {
       const float* bias = c.bias ? c.bias + rb : nullptr;
       for (int64_t b = 0; b < c.blocks; ++b) {
-        const int64_t* first = c.starts + b * c.groups * c.N + rb;
-        if (c.groups > 1 && c.shifted) {
-          c.shifted(c.a.cols, c.a.vals, first, c.N, c.groups, c.shifts.data(), rows, xp_img + p0, width, bias, b > 0,
-                    tile, ld);
-          continue;
+        if (c.runs > 0) {
+          c.tap_tile(c.a.cols, c.a.vals, c.starts + b * c.runs * c.N + rb, c.N, c.g.kw, c.shifts, rows, xp_img + p0,
+                     width, bias, b > 0, tile, ld);
+        } else {
+          c.kern.tile(c.a, c.starts + b * c.N + rb, c.starts + (b + 1) * c.N + rb, rows, xp_img + p0, 1, width, bias,
+                      b > 0, /*stream_w=*/true, tile, ld);
         }
-        for (int64_t s = 0; s < c.groups; ++s)
-          c.kern.tile(c.a, first + s * c.N, first + (s + 1) * c.N, rows, xp_img + p0 + c.shifts[s], 1, width, bias,
-                      b > 0 || s > 0, /*stream_w=*/true, tile, ld);
       }
     });
   }
@@ -126,7 +161,7 @@ PaddedPlanes planes(const ConvGeometry& g, bool aligned) { return PaddedPlanes(g
 }  // namespace
 
 bool csr_conv2d_aligned(const ConvGeometry& g) {
-  if (g.kw == 1 || g.sh * g.sw != 1 || vector_isa() < Isa::kAvx512) return false;
+  if (g.kw < 2 || g.kw > 3 || (g.kw - 1) * g.dw >= 16 || g.sh * g.sw != 1 || vector_isa() < Isa::kAvx512) return false;
   const int64_t plain = g.wo + g.dw * (g.kw - 1), rounded = (plain + 15) / 16 * 16;
   return rounded * 100 <= plain * Cfg::kAlignedRowsPercent && conv_tile_width(g.ho * rounded) >= 64;
 }
@@ -134,22 +169,21 @@ bool csr_conv2d_aligned(const ConvGeometry& g) {
 int64_t csr_conv2d_starts(const ConvGeometry& g, bool aligned) {
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t cb = block_channels(g, pd);
-  return (g.channels + cb - 1) / cb * (aligned ? g.kw : 1) + 1;
+  return (g.channels + cb - 1) / cb * (aligned ? (int64_t{1} << g.kw) - 1 : 1) + 1;
 }
 
-void csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts,
-                     float* values) {
+int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts,
+                        float* values) {
   check_geometry(w, g, "csr_conv2d_plan");
   PYHWP_CHECK((offsets || w.nnz == 0) && starts, "csr_conv2d_plan: null output array");
-  PYHWP_CHECK(!aligned || g.sh * g.sw == 1, "csr_conv2d_plan: the aligned plan is stride 1 only");
+  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw < 16),
+              "csr_conv2d_plan: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw < 16");
   PYHWP_CHECK(!aligned || w.nnz == 0 || (values && w.values), "csr_conv2d_plan: the aligned plan needs the values");
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t cb = block_channels(g, pd), blocks = (g.channels + cb - 1) / cb;
-  if (aligned) {
-    w.col_indices16 ? aligned_plan(w, w.col_indices16, g, pd, cb, blocks, offsets, starts, values)
-                    : aligned_plan(w, w.col_indices, g, pd, cb, blocks, offsets, starts, values);
-    return;
-  }
+  if (aligned)
+    return w.col_indices16 ? tap_row_plan(w, w.col_indices16, g, pd, cb, blocks, offsets, starts, values)
+                           : tap_row_plan(w, w.col_indices, g, pd, cb, blocks, offsets, starts, values);
   std::vector<int32_t> table(static_cast<size_t>(w.cols));
   if (w.col_indices16) {
     stored_offsets(w.col_indices16, w.nnz, g, pd, table.data(), offsets);
@@ -158,25 +192,27 @@ void csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, in
     stored_offsets(w.col_indices, w.nnz, g, pd, table.data(), offsets);
     block_starts(w.row_offsets, w.rows, w.col_indices, g, cb, blocks, starts);
   }
+  return w.nnz;
 }
 
 bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const int32_t* offsets,
                 const int64_t* starts, const float* x, const float* bias, float* y, int num_threads) {
   check_geometry(w, g, "csr_conv2d");
   PYHWP_CHECK(num_threads >= 1, "csr_conv2d: num_threads must be >= 1");
-  PYHWP_CHECK(!aligned || g.sh * g.sw == 1, "csr_conv2d: the aligned plan is stride 1 only");
+  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw < 16),
+              "csr_conv2d: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw < 16");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
   PYHWP_CHECK(x && y && starts && (w.nnz == 0 || (offsets && w.values)), "csr_conv2d: null x, y, values or plan");
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t work = w.nnz * g.images * g.ho * pd.wp;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
-  const int64_t cb = block_channels(g, pd), groups = aligned ? g.kw : 1;
-  ConvRun run{csr_kernels<int32_t, float>(vector_isa()), nullptr, {offsets, w.values}, starts, w.rows,
-              (g.channels + cb - 1) / cb, groups, std::vector<int32_t>(static_cast<size_t>(groups)), g, pd, bias, y};
+  const int64_t cb = block_channels(g, pd);
+  ConvRun run{csr_kernels<int32_t, float>(vector_isa()), &tap_tile_portable, {offsets, w.values}, starts, w.rows,
+              (g.channels + cb - 1) / cb, aligned ? (int64_t{1} << g.kw) - 1 : 0, {0, 0, 0}, g, pd, bias, y};
 #ifdef PYHWP_X86_KERNELS
-  if (vector_isa() >= Isa::kAvx512) run.shifted = csr_shifted_tile_avx512();
+  if (vector_isa() >= Isa::kAvx512) run.tap_tile = csr_tap_tile_avx512();
 #endif
-  for (int64_t s = 0; aligned && s < groups; ++s) run.shifts[static_cast<size_t>(s)] = static_cast<int32_t>(s * g.dw % 16);
+  for (int64_t s = 0; aligned && s < g.kw; ++s) run.shifts[s] = static_cast<int32_t>(s * g.dw);
   return run_implicit_conv(
       g, pd, w.rows, x, nt,
       [&](int64_t parts, std::vector<int64_t>* bounds) { balanced_runs(w.row_offsets, w.rows, Cfg::kRowCost, parts, bounds); },

@@ -157,63 +157,82 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
   });
 }
 
-// The CSR conv's shifted groups (csr_conv2d_aligned): V output vectors of one row, group s summed
-// in its own V + 1 vectors from whole-line loads, then moved shifts[s] lanes down into the
-// accumulators (one permute per vector and group, not one per stored weight).
+// The CSR conv's tap rows (csr_conv2d_aligned): the entries of one mask M (bit s: the entry has
+// a weight at column s) add their weights times the same V (+ 1) whole-line vectors of x, column
+// 0 into the accumulators, columns 1 and 2 into their own sums t1, t2 (one vector more: they are
+// shifted down by s*dw lanes later). An entry with two or three weights loads each vector once.
+template <int V, int M>
+__attribute__((always_inline)) inline void tap_run(const int32_t* offsets, const float* vals, int64_t begin,
+                                                   int64_t end, const float* x, __m512 (&acc)[V],
+                                                   __m512 (&t1)[V + 1], __m512 (&t2)[V + 1]) {
+  constexpr int kLoads = (M & 6) ? V + 1 : V;
+  for (int64_t e = begin; e < end; ++e) {
+    const float* xr = x + offsets[e];
+    const float* w = vals + 3 * e;
+    [[maybe_unused]] const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]), w2 = _mm512_set1_ps(w[2]);
+    _Pragma("GCC unroll 9")
+    for (int k = 0; k < kLoads; ++k) {
+      const __m512 xv = _mm512_loadu_ps(xr + 16 * k);
+      if constexpr ((M & 1) != 0) {
+        if (k < V) acc[k] = _mm512_fmadd_ps(w0, xv, acc[k]);
+      }
+      if constexpr ((M & 2) != 0) t1[k] = _mm512_fmadd_ps(w1, xv, t1[k]);
+      if constexpr ((M & 4) != 0) t2[k] = _mm512_fmadd_ps(w2, xv, t2[k]);
+    }
+  }
+}
+
+// acc[k] += the vectors of t moved down by `shift` lanes (0 < shift < 16).
 template <int V>
-void shifted_rows(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t groups,
-                  const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate,
-                  float* y, int64_t ldy) {
+__attribute__((always_inline)) inline void add_shifted(__m512 (&acc)[V], const __m512 (&t)[V + 1], int32_t shift) {
+  const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_epi32(shift));
+  _Pragma("GCC unroll 8")
+  for (int k = 0; k < V; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_permutex2var_ps(t[k], idx, t[k + 1]));
+}
+
+template <int V, int KW>
+void tap_rows(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, const int32_t* shifts,
+              int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate, float* y, int64_t ldy) {
   const __mmask16 last = tail_mask(P - 16 * (V - 1));
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t i = 0; i < rows; ++i) {
     float* out = y + i * ldy;
-    __m512 acc[V];
+    const int64_t* run = starts + i;  // run M - 1 of this row: [run[(M - 1) * N], run[M * N])
     const __m512 b0 = _mm512_set1_ps(bias && !accumulate ? bias[i] : 0.f);
+    __m512 acc[V], t1[V + 1], t2[V + 1];
     _Pragma("GCC unroll 8")
     for (int k = 0; k < V; ++k) acc[k] = accumulate ? _mm512_maskz_loadu_ps(k == V - 1 ? last : 0xFFFF, out + 16 * k) : b0;
-    for (int64_t s = 0; s < groups; ++s) {
-      const int64_t begin = starts[s * N + i], end = starts[(s + 1) * N + i];
-      if (begin == end) continue;
-      if (shifts[s] == 0) {
-        for (int64_t j = begin; j < end; ++j) {
-          const float* xr = x + offsets[j];
-          const __m512 v = _mm512_set1_ps(vals[j]);
-          _Pragma("GCC unroll 8")
-          for (int k = 0; k < V; ++k) acc[k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * k), acc[k]);
-        }
-        continue;
-      }
-      __m512 t[V + 1];
-      _Pragma("GCC unroll 9")
-      for (int k = 0; k <= V; ++k) t[k] = _mm512_setzero_ps();
-      for (int64_t j = begin; j < end; ++j) {
-        const float* xr = x + offsets[j];
-        const __m512 v = _mm512_set1_ps(vals[j]);
-        _Pragma("GCC unroll 9")
-        for (int k = 0; k <= V; ++k) t[k] = _mm512_fmadd_ps(v, _mm512_loadu_ps(xr + 16 * k), t[k]);
-      }
-      const __m512i idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(shifts[s]));
-      _Pragma("GCC unroll 8")
-      for (int k = 0; k < V; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_permutex2var_ps(t[k], idx, t[k + 1]));
+    _Pragma("GCC unroll 9")
+    for (int k = 0; k <= V; ++k) t1[k] = t2[k] = _mm512_setzero_ps();
+    tap_run<V, 1>(offsets, vals, run[0], run[N], x, acc, t1, t2);
+    tap_run<V, 2>(offsets, vals, run[N], run[2 * N], x, acc, t1, t2);
+    tap_run<V, 3>(offsets, vals, run[2 * N], run[3 * N], x, acc, t1, t2);
+    if constexpr (KW == 3) {
+      tap_run<V, 4>(offsets, vals, run[3 * N], run[4 * N], x, acc, t1, t2);
+      tap_run<V, 5>(offsets, vals, run[4 * N], run[5 * N], x, acc, t1, t2);
+      tap_run<V, 6>(offsets, vals, run[5 * N], run[6 * N], x, acc, t1, t2);
+      tap_run<V, 7>(offsets, vals, run[6 * N], run[7 * N], x, acc, t1, t2);
+      add_shifted<V>(acc, t2, shifts[2]);
     }
+    add_shifted<V>(acc, t1, shifts[1]);
     _Pragma("GCC unroll 8")
     for (int k = 0; k < V; ++k) _mm512_mask_storeu_ps(out + 16 * k, k == V - 1 ? last : 0xFFFF, acc[k]);
   }
 }
 
-void shifted_tile(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t groups,
-                  const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate,
-                  float* y, int64_t ldy) {
+void tap_tile(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t kw,
+              const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate,
+              float* y, int64_t ldy) {
   with_vectors<8>(static_cast<int>((P + 15) / 16), [&](auto v_tag) {
-    shifted_rows<decltype(v_tag)::value>(offsets, vals, starts, N, groups, shifts, rows, x, P, bias, accumulate, y,
-                                         ldy);
+    constexpr int V = decltype(v_tag)::value;
+    (kw == 3 ? &tap_rows<V, 3> : &tap_rows<V, 2>)(offsets, vals, starts, N, shifts, rows, x, P, bias, accumulate, y,
+                                                  ldy);
   });
 }
 
 }  // namespace
 
-CsrShiftedTileFn csr_shifted_tile_avx512() { return &shifted_tile; }
+CsrTapTileFn csr_tap_tile_avx512() { return &tap_tile; }
 
 template <typename I, typename T>
 CsrKernels<I, T> csr_kernels_avx512() {

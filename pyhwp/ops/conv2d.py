@@ -308,6 +308,23 @@ def _implicit_csr_conv(x, weight, bias, geometry):
     return _cpu_implicit("csr", x, weight, geometry, bias, _cpu_plan(weight, geometry))
 
 
+def _sparse24_taps(weight: SparseWeight, geometry):
+    """A 2:4 conv weight's kept values as the CSR conv's aligned plan for `geometry` (row offsets,
+    plan), derived once: where csr_conv2d_aligned holds, 2:4 kxk convs run the CSR tap-row kernel,
+    which loads each line of x once for every kept weight of a row of taps (NOTES.md, stop 32:
+    1.1-1.3x the 2:4 implicit GEMM, which loads one per weight). Costs about 16 bytes per kept
+    weight besides the 2:4 arrays."""
+    def build():
+        dense = weight.to_dense().detach().float().reshape(weight.shape[0], -1)
+        keep = dense != 0
+        row_offsets = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(keep.sum(1), 0, out=row_offsets[1:])
+        rows, cols = keep.nonzero(as_tuple=True)
+        plan = csr_conv2d_plan(row_offsets, cols.to(torch.int32), None, dense[rows, cols], geometry)
+        return row_offsets, plan
+    return _derived(weight, ("taps_plan", geometry[1:]), build)
+
+
 def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
     """The float32 CPU implicit GEMM of `kind` ("csr" with its `plan`, "2:4", "masked"), or None
     (x holds a NaN/Inf, or the masked kernel is not served here). bfloat16 runs it on float32
@@ -321,6 +338,9 @@ def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
         x, bias = x.float(), None if bias is None else bias.float()
     if kind == "csr":
         y = csr_conv2d_impl(x, weight.row_offsets, values, plan, geometry, bias)
+    elif kind == "2:4" and (plan is not None or _C.csr_conv2d_aligned(geometry)):
+        row_offsets, aligned = plan if plan is not None else _sparse24_taps(weight, geometry)
+        y = csr_conv2d_impl(x, row_offsets, None, aligned, geometry, bias)
     elif kind == "2:4":
         y = sparse24_conv2d_impl(x, values, weight.meta, geometry, bias)
     else:
@@ -364,6 +384,7 @@ class _FastConv:
         self.versions = [t._version for t in self.tensors]
         self.kind, self.geometry = kind, geometry
         self.derived = (_amx_tiles(weight) if kind == "amx" else _cpu_plan(weight, geometry) if kind == "csr"
+                        else _sparse24_taps(weight, geometry) if kind == "2:4" and _C.csr_conv2d_aligned(geometry)
                         else None)
         self.cpu, self.out_shape = cpu, out_shape
 

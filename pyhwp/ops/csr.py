@@ -147,20 +147,23 @@ def csr_matmul_cpu(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, 
 
 
 class CsrConvPlan(NamedTuple):
-    """csr_conv2d_plan's arrays: values is None unless the plan is aligned (its own value order)."""
+    """csr_conv2d_plan's arrays: values is None unless the plan is aligned (its entries' weights);
+    nnz the weight's stored count."""
 
     offsets: torch.Tensor
     starts: torch.Tensor
     values: torch.Tensor | None
+    nnz: int
 
 
 def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_indices16: torch.Tensor | None,
                     values: torch.Tensor, geometry: tuple[int, ...]) -> CsrConvPlan:
     """The plan the implicit-GEMM conv reads a CSR conv weight through, for one input geometry
     (csrc/csr/csr_matmul.h): offsets int32 (nnz,), block starts int64 and, for the aligned plan
-    (csr_conv2d_aligned: stride-1 kxk convs on AVX-512 whose padded rows round up to whole lines
-    cheaply), the float32 values in its order. O(nnz); build it once per weight and input size
-    (and again after the weight's values change). geometry = (images, C, H, W, pad_top, pad_left,
+    (csr_conv2d_aligned: stride-1 convs with kw = 2 or 3 on AVX-512 whose padded rows round up to
+    whole lines cheaply), one offset and three float32 values per row of taps that holds a
+    weight. O(nnz); build it once per weight and input size (and again after the weight's values
+    change). geometry = (images, C, H, W, pad_top, pad_left,
     kh, kw, dil_h, dil_w, H_out, W_out[, stride_h, stride_w]), stride 1 without the last two
     (csrc/common/conv_geometry.h); the plan does not depend on images."""
     rows, nnz = row_offsets.shape[0] - 1, col_indices.shape[0]
@@ -168,21 +171,23 @@ def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_in
     offsets = torch.empty(nnz, dtype=torch.int32)
     starts = torch.empty(_C.csr_conv2d_starts(geometry, aligned) * rows, dtype=torch.int64)
     values = values.detach().float().contiguous()
-    plan_values = torch.empty(nnz, dtype=torch.float32) if aligned else None
+    plan_values = torch.empty(3 * nnz, dtype=torch.float32) if aligned else None
     narrow = col_indices16 is not None
-    _C.csr_conv2d_plan(rows, geometry[1] * geometry[6] * geometry[7], nnz, row_offsets.data_ptr(),
-                       0 if narrow else col_indices.data_ptr(), col_indices16.data_ptr() if narrow else 0,
-                       values.data_ptr(), geometry, aligned, offsets.data_ptr(), starts.data_ptr(),
-                       0 if plan_values is None else plan_values.data_ptr())
-    return CsrConvPlan(offsets, starts, plan_values)
+    entries = _C.csr_conv2d_plan(rows, geometry[1] * geometry[6] * geometry[7], nnz, row_offsets.data_ptr(),
+                                 0 if narrow else col_indices.data_ptr(), col_indices16.data_ptr() if narrow else 0,
+                                 values.data_ptr(), geometry, aligned, offsets.data_ptr(), starts.data_ptr(),
+                                 0 if plan_values is None else plan_values.data_ptr())
+    if aligned:  # entries <= nnz: keep only what was written
+        offsets, plan_values = offsets[:entries].clone(), plan_values[:3 * entries].clone()
+    return CsrConvPlan(offsets, starts, plan_values, nnz)
 
 
-def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Tensor,
+def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Tensor | None,
                     plan: CsrConvPlan, geometry: tuple[int, ...],
                     bias: torch.Tensor | None) -> torch.Tensor | None:
     """conv2d of x (N, C, H, W) float32 CPU with a CSR weight (out, C*kh*kw) as one implicit GEMM
-    (csrc/csr/csr_conv2d_cpu.cpp) through its csr_conv2d_plan for `geometry` (whose own values an
-    aligned plan reads instead of `values`).
+    (csrc/csr/csr_conv2d_cpu.cpp) through its csr_conv2d_plan for `geometry` (an aligned plan reads
+    its own values: `values` may then be None).
     Returns y (N, out, H_out, W_out) contiguous, or None when x holds a NaN/Inf, where the caller
     must take a path with dense-exact 0 * Inf propagation. Inference only (no autograd).
     """
@@ -190,7 +195,7 @@ def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Te
     rows = row_offsets.shape[0] - 1
     y = x.new_empty(x.shape[0], rows, geometry[10], geometry[11])  # varargs: ~3x cheaper cold than a tuple
     aligned = plan.values is not None
-    bad = _C.csr_conv2d(rows, geometry[1] * geometry[6] * geometry[7], values.shape[0], row_offsets.data_ptr(),
+    bad = _C.csr_conv2d(rows, geometry[1] * geometry[6] * geometry[7], plan.nnz, row_offsets.data_ptr(),
                         (plan.values if aligned else values).data_ptr(), geometry, aligned, plan.offsets.data_ptr(),
                         plan.starts.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                         torch.get_num_threads())

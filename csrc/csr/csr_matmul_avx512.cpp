@@ -172,7 +172,10 @@ __attribute__((always_inline)) inline void tap_run(const int32_t* offsets, const
     [[maybe_unused]] const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]), w2 = _mm512_set1_ps(w[2]);
     _Pragma("GCC unroll 9")
     for (int k = 0; k < kLoads; ++k) {
-      const __m512 xv = _mm512_loadu_ps(xr + 16 * k);
+      __m512 xv = _mm512_loadu_ps(xr + 16 * k);
+      // Two or more weights: one load into a register for all of them (else gcc folds a copy of
+      // the load into every FMA, which is what this kernel is for avoiding).
+      if constexpr ((M & (M - 1)) != 0) asm("" : "+v"(xv));
       if constexpr ((M & 1) != 0) {
         if (k < V) acc[k] = _mm512_fmadd_ps(w0, xv, acc[k]);
       }

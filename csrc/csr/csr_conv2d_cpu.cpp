@@ -161,7 +161,7 @@ PaddedPlanes planes(const ConvGeometry& g, bool aligned) { return PaddedPlanes(g
 }  // namespace
 
 bool csr_conv2d_aligned(const ConvGeometry& g) {
-  if (g.kw < 2 || g.kw > 3 || (g.kw - 1) * g.dw >= 16 || g.sh * g.sw != 1 || vector_isa() < Isa::kAvx512) return false;
+  if (g.kw < 2 || g.kw > 3 || (g.kw - 1) * g.dw > 8 || g.sh * g.sw != 1 || vector_isa() < Isa::kAvx512) return false;
   const int64_t plain = g.wo + g.dw * (g.kw - 1), rounded = (plain + 15) / 16 * 16;
   return rounded * 100 <= plain * Cfg::kAlignedRowsPercent && conv_tile_width(g.ho * rounded) >= 64;
 }
@@ -176,8 +176,8 @@ int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned,
                         float* values) {
   check_geometry(w, g, "csr_conv2d_plan");
   PYHWP_CHECK((offsets || w.nnz == 0) && starts, "csr_conv2d_plan: null output array");
-  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw < 16),
-              "csr_conv2d_plan: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw < 16");
+  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw <= 8),
+              "csr_conv2d_plan: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw <= 8");
   PYHWP_CHECK(!aligned || w.nnz == 0 || (values && w.values), "csr_conv2d_plan: the aligned plan needs the values");
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t cb = block_channels(g, pd), blocks = (g.channels + cb - 1) / cb;
@@ -199,8 +199,8 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const i
                 const int64_t* starts, const float* x, const float* bias, float* y, int num_threads) {
   check_geometry(w, g, "csr_conv2d");
   PYHWP_CHECK(num_threads >= 1, "csr_conv2d: num_threads must be >= 1");
-  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw < 16),
-              "csr_conv2d: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw < 16");
+  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw <= 8),
+              "csr_conv2d: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw <= 8");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
   PYHWP_CHECK(x && y && starts && (w.nnz == 0 || (offsets && w.values)), "csr_conv2d: null x, y, values or plan");
   const PaddedPlanes pd = planes(g, aligned);

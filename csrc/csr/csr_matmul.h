@@ -102,11 +102,11 @@ struct CsrKernels {
 // The CSR conv's tap-row kernel (csr_conv2d_aligned; AVX-512, csr_matmul_avx512.cpp), kw = 2 or 3:
 // entry e has kw weights vals[3e + s] (zeros where not stored) for the columns s of one row of
 // taps, whose windows x + offsets[e] + shifts[s] + 0:P share the line x + offsets[e] (shifts[0] =
-// 0 < shifts[s] < 16). The entries of row i with weights at the columns in mask M (bit s) are
+// 0 < shifts[s] <= 8). The entries of row i with weights at the columns in mask M (bit s) are
 // [starts[(M-1)*N + i], starts[M*N + i]); for rows i in [0, rows):
 // y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
 //   + sum over its entries e and columns s of vals[3e + s] * x[offsets[e] + shifts[s] + 0:P].
-// It reads whole vectors up to 16 floats past P. P <= kTileP.
+// It reads x up to 8 floats past whole vectors of P. P <= kTileP.
 using CsrTapTileFn = void (*)(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t kw,
                               const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias,
                               bool accumulate, float* y, int64_t ldy);
@@ -127,7 +127,7 @@ template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
 // once per weight and input size by csr_conv2d_plan: each stored weight's offset into the padded
 // image (nnz int32) and, per block of channels that the driver keeps in L1, where each row's
 // stored weights of that block start (csr_conv2d_starts(g, aligned) * rows int64).
-// The aligned plan (csr_conv2d_aligned(g): stride 1, kw = 2 or 3 with (kw-1)*dw < 16, AVX-512,
+// The aligned plan (csr_conv2d_aligned(g): stride 1, kw = 2 or 3 with (kw-1)*dw <= 8, AVX-512,
 // where rounding the padded rows up to whole lines adds few pixels) stores entries instead: one
 // per row of taps (channel c, tap row r) that holds a stored weight, with the line its windows
 // share as offset (offsets[e], at most nnz of them) and its kw weights as values[3e + s] (3 * nnz

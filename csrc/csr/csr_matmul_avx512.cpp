@@ -158,40 +158,49 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
 }
 
 // The CSR conv's tap rows (csr_conv2d_aligned): the entries of one mask M (bit s: the entry has
-// a weight at column s) add their weights times the same V (+ 1) whole-line vectors of x, column
-// 0 into the accumulators, columns 1 and 2 into their own sums t1, t2 (one vector more: they are
-// shifted down by s*dw lanes later). An entry with two or three weights loads each vector once.
+// a weight at column s) add their weights times the same V whole-line vectors of x, column 0 into
+// the accumulators, columns 1 and 2 into their own sums t1, t2, which are shifted down by s*dw
+// <= 8 lanes later and so also need the first 8 lanes past the tile: a 256-bit halo h1, h2 (half
+// the cost of a 512-bit FMA on Zen 4's 256-bit units). An entry with two or three weights loads
+// each vector once.
 template <int V, int M>
 __attribute__((always_inline)) inline void tap_run(const int32_t* offsets, const float* vals, int64_t begin,
-                                                   int64_t end, const float* x, __m512 (&acc)[V],
-                                                   __m512 (&t1)[V + 1], __m512 (&t2)[V + 1]) {
-  constexpr int kLoads = (M & 6) ? V + 1 : V;
+                                                   int64_t end, const float* x, __m512 (&acc)[V], __m512 (&t1)[V],
+                                                   __m512 (&t2)[V], __m256& h1, __m256& h2) {
   for (int64_t e = begin; e < end; ++e) {
     const float* xr = x + offsets[e];
     const float* w = vals + 3 * e;
     [[maybe_unused]] const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]), w2 = _mm512_set1_ps(w[2]);
-    _Pragma("GCC unroll 9")
-    for (int k = 0; k < kLoads; ++k) {
+    _Pragma("GCC unroll 8")
+    for (int k = 0; k < V; ++k) {
       __m512 xv = _mm512_loadu_ps(xr + 16 * k);
       // Two or more weights: one load into a register for all of them (else gcc folds a copy of
       // the load into every FMA, which is what this kernel is for avoiding).
       if constexpr ((M & (M - 1)) != 0) asm("" : "+v"(xv));
-      if constexpr ((M & 1) != 0) {
-        if (k < V) acc[k] = _mm512_fmadd_ps(w0, xv, acc[k]);
-      }
+      if constexpr ((M & 1) != 0) acc[k] = _mm512_fmadd_ps(w0, xv, acc[k]);
       if constexpr ((M & 2) != 0) t1[k] = _mm512_fmadd_ps(w1, xv, t1[k]);
       if constexpr ((M & 4) != 0) t2[k] = _mm512_fmadd_ps(w2, xv, t2[k]);
+    }
+    if constexpr ((M & 6) != 0) {
+      __m256 xh = _mm256_loadu_ps(xr + 16 * V);
+      if constexpr ((M & 6) == 6) asm("" : "+v"(xh));
+      if constexpr ((M & 2) != 0) h1 = _mm256_fmadd_ps(_mm512_castps512_ps256(w1), xh, h1);
+      if constexpr ((M & 4) != 0) h2 = _mm256_fmadd_ps(_mm512_castps512_ps256(w2), xh, h2);
     }
   }
 }
 
-// acc[k] += the vectors of t moved down by `shift` lanes (0 < shift < 16).
+// acc[k] += the vectors of t (then the halo h) moved down by `shift` lanes (0 < shift <= 8).
 template <int V>
-__attribute__((always_inline)) inline void add_shifted(__m512 (&acc)[V], const __m512 (&t)[V + 1], int32_t shift) {
+__attribute__((always_inline)) inline void add_shifted(__m512 (&acc)[V], const __m512 (&t)[V], __m256 h,
+                                                       int32_t shift) {
   const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                        _mm512_set1_epi32(shift));
   _Pragma("GCC unroll 8")
-  for (int k = 0; k < V; ++k) acc[k] = _mm512_add_ps(acc[k], _mm512_permutex2var_ps(t[k], idx, t[k + 1]));
+  for (int k = 0; k < V; ++k) {
+    const __m512 next = k + 1 < V ? t[k + 1] : _mm512_castps256_ps512(h);  // lanes 8-15 never selected
+    acc[k] = _mm512_add_ps(acc[k], _mm512_permutex2var_ps(t[k], idx, next));
+  }
 }
 
 template <int V, int KW>
@@ -202,22 +211,23 @@ void tap_rows(const int32_t* offsets, const float* vals, const int64_t* starts, 
     float* out = y + i * ldy;
     const int64_t* run = starts + i;  // run M - 1 of this row: [run[(M - 1) * N], run[M * N])
     const __m512 b0 = _mm512_set1_ps(bias && !accumulate ? bias[i] : 0.f);
-    __m512 acc[V], t1[V + 1], t2[V + 1];
+    __m512 acc[V], t1[V], t2[V];
+    __m256 h1 = _mm256_setzero_ps(), h2 = _mm256_setzero_ps();
     _Pragma("GCC unroll 8")
     for (int k = 0; k < V; ++k) acc[k] = accumulate ? _mm512_maskz_loadu_ps(k == V - 1 ? last : 0xFFFF, out + 16 * k) : b0;
-    _Pragma("GCC unroll 9")
-    for (int k = 0; k <= V; ++k) t1[k] = t2[k] = _mm512_setzero_ps();
-    tap_run<V, 1>(offsets, vals, run[0], run[N], x, acc, t1, t2);
-    tap_run<V, 2>(offsets, vals, run[N], run[2 * N], x, acc, t1, t2);
-    tap_run<V, 3>(offsets, vals, run[2 * N], run[3 * N], x, acc, t1, t2);
+    _Pragma("GCC unroll 8")
+    for (int k = 0; k < V; ++k) t1[k] = t2[k] = _mm512_setzero_ps();
+    tap_run<V, 1>(offsets, vals, run[0], run[N], x, acc, t1, t2, h1, h2);
+    tap_run<V, 2>(offsets, vals, run[N], run[2 * N], x, acc, t1, t2, h1, h2);
+    tap_run<V, 3>(offsets, vals, run[2 * N], run[3 * N], x, acc, t1, t2, h1, h2);
     if constexpr (KW == 3) {
-      tap_run<V, 4>(offsets, vals, run[3 * N], run[4 * N], x, acc, t1, t2);
-      tap_run<V, 5>(offsets, vals, run[4 * N], run[5 * N], x, acc, t1, t2);
-      tap_run<V, 6>(offsets, vals, run[5 * N], run[6 * N], x, acc, t1, t2);
-      tap_run<V, 7>(offsets, vals, run[6 * N], run[7 * N], x, acc, t1, t2);
-      add_shifted<V>(acc, t2, shifts[2]);
+      tap_run<V, 4>(offsets, vals, run[3 * N], run[4 * N], x, acc, t1, t2, h1, h2);
+      tap_run<V, 5>(offsets, vals, run[4 * N], run[5 * N], x, acc, t1, t2, h1, h2);
+      tap_run<V, 6>(offsets, vals, run[5 * N], run[6 * N], x, acc, t1, t2, h1, h2);
+      tap_run<V, 7>(offsets, vals, run[6 * N], run[7 * N], x, acc, t1, t2, h1, h2);
+      add_shifted<V>(acc, t2, h2, shifts[2]);
     }
-    add_shifted<V>(acc, t1, shifts[1]);
+    add_shifted<V>(acc, t1, h1, shifts[1]);
     _Pragma("GCC unroll 8")
     for (int k = 0; k < V; ++k) _mm512_mask_storeu_ps(out + 16 * k, k == V - 1 ? last : 0xFFFF, acc[k]);
   }

@@ -183,21 +183,23 @@ def test_nonfinite_input_found_in_any_column(isa, pattern, col):
     torch.testing.assert_close(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kernel, padding", [((1, 1), 0), ((1, 1), (2, 0)), ((3, 1), (1, 0)), ((2, 1), (0, 0))])
-def test_convs_without_column_padding_copy_whole_planes(isa, kernel, padding, threads):
-    # With no column padding (kw = 1, no left/right pad) the CSR implicit GEMM copies each
-    # channel's rows as one run (common/implicit_conv.cpp), the zero rows above and below and the
-    # alignment padding included; with 2 threads each copies a range of rows from mid-plane.
-    g_ = torch.Generator().manual_seed(kernel[0] * 10 + threads)
+@pytest.mark.parametrize("batch, threads", [(2, 1), (2, 2), (1, 2), (1, 16)])
+@pytest.mark.parametrize("kernel, padding", [((1, 1), 0), ((1, 1), (2, 0)), ((3, 1), (1, 0)), ((2, 1), (0, 0)),
+                                             ((3, 3), (1, 0))])
+def test_convs_without_column_padding_copy_whole_planes(isa, kernel, padding, batch, threads):
+    # With no column padding (no left/right pad: the padded rows are x's rows) the CSR implicit
+    # GEMM copies each channel's rows as one run (common/implicit_conv.cpp), the zero rows above
+    # and below, the spare row and the alignment padding included. One image over several threads:
+    # each copies a range of rows from mid-plane, with 16 threads some ranges only padding rows.
+    g_ = torch.Generator().manual_seed(kernel[0] * 10 + kernel[1] + threads)
     w, sw = make_weight((32, 16, *kernel), "csr", g_, sparsity=0.5)
-    x = torch.randn(2, 16, 11, 13, generator=g_)
+    x = torch.randn(batch, 16, 11, 16 if kernel[1] == 3 else 13, generator=g_)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         y = pyhwp.conv2d(x, sw, None, 1, padding)
         torch.testing.assert_close(y, F.conv2d(x, w, None, 1, padding), rtol=1e-5, atol=1e-5)
-        x[1, 15, 10, 12] = float("nan")
+        x[-1, 15, 10, 12] = float("nan")
         x[0, 0, 0, 0] = float("inf")
         y = pyhwp.conv2d(x, sw, None, 1, padding)
     finally:
@@ -260,6 +262,25 @@ def test_aligned_csr_plan_matches_dense(isa, monkeypatch, kernel, hw, padding, d
     assert torch.equal(torch.isnan(y_bad), torch.isnan(ref)) and torch.equal(torch.isinf(y_bad), torch.isinf(ref))
     finite = torch.isfinite(ref)
     torch.testing.assert_close(y_bad[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_aligned_csr_plan_only_where_its_offsets_fit_int32():
+    # 2130 channels of 1000 x 1000, 3x3, padding 1: the plain layout's planes (rows of 1002 floats)
+    # fit the plans' int32 offsets, the aligned one's (rows of 1008) would not, so no aligned plan.
+    if "avx512" not in ISAS:
+        pytest.skip("needs AVX-512")
+    from pyhwp._ext import _C
+
+    big = (1, 2130, 1000, 1000, 1, 1, 3, 3, 1, 1, 1000, 1000)
+    small = (1, 16, 14, 14, 1, 1, 3, 3, 1, 1, 14, 14)
+    previous = _C.active_isa()
+    try:
+        _C.set_isa_cap("avx512")
+        assert _C.csr_conv2d_aligned(small) and not _C.csr_conv2d_aligned(big)
+        with pytest.raises(ValueError, match="no aligned plan"):
+            _C.csr_conv2d_starts((1, 16, 14, 14, 1, 1, 5, 5, 1, 1, 12, 12), True)
+    finally:
+        _C.set_isa_cap(previous)
 
 
 def test_aligned_csr_plan_runs_under_every_isa(monkeypatch):

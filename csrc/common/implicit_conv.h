@@ -24,8 +24,8 @@ namespace pyhwp {
 // (conv_geometry.h), wp = wo + (dw*(kw-1))/sw, hp = ho + (dh*(kh-1))/sh + 1.
 //
 // Aligned rows (aligned_rows, plain layout, stride 1): wp rounded up to a multiple of 16, so that
-// every window of tap (c, r, s) starts s*dw floats past a cache line (the CSR conv's shifted
-// groups, csr_conv2d_aligned).
+// every window of tap (c, r, s) starts s*dw floats past a cache line (the CSR conv's tap rows,
+// csr_conv2d_aligned).
 //
 // Shifted layout (shifted_segments >= 1, kw > 1): every tap's window starts on a cache line too. The
 // image is stored kw times, copy s with every padded row shifted left by s*dw (zeros shifted in),

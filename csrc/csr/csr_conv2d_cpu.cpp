@@ -2,6 +2,7 @@
 // copy of the input (of its stride phases for a strided conv), so no im2col matrix and no per-tap
 // GEMM is ever materialized.
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common/checks.h"
@@ -144,8 +145,18 @@ void conv_tile(const ConvRun& c, const float* xp_img, int64_t img, int64_t r0, i
   }
 }
 
-void check_geometry(const CsrMatrix& w, const ConvGeometry& g, const char* op) {
-  check_conv_geometry(g, PaddedPlanes(g), op);
+PaddedPlanes planes(const ConvGeometry& g, bool aligned) { return PaddedPlanes(g, 0, 1, aligned); }
+
+bool aligned_fits(const ConvGeometry& g) {
+  return g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw <= 8;
+}
+
+// The checks of W and the geometry every entry point shares: an aligned plan only where it applies,
+// and the layout's offsets within int32.
+void check_geometry(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const char* op) {
+  PYHWP_CHECK(!aligned || aligned_fits(g), op,
+              ": the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw <= 8");
+  check_conv_geometry(g, planes(g, aligned), op);
   PYHWP_CHECK(w.cols == g.channels * g.kh * g.kw, op, ": W has ", w.cols, " columns, expected C*kh*kw = ",
               g.channels * g.kh * g.kw);
   PYHWP_CHECK(w.row_offsets && (w.nnz == 0 || w.col_indices || w.col_indices16), op, ": null CSR array");
@@ -156,17 +167,18 @@ int64_t block_channels(const ConvGeometry& g, const PaddedPlanes& pd) {
   return conv_channels_per_block(g, pd, std::min(kConvTileP, std::max<int64_t>(1, g.ho * pd.wp)));
 }
 
-PaddedPlanes planes(const ConvGeometry& g, bool aligned) { return PaddedPlanes(g, 0, 1, aligned); }
 
 }  // namespace
 
 bool csr_conv2d_aligned(const ConvGeometry& g) {
-  if (g.kw < 2 || g.kw > 3 || (g.kw - 1) * g.dw > 8 || g.sh * g.sw != 1 || vector_isa() < Isa::kAvx512) return false;
+  if (!aligned_fits(g) || vector_isa() < Isa::kAvx512) return false;
   const int64_t plain = g.wo + g.dw * (g.kw - 1), rounded = (plain + 15) / 16 * 16;
-  return rounded * 100 <= plain * Cfg::kAlignedRowsPercent && conv_tile_width(g.ho * rounded) >= 64;
+  return rounded * 100 <= plain * Cfg::kAlignedRowsPercent && conv_tile_width(g.ho * rounded) >= 64 &&
+         planes(g, true).group_floats() <= std::numeric_limits<int32_t>::max();
 }
 
 int64_t csr_conv2d_starts(const ConvGeometry& g, bool aligned) {
+  PYHWP_CHECK(!aligned || aligned_fits(g), "csr_conv2d_starts: no aligned plan for this geometry");
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t cb = block_channels(g, pd);
   return (g.channels + cb - 1) / cb * (aligned ? (int64_t{1} << g.kw) - 1 : 1) + 1;
@@ -174,10 +186,8 @@ int64_t csr_conv2d_starts(const ConvGeometry& g, bool aligned) {
 
 int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts,
                         float* values) {
-  check_geometry(w, g, "csr_conv2d_plan");
+  check_geometry(w, g, aligned, "csr_conv2d_plan");
   PYHWP_CHECK((offsets || w.nnz == 0) && starts, "csr_conv2d_plan: null output array");
-  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw <= 8),
-              "csr_conv2d_plan: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw <= 8");
   PYHWP_CHECK(!aligned || w.nnz == 0 || (values && w.values), "csr_conv2d_plan: the aligned plan needs the values");
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t cb = block_channels(g, pd), blocks = (g.channels + cb - 1) / cb;
@@ -197,10 +207,8 @@ int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned,
 
 bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const int32_t* offsets,
                 const int64_t* starts, const float* x, const float* bias, float* y, int num_threads) {
-  check_geometry(w, g, "csr_conv2d");
+  check_geometry(w, g, aligned, "csr_conv2d");
   PYHWP_CHECK(num_threads >= 1, "csr_conv2d: num_threads must be >= 1");
-  PYHWP_CHECK(!aligned || (g.sh * g.sw == 1 && g.kw >= 2 && g.kw <= 3 && (g.kw - 1) * g.dw <= 8),
-              "csr_conv2d: the aligned plan is for stride-1 convs with kw = 2 or 3 and (kw - 1) * dw <= 8");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
   PYHWP_CHECK(x && y && starts && (w.nnz == 0 || (offsets && w.values)), "csr_conv2d: null x, y, values or plan");
   const PaddedPlanes pd = planes(g, aligned);

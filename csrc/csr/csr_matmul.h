@@ -163,9 +163,9 @@ struct CsrCpuConfig {
   static constexpr int64_t kPanelBytes = 1 << 20;
   static constexpr int64_t kRowCost = 8;     // per-row work in nnz units, for load balance
   // The CSR conv takes the aligned plan (csr_conv2d_aligned) where its rows of whole lines hold
-  // at most this percentage of the plain layout's pixels. 90%, batch 1, 1 thread, Zen 4, against
-  // the plain plan: 256->256 @14 (16 = 16 floats a row) 1.13-1.15x, 128->128 @28 (32 / 30)
-  // 1.09x, 64->64 @56 (64 / 58) 1.06x (NOTES.md, stop 32).
+  // at most this percentage of the plain layout's pixels. 90%, batch 1, 1 thread, Zen 4, tap rows
+  // against the plain plan: 256->256 @14 (16 = 16 floats a row) 1.22x, 128->128 @28 (32 / 30)
+  // 1.05-1.22x, 64->64 @56 (64 / 58, 10% more pixels) 1.10x (NOTES.md, stop 32).
   static constexpr int64_t kAlignedRowsPercent = 115;
   // X with p contiguous but unaligned rows is read in place (unaligned loads) when its rows are
   // used fewer than this many times on average (nnz < kInPlaceReuse * K), else copied to aligned

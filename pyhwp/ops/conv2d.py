@@ -74,9 +74,10 @@ def conv2d(x: torch.Tensor, weight: SparseWeight, bias: torch.Tensor | None = No
     CSR float32 CPU inference with groups == 1 runs the whole batch as one implicit GEMM
     (csr_conv2d_impl): the CSR tile kernel reads shifted rows of a padded copy of x (of its stride
     phases for stride > 1, over which every tap is a stride-1 window), so no im2col matrix is
-    built (stride-1 k x k convs on AVX-512, where rounding the padded rows up to whole lines adds
-    at most 15% of pixels, through an aligned plan: the weights grouped by tap column, every window
-    loaded from its line and each column's sums shifted into place once per tile). 2:4 k x k convs
+    built (stride-1 convs with kw = 2 or 3 on AVX-512, where rounding the padded rows up to whole
+    lines adds at most 15% of pixels, through an aligned plan of tap rows: each line of x loaded
+    once for all the weights of a (channel, kernel row), each kernel column's sums shifted into
+    place once per tile; 2:4 k x k convs there run it on their kept values). Other 2:4 k x k convs
     in float32 CPU inference do the same with the 2:4 tile kernel
     (sparse24_conv2d_impl; its groups run across taps and channels, which it reads through a
     table of offsets), masked ones with the masked tile kernels (masked_conv2d_impl, AVX-512 or
@@ -267,8 +268,9 @@ def _implicit_kind(x, weight, bias, kernel, stride) -> str | None:
     (every stride on the CPU, stride 1 on CUDA): "amx" (amx_conv2d_impl: bfloat16 on a CPU whose AMX is in use,
     any pattern and kernel size, but masked 1x1 convs keep the masked AMX matmul; the weight's
     dense values on the tile unit), "csr" (csr_conv2d_impl, float32 on the CPU; the CUDA tile
-    kernel, float32, float16 and bfloat16), "2:4" (sparse24_conv2d_impl: a kxk kernel, float32 on
-    the CPU; 1x1 2:4 convs keep the matmul kernel on x's planes, which packs them aligned),
+    kernel, float32, float16 and bfloat16), "2:4" (a kxk kernel, float32 on the CPU: the CSR
+    tap-row kernel where _sparse24_taps has a plan, else sparse24_conv2d_impl; 1x1 2:4 convs keep
+    the matmul kernel on x's planes, which packs them aligned),
     "masked" (masked_conv2d_impl: the same for masked kxk weights; 1x1 ones keep the matmul
     kernel), or None. On the CPU without AMX, bfloat16 kxk convs of the three run the float32
     kernels on float32 copies (_cpu_implicit). Never with autograd."""
@@ -312,8 +314,14 @@ def _sparse24_taps(weight: SparseWeight, geometry):
     """A 2:4 conv weight's kept values as the CSR conv's aligned plan for `geometry` (row offsets,
     plan), derived once: where csr_conv2d_aligned holds, 2:4 kxk convs run the CSR tap-row kernel,
     which loads each line of x once for every kept weight of a row of taps (NOTES.md, stop 32:
-    1.1-1.3x the 2:4 implicit GEMM, which loads one per weight). Costs about 16 bytes per kept
-    weight besides the 2:4 arrays."""
+    1.25-1.33x the 2:4 implicit GEMM, which loads one per weight). Costs about 16 bytes per kept
+    weight besides the 2:4 arrays. None (the 2:4 implicit GEMM then runs) where the plan does not
+    apply, or where it could not be kept (_cacheable: it would be rebuilt on every call). Like
+    every plan derived from the values, it follows in-place changes through their version
+    counter, not changes made through .data."""
+    if not _C.csr_conv2d_aligned(geometry) or not _cacheable(weight._tensors().values()):
+        return None
+
     def build():
         dense = weight.to_dense().detach().float().reshape(weight.shape[0], -1)
         keep = dense != 0
@@ -326,21 +334,23 @@ def _sparse24_taps(weight: SparseWeight, geometry):
 
 
 def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
-    """The float32 CPU implicit GEMM of `kind` ("csr" with its `plan`, "2:4", "masked"), or None
-    (x holds a NaN/Inf, or the masked kernel is not served here). bfloat16 runs it on float32
-    copies of x, the values (derived once) and the bias, rounded once at the end: bfloat16
-    products are exact in float32, so this is the contract of the bfloat16 matmuls (float32
-    products and sums, one rounding per output). CSR 64->64 3x3 @56, 90%, 2 threads: 2213 us on
-    the per-tap path before (NOTES.md, stop 22)."""
-    dtype, values = x.dtype, weight.values
+    """The float32 CPU implicit GEMM of `kind` ("csr" with its `plan`, "2:4" with its tap-row
+    plan where it has one (_sparse24_taps), "masked"), or None (x holds a NaN/Inf, or the masked
+    kernel is not served here). bfloat16 runs it on float32 copies of x, the values (derived
+    once) and the bias, rounded once at the end: bfloat16 products are exact in float32, so this
+    is the contract of the bfloat16 matmuls (float32 products and sums, one rounding per output).
+    CSR 64->64 3x3 @56, 90%, 2 threads: 2213 us on the per-tap path before (NOTES.md, stop 22)."""
+    dtype = x.dtype
     if dtype != torch.float32:
-        values = _derived(weight, "values_f32", lambda: weight.values.float())
         x, bias = x.float(), None if bias is None else bias.float()
+    if kind == "2:4" and plan is None:
+        plan = _sparse24_taps(weight, geometry) or False  # False: none, the 2:4 implicit GEMM
+    if kind == "2:4" and plan:
+        row_offsets, taps = plan
+        return _restore(csr_conv2d_impl(x, row_offsets, None, taps, geometry, bias), dtype)
+    values = weight.values if dtype == torch.float32 else _derived(weight, "values_f32", lambda: weight.values.float())
     if kind == "csr":
         y = csr_conv2d_impl(x, weight.row_offsets, values, plan, geometry, bias)
-    elif kind == "2:4" and (plan is not None or _C.csr_conv2d_aligned(geometry)):
-        row_offsets, aligned = plan if plan is not None else _sparse24_taps(weight, geometry)
-        y = csr_conv2d_impl(x, row_offsets, None, aligned, geometry, bias)
     elif kind == "2:4":
         y = sparse24_conv2d_impl(x, values, weight.meta, geometry, bias)
     else:
@@ -348,6 +358,11 @@ def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
         values_bf16 = weight.values.contiguous() if dtype == torch.bfloat16 else None
         y = masked_conv2d_impl(x, weight.tile_ptr.contiguous(), weight.tile_idx.contiguous(), values.contiguous(),
                                weight.shape[0], geometry, bias, values_bf16)
+    return _restore(y, dtype)
+
+
+def _restore(y, dtype):
+    """An implicit GEMM's float32 result in the call's dtype (None stays None)."""
     return y if y is None or dtype == torch.float32 else y.to(dtype)
 
 
@@ -362,8 +377,9 @@ def _cpu_plan(csr, geometry):
     def plan():
         ci = csr.kernel_col_indices
         return csr_conv2d_plan(csr.row_offsets, csr.col_indices, ci if ci.dtype == torch.int16 else None,
-                               csr.values, geometry)
-    return _derived(csr, ("plan", geometry[1:]), plan)
+                               csr.values, geometry, aligned)
+    aligned = _C.csr_conv2d_aligned(geometry)  # (an ISA cap set since may change it)
+    return _derived(csr, ("plan", geometry[1:], aligned), plan)
 
 
 class _FastConv:
@@ -384,8 +400,7 @@ class _FastConv:
         self.versions = [t._version for t in self.tensors]
         self.kind, self.geometry = kind, geometry
         self.derived = (_amx_tiles(weight) if kind == "amx" else _cpu_plan(weight, geometry) if kind == "csr"
-                        else _sparse24_taps(weight, geometry) if kind == "2:4" and _C.csr_conv2d_aligned(geometry)
-                        else None)
+                        else _sparse24_taps(weight, geometry) or False if kind == "2:4" else None)
         self.cpu, self.out_shape = cpu, out_shape
 
     def run(self, x, weight, bias):

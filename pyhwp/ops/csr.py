@@ -157,17 +157,19 @@ class CsrConvPlan(NamedTuple):
 
 
 def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_indices16: torch.Tensor | None,
-                    values: torch.Tensor, geometry: tuple[int, ...]) -> CsrConvPlan:
+                    values: torch.Tensor, geometry: tuple[int, ...], aligned: bool | None = None) -> CsrConvPlan:
     """The plan the implicit-GEMM conv reads a CSR conv weight through, for one input geometry
-    (csrc/csr/csr_matmul.h): offsets int32 (nnz,), block starts int64 and, for the aligned plan
-    (csr_conv2d_aligned: stride-1 convs with kw = 2 or 3 on AVX-512 whose padded rows round up to
-    whole lines cheaply), one offset and three float32 values per row of taps that holds a
-    weight. O(nnz); build it once per weight and input size (and again after the weight's values
-    change). geometry = (images, C, H, W, pad_top, pad_left,
-    kh, kw, dil_h, dil_w, H_out, W_out[, stride_h, stride_w]), stride 1 without the last two
-    (csrc/common/conv_geometry.h); the plan does not depend on images."""
+    (csrc/csr/csr_matmul.h): offsets int32 (nnz,) and block starts int64, or for the aligned plan
+    (`aligned`, by default csr_conv2d_aligned(geometry): stride-1 convs with kw = 2 or 3 and
+    (kw - 1) * dil_w <= 8 on AVX-512 whose padded rows round up to whole lines cheaply) one offset
+    and three float32 values per row of taps that holds a weight. O(nnz); build it once per
+    weight and input size (and again after the weight's values change: the aligned plan holds a
+    copy). geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out, W_out[,
+    stride_h, stride_w]), stride 1 without the last two (csrc/common/conv_geometry.h); the plan
+    does not depend on images."""
     rows, nnz = row_offsets.shape[0] - 1, col_indices.shape[0]
-    aligned = _C.csr_conv2d_aligned(geometry)
+    if aligned is None:
+        aligned = _C.csr_conv2d_aligned(geometry)
     offsets = torch.empty(nnz, dtype=torch.int32)
     starts = torch.empty(_C.csr_conv2d_starts(geometry, aligned) * rows, dtype=torch.int64)
     values = values.detach().float().contiguous()

@@ -202,17 +202,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "csr_conv2d_plan",
       [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr col_indices, Addr col_indices16,
-          Addr values, const Geometry& geometry, bool aligned, Addr offsets, Addr starts, Addr plan_values) {
+          Addr values, const Geometry& geometry, bool aligned, Addr offsets, Addr starts) {
         const CsrMatrix w = make_csr(rows, cols, nnz, row_offsets, col_indices, values, col_indices16);
         return pyhwp::csr_conv2d_plan(w, conv_geometry(geometry), aligned, ptr<int32_t>(offsets),
-                                      ptr<int64_t>(starts), ptr<float>(plan_values));
+                                      ptr<int64_t>(starts));
       },
       py::arg("rows"), py::arg("cols"), py::arg("nnz"), py::arg("row_offsets"), py::arg("col_indices"),
       py::arg("col_indices16"), py::arg("values"), py::arg("geometry"), py::arg("aligned"), py::arg("offsets"),
-      py::arg("starts"), py::arg("plan_values"), py::call_guard<py::gil_scoped_release>(),
-      "Writes the plan of a CSR conv weight (out x C*kh*kw, float32 values) for a geometry: nnz int32 offsets "
-      "(or fewer: returns how many), csr_conv2d_starts * rows int64 block starts and, for the aligned plan, three "
-      "float32 values per offset");
+      py::arg("starts"), py::call_guard<py::gil_scoped_release>(),
+      "Writes the plan of a CSR conv weight (out x C*kh*kw, float32 values) for a geometry: nnz int32 offsets (the "
+      "aligned plan: a stream of at most 2 * nnz int32 words holding its weights too) and csr_conv2d_starts * rows "
+      "int64 block starts; returns how many offset words it wrote");
   m.def(
       "csr_conv2d",
       [=](int64_t rows, int64_t cols, int64_t nnz, Addr row_offsets, Addr values, const Geometry& geometry,
@@ -227,7 +227,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("geometry"), py::arg("aligned"), py::arg("offsets"), py::arg("starts"), py::arg("x"), py::arg("bias"),
       py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
       "conv2d (any stride) with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM through its plan "
-      "(csr_conv2d_plan; values: the aligned plan's own): x is the contiguous (images, C, h, w) input, padded by "
+      "(csr_conv2d_plan; the aligned plan's stream holds the weights: values may be 0): x is the contiguous (images, C, h, w) input, padded by "
       "pt rows on top and pl columns on the left, y the contiguous (images, out, ho, wo) output; returns True when "
       "x holds a NaN/Inf (y then lacks the dense 0*Inf = NaN terms)");
 

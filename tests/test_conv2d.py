@@ -217,7 +217,7 @@ def _record_csr_plans(monkeypatch):
     aligned, run = [], conv2d_module.csr_conv2d_impl
 
     def spy(x, row_offsets, values, plan, geometry, bias):
-        aligned.append(plan.values is not None)
+        aligned.append(plan.aligned)
         return run(x, row_offsets, values, plan, geometry, bias)
 
     monkeypatch.setattr(conv2d_module, "csr_conv2d_impl", spy)

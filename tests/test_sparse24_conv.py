@@ -88,7 +88,7 @@ def test_aligned_geometries_take_the_csr_tap_rows(isa, monkeypatch, dtype):
     calls, run = [], conv_mod.csr_conv2d_impl
 
     def spy(x, row_offsets, values, plan, geometry, bias):
-        calls.append(plan.values is not None)
+        calls.append(plan.aligned)
         return run(x, row_offsets, values, plan, geometry, bias)
 
     monkeypatch.setattr(conv_mod, "csr_conv2d_impl", spy)

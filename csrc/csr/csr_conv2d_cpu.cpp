@@ -2,6 +2,7 @@
 // copy of the input (of its stride phases for a strided conv), so no im2col matrix and no per-tap
 // GEMM is ever materialized.
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -27,69 +28,74 @@ void stored_offsets(const I* cols, int64_t nnz, const ConvGeometry& g, const Pad
 }
 
 // The aligned plan (csr_conv2d_aligned, csr_matmul.h): per row n, one entry per tap row t = c*kh + r
-// holding a stored weight, in runs by channel block b and mask M (bit s: column s stored):
-// starts[(b * runs + M - 1) * N + n] the first entry of the run, starts[blocks * runs * N + n] the
-// row's end; offsets[e] the line of the tap row's windows (its column 0's offset), values[3e + s]
-// its weights (stored duplicates summed, zeros elsewhere). Returns the number of entries.
+// holding a stored weight, in runs by channel block b and mask M (bit s: column s stored), in
+// `stream`: the line of the tap row's windows (its column 0's offset), then the weights of the
+// columns in M in order (float bits; stored duplicates summed). starts[(b * runs + M - 1) * N + n]
+// is where the run starts in the stream, starts[blocks * runs * N + n] where the row ends. Returns
+// the stream's length (at most 2 * nnz words).
 template <typename I>
 int64_t tap_row_plan(const CsrMatrix& w, const I* cols, const ConvGeometry& g, const PaddedPlanes& pd, int64_t cb,
-                     int64_t blocks, int32_t* offsets, int64_t* starts, float* values) {
+                     int64_t blocks, int32_t* stream, int64_t* starts) {
   const int64_t N = w.rows, kw = g.kw, tap_rows = g.channels * g.kh, runs = (int64_t{1} << kw) - 1;
   const int64_t groups = blocks * runs;
   std::vector<int32_t> table(static_cast<size_t>(w.cols));
   conv_column_offsets(g, pd, table.data());
-  std::vector<int64_t> slot(static_cast<size_t>(tap_rows), -1), count(static_cast<size_t>(groups));
+  std::vector<int64_t> slot(static_cast<size_t>(tap_rows), -1), next(static_cast<size_t>(groups));
   std::vector<int64_t> touched;  // this row's tap rows, in first-seen order
   std::vector<int32_t> mask;
   std::vector<float> weights;  // 3 per touched tap row
-  int64_t e = 0;
+  auto words = [](int32_t m) { return int64_t{1} + ((m & 1) + (m >> 1 & 1) + (m >> 2 & 1)); };
+  int64_t at = 0;
   for (int64_t n = 0; n < N; ++n) {
     touched.clear(), mask.clear(), weights.clear();
     for (int64_t j = w.row_offsets[n]; j < w.row_offsets[n + 1]; ++j) {
       const int64_t t = static_cast<int64_t>(cols[j]) / kw, s = static_cast<int64_t>(cols[j]) % kw;
-      int64_t& at = slot[static_cast<size_t>(t)];
-      if (at < 0) {
-        at = static_cast<int64_t>(touched.size());
+      int64_t& i = slot[static_cast<size_t>(t)];
+      if (i < 0) {
+        i = static_cast<int64_t>(touched.size());
         touched.push_back(t), mask.push_back(0), weights.insert(weights.end(), 3, 0.f);
       }
-      mask[static_cast<size_t>(at)] |= 1 << s;
-      weights[static_cast<size_t>(3 * at + s)] += w.values[j];
+      mask[static_cast<size_t>(i)] |= 1 << s;
+      weights[static_cast<size_t>(3 * i + s)] += w.values[j];
     }
-    auto group = [&](size_t i) { return touched[i] / g.kh / cb * runs + mask[i] - 1; };
-    std::fill(count.begin(), count.end(), 0);
-    for (size_t i = 0; i < touched.size(); ++i) ++count[static_cast<size_t>(group(i))];
-    for (int64_t q = 0, at = e; q < groups; ++q) {
+    auto group = [&](size_t i) { return static_cast<size_t>(touched[i] / g.kh / cb * runs + mask[i] - 1); };
+    std::fill(next.begin(), next.end(), 0);
+    for (size_t i = 0; i < touched.size(); ++i) next[group(i)] += words(mask[i]);
+    for (int64_t q = 0; q < groups; ++q) {
       starts[q * N + n] = at;
-      at += count[static_cast<size_t>(q)];
-      count[static_cast<size_t>(q)] = starts[q * N + n];  // now the next free entry of run q
+      at += next[static_cast<size_t>(q)];
+      next[static_cast<size_t>(q)] = starts[q * N + n];  // now where run q's next entry goes
     }
+    starts[groups * N + n] = at;
     for (size_t i = 0; i < touched.size(); ++i) {
-      const int64_t at = count[static_cast<size_t>(group(i))]++;
-      offsets[at] = table[static_cast<size_t>(touched[i] * kw)];
-      std::copy_n(weights.begin() + static_cast<std::ptrdiff_t>(3 * i), 3, values + 3 * at);
+      int64_t& to = next[group(i)];
+      stream[to++] = table[static_cast<size_t>(touched[i] * kw)];
+      for (int64_t s = 0; s < kw; ++s)
+        if (mask[i] >> s & 1) std::memcpy(stream + to++, &weights[3 * i + static_cast<size_t>(s)], 4);
       slot[static_cast<size_t>(touched[i])] = -1;
     }
-    e += static_cast<int64_t>(touched.size());
-    starts[groups * N + n] = e;
   }
-  return e;
+  return at;
 }
 
 // The tap-row kernel's sums in portable code, for an aligned plan run where the ISA has no
 // tap-row kernel (the ISA cap lowered after the plan was made): as CsrTapTileFn.
-void tap_tile_portable(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t kw,
-                       const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias,
-                       bool accumulate, float* y, int64_t ldy) {
+void tap_tile_portable(const int32_t* stream, const int64_t* starts, int64_t N, int64_t kw, const int32_t* shifts,
+                       int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate, float* y,
+                       int64_t ldy) {
   const int64_t runs = (int64_t{1} << kw) - 1;
   for (int64_t i = 0; i < rows; ++i) {
     float* out = y + i * ldy;
     if (!accumulate) std::fill(out, out + P, bias ? bias[i] : 0.f);
-    for (int64_t e = starts[i]; e < starts[runs * N + i]; ++e)
-      for (int64_t s = 0; s < kw; ++s) {
-        const float v = vals[3 * e + s];
-        const float* xr = x + offsets[e] + shifts[s];
-        if (v != 0.f)
-          for (int64_t p = 0; p < P; ++p) out[p] += v * xr[p];
+    for (int64_t m = 1; m <= runs; ++m)
+      for (int64_t e = starts[(m - 1) * N + i]; e < starts[m * N + i];) {
+        const float* line = x + stream[e++];
+        for (int64_t s = 0; s < kw; ++s) {
+          if (!(m >> s & 1)) continue;
+          float v;
+          std::memcpy(&v, stream + e++, 4);
+          for (int64_t p = 0; p < P; ++p) out[p] += v * line[shifts[s] + p];
+        }
       }
   }
 }
@@ -134,8 +140,8 @@ void conv_tile(const ConvRun& c, const float* xp_img, int64_t img, int64_t r0, i
       const float* bias = c.bias ? c.bias + rb : nullptr;
       for (int64_t b = 0; b < c.blocks; ++b) {
         if (c.runs > 0) {
-          c.tap_tile(c.a.cols, c.a.vals, c.starts + b * c.runs * c.N + rb, c.N, c.g.kw, c.shifts, rows, xp_img + p0,
-                     width, bias, b > 0, tile, ld);
+          c.tap_tile(c.a.cols, c.starts + b * c.runs * c.N + rb, c.N, c.g.kw, c.shifts, rows, xp_img + p0, width,
+                     bias, b > 0, tile, ld);
         } else {
           c.kern.tile(c.a, c.starts + b * c.N + rb, c.starts + (b + 1) * c.N + rb, rows, xp_img + p0, 1, width, bias,
                       b > 0, /*stream_w=*/true, tile, ld);
@@ -184,16 +190,15 @@ int64_t csr_conv2d_starts(const ConvGeometry& g, bool aligned) {
   return (g.channels + cb - 1) / cb * (aligned ? (int64_t{1} << g.kw) - 1 : 1) + 1;
 }
 
-int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts,
-                        float* values) {
+int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts) {
   check_geometry(w, g, aligned, "csr_conv2d_plan");
   PYHWP_CHECK((offsets || w.nnz == 0) && starts, "csr_conv2d_plan: null output array");
-  PYHWP_CHECK(!aligned || w.nnz == 0 || (values && w.values), "csr_conv2d_plan: the aligned plan needs the values");
+  PYHWP_CHECK(!aligned || w.nnz == 0 || w.values, "csr_conv2d_plan: the aligned plan needs the values");
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t cb = block_channels(g, pd), blocks = (g.channels + cb - 1) / cb;
   if (aligned)
-    return w.col_indices16 ? tap_row_plan(w, w.col_indices16, g, pd, cb, blocks, offsets, starts, values)
-                           : tap_row_plan(w, w.col_indices, g, pd, cb, blocks, offsets, starts, values);
+    return w.col_indices16 ? tap_row_plan(w, w.col_indices16, g, pd, cb, blocks, offsets, starts)
+                           : tap_row_plan(w, w.col_indices, g, pd, cb, blocks, offsets, starts);
   std::vector<int32_t> table(static_cast<size_t>(w.cols));
   if (w.col_indices16) {
     stored_offsets(w.col_indices16, w.nnz, g, pd, table.data(), offsets);
@@ -210,7 +215,8 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const i
   check_geometry(w, g, aligned, "csr_conv2d");
   PYHWP_CHECK(num_threads >= 1, "csr_conv2d: num_threads must be >= 1");
   if (w.rows == 0 || g.images == 0 || g.ho == 0 || g.wo == 0) return false;
-  PYHWP_CHECK(x && y && starts && (w.nnz == 0 || (offsets && w.values)), "csr_conv2d: null x, y, values or plan");
+  PYHWP_CHECK(x && y && starts && (w.nnz == 0 || (offsets && (aligned || w.values))),
+              "csr_conv2d: null x, y, values or plan");
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t work = w.nnz * g.images * g.ho * pd.wp;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;

@@ -100,14 +100,14 @@ struct CsrKernels {
 };
 
 // The CSR conv's tap-row kernel (csr_conv2d_aligned; AVX-512, csr_matmul_avx512.cpp), kw = 2 or 3:
-// entry e has kw weights vals[3e + s] (zeros where not stored) for the columns s of one row of
-// taps, whose windows x + offsets[e] + shifts[s] + 0:P share the line x + offsets[e] (shifts[0] =
-// 0 < shifts[s] <= 8). The entries of row i with weights at the columns in mask M (bit s) are
-// [starts[(M-1)*N + i], starts[M*N + i]); for rows i in [0, rows):
-// y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
-//   + sum over its entries e and columns s of vals[3e + s] * x[offsets[e] + shifts[s] + 0:P].
+// each entry of `stream` is one row of taps: an int32 offset, whose line x + offset the windows
+// x + offset + shifts[s] + 0:P of its columns s share (shifts[0] = 0 < shifts[s] <= 8), then the
+// float32 bits of its weights, one for each column in its mask M (bit s), in order. Row i's
+// entries with mask M are the stream's words [starts[(M-1)*N + i], starts[M*N + i]); for rows i in
+// [0, rows): y[i*ldy + 0:P] = (accumulate ? y[i*ldy + 0:P] : bias[i] or 0)
+//   + sum over its entries and their columns s of w_s * x[offset + shifts[s] + 0:P].
 // It reads x up to 8 floats past whole vectors of P. P <= kTileP.
-using CsrTapTileFn = void (*)(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t kw,
+using CsrTapTileFn = void (*)(const int32_t* stream, const int64_t* starts, int64_t N, int64_t kw,
                               const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias,
                               bool accumulate, float* y, int64_t ldy);
 CsrTapTileFn csr_tap_tile_avx512();
@@ -128,19 +128,18 @@ template <typename I, typename T> CsrKernels<I, T> csr_kernels(Isa isa);
 // image (nnz int32) and, per block of channels that the driver keeps in L1, where each row's
 // stored weights of that block start (csr_conv2d_starts(g, aligned) * rows int64).
 // The aligned plan (csr_conv2d_aligned(g): stride 1, kw = 2 or 3 with (kw-1)*dw <= 8, AVX-512,
-// where rounding the padded rows up to whole lines adds few pixels) stores entries instead: one
-// per row of taps (channel c, tap row r) that holds a stored weight, with the line its windows
-// share as offset (offsets[e], at most nnz of them) and its kw weights as values[3e + s] (3 * nnz
-// floats at most, which csr_conv2d then takes as w.values), grouped per row and channel block by
-// the mask of their stored columns (2^kw - 1 runs: starts has blocks * (2^kw - 1) + 1 per row);
-// csr_conv2d_plan returns how many entries it wrote. The tap-row kernel (CsrTapTileFn) then loads
-// each line once for all the weights of its entry.
+// where rounding the padded rows up to whole lines adds few pixels) writes instead a stream of
+// entries into `offsets` (at most 2 * nnz int32 words; csr_conv2d_plan returns how many): one per
+// row of taps (channel c, tap row r) holding a stored weight, its windows' shared line and the
+// weights of its stored columns, grouped per row and channel block by the mask of those columns
+// (2^kw - 1 runs: starts has blocks * (2^kw - 1) + 1 per row; the layout of CsrTapTileFn).
+// csr_conv2d then reads the weights from the stream (w.values may be null). The tap-row kernel
+// loads each line once for every weight of its entry.
 // csr_conv2d returns true when x holds a NaN/Inf, leaving y unspecified: the caller then needs
 // the dense-exact propagation of 0 * Inf (see propagate_nonfinite), which this path does not do.
 bool csr_conv2d_aligned(const ConvGeometry& g);
 int64_t csr_conv2d_starts(const ConvGeometry& g, bool aligned);
-int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts,
-                        float* values);
+int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts);
 bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const int32_t* offsets,
                 const int64_t* starts, const float* x, const float* bias, float* y, int num_threads);
 

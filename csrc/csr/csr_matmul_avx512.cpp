@@ -164,13 +164,16 @@ void tile(CsrArrays<I, T> a, const int64_t* begin, const int64_t* end, int64_t r
 // the cost of a 512-bit FMA on Zen 4's 256-bit units). An entry with two or three weights loads
 // each vector once.
 template <int V, int M>
-__attribute__((always_inline)) inline void tap_run(const int32_t* offsets, const float* vals, int64_t begin,
-                                                   int64_t end, const float* x, __m512 (&acc)[V], __m512 (&t1)[V],
-                                                   __m512 (&t2)[V], __m256& h1, __m256& h2) {
-  for (int64_t e = begin; e < end; ++e) {
-    const float* xr = x + offsets[e];
-    const float* w = vals + 3 * e;
-    [[maybe_unused]] const __m512 w0 = _mm512_set1_ps(w[0]), w1 = _mm512_set1_ps(w[1]), w2 = _mm512_set1_ps(w[2]);
+__attribute__((always_inline)) inline void tap_run(const int32_t* stream, int64_t begin, int64_t end, const float* x,
+                                                   __m512 (&acc)[V], __m512 (&t1)[V], __m512 (&t2)[V], __m256& h1,
+                                                   __m256& h2) {
+  constexpr int k0 = 1, k1 = k0 + (M & 1), k2 = k1 + (M >> 1 & 1), kWords = k2 + (M >> 2 & 1);  // where w_s is
+  for (int64_t e = begin; e < end; e += kWords) {
+    const float* xr = x + stream[e];
+    // the weights are float bits among the int32 words
+    [[maybe_unused]] const __m512 w0 = _mm512_castsi512_ps(_mm512_set1_epi32((M & 1) ? stream[e + k0] : 0));
+    [[maybe_unused]] const __m512 w1 = _mm512_castsi512_ps(_mm512_set1_epi32((M & 2) ? stream[e + k1] : 0));
+    [[maybe_unused]] const __m512 w2 = _mm512_castsi512_ps(_mm512_set1_epi32((M & 4) ? stream[e + k2] : 0));
     _Pragma("GCC unroll 8")
     for (int k = 0; k < V; ++k) {
       __m512 xv = _mm512_loadu_ps(xr + 16 * k);
@@ -204,8 +207,8 @@ __attribute__((always_inline)) inline void add_shifted(__m512 (&acc)[V], const _
 }
 
 template <int V, int KW>
-void tap_rows(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, const int32_t* shifts,
-              int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate, float* y, int64_t ldy) {
+void tap_rows(const int32_t* stream, const int64_t* starts, int64_t N, const int32_t* shifts, int64_t rows,
+              const float* x, int64_t P, const float* bias, bool accumulate, float* y, int64_t ldy) {
   const __mmask16 last = tail_mask(P - 16 * (V - 1));
   for (int64_t i = 0; i < rows; ++i) {
     float* out = y + i * ldy;
@@ -217,14 +220,14 @@ void tap_rows(const int32_t* offsets, const float* vals, const int64_t* starts, 
     for (int k = 0; k < V; ++k) acc[k] = accumulate ? _mm512_maskz_loadu_ps(k == V - 1 ? last : 0xFFFF, out + 16 * k) : b0;
     _Pragma("GCC unroll 8")
     for (int k = 0; k < V; ++k) t1[k] = t2[k] = _mm512_setzero_ps();
-    tap_run<V, 1>(offsets, vals, run[0], run[N], x, acc, t1, t2, h1, h2);
-    tap_run<V, 2>(offsets, vals, run[N], run[2 * N], x, acc, t1, t2, h1, h2);
-    tap_run<V, 3>(offsets, vals, run[2 * N], run[3 * N], x, acc, t1, t2, h1, h2);
+    tap_run<V, 1>(stream, run[0], run[N], x, acc, t1, t2, h1, h2);
+    tap_run<V, 2>(stream, run[N], run[2 * N], x, acc, t1, t2, h1, h2);
+    tap_run<V, 3>(stream, run[2 * N], run[3 * N], x, acc, t1, t2, h1, h2);
     if constexpr (KW == 3) {
-      tap_run<V, 4>(offsets, vals, run[3 * N], run[4 * N], x, acc, t1, t2, h1, h2);
-      tap_run<V, 5>(offsets, vals, run[4 * N], run[5 * N], x, acc, t1, t2, h1, h2);
-      tap_run<V, 6>(offsets, vals, run[5 * N], run[6 * N], x, acc, t1, t2, h1, h2);
-      tap_run<V, 7>(offsets, vals, run[6 * N], run[7 * N], x, acc, t1, t2, h1, h2);
+      tap_run<V, 4>(stream, run[3 * N], run[4 * N], x, acc, t1, t2, h1, h2);
+      tap_run<V, 5>(stream, run[4 * N], run[5 * N], x, acc, t1, t2, h1, h2);
+      tap_run<V, 6>(stream, run[5 * N], run[6 * N], x, acc, t1, t2, h1, h2);
+      tap_run<V, 7>(stream, run[6 * N], run[7 * N], x, acc, t1, t2, h1, h2);
       add_shifted<V>(acc, t2, h2, shifts[2]);
     }
     add_shifted<V>(acc, t1, h1, shifts[1]);
@@ -233,13 +236,11 @@ void tap_rows(const int32_t* offsets, const float* vals, const int64_t* starts, 
   }
 }
 
-void tap_tile(const int32_t* offsets, const float* vals, const int64_t* starts, int64_t N, int64_t kw,
-              const int32_t* shifts, int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate,
-              float* y, int64_t ldy) {
+void tap_tile(const int32_t* stream, const int64_t* starts, int64_t N, int64_t kw, const int32_t* shifts, int64_t rows,
+              const float* x, int64_t P, const float* bias, bool accumulate, float* y, int64_t ldy) {
   with_vectors<8>(static_cast<int>((P + 15) / 16), [&](auto v_tag) {
     constexpr int V = decltype(v_tag)::value;
-    (kw == 3 ? &tap_rows<V, 3> : &tap_rows<V, 2>)(offsets, vals, starts, N, shifts, rows, x, P, bias, accumulate, y,
-                                                  ldy);
+    (kw == 3 ? &tap_rows<V, 3> : &tap_rows<V, 2>)(stream, starts, N, shifts, rows, x, P, bias, accumulate, y, ldy);
   });
 }
 

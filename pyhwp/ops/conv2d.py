@@ -314,8 +314,8 @@ def _sparse24_taps(weight: SparseWeight, geometry):
     """A 2:4 conv weight's kept values as the CSR conv's aligned plan for `geometry` (row offsets,
     plan), derived once: where csr_conv2d_aligned holds, 2:4 kxk convs run the CSR tap-row kernel,
     which loads each line of x once for every kept weight of a row of taps (NOTES.md, stop 32:
-    1.25-1.33x the 2:4 implicit GEMM, which loads one per weight). Costs about 16 bytes per kept
-    weight besides the 2:4 arrays. None (the 2:4 implicit GEMM then runs) where the plan does not
+    1.25-1.33x the 2:4 implicit GEMM, which loads one per weight). Costs about 7 bytes per kept
+    weight besides the 2:4 arrays' 4.25. None (the 2:4 implicit GEMM then runs) where the plan does not
     apply, or where it could not be kept (_cacheable: it would be rebuilt on every call). Like
     every plan derived from the values, it follows in-place changes through their version
     counter, not changes made through .data."""

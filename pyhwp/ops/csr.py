@@ -147,12 +147,12 @@ def csr_matmul_cpu(y: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, 
 
 
 class CsrConvPlan(NamedTuple):
-    """csr_conv2d_plan's arrays: values is None unless the plan is aligned (its entries' weights);
-    nnz the weight's stored count."""
+    """csr_conv2d_plan's arrays (offsets: int32, for an aligned plan the stream of its entries,
+    weights included; starts: int64), whether it is aligned, and the weight's stored count."""
 
     offsets: torch.Tensor
     starts: torch.Tensor
-    values: torch.Tensor | None
+    aligned: bool
     nnz: int
 
 
@@ -161,27 +161,25 @@ def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_in
     """The plan the implicit-GEMM conv reads a CSR conv weight through, for one input geometry
     (csrc/csr/csr_matmul.h): offsets int32 (nnz,) and block starts int64, or for the aligned plan
     (`aligned`, by default csr_conv2d_aligned(geometry): stride-1 convs with kw = 2 or 3 and
-    (kw - 1) * dil_w <= 8 on AVX-512 whose padded rows round up to whole lines cheaply) one offset
-    and three float32 values per row of taps that holds a weight. O(nnz); build it once per
-    weight and input size (and again after the weight's values change: the aligned plan holds a
-    copy). geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out, W_out[,
+    (kw - 1) * dil_w <= 8 on AVX-512 whose padded rows round up to whole lines cheaply) a stream
+    of int32 words, per row of taps that holds a weight its offset and its weights' float32 bits.
+    O(nnz); build it once per weight and input size (and again after the weight's values change:
+    the aligned plan holds a copy of them). geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out, W_out[,
     stride_h, stride_w]), stride 1 without the last two (csrc/common/conv_geometry.h); the plan
     does not depend on images."""
     rows, nnz = row_offsets.shape[0] - 1, col_indices.shape[0]
     if aligned is None:
         aligned = _C.csr_conv2d_aligned(geometry)
-    offsets = torch.empty(nnz, dtype=torch.int32)
+    offsets = torch.empty(2 * nnz if aligned else nnz, dtype=torch.int32)
     starts = torch.empty(_C.csr_conv2d_starts(geometry, aligned) * rows, dtype=torch.int64)
     values = values.detach().float().contiguous()
-    plan_values = torch.empty(3 * nnz, dtype=torch.float32) if aligned else None
     narrow = col_indices16 is not None
-    entries = _C.csr_conv2d_plan(rows, geometry[1] * geometry[6] * geometry[7], nnz, row_offsets.data_ptr(),
-                                 0 if narrow else col_indices.data_ptr(), col_indices16.data_ptr() if narrow else 0,
-                                 values.data_ptr(), geometry, aligned, offsets.data_ptr(), starts.data_ptr(),
-                                 0 if plan_values is None else plan_values.data_ptr())
-    if aligned:  # entries <= nnz: keep only what was written
-        offsets, plan_values = offsets[:entries].clone(), plan_values[:3 * entries].clone()
-    return CsrConvPlan(offsets, starts, plan_values, nnz)
+    words = _C.csr_conv2d_plan(rows, geometry[1] * geometry[6] * geometry[7], nnz, row_offsets.data_ptr(),
+                               0 if narrow else col_indices.data_ptr(), col_indices16.data_ptr() if narrow else 0,
+                               values.data_ptr(), geometry, aligned, offsets.data_ptr(), starts.data_ptr())
+    if aligned:  # at most 2 * nnz words: keep only what was written
+        offsets = offsets[:words].clone()
+    return CsrConvPlan(offsets, starts, aligned, nnz)
 
 
 def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Tensor | None,
@@ -196,9 +194,9 @@ def csr_conv2d_impl(x: torch.Tensor, row_offsets: torch.Tensor, values: torch.Te
     x = x.contiguous()
     rows = row_offsets.shape[0] - 1
     y = x.new_empty(x.shape[0], rows, geometry[10], geometry[11])  # varargs: ~3x cheaper cold than a tuple
-    aligned = plan.values is not None
+    aligned = plan.aligned
     bad = _C.csr_conv2d(rows, geometry[1] * geometry[6] * geometry[7], plan.nnz, row_offsets.data_ptr(),
-                        (plan.values if aligned else values).data_ptr(), geometry, aligned, plan.offsets.data_ptr(),
+                        0 if aligned else values.data_ptr(), geometry, aligned, plan.offsets.data_ptr(),
                         plan.starts.data_ptr(), x.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                         torch.get_num_threads())
     return None if bad else y

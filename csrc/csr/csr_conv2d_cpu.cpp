@@ -71,7 +71,7 @@ int64_t tap_row_plan(const CsrMatrix& w, const I* cols, const ConvGeometry& g, c
       int64_t& to = next[group(i)];
       stream[to++] = table[static_cast<size_t>(touched[i] * kw)];
       for (int64_t s = 0; s < kw; ++s)
-        if (mask[i] >> s & 1) std::memcpy(stream + to++, &weights[3 * i + static_cast<size_t>(s)], 4);
+        if (mask[i] >> s & 1) std::memcpy(stream + to++, &weights[3 * i + static_cast<size_t>(s)], sizeof(float));
       slot[static_cast<size_t>(touched[i])] = -1;
     }
   }
@@ -93,7 +93,7 @@ void tap_tile_portable(const int32_t* stream, const int64_t* starts, int64_t N, 
         for (int64_t s = 0; s < kw; ++s) {
           if (!(m >> s & 1)) continue;
           float v;
-          std::memcpy(&v, stream + e++, 4);
+          std::memcpy(&v, stream + e++, sizeof(float));
           for (int64_t p = 0; p < P; ++p) out[p] += v * line[shifts[s] + p];
         }
       }

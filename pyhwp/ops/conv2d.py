@@ -348,6 +348,8 @@ def _cpu_implicit(kind, x, weight, geometry, bias, plan=None):
     if kind == "2:4" and plan:
         row_offsets, taps = plan
         return _restore(csr_conv2d_impl(x, row_offsets, None, taps, geometry, bias), dtype)
+    if kind == "csr" and plan.aligned:  # the plan holds the values
+        return _restore(csr_conv2d_impl(x, weight.row_offsets, None, plan, geometry, bias), dtype)
     values = weight.values if dtype == torch.float32 else _derived(weight, "values_f32", lambda: weight.values.float())
     if kind == "csr":
         y = csr_conv2d_impl(x, weight.row_offsets, values, plan, geometry, bias)

@@ -173,7 +173,6 @@ int64_t block_channels(const ConvGeometry& g, const PaddedPlanes& pd) {
   return conv_channels_per_block(g, pd, std::min(kConvTileP, std::max<int64_t>(1, g.ho * pd.wp)));
 }
 
-
 }  // namespace
 
 bool csr_conv2d_aligned(const ConvGeometry& g) {

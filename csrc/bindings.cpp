@@ -193,11 +193,14 @@ PYBIND11_MODULE(_C, m) {
     return g;
   };
   m.def(
-      "csr_conv2d_aligned", [=](const Geometry& geometry) { return pyhwp::csr_conv2d_aligned(conv_geometry(geometry)); },
+      "csr_conv2d_aligned",
+      [=](const Geometry& geometry) { return pyhwp::csr_conv2d_aligned(conv_geometry(geometry)); },
       py::arg("geometry"), "Whether the implicit-GEMM conv's plan for this geometry takes the aligned layout");
   m.def(
       "csr_conv2d_starts",
-      [=](const Geometry& geometry, bool aligned) { return pyhwp::csr_conv2d_starts(conv_geometry(geometry), aligned); },
+      [=](const Geometry& geometry, bool aligned) {
+        return pyhwp::csr_conv2d_starts(conv_geometry(geometry), aligned);
+      },
       py::arg("geometry"), py::arg("aligned"), "Block starts per row of the implicit-GEMM conv's plan");
   m.def(
       "csr_conv2d_plan",
@@ -227,9 +230,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("geometry"), py::arg("aligned"), py::arg("offsets"), py::arg("starts"), py::arg("x"), py::arg("bias"),
       py::arg("y"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
       "conv2d (any stride) with a CSR float32 weight (out x C*kh*kw) as an implicit GEMM through its plan "
-      "(csr_conv2d_plan; the aligned plan's stream holds the weights: values may be 0): x is the contiguous (images, C, h, w) input, padded by "
-      "pt rows on top and pl columns on the left, y the contiguous (images, out, ho, wo) output; returns True when "
-      "x holds a NaN/Inf (y then lacks the dense 0*Inf = NaN terms)");
+      "(csr_conv2d_plan; the aligned plan's stream holds the weights: values may be 0): x is the contiguous "
+      "(images, C, h, w) input, padded by pt rows on top and pl columns on the left, y the contiguous (images, out, "
+      "ho, wo) output; returns True when x holds a NaN/Inf (y then lacks the dense 0*Inf = NaN terms)");
 
   m.def(
       "csr_matmul_bf16",

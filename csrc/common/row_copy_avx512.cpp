@@ -1,15 +1,14 @@
 #include <immintrin.h>
 
 #include "common/row_copy.h"
+#include "common/simd_avx512.h"
 
 namespace pyhwp {
 
 namespace {
 
 // Lanes [0, m) of 16, m clamped to [0, 16].
-inline __mmask16 first_lanes(int64_t m) {
-  return m <= 0 ? 0 : m >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
-}
+inline __mmask16 first_lanes(int64_t m) { return m <= 0 ? 0 : avx512::tail_mask(m); }
 
 // Vector q of out takes lanes j with lo <= q + j < lo + n from in + q - lo (masked lanes are
 // neither read nor faulted on) and zeros elsewhere.

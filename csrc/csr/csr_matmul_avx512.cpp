@@ -217,7 +217,8 @@ void tap_rows(const int32_t* stream, const int64_t* starts, int64_t N, const int
     __m512 acc[V], t1[V], t2[V];
     __m256 h1 = _mm256_setzero_ps(), h2 = _mm256_setzero_ps();
     _Pragma("GCC unroll 8")
-    for (int k = 0; k < V; ++k) acc[k] = accumulate ? _mm512_maskz_loadu_ps(k == V - 1 ? last : 0xFFFF, out + 16 * k) : b0;
+    for (int k = 0; k < V; ++k)
+      acc[k] = accumulate ? _mm512_maskz_loadu_ps(k == V - 1 ? last : 0xFFFF, out + 16 * k) : b0;
     _Pragma("GCC unroll 8")
     for (int k = 0; k < V; ++k) t1[k] = t2[k] = _mm512_setzero_ps();
     tap_run<V, 1>(stream, run[0], run[N], x, acc, t1, t2, h1, h2);

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pyhwp._ext import _C
-from pyhwp.formats import SparseWeight
+from pyhwp.formats import CSRWeight, SparseWeight
 from pyhwp.kernels import find_kernel
 from pyhwp.ops.amx_conv import amx_available, amx_conv2d_impl, amx_conv_tiles
 from pyhwp.ops.csr import csr_conv2d_cuda_impl, csr_conv2d_cuda_plan, csr_conv2d_impl, csr_conv2d_plan
@@ -315,21 +315,16 @@ def _sparse24_taps(weight: SparseWeight, geometry):
     plan), derived once: where csr_conv2d_aligned holds, 2:4 kxk convs run the CSR tap-row kernel,
     which loads each line of x once for every kept weight of a row of taps (NOTES.md, stop 32:
     1.25-1.33x the 2:4 implicit GEMM, which loads one per weight). Costs about 7 bytes per kept
-    weight besides the 2:4 arrays' 4.25. None (the 2:4 implicit GEMM then runs) where the plan does not
-    apply, or where it could not be kept (_cacheable: it would be rebuilt on every call). Like
-    every plan derived from the values, it follows in-place changes through their version
-    counter, not changes made through .data."""
+    weight besides the 2:4 arrays' 4.25. None (the 2:4 implicit GEMM then runs) where the plan
+    does not apply, or where it could not be kept (_cacheable: it would be rebuilt on every
+    call). Like every plan derived from the values, it follows in-place changes through their
+    version counter, not changes made through .data."""
     if not _C.csr_conv2d_aligned(geometry) or not _cacheable(weight._tensors().values()):
         return None
 
     def build():
-        dense = weight.to_dense().detach().float().reshape(weight.shape[0], -1)
-        keep = dense != 0
-        row_offsets = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(keep.sum(1), 0, out=row_offsets[1:])
-        rows, cols = keep.nonzero(as_tuple=True)
-        plan = csr_conv2d_plan(row_offsets, cols.to(torch.int32), None, dense[rows, cols], geometry)
-        return row_offsets, plan
+        csr = CSRWeight.from_dense(weight.to_dense().detach().float())
+        return csr.row_offsets, csr_conv2d_plan(csr.row_offsets, csr.col_indices, None, csr.values, geometry, True)
     return _derived(weight, ("taps_plan", geometry[1:]), build)
 
 

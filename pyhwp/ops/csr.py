@@ -157,26 +157,26 @@ class CsrConvPlan(NamedTuple):
 
 
 def csr_conv2d_plan(row_offsets: torch.Tensor, col_indices: torch.Tensor, col_indices16: torch.Tensor | None,
-                    values: torch.Tensor, geometry: tuple[int, ...], aligned: bool | None = None) -> CsrConvPlan:
+                    values: torch.Tensor, geometry: tuple[int, ...], aligned: bool) -> CsrConvPlan:
     """The plan the implicit-GEMM conv reads a CSR conv weight through, for one input geometry
     (csrc/csr/csr_matmul.h): offsets int32 (nnz,) and block starts int64, or for the aligned plan
-    (`aligned`, by default csr_conv2d_aligned(geometry): stride-1 convs with kw = 2 or 3 and
+    (`aligned`, where csr_conv2d_aligned(geometry) holds: stride-1 convs with kw = 2 or 3 and
     (kw - 1) * dil_w <= 8 on AVX-512 whose padded rows round up to whole lines cheaply) a stream
-    of int32 words, per row of taps that holds a weight its offset and its weights' float32 bits.
-    O(nnz); build it once per weight and input size (and again after the weight's values change:
-    the aligned plan holds a copy of them). geometry = (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out, W_out[,
-    stride_h, stride_w]), stride 1 without the last two (csrc/common/conv_geometry.h); the plan
-    does not depend on images."""
+    of int32 words, per row of taps that holds a weight its offset and its weights' float32 bits
+    (`values`, read only for it). O(nnz); build it once per weight and input size (and again
+    after the weight's values change: the aligned plan holds a copy of them). geometry =
+    (images, C, H, W, pad_top, pad_left, kh, kw, dil_h, dil_w, H_out, W_out[, stride_h,
+    stride_w]), stride 1 without the last two (csrc/common/conv_geometry.h); the plan does not
+    depend on images."""
     rows, nnz = row_offsets.shape[0] - 1, col_indices.shape[0]
-    if aligned is None:
-        aligned = _C.csr_conv2d_aligned(geometry)
     offsets = torch.empty(2 * nnz if aligned else nnz, dtype=torch.int32)
     starts = torch.empty(_C.csr_conv2d_starts(geometry, aligned) * rows, dtype=torch.int64)
-    values = values.detach().float().contiguous()
+    values = values.detach().float().contiguous() if aligned else None
     narrow = col_indices16 is not None
     words = _C.csr_conv2d_plan(rows, geometry[1] * geometry[6] * geometry[7], nnz, row_offsets.data_ptr(),
                                0 if narrow else col_indices.data_ptr(), col_indices16.data_ptr() if narrow else 0,
-                               values.data_ptr(), geometry, aligned, offsets.data_ptr(), starts.data_ptr())
+                               0 if values is None else values.data_ptr(), geometry, aligned, offsets.data_ptr(),
+                               starts.data_ptr())
     if aligned:  # at most 2 * nnz words: keep only what was written
         offsets = offsets[:words].clone()
     return CsrConvPlan(offsets, starts, aligned, nnz)

@@ -93,10 +93,14 @@ bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64
         for (int64_t k = k0; k < k1; ++k)
           for (int64_t q = 0; q < width; ++q) dst[(k - k0) * L + q] = bf16_to_float(x[k * sk + (q0 + q) * sp]);
       }
-      for (int64_t k = k0; k < k1; ++k) {
-        float* row = dst + (k - k0) * L;
-        for (int64_t q = width; q < L; ++q) row[q] = 0.f;
-        hits |= nonfinite_flag(row, width, 1);
+      if (width == L) {  // whole rows: the block is one run
+        hits |= nonfinite_flag(dst, (k1 - k0) * L, 1);
+      } else {
+        for (int64_t k = k0; k < k1; ++k) {
+          float* row = dst + (k - k0) * L;
+          for (int64_t q = width; q < L; ++q) row[q] = 0.f;
+          hits |= nonfinite_flag(row, width, 1);
+        }
       }
     }
     bad |= hits != 0;

@@ -236,6 +236,31 @@ def test_small_x_packed_by_every_thread(isa, dtype, nonfinite):
         _assert_bf16_close(y[rows], x[rows], w)
 
 
+@pytest.mark.parametrize("n, batch", [(301, 16), (77, 200), (1000, 40)])
+def test_row_blocks_claimed_across_threads(isa, n, batch):
+    """Row blocks of each thread's chunk are claimed through a shared cursor, so that a thread done
+    with its own chunk finishes another's: every row computed once, by the same kernel call
+    whichever thread makes it (the same bits at 1, 2 and 3 threads), chunks of rows not a multiple
+    of 16, one column tile or two (batch 200), one row holding most of the weights."""
+    g = torch.Generator().manual_seed(n + batch)
+    w = random_sparse((n, 640), 0.9, g)
+    w[n // 3] = torch.randn(640, generator=g)  # one dense row: chunks of very unequal row counts
+    sw = pyhwp.to_sparse(w, "csr")
+    x = torch.randn(batch, 640, generator=g)  # k contiguous: packed, not read in place
+    bias = torch.randn(n, generator=g)
+    threads = torch.get_num_threads()
+    ys = []
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            # into NaN, so that a row block no thread computes shows
+            ys.append(pyhwp.linear(x, sw, bias, out=torch.full((batch, n), float("nan"))))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    assert_linear_close(ys[0], x, w, bias, _terms(sw))
+
+
 @pytest.mark.parametrize("batch", [1, 5, 16, 130])
 def test_bfloat16(isa, batch):
     g = torch.Generator().manual_seed(batch)

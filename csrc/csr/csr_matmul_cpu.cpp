@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -129,6 +130,11 @@ template CsrKernels<uint16_t, uint16_t> csr_kernels(Isa);
 namespace {
 
 using Cfg = CsrCpuConfig;
+
+// A chunk's next unclaimed work unit, on its own cache line.
+struct alignas(64) Cursor {
+  std::atomic<int64_t> next{0};
+};
 
 // Float32 X as the kernels read it: `data` with element (k, p) at data[k*sk + p*sp].
 struct XView {
@@ -276,16 +282,33 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
     }
   };
 
-  // Static: one nnz-balanced chunk per thread, the same rows on every call, so that their weights
-  // and outputs stay in that thread's L2 (dynamic scheduling of 4 chunks per thread, at 1536x384,
+  // One nnz-balanced chunk per thread, the same rows on every call, so that their weights and
+  // outputs stay in that thread's L2 (dynamic scheduling of 4 chunks per thread, at 1536x384,
   // 90%, 2 threads: batch 128 188-191 -> 165-171 us, batch 16 35-37 -> 32 us; the larger
-  // quick-suite shapes unchanged).
+  // quick-suite shapes unchanged). Without K blocks or X scans, chunk c's row blocks (times
+  // column tiles) are claimed one at a time through its cursor: thread c works through chunk c,
+  // then helps finish the others, so that a thread that runs slower (a VM's vCPUs do, at times)
+  // holds the others at the join for one row block at most (NOTES.md, stop 33).
+  const bool steal = nkb == 1 && !by_columns && !scan_x && nt > 1;
+  std::vector<Cursor> cursors(steal ? static_cast<size_t>(parts) : 0);
 #pragma omp parallel num_threads(nt) reduction(|| : bad)
   {
     const float* xv = x;
     if constexpr (!std::is_same_v<Pack, std::nullptr_t>) xv = pack(&bad);
+    if (steal) {
+      const int64_t t = omp_get_thread_num();
+      for (int64_t s = 0; s < parts; ++s) {
+        const int64_t c = (t + s) % parts;
+        const int64_t r0 = bounds[static_cast<size_t>(c)], r1 = bounds[static_cast<size_t>(c + 1)];
+        const int64_t units = (r1 - r0 + Cfg::kRowBlock - 1) / Cfg::kRowBlock * ptiles;
+        for (int64_t u; (u = cursors[static_cast<size_t>(c)].next.fetch_add(1, std::memory_order_relaxed)) < units;) {
+          const int64_t rb = r0 + u / ptiles * Cfg::kRowBlock;
+          run_item(xv, rb, std::min(rb + Cfg::kRowBlock, r1), u % ptiles);
+        }
+      }
+    }
 #pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
+    for (int64_t it = 0; it < (steal ? 0 : items); ++it) {
       const int64_t c = by_columns ? 0 : it / ptiles;
       const int64_t t0 = by_columns ? ptiles * it / groups : it % ptiles;
       const int64_t t1 = by_columns ? ptiles * (it + 1) / groups : t0 + 1;

@@ -238,10 +238,10 @@ def test_small_x_packed_by_every_thread(isa, dtype, nonfinite):
 
 @pytest.mark.parametrize("n, batch", [(301, 16), (77, 200), (1000, 40)])
 def test_row_blocks_claimed_across_threads(isa, n, batch):
-    """Row blocks of each thread's chunk are claimed through a shared cursor, so that a thread done
-    with its own chunk finishes another's: every row computed once, by the same kernel call
-    whichever thread makes it (the same bits at 1, 2 and 3 threads), chunks of rows not a multiple
-    of 16, one column tile or two (batch 200), one row holding most of the weights."""
+    """Row blocks of each thread's chunk are claimed from its front by that thread and from its back
+    by a thread done with its own: every row computed once, by the same kernel call whichever
+    thread makes it (the same bits at 1, 2 and 3 threads), chunks of rows not a multiple of 16, one
+    column tile or two (batch 200), one row holding most of the weights."""
     g = torch.Generator().manual_seed(n + batch)
     w = random_sparse((n, 640), 0.9, g)
     w[n // 3] = torch.randn(640, generator=g)  # one dense row: chunks of very unequal row counts

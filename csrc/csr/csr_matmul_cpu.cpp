@@ -131,9 +131,42 @@ namespace {
 
 using Cfg = CsrCpuConfig;
 
-// A chunk's next unclaimed work unit, on its own cache line.
-struct alignas(64) Cursor {
-  std::atomic<int64_t> next{0};
+// The work units [front, back) of a chunk not yet claimed, front in the low 32 bits, on a cache
+// line of its own. The chunk's thread claims from the front, a quarter of what is left at a time
+// (a handful of uncontended atomics per call); a thread done with its own chunk claims the back
+// half of what is left, and again, down to single units, so that the two finish together.
+struct alignas(64) Units {
+  std::atomic<uint64_t> word{0};
+
+  void reset(uint32_t count) { word.store(uint64_t{count} << 32, std::memory_order_relaxed); }
+
+  // run(u0, u1) for the claimed units [u0, u1).
+  template <typename Run>
+  void take_front(Run run) {
+    for (;;) {
+      const uint64_t seen = word.load(std::memory_order_relaxed);
+      const uint32_t left_front = static_cast<uint32_t>(seen), left_back = static_cast<uint32_t>(seen >> 32);
+      if (left_front >= left_back) return;
+      const uint32_t take = std::max<uint32_t>(1, (left_back - left_front) / 4);
+      const uint64_t w = word.fetch_add(take, std::memory_order_relaxed);  // past back: nothing claimed
+      const uint32_t front = static_cast<uint32_t>(w), back = static_cast<uint32_t>(w >> 32);
+      if (front >= back) return;
+      run(int64_t{front}, int64_t{std::min(front + take, back)});
+    }
+  }
+
+  template <typename Run>
+  void take_back_halves(Run run) {
+    uint64_t w = word.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint32_t front = static_cast<uint32_t>(w), back = static_cast<uint32_t>(w >> 32);
+      if (front >= back) return;
+      const uint32_t from = back - (back - front + 1) / 2;
+      if (!word.compare_exchange_weak(w, uint64_t{from} << 32 | front, std::memory_order_relaxed)) continue;
+      run(int64_t{from}, int64_t{back});
+      w = word.load(std::memory_order_relaxed);
+    }
+  }
 };
 
 // Float32 X as the kernels read it: `data` with element (k, p) at data[k*sk + p*sp].
@@ -286,11 +319,15 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
   // outputs stay in that thread's L2 (dynamic scheduling of 4 chunks per thread, at 1536x384,
   // 90%, 2 threads: batch 128 188-191 -> 165-171 us, batch 16 35-37 -> 32 us; the larger
   // quick-suite shapes unchanged). Without K blocks or X scans, chunk c's row blocks (times
-  // column tiles) are claimed one at a time through its cursor: thread c works through chunk c,
-  // then helps finish the others, so that a thread that runs slower (a VM's vCPUs do, at times)
-  // holds the others at the join for one row block at most (NOTES.md, stop 33).
-  const bool steal = nkb == 1 && !by_columns && !scan_x && nt > 1;
-  std::vector<Cursor> cursors(steal ? static_cast<size_t>(parts) : 0);
+  // column tiles) are claimed through its Units: thread c works through chunk c, then takes
+  // what is left of the others from their ends, so that a thread that runs slower (a VM's vCPUs
+  // do, at times) holds the others at the join for about one row block (NOTES.md, stop 33).
+  const bool steal = nkb == 1 && !by_columns && !scan_x && nt > 1 && (N / Cfg::kRowBlock + 1) * ptiles < INT32_MAX;
+  std::vector<Units> units(steal ? static_cast<size_t>(parts) : 0);
+  for (int64_t c = 0; c < parts && steal; ++c) {
+    const int64_t rows = bounds[static_cast<size_t>(c + 1)] - bounds[static_cast<size_t>(c)];
+    units[static_cast<size_t>(c)].reset(static_cast<uint32_t>((rows + Cfg::kRowBlock - 1) / Cfg::kRowBlock * ptiles));
+  }
 #pragma omp parallel num_threads(nt) reduction(|| : bad)
   {
     const float* xv = x;
@@ -300,10 +337,20 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
       for (int64_t s = 0; s < parts; ++s) {
         const int64_t c = (t + s) % parts;
         const int64_t r0 = bounds[static_cast<size_t>(c)], r1 = bounds[static_cast<size_t>(c + 1)];
-        const int64_t units = (r1 - r0 + Cfg::kRowBlock - 1) / Cfg::kRowBlock * ptiles;
-        for (int64_t u; (u = cursors[static_cast<size_t>(c)].next.fetch_add(1, std::memory_order_relaxed)) < units;) {
-          const int64_t rb = r0 + u / ptiles * Cfg::kRowBlock;
-          run_item(xv, rb, std::min(rb + Cfg::kRowBlock, r1), u % ptiles);
+        auto run = [&](int64_t u0, int64_t u1) {
+          if (ptiles == 1) {
+            run_item(xv, r0 + u0 * Cfg::kRowBlock, std::min(r0 + u1 * Cfg::kRowBlock, r1), 0);
+            return;
+          }
+          for (int64_t u = u0; u < u1; ++u) {
+            const int64_t rb = r0 + u / ptiles * Cfg::kRowBlock;
+            run_item(xv, rb, std::min(rb + Cfg::kRowBlock, r1), u % ptiles);
+          }
+        };
+        if (s == 0) {
+          units[static_cast<size_t>(c)].take_front(run);
+        } else {
+          units[static_cast<size_t>(c)].take_back_halves(run);
         }
       }
     }

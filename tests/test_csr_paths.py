@@ -236,6 +236,28 @@ def test_small_x_packed_by_every_thread(isa, dtype, nonfinite):
         _assert_bf16_close(y[rows], x[rows], w)
 
 
+@pytest.mark.parametrize("pattern", ["csr", "2:4"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_packed_blocks_find_each_nonfinite_kind(isa, pattern, value):
+    """Whole 16x16 blocks of a k-contiguous X are packed and checked for NaN/Inf in one pass
+    (AVX-512: vfpclassps on the loaded rows): one value of each kind, in a whole block and in the
+    partial last one, gives dense's NaN/Inf pattern."""
+    g = torch.Generator().manual_seed(5)
+    w = random_sparse((64, 200), 0.5, g)
+    if pattern == "2:4":
+        groups = w.reshape(-1, 4)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+        w = (groups * keep).reshape(w.shape)
+    sw = pyhwp.to_sparse(w, pattern)
+    for p, k in ((5, 37), (31, 195)):  # k = 195: the last, partial block of 200 columns
+        x = torch.randn(32, 200, generator=g)
+        x[p, k] = value
+        y = pyhwp.linear(x, sw)
+        ref = torch.nn.functional.linear(x.double(), w.double())
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+        assert torch.equal(torch.signbit(y[torch.isinf(y)]), torch.signbit(ref[torch.isinf(ref)]))
+
+
 @pytest.mark.parametrize("n, batch", [(301, 16), (77, 200), (1000, 40)])
 def test_row_blocks_claimed_across_threads(isa, n, batch):
     """Row blocks of each thread's chunk are claimed from its front by that thread and from its back

@@ -65,7 +65,7 @@ constexpr int64_t kParallelPack = 16384;
 
 template <typename S>
 bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64_t L, float* out,
-                 int nt, TransposeFn transpose) {
+                 int nt, TransposeFn transpose, TransposeCheckFn transpose_check) {
   constexpr int64_t kB = 16;
   const int64_t kblocks = (K + kB - 1) / kB, panels = (P + L - 1) / L;
   int bad = 0;
@@ -77,6 +77,12 @@ bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64
       const int64_t q0 = t * L, width = std::min(L, P - q0);
       float* dst = out + t * K * L + k0 * L;
       if constexpr (std::is_same_v<S, float>) {
+        if (sk == 1 && transpose_check && width == L && k1 - k0 == kB) {  // whole blocks, checked
+          for (int64_t q = 0; q < width; q += 16) {
+            hits |= transpose_check(x + (q0 + q) * sp + k0, sp, dst + q, L) ? 1u : 0u;
+          }
+          continue;
+        }
         if (sk == 1) {  // x rows are p: transpose 16x16 blocks
           for (int64_t q = 0; q < width; q += 16) {
             transpose(x + (q0 + q) * sp + k0, sp, dst + q, L, std::min<int64_t>(16, width - q), k1 - k0);
@@ -108,8 +114,10 @@ bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64
   return bad != 0;
 }
 
-template bool pack_panels(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, TransposeFn);
-template bool pack_panels(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, TransposeFn);
+template bool pack_panels(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, TransposeFn,
+                          TransposeCheckFn);
+template bool pack_panels(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, TransposeFn,
+                          TransposeCheckFn);
 
 bool any_nonfinite(const DenseIn& x) {
   // Walk X in memory order.

@@ -407,6 +407,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   const Isa isa = vector_isa();
   const CsrKernels<I, T> kern = csr_kernels<I, T>(isa);
   const TransposeFn transpose = pick_transpose(isa);
+  const TransposeCheckFn transpose_check = pick_transpose_check(isa);
   constexpr bool kFloat = std::is_same_v<S, float>;
 
   if (P < gather_max_p(isa) && (xsk == 1 || !kFloat)) {
@@ -434,7 +435,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
     ldx = (P + 15) / 16 * 16;
     auto pack = [&](bool* bad_x) {
       float* buf = scratch(0, K * ldx);
-      *bad_x = pack_panels(x, K, P, xsk, xsp, ldx, buf, 1, transpose) || *bad_x;
+      *bad_x = pack_panels(x, K, P, xsk, xsp, ldx, buf, 1, transpose, transpose_check) || *bad_x;
       return static_cast<const float*>(buf);
     };
     bad = run_tile(pr, kern, transpose, nullptr, ldx, bias, y, nt, false, pack);
@@ -443,7 +444,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   } else {
     ldx = (P + 15) / 16 * 16;
     float* buf = scratch(0, K * ldx);
-    bad = pack_panels(x, K, P, xsk, xsp, ldx, buf, nt, transpose);
+    bad = pack_panels(x, K, P, xsk, xsp, ldx, buf, nt, transpose, transpose_check);
     xf = buf;
   }
   bad = run_tile(pr, kern, transpose, xf, ldx, bias, y, nt, in_place) || bad;

@@ -65,7 +65,9 @@ constexpr int64_t kParallelPack = 16384;
 
 template <typename S>
 bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64_t L, float* out,
-                 int nt, TransposeFn transpose, TransposeCheckFn transpose_check) {
+                 int nt, Isa isa) {
+  const TransposeFn transpose = pick_transpose(isa);
+  const TransposeCheckFn transpose_check = pick_transpose_check(isa);
   constexpr int64_t kB = 16;
   const int64_t kblocks = (K + kB - 1) / kB, panels = (P + L - 1) / L;
   int bad = 0;
@@ -114,10 +116,8 @@ bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64
   return bad != 0;
 }
 
-template bool pack_panels(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, TransposeFn,
-                          TransposeCheckFn);
-template bool pack_panels(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, TransposeFn,
-                          TransposeCheckFn);
+template bool pack_panels(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, Isa);
+template bool pack_panels(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int, Isa);
 
 bool any_nonfinite(const DenseIn& x) {
   // Walk X in memory order.

@@ -75,12 +75,12 @@ float* scratch(int slot, int64_t count);
 // bits) into float32 panels of L columns (L a multiple of 16) with p contiguous: element (k, p) at
 // out[(p / L) * K * L + k * L + p % L], zeros in the columns of the last panel past P. `out`
 // must be 64-byte aligned for aligned panel rows. Runs on up to num_threads threads (one for a
-// small X); 16x16 register transposes when x is k-contiguous float32 (whole blocks through
-// `transpose_check` where given). Returns whether X holds a NaN/Inf, found while each packed
-// block is still in cache (no second pass over X).
+// small X); 16x16 register transposes of `isa` when x is k-contiguous float32 (whole blocks
+// checked in the same pass where the ISA has a TransposeCheckFn). Returns whether X holds a
+// NaN/Inf, found while each packed block is still in cache (no second pass over X).
 template <typename S>
 bool pack_panels(const S* x, int64_t K, int64_t P, int64_t sk, int64_t sp, int64_t L, float* out,
-                 int num_threads, TransposeFn transpose, TransposeCheckFn transpose_check = nullptr);
+                 int num_threads, Isa isa);
 
 // True when some element of X is NaN or +-Inf (a vectorisable pass over X).
 bool any_nonfinite(const DenseIn& x);

@@ -27,6 +27,9 @@ void stored_offsets(const I* cols, int64_t nnz, const ConvGeometry& g, const Pad
   for (int64_t j = 0; j < nnz; ++j) out[j] = table[cols[j]];
 }
 
+// Runs of an aligned plan per channel block: one per nonempty mask of kw kernel columns.
+constexpr int64_t tap_runs(int64_t kw) { return (int64_t{1} << kw) - 1; }
+
 // The aligned plan (csr_conv2d_aligned, csr_matmul.h): per row n, one entry per tap row t = c*kh + r
 // holding a stored weight, in runs by channel block b and mask M (bit s: column s stored), in
 // `stream`: the line of the tap row's windows (its column 0's offset), then the weights of the
@@ -36,7 +39,7 @@ void stored_offsets(const I* cols, int64_t nnz, const ConvGeometry& g, const Pad
 template <typename I>
 int64_t tap_row_plan(const CsrMatrix& w, const I* cols, const ConvGeometry& g, const PaddedPlanes& pd, int64_t cb,
                      int64_t blocks, int32_t* stream, int64_t* starts) {
-  const int64_t N = w.rows, kw = g.kw, tap_rows = g.channels * g.kh, runs = (int64_t{1} << kw) - 1;
+  const int64_t N = w.rows, kw = g.kw, tap_rows = g.channels * g.kh, runs = tap_runs(kw);
   const int64_t groups = blocks * runs;
   std::vector<int32_t> table(static_cast<size_t>(w.cols));
   conv_column_offsets(g, pd, table.data());
@@ -83,7 +86,7 @@ int64_t tap_row_plan(const CsrMatrix& w, const I* cols, const ConvGeometry& g, c
 void tap_tile_portable(const int32_t* stream, const int64_t* starts, int64_t N, int64_t kw, const int32_t* shifts,
                        int64_t rows, const float* x, int64_t P, const float* bias, bool accumulate, float* y,
                        int64_t ldy) {
-  const int64_t runs = (int64_t{1} << kw) - 1;
+  const int64_t runs = tap_runs(kw);
   for (int64_t i = 0; i < rows; ++i) {
     float* out = y + i * ldy;
     if (!accumulate) std::fill(out, out + P, bias ? bias[i] : 0.f);
@@ -173,6 +176,8 @@ int64_t block_channels(const ConvGeometry& g, const PaddedPlanes& pd) {
   return conv_channels_per_block(g, pd, std::min(kConvTileP, std::max<int64_t>(1, g.ho * pd.wp)));
 }
 
+int64_t channel_blocks(const ConvGeometry& g, int64_t cb) { return (g.channels + cb - 1) / cb; }
+
 }  // namespace
 
 bool csr_conv2d_aligned(const ConvGeometry& g) {
@@ -185,8 +190,7 @@ bool csr_conv2d_aligned(const ConvGeometry& g) {
 int64_t csr_conv2d_starts(const ConvGeometry& g, bool aligned) {
   PYHWP_CHECK(!aligned || aligned_fits(g), "csr_conv2d_starts: no aligned plan for this geometry");
   const PaddedPlanes pd = planes(g, aligned);
-  const int64_t cb = block_channels(g, pd);
-  return (g.channels + cb - 1) / cb * (aligned ? (int64_t{1} << g.kw) - 1 : 1) + 1;
+  return channel_blocks(g, block_channels(g, pd)) * (aligned ? tap_runs(g.kw) : 1) + 1;
 }
 
 int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned, int32_t* offsets, int64_t* starts) {
@@ -194,7 +198,7 @@ int64_t csr_conv2d_plan(const CsrMatrix& w, const ConvGeometry& g, bool aligned,
   PYHWP_CHECK((offsets || w.nnz == 0) && starts, "csr_conv2d_plan: null output array");
   PYHWP_CHECK(!aligned || w.nnz == 0 || w.values, "csr_conv2d_plan: the aligned plan needs the values");
   const PaddedPlanes pd = planes(g, aligned);
-  const int64_t cb = block_channels(g, pd), blocks = (g.channels + cb - 1) / cb;
+  const int64_t cb = block_channels(g, pd), blocks = channel_blocks(g, cb);
   if (aligned)
     return w.col_indices16 ? tap_row_plan(w, w.col_indices16, g, pd, cb, blocks, offsets, starts)
                            : tap_row_plan(w, w.col_indices, g, pd, cb, blocks, offsets, starts);
@@ -219,9 +223,8 @@ bool csr_conv2d(const CsrMatrix& w, const ConvGeometry& g, bool aligned, const i
   const PaddedPlanes pd = planes(g, aligned);
   const int64_t work = w.nnz * g.images * g.ho * pd.wp;
   const int nt = work < Cfg::kSerialWork ? 1 : num_threads;
-  const int64_t cb = block_channels(g, pd);
   ConvRun run{csr_kernels<int32_t, float>(vector_isa()), &tap_tile_portable, {offsets, w.values}, starts, w.rows,
-              (g.channels + cb - 1) / cb, aligned ? (int64_t{1} << g.kw) - 1 : 0, {0, 0, 0}, g, pd, bias, y};
+              channel_blocks(g, block_channels(g, pd)), aligned ? tap_runs(g.kw) : 0, {0, 0, 0}, g, pd, bias, y};
 #ifdef PYHWP_X86_KERNELS
   if (vector_isa() >= Isa::kAvx512) run.tap_tile = csr_tap_tile_avx512();
 #endif

@@ -353,21 +353,22 @@ bool run_tile(const Problem<I, T>& pr, const CsrKernels<I, T>& kern, TransposeFn
           units[static_cast<size_t>(c)].take_back_halves(run);
         }
       }
-    }
+    } else {
 #pragma omp for schedule(static)
-    for (int64_t it = 0; it < (steal ? 0 : items); ++it) {
-      const int64_t c = by_columns ? 0 : it / ptiles;
-      const int64_t t0 = by_columns ? ptiles * it / groups : it % ptiles;
-      const int64_t t1 = by_columns ? ptiles * (it + 1) / groups : t0 + 1;
-      if (scan_x) {  // the group's panel, or with row chunks, chunk c's share of the tile's rows
-        const int64_t k0 = by_columns ? 0 : K * c / parts, k1 = by_columns ? K : K * (c + 1) / parts;
-        const int64_t p0 = t0 * tile_p, p1 = std::min(P, t1 * tile_p);
-        bad = any_nonfinite(DenseIn{xv + k0 * ldx + p0, k1 - k0, p1 - p0, ldx, 1}) || bad;
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t c = by_columns ? 0 : it / ptiles;
+        const int64_t t0 = by_columns ? ptiles * it / groups : it % ptiles;
+        const int64_t t1 = by_columns ? ptiles * (it + 1) / groups : t0 + 1;
+        if (scan_x) {  // the group's panel, or with row chunks, chunk c's share of the tile's rows
+          const int64_t k0 = by_columns ? 0 : K * c / parts, k1 = by_columns ? K : K * (c + 1) / parts;
+          const int64_t p0 = t0 * tile_p, p1 = std::min(P, t1 * tile_p);
+          bad = any_nonfinite(DenseIn{xv + k0 * ldx + p0, k1 - k0, p1 - p0, ldx, 1}) || bad;
+        }
+        const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];
+        const int64_t r1 = by_columns ? N : bounds[static_cast<size_t>(c + 1)];
+        if (r1 <= r0) continue;
+        for (int64_t pt = t0; pt < t1; ++pt) run_item(xv, r0, r1, pt);
       }
-      const int64_t r0 = by_columns ? 0 : bounds[static_cast<size_t>(c)];
-      const int64_t r1 = by_columns ? N : bounds[static_cast<size_t>(c + 1)];
-      if (r1 <= r0) continue;
-      for (int64_t pt = t0; pt < t1; ++pt) run_item(xv, r0, r1, pt);
     }
   }
   return bad;
@@ -407,7 +408,6 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   const Isa isa = vector_isa();
   const CsrKernels<I, T> kern = csr_kernels<I, T>(isa);
   const TransposeFn transpose = pick_transpose(isa);
-  const TransposeCheckFn transpose_check = pick_transpose_check(isa);
   constexpr bool kFloat = std::is_same_v<S, float>;
 
   if (P < gather_max_p(isa) && (xsk == 1 || !kFloat)) {
@@ -435,7 +435,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
     ldx = (P + 15) / 16 * 16;
     auto pack = [&](bool* bad_x) {
       float* buf = scratch(0, K * ldx);
-      *bad_x = pack_panels(x, K, P, xsk, xsp, ldx, buf, 1, transpose, transpose_check) || *bad_x;
+      *bad_x = pack_panels(x, K, P, xsk, xsp, ldx, buf, 1, isa) || *bad_x;
       return static_cast<const float*>(buf);
     };
     bad = run_tile(pr, kern, transpose, nullptr, ldx, bias, y, nt, false, pack);
@@ -444,7 +444,7 @@ void run_csr(const Problem<I, T>& pr, const S* x, int64_t xsk, int64_t xsp, cons
   } else {
     ldx = (P + 15) / 16 * 16;
     float* buf = scratch(0, K * ldx);
-    bad = pack_panels(x, K, P, xsk, xsp, ldx, buf, nt, transpose, transpose_check);
+    bad = pack_panels(x, K, P, xsk, xsp, ldx, buf, nt, isa);
     xf = buf;
   }
   bad = run_tile(pr, kern, transpose, xf, ldx, bias, y, nt, in_place) || bad;

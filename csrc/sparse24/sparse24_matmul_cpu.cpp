@@ -159,9 +159,7 @@ void run_sparse24(const Sparse24MatrixT<T>& w, const DenseIn& x, bool x_padded, 
     const TransposeFn transpose = pick_transpose(isa);
     const int64_t L = sparse24_panel_width(P), npanels = (P + L - 1) / L;
     float* panels = scratch(0, npanels * K * L);
-    if (K > 0) {
-      nonfinite = pack_panels(x.data, K, P, x.stride_k, x.stride_p, L, panels, nt, transpose, pick_transpose_check(isa));
-    }
+    if (K > 0) nonfinite = pack_panels(x.data, K, P, x.stride_k, x.stride_p, L, panels, nt, isa);
     const Sparse24RowsFn<T> fn = pick<T>(isa, /*permute=*/false);
     const bool direct = y.stride_p == 1;
     // Work items are blocks of kTileRows rows, each over all X panels (its rows of W stay in
